@@ -1,0 +1,129 @@
+"""`listener …` / `python -m listener …`: the operator's entry points."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from listener.errors import ConfigurationError, ListenerError
+from listener.settings import Settings, load_settings
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+logger = logging.getLogger("listener")
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stdout,
+    )
+    # The HTTP clients log every request at INFO; that drowns the operator's lines.
+    for noisy in ("httpx", "httpcore", "openai", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def database_url(settings: Settings) -> str:
+    """The configured database, or the embedded one when DATABASE_URL is unset."""
+    if settings.database_url:
+        return settings.database_url
+    from listener.embedded import start_embedded
+
+    return start_embedded()
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from listener import migrate
+
+    url = database_url(settings)
+    runner = migrate.MigrationRunner(url, output=_say)
+    if args.action == "up":
+        runner.up()
+    elif args.action == "down":
+        runner.down(args.count)
+    elif args.action == "status":
+        runner.status()
+    elif args.action == "diff":
+        diff = migrate.diff_against_schema(url)
+        _say(diff.rstrip() if diff else "-- the database matches sql/schema.sql")
+    elif args.action == "check":
+        diff = migrate.check_migrations(url)
+        if diff:
+            _say("the migrations do not reach sql/schema.sql; the difference:")
+            _say(diff.rstrip())
+            return EXIT_FAILURE
+        _say("migrations are in step with sql/schema.sql")
+    return 0
+
+
+def _stub(args: argparse.Namespace, settings: Settings) -> int:
+    from listener import stub
+
+    return stub.main_from_args(args)
+
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="listener", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    migrate = commands.add_parser("migrate", help="apply, revert, inspect the schema migrations")
+    actions = migrate.add_subparsers(dest="action", required=True)
+    actions.add_parser("up", help="apply every pending migration")
+    down = actions.add_parser("down", help="revert the last N migrations (default 1)")
+    down.add_argument("count", nargs="?", type=int, default=1)
+    actions.add_parser("status", help="list migrations as [COMPLETED] or [PENDING]")
+    actions.add_parser("diff", help="print the SQL that turns the database into sql/schema.sql")
+    actions.add_parser("check", help="fail when the migrations do not reach sql/schema.sql")
+    migrate.set_defaults(handler=_migrate)
+
+    from listener import stub
+
+    stub_parser = commands.add_parser("stub-openai", help="a local OpenAI-compatible stub server")
+    stub.add_arguments(stub_parser)
+    stub_parser.set_defaults(handler=_stub)
+
+    for register in _extra_commands():
+        register(commands)
+    return parser
+
+
+def _extra_commands() -> list[
+    Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
+]:
+    from listener import commands
+
+    return commands.REGISTER
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        sys.stderr.write(f"listener: {error}\n")
+        return EXIT_CONFIG
+    setup_logging(settings.log_level)
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except ConfigurationError as error:
+        sys.stderr.write(f"listener: {error}\n")
+        return EXIT_CONFIG
+    except ListenerError as error:
+        sys.stderr.write(f"listener: {error}\n")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

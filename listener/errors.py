@@ -1,0 +1,31 @@
+"""The project's error types: one base, precise subclasses, psycopg wrapped at the boundary."""
+
+from __future__ import annotations
+
+
+class ListenerError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigurationError(ListenerError):
+    """A setting is missing or invalid; the message names it."""
+
+
+class DatabaseError(ListenerError):
+    """The database could not be reached or refused a statement."""
+
+
+class MigrationError(ListenerError):
+    """A migration failed; the message names the file and the statement."""
+
+
+class PermanentItemError(ListenerError):
+    """The item itself is bad (payload, request rejected): retrying cannot help."""
+
+
+class RetryableItemError(ListenerError):
+    """A transient failure (5xx, timeout, connection): the item is retried with backoff."""
+
+
+class AuthenticationFailed(ListenerError):
+    """The OpenAI key was rejected (401/403): every item would fail, so the worker stops."""

@@ -1,0 +1,85 @@
+"""Every setting in one pydantic-settings model, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from listener.errors import ConfigurationError
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Settings(BaseSettings):
+    """The worker's configuration; `.env.example` documents each field."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Unset: the worker and the demo start an embedded PostgreSQL in `.pgdata/`.
+    database_url: str | None = None
+    # A worker waits on HTTP, not on the database: a few connections serve many workers.
+    db_pool_max: int = Field(default=4, ge=1, le=1000)
+    db_pool_min: int = Field(default=1, ge=0, le=1000)
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_model: str = Field(default="gpt-4o-mini", min_length=1)
+    openai_timeout_seconds: float = Field(default=60.0, gt=0)
+    openai_max_tokens: int = Field(default=300, ge=1)
+
+    # 0 turns a budget off (a local stub without limits, a benchmark of raw capacity).
+    rate_limit_rpm: int = Field(default=450, ge=0)
+    rate_limit_tpm: int = Field(default=200_000, ge=0)
+    rate_limiter_name: str = Field(default="openai", min_length=1)
+
+    claim_batch_size: int = Field(default=100, ge=1, le=10_000)
+    max_per_instance: int = Field(default=20, ge=1, le=10_000)
+    worker_concurrency: int = Field(default=16, ge=1, le=10_000)
+
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    retry_cap_seconds: float = Field(default=300.0, gt=0)
+    lease_seconds: float = Field(default=60.0, ge=2)
+    sweep_interval_seconds: float = Field(default=30.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    pool_stats_interval_seconds: float = Field(default=60.0, gt=0)
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    log_level: LogLevel = "INFO"
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> Settings:
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError(
+                f"DB_POOL_MIN ({self.db_pool_min}) is larger than DB_POOL_MAX ({self.db_pool_max})"
+            )
+        return self
+
+
+SECRET_FIELDS = frozenset({"openai_api_key", "database_url"})
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming the first bad setting, without echoing secrets."""
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "__root__"]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not location:
+        return f"invalid settings: {message}"
+    name = location[0]
+    shown = ""
+    if name not in SECRET_FIELDS and "input" in first:
+        shown = f" (got {first['input']!r})"
+    return f"invalid setting {name.upper()}: {message}{shown}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning a validation failure into a `ConfigurationError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigurationError(describe_error(error)) from None

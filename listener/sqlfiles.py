@@ -1,0 +1,32 @@
+"""Named SQL blocks loaded once from the `sql/` folder.
+
+A file holds blocks introduced by a line `-- name --`, the procrastinate convention, so that the
+SQL is reviewed, highlighted and EXPLAINed as SQL rather than as Python strings.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+_HEADER = re.compile(r"^-- ([a-z_]+) --\s*$", re.MULTILINE)
+
+
+def parse_blocks(text: str) -> dict[str, str]:
+    """Split a file's text into its named blocks."""
+    parts = _HEADER.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    blocks: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in blocks:
+            raise ValueError(f"duplicate SQL block {name!r}")
+        blocks[name] = body.strip()
+    return blocks
+
+
+@functools.cache
+def queries(filename: str) -> dict[str, str]:
+    """The named blocks of `sql/<filename>.sql`, parsed once per process."""
+    return parse_blocks((SQL_DIR / f"{filename}.sql").read_text(encoding="utf-8"))

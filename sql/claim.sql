@@ -1,0 +1,120 @@
+-- Queries of the claimer, the workers' completions, the leases and the reaper.
+
+-- claim --
+-- One statement for every store of this turn: each LATERAL reads the head of one store's
+-- range of idx_job_items_pending, so the cost is (stores x limit), never the backlog.
+WITH picked AS (
+    SELECT item.id
+    FROM unnest(%(stores)s::text[], %(limits)s::int[]) AS store(instance_id, quota)
+    CROSS JOIN LATERAL (
+        SELECT j.id
+        FROM job_items j
+        WHERE j.instance_id = store.instance_id
+          AND j.status = 'PENDING'
+          AND j.run_after <= now()
+        ORDER BY j.id
+        LIMIT store.quota
+        FOR UPDATE SKIP LOCKED
+    ) AS item
+)
+UPDATE job_items j
+SET status = 'PROCESSING',
+    claimed_at = now(),
+    claimed_by = %(worker_id)s,
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+    attempts = j.attempts + 1,
+    updated_at = now()
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.job_id, j.instance_id, j.product_id, j.payload, j.attempts;
+
+-- store_next_items --
+-- The single-store form of the claim's lookup, for EXPLAIN in tests and in the runbook.
+SELECT id FROM job_items
+WHERE instance_id = %(instance_id)s AND status = 'PENDING' AND run_after <= now()
+ORDER BY id
+LIMIT %(quota)s;
+
+-- ready_stores --
+-- A loose index scan: one index probe per distinct store with PENDING items, so 10,000 stores
+-- over 1,000,000 pending rows cost 10,000 probes, not a scan of the rows.
+WITH RECURSIVE stores AS (
+    (SELECT instance_id FROM job_items WHERE status = 'PENDING' ORDER BY instance_id LIMIT 1)
+    UNION ALL
+    SELECT (
+        SELECT j.instance_id FROM job_items j
+        WHERE j.status = 'PENDING' AND j.instance_id > stores.instance_id
+        ORDER BY j.instance_id LIMIT 1
+    )
+    FROM stores
+    WHERE stores.instance_id IS NOT NULL
+)
+SELECT instance_id FROM stores WHERE instance_id IS NOT NULL;
+
+-- finish_items --
+-- Write a batch of outcomes in one statement. An outcome only lands while this worker still
+-- holds the item: one whose lease was reaped and re-claimed elsewhere is left alone.
+UPDATE job_items j
+SET status = outcome.status,
+    result = coalesce(outcome.result, j.result),
+    error = outcome.error,
+    completed_at = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE now() END,
+    run_after = CASE WHEN outcome.status = 'PENDING'
+        THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
+    -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
+    attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+    claimed_by = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM unnest(
+    %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
+    %(delays)s::float8[], %(refunds)s::bool[]
+) AS outcome(id, status, result, error, delay, refund)
+WHERE j.id = outcome.id AND j.status = 'PROCESSING' AND j.claimed_by = %(worker_id)s
+RETURNING j.id, j.job_id;
+
+-- finish_jobs --
+-- Runs after finish_items has committed, so of two workers finishing a job's last items at
+-- once, the later one always sees the other's commit.
+UPDATE jobs
+SET status = CASE WHEN EXISTS (
+        SELECT 1 FROM job_items f WHERE f.job_id = jobs.id AND f.status = 'FAILED'
+    ) THEN 'COMPLETED_WITH_ERRORS' ELSE 'COMPLETED' END,
+    completed_at = now(),
+    updated_at = now()
+WHERE id = ANY(%(job_ids)s::bigint[])
+  AND completed_at IS NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM job_items open_item
+      WHERE open_item.job_id = jobs.id AND open_item.status IN ('PENDING', 'PROCESSING')
+  );
+
+-- extend_leases --
+UPDATE job_items
+SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING' AND claimed_by = %(worker_id)s;
+
+-- reap_expired --
+-- Items whose worker stopped renewing their lease (killed, frozen, cut off): back to PENDING
+-- (the UPDATE trigger notifies every listener), or FAILED once they have used every attempt.
+UPDATE job_items j
+SET status = CASE WHEN j.attempts >= %(max_attempts)s THEN 'FAILED' ELSE 'PENDING' END,
+    error = CASE WHEN j.attempts >= %(max_attempts)s
+        THEN 'lease expired on each of ' || j.attempts || ' attempt(s): the item may crash its worker'
+        ELSE j.error END,
+    completed_at = CASE WHEN j.attempts >= %(max_attempts)s THEN now() ELSE NULL END,
+    run_after = now(),
+    claimed_by = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+WHERE j.id IN (
+    SELECT id FROM job_items
+    WHERE status = 'PROCESSING' AND lease_expires_at < now()
+    ORDER BY id
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING j.id, j.job_id, j.instance_id, j.status;
+
+-- count_pending --
+SELECT count(*) FROM job_items WHERE status = 'PENDING';

@@ -1,0 +1,109 @@
+"""Every test talks to a real PostgreSQL: the machine's server when it answers on 127.0.0.1:5432
+(CI), otherwise a throwaway server started with pgserver. Each test gets a fresh database, copied
+from a template migrated once per session.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from listener.migrate import MigrationRunner
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+    user: str
+
+    def conninfo(self, dbname: str) -> str:
+        return make_conninfo("", host=self.host, port=self.port, user=self.user, dbname=dbname)
+
+
+def _answers(server: Server) -> bool:
+    try:
+        with psycopg.connect(server.conninfo("postgres"), connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    machine = Server(
+        host=os.environ.get("LISTENER_TEST_PGHOST", "127.0.0.1"),
+        port=int(os.environ.get("LISTENER_TEST_PGPORT", "5432")),
+        user=os.environ.get("LISTENER_TEST_PGUSER", "postgres"),
+    )
+    if _answers(machine):
+        yield machine
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="listener-pg-") as data_dir:
+        embedded = pgserver.get_server(data_dir, cleanup_mode="stop")
+        try:
+            yield Server(host=data_dir, port=5432, user="postgres")
+        finally:
+            embedded.cleanup()
+
+
+_names = itertools.count()
+
+
+def _janitor(server: Server, dbname: str, template: str | None = None) -> DatabaseJanitor:
+    return DatabaseJanitor(
+        user=server.user,
+        host=server.host,
+        port=server.port,
+        dbname=dbname,
+        template_dbname=template,
+    )
+
+
+@pytest.fixture(scope="session")
+def migrated_template(pg_server: Server) -> Iterator[str]:
+    name = f"listener_template_{os.getpid()}"
+    janitor = _janitor(pg_server, name)
+    janitor.init()
+    try:
+        MigrationRunner(pg_server.conninfo(name), output=lambda _line: None).up()
+        yield name
+    finally:
+        janitor.drop()
+
+
+def _fresh(server: Server, template: str | None) -> Iterator[str]:
+    name = f"listener_test_{os.getpid()}_{next(_names)}"
+    janitor = _janitor(server, name, template)
+    janitor.init()
+    try:
+        yield server.conninfo(name)
+    finally:
+        janitor.drop()
+
+
+@pytest.fixture
+def database_url(pg_server: Server, migrated_template: str) -> Iterator[str]:
+    """A fresh database at the schema of `sql/schema.sql`, reached through the migrations."""
+    yield from _fresh(pg_server, migrated_template)
+
+
+@pytest.fixture
+def empty_database_url(pg_server: Server) -> Iterator[str]:
+    """A fresh, empty database (no migration applied)."""
+    yield from _fresh(pg_server, None)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -1,0 +1,208 @@
+"""The schema and its migrations, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from listener.errors import MigrationError
+from listener.migrate import MigrationRunner, check_migrations, diff_against_schema, load_migrations
+from listener.sqlfiles import queries
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "listener", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_up_from_empty_then_up_is_a_no_op(empty_database_url: str) -> None:
+    lines: list[str] = []
+    runner = MigrationRunner(empty_database_url, output=lines.append)
+    applied = runner.up()
+    assert applied == [m.name for m in load_migrations()]
+    assert "Adding instance_id column to job_items..." in lines
+    assert "✓ Migration completed: instance_id added to job_items" in lines
+    assert runner.up() == []
+    with psycopg.connect(empty_database_url) as conn:
+        column = conn.execute(
+            "SELECT data_type, is_nullable FROM information_schema.columns"
+            " WHERE table_name = 'job_items' AND column_name = 'instance_id'"
+        ).fetchone()
+        indexes = {
+            r[0]
+            for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'job_items'")
+        }
+    assert column == ("text", "NO")
+    assert {
+        "idx_job_items_instance_status_id",
+        "idx_job_items_status_id",
+        "idx_job_items_status",
+        "idx_job_items_job_id",
+        "idx_job_items_product",
+        "idx_job_items_pending",
+    } <= indexes
+
+
+def test_status_lists_each_migration(empty_database_url: str) -> None:
+    migrations = load_migrations()
+    MigrationRunner(empty_database_url, migrations=migrations[:2], output=lambda _l: None).up()
+    lines: list[str] = []
+    MigrationRunner(empty_database_url, output=lines.append).status()
+    assert lines[0] == "1730000000000_baseline.sql [COMPLETED]"
+    assert lines[1] == "1730000012000_add-instance-id-to-job-items.sql [COMPLETED]"
+    assert lines[2] == "1730000013000_leases-retries-and-notify.sql [PENDING]"
+    assert len(lines) == len(migrations)
+
+
+def test_legacy_database_upgrade_backfills_every_item(empty_database_url: str) -> None:
+    migrations = load_migrations()
+    MigrationRunner(empty_database_url, migrations=migrations[:1], output=lambda _l: None).up()
+    with psycopg.connect(empty_database_url) as conn:
+        # 1,000 jobs over 250 stores, 100 items each: the legacy shape, no instance_id on items.
+        conn.execute(
+            "INSERT INTO jobs (instance_id)"
+            " SELECT 'store-' || (n % 250) FROM generate_series(1, 1000) n"
+        )
+        conn.execute(
+            "INSERT INTO job_items (job_id, product_id, payload)"
+            " SELECT j.id, 'p' || n, jsonb_build_object('name', 'Product ' || n)"
+            " FROM jobs j CROSS JOIN generate_series(1, 100) n"
+        )
+    lines: list[str] = []
+    MigrationRunner(empty_database_url, output=lines.append).up()
+    assert lines.index("Adding instance_id column to job_items...") < lines.index(
+        "✓ Migration completed: instance_id added to job_items"
+    )
+    assert any("backfilled 100 percent of 100000 row(s)" in line for line in lines)
+    with psycopg.connect(empty_database_url) as conn:
+        total, missing, wrong = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE i.instance_id IS NULL),"
+            " count(*) FILTER (WHERE i.instance_id IS DISTINCT FROM j.instance_id)"
+            " FROM job_items i JOIN jobs j ON j.id = i.job_id"
+        ).fetchone() or (0, 0, 0)
+        assert (total, missing, wrong) == (100_000, 0, 0)
+        # An old client that does not know instance_id still inserts valid items.
+        conn.execute("INSERT INTO job_items (job_id, product_id) VALUES (1, 'late')")
+        late = conn.execute(
+            "SELECT instance_id FROM job_items WHERE product_id = 'late'"
+        ).fetchone()
+        assert late == ("store-1",)
+
+
+def test_down_then_up_round_trips(database_url: str) -> None:
+    runner = MigrationRunner(database_url, output=lambda _l: None)
+    count = len(load_migrations())
+    assert len(runner.down(count)) == count
+    with psycopg.connect(database_url) as conn:
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables"
+            " WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+        ).fetchone()
+    assert tables == (0,)
+    runner.up()
+    assert diff_against_schema(database_url) == ""
+
+
+def test_down_one_reverts_only_the_last(database_url: str) -> None:
+    runner = MigrationRunner(database_url, output=lambda _l: None)
+    assert runner.down() == [load_migrations()[-1].name]
+    assert "idx_job_items_pending" in diff_against_schema(database_url)
+
+
+def test_check_is_clean_and_sees_a_missing_migration(database_url: str) -> None:
+    assert check_migrations(database_url) == ""
+    incomplete = check_migrations(database_url, migrations=load_migrations()[:-1])
+    assert "idx_job_items_pending" in incomplete
+
+
+def test_failing_migration_rolls_back_and_names_file_and_statement(
+    database_url: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "1790000000000_bad.sql"
+    bad.write_text(
+        "-- up --\nCREATE TABLE half_done (id int);\nALTER TABLE no_such_table ADD COLUMN x int;\n"
+        "-- down --\nDROP TABLE half_done;\n"
+    )
+    runner = MigrationRunner(
+        database_url,
+        output=lambda _l: None,
+        migrations=load_migrations() + load_migrations(tmp_path),
+    )
+    with pytest.raises(MigrationError) as raised:
+        runner.up()
+    message = str(raised.value)
+    assert "1790000000000_bad.sql" in message
+    assert "ALTER TABLE no_such_table ADD COLUMN x int" in message
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
+        assert conn.execute(
+            "SELECT count(*) FROM schema_migrations WHERE name = '1790000000000_bad'"
+        ).fetchone() == (0,)
+
+
+def test_two_concurrent_up_processes_apply_each_migration_once(empty_database_url: str) -> None:
+    env = {"DATABASE_URL": empty_database_url}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "listener", "migrate", "up"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    combined = "".join(out for out, _err in outputs)
+    for migration in load_migrations():
+        assert combined.count(f"applying {migration.name}\n") == 1
+    assert combined.count("nothing to apply") == 1
+
+
+def test_cli_status_and_check(database_url: str) -> None:
+    status = run_cli("migrate", "status", env={"DATABASE_URL": database_url})
+    assert status.returncode == 0, status.stderr
+    assert "1730000012000_add-instance-id-to-job-items.sql [COMPLETED]" in status.stdout
+    check = run_cli("migrate", "check", env={"DATABASE_URL": database_url})
+    assert check.returncode == 0, check.stdout + check.stderr
+    diff = run_cli("migrate", "diff", env={"DATABASE_URL": database_url})
+    assert "matches sql/schema.sql" in diff.stdout
+
+
+def test_store_lookup_uses_the_pending_index_at_100k_rows(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO jobs (instance_id) SELECT 'store-' || n FROM generate_series(1, 100) n"
+        )
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+            " SELECT j.id, j.instance_id, 'p' || n, '{}'::jsonb"
+            " FROM jobs j CROSS JOIN generate_series(1, 1000) n"
+        )
+        conn.execute("ANALYZE job_items")
+        plan = conn.execute(
+            b"EXPLAIN (FORMAT JSON) " + queries("claim")["store_next_items"].encode(),
+            {"instance_id": "store-7", "quota": 20},
+        ).fetchone()
+    assert plan is not None
+    text = json.dumps(plan[0])
+    assert '"Index Name": "idx_job_items_pending"' in text
+    assert "Seq Scan" not in text and '"Sort"' not in text

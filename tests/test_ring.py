@@ -1,0 +1,289 @@
+"""Unit tests for the ready ring (pure, no database)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from listener.ring import ReadyRing
+
+
+def _entries(ring: ReadyRing) -> int:
+    # White-box: total deque entries, live ones plus tombstones.
+    return len(ring._fresh) + len(ring._round_robin)
+
+
+def _ring_with(*stores: str) -> ReadyRing:
+    """A ring where `stores` have all been served once, in order, and turn ended."""
+    ring = ReadyRing(stores)
+    assert ring.take(len(stores)) == list(stores)
+    return ring
+
+
+def test_empty_ring() -> None:
+    ring = ReadyRing()
+    assert ring.is_empty()
+    assert len(ring) == 0
+    assert ring.take(5) == []
+    assert ring.snapshot() == []
+
+
+def test_take_zero_or_negative_takes_nothing() -> None:
+    ring = ReadyRing(["a"])
+    assert ring.take(0) == []
+    assert ring.take(-1) == []
+    assert ring.snapshot() == ["a"]
+
+
+def test_fresh_stores_are_fifo() -> None:
+    ring = ReadyRing()
+    for store in ["c", "a", "b"]:
+        ring.notify(store)
+    assert ring.take(1) == ["c"]
+    assert ring.take(10) == ["a", "b", "c"]
+
+
+def test_new_store_served_before_round_robin() -> None:
+    ring = _ring_with("a", "b", "c")
+    ring.notify("new")
+    assert ring.take(1) == ["new"]
+    assert ring.take(3) == ["a", "b", "c"]
+
+
+def test_new_store_jumps_ahead_mid_turn() -> None:
+    ring = _ring_with("a", "b", "c", "d")
+    assert ring.take(1) == ["a"]
+    ring.notify("new")
+    assert ring.take(2) == ["new", "b"]
+
+
+def test_notify_of_present_store_is_noop() -> None:
+    ring = _ring_with("a", "b", "c")
+    ring.notify("c")
+    ring.notify("a")
+    assert ring.snapshot() == ["a", "b", "c"]
+    assert len(ring) == 3
+    assert _entries(ring) == 3
+
+
+def test_round_robin_order() -> None:
+    ring = ReadyRing(["a", "b", "c"])
+    served = [s for _ in range(6) for s in ring.take(2)]
+    assert served == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b", "c"]
+
+
+def test_take_returns_distinct_stores() -> None:
+    ring = ReadyRing(["a", "b", "c"])
+    assert ring.take(10) == ["a", "b", "c"]
+    assert ring.take(10) == ["a", "b", "c"]
+    ring.notify("d")
+    assert ring.take(10) == ["d", "a", "b", "c"]
+
+
+def test_taken_store_moves_to_tail_and_stays() -> None:
+    ring = ReadyRing(["a", "b", "c"])
+    assert ring.take(1) == ["a"]
+    assert "a" in ring
+    assert ring.snapshot() == ["b", "c", "a"]
+
+
+def test_drop_removes_until_next_notify() -> None:
+    ring = ReadyRing(["a", "b", "c"])
+    assert ring.take(1) == ["a"]
+    ring.drop("a")  # short claim
+    assert "a" not in ring
+    assert len(ring) == 2
+    assert ring.take(10) == ["b", "c"]
+    assert ring.take(10) == ["b", "c"]
+
+
+def test_drop_unknown_store_is_noop() -> None:
+    ring = ReadyRing(["a"])
+    ring.drop("zzz")
+    ring.drop("zzz")
+    assert ring.snapshot() == ["a"]
+
+
+def test_dropped_store_renotified_same_turn_goes_to_tail() -> None:
+    ring = _ring_with("a", "b", "c", "d")  # turn 2 starts with the next take
+    assert ring.take(1) == ["a"]
+    ring.drop("a")
+    ring.notify("a")  # new work, but "a" already had its turn
+    assert ring.snapshot() == ["b", "c", "d", "a"]
+    assert ring.take(1) == ["b"]
+    assert ring.take(3) == ["c", "d", "a"]
+
+
+def test_dropped_store_renotified_same_turn_is_behind_fresh_and_waiting() -> None:
+    ring = _ring_with("a", "b")
+    assert ring.take(1) == ["a"]
+    ring.drop("a")
+    ring.notify("a")
+    ring.notify("x")  # genuinely fresh: goes first
+    assert ring.take(3) == ["x", "b", "a"]
+
+
+def test_store_renotified_after_its_turn_is_fresh_again() -> None:
+    ring = _ring_with("a", "b", "c")
+    assert ring.take(1) == ["a"]
+    ring.drop("a")
+    assert ring.take(2) == ["b", "c"]
+    # Head "b" was served this turn: the next take starts a new turn.
+    assert ring.take(1) == ["b"]
+    ring.notify("a")
+    assert ring.take(1) == ["a"]  # fresh in the new turn: served before "c"
+    assert ring.take(2) == ["c", "b"]
+
+
+def test_empty_ring_ends_turn() -> None:
+    ring = ReadyRing(["a", "b"])
+    assert ring.take(2) == ["a", "b"]
+    ring.drop("a")
+    ring.drop("b")
+    assert ring.is_empty()
+    ring.notify("b")
+    ring.notify("a")
+    assert ring.take(2) == ["b", "a"]
+
+
+def test_thousand_stores_each_served_once_per_turn() -> None:
+    stores = [f"store-{i:04d}" for i in range(1000)]
+    ring = ReadyRing(stores)
+    for _turn in range(5):
+        served: list[str] = []
+        for _ in range(10):
+            batch = ring.take(100)
+            assert len(batch) == 100
+            assert len(set(batch)) == 100
+            served.extend(batch)
+        assert sorted(served) == stores  # every store exactly once this turn
+        assert served == stores  # and in stable round-robin order
+
+
+def test_thousand_stores_with_mid_turn_newcomer() -> None:
+    stores = [f"s{i}" for i in range(1000)]
+    ring = _ring_with(*stores)  # past the first turn, where all 1,000 were fresh
+    ring.take(100)
+    ring.notify("newcomer")
+    assert ring.take(100)[0] == "newcomer"
+    counts = Counter(s for _ in range(20) for s in ring.take(100))
+    # 2,000 slots over 1,001 stores: nobody served more than twice, nobody starved.
+    assert max(counts.values()) <= 2
+    assert set(counts) == {*stores, "newcomer"}
+
+
+def test_replace_all_keeps_order_and_adds_missing() -> None:
+    ring = _ring_with("a", "b", "c")
+    assert ring.take(2) == ["a", "b"]  # turn 2
+    ring.drop("a")
+    ring.replace_all(["a", "x", "c", "y", "x"])
+    # "x", "y" fresh (input order); "a" served this turn -> tail; "c" untouched.
+    assert ring.snapshot() == ["x", "y", "c", "b", "a"]
+    assert len(ring) == 5
+
+
+def test_rebuild_does_not_remove_absent_stores() -> None:
+    ring = ReadyRing(["a", "b"])
+    ring.rebuild(["b"])
+    assert ring.snapshot() == ["a", "b"]
+
+
+def test_bounded_memory_notify_spam() -> None:
+    stores = [f"s{i}" for i in range(10)]
+    ring = ReadyRing()
+    for i in range(1_000_000):
+        ring.notify(stores[i % 10])
+    assert len(ring) == 10
+    assert _entries(ring) == 10
+    assert len(ring._served_this_turn) <= 10
+
+
+def test_bounded_memory_drop_renotify_churn() -> None:
+    stores = [f"s{i}" for i in range(10)]
+    ring = ReadyRing(stores)
+    rng = random.Random(7)
+    for _ in range(200_000):
+        store = rng.choice(stores)
+        ring.take(rng.randint(0, 3))
+        ring.drop(store)
+        ring.notify(store)
+        assert _entries(ring) <= 2 * len(ring) + 1
+    assert len(ring._live) == 10
+    assert len(ring._served_this_turn) <= 10
+
+
+def test_random_operations_keep_invariants() -> None:
+    rng = random.Random(12345)
+    stores = [f"s{i}" for i in range(30)]
+    ring = ReadyRing()
+    model: set[str] = set()
+    for _ in range(20_000):
+        op = rng.random()
+        if op < 0.4:
+            store = rng.choice(stores)
+            ring.notify(store)
+            model.add(store)
+        elif op < 0.65:
+            store = rng.choice(stores)
+            ring.drop(store)
+            model.discard(store)
+        elif op < 0.97:
+            n = rng.randint(0, 8)
+            before = ring.snapshot()
+            batch = ring.take(n)
+            assert len(batch) == len(set(batch)) == min(n, len(before))
+            assert set(batch) <= model
+        else:
+            sample = rng.sample(stores, rng.randint(0, 10))
+            ring.rebuild(sample)
+            model.update(sample)
+        snapshot = ring.snapshot()
+        assert len(snapshot) == len(set(snapshot)) == len(ring)
+        assert set(snapshot) == model
+        assert all(s in ring for s in model)
+        assert ring.is_empty() == (not model)
+        assert _entries(ring) <= 2 * len(ring) + 1
+
+
+def test_random_operations_fairness_each_store_once_per_turn() -> None:
+    """With a stable set of busy stores plus churners, nobody is served twice
+    while another continuously present store waits a whole turn."""
+    rng = random.Random(99)
+    busy = [f"busy{i}" for i in range(20)]
+    churn = [f"churn{i}" for i in range(5)]
+    ring = ReadyRing(busy)
+    last_served: dict[str, int] = {}
+    for step in range(5_000):
+        store = rng.choice(churn)
+        if rng.random() < 0.5:
+            ring.drop(store)
+        else:
+            ring.notify(store)
+        for s in ring.take(rng.randint(1, 4)):
+            last_served[s] = step
+        # Between two services of a busy store (never dropped) every other store is
+        # served at most twice (end of one turn + start of the next).
+        for s in busy:
+            assert step - last_served.get(s, 0) <= 2 * (len(busy) + len(churn))
+
+
+def test_initial_stores_are_fresh_fifo_and_newcomer_queues_behind_them() -> None:
+    # Stores loaded at start-up are "new" too: FIFO among fresh, so a store that
+    # notifies later waits at most for their first turn, never behind a second one.
+    ring = ReadyRing(["a", "b", "c"])
+    assert ring.take(1) == ["a"]
+    ring.notify("x")
+    assert ring.take(3) == ["b", "c", "x"]
+    assert ring.take(4) == ["a", "b", "c", "x"]
+
+
+def test_drop_after_turn_rolled_over_makes_store_fresh() -> None:
+    # Race: "c" was taken late in turn 1, another take started turn 2, then the
+    # short claim for "c" comes back. "c" has not been served in turn 2, so a
+    # notify makes it fresh: still at most once per turn.
+    ring = ReadyRing(["a", "b", "c"])
+    assert ring.take(3) == ["a", "b", "c"]
+    assert ring.take(1) == ["a"]  # turn 2
+    ring.drop("c")
+    ring.notify("c")
+    assert ring.take(3) == ["c", "b", "a"]
