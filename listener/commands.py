@@ -1,10 +1,171 @@
-"""Commands beyond `migrate` and `stub-openai`: worker, api, enqueue, status, demo."""
+"""Commands beyond `migrate` and `stub-openai`: worker, enqueue, status (api and demo register
+themselves from their own modules)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+import anyio
 
-REGISTER: list[Register] = []
+from listener.errors import ConfigurationError, ListenerError
+from listener.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Subcommands = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Register = Callable[[Any], None]
+
+EXIT_AUTH = 3
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+def resolve_database(settings: Settings) -> str:
+    """DATABASE_URL, or an embedded server (migrated up) when it is unset."""
+    from listener.cli import database_url
+
+    url = database_url(settings)
+    if not settings.database_url:
+        from listener.migrate import MigrationRunner
+
+        MigrationRunner(url, output=lambda line: logger.info("%s", line)).up()
+    return url
+
+
+def check_openai_settings(settings: Settings) -> None:
+    if settings.openai_api_key is None and not settings.openai_base_url:
+        raise ConfigurationError(
+            "invalid setting OPENAI_API_KEY: not set (set it, or point OPENAI_BASE_URL at a stub)"
+        )
+
+
+async def run_worker(settings: Settings, conninfo: str) -> int:
+    """The `worker` command's body; returns the exit code."""
+    from listener.db import open_pool
+    from listener.generate import Generator
+    from listener.limiter import make_limiter
+    from listener.worker import Worker
+
+    check_openai_settings(settings)
+    pool = await open_pool(conninfo, settings, name="listener-worker")
+    try:
+        if settings.openai_api_key is not None:
+            logger.info("[Worker] OpenAI API key is configured")
+        else:
+            logger.info("[Worker] no OpenAI API key: using %s", settings.openai_base_url)
+        generator = Generator(settings)
+        worker = Worker(settings, conninfo, pool, make_limiter(pool, settings), generator)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signals, worker)
+            if settings.port:
+                from listener.http import serve_worker_http
+
+                await tg.start(serve_worker_http, settings, pool, worker)
+            await worker.run()
+            tg.cancel_scope.cancel()
+        await generator.aclose()
+    finally:
+        await pool.close()
+    return EXIT_AUTH if worker.fatal else 0
+
+
+async def _stop_on_signals(worker: Any) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not worker.stopping:
+                logger.info("[Worker] %s received", signal.Signals(signum).name)
+                worker.stop()
+            else:
+                logger.warning("[Worker] second signal: releasing in-flight items now")
+                worker.cancel_in_flight()
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    url = resolve_database(settings)
+    return anyio.run(run_worker, settings, url)
+
+
+def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    from listener import jobs
+
+    products = (
+        jobs.read_products(args.file)
+        if args.file
+        else jobs.sample_products(args.products, args.store)
+    )
+    job_id = jobs.enqueue(resolve_database(settings), args.store, products)
+    _say(str(job_id))
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from listener import jobs
+
+    url = resolve_database(settings)
+    console = Console()
+    headers = ("job", "store", "status", "pending", "processing", "completed", "failed")
+    table = Table(*headers, title="Jobs")
+    if args.job_id is not None:
+        row = jobs.job_progress(url, args.job_id)
+        if row is None:
+            raise ListenerError(f"no job {args.job_id}")
+        rows = [row]
+    else:
+        rows = jobs.recent_jobs(url)
+    for job_id, store, status, _created, _completed, *counts in rows:
+        table.add_row(str(job_id), store, status, *(str(c) for c in counts))
+    console.print(table)
+    if args.job_id is not None:
+        for item_id, product_id, attempts, error in jobs.failed_items(url, args.job_id):
+            console.print(f"  FAILED item {item_id} ({product_id}, {attempts} attempt(s)): {error}")
+    backlog = Table("store", "pending", "processing", title="Backlog per store")
+    for store, pending, processing in jobs.backlog_by_store(url):
+        backlog.add_row(store, str(pending), str(processing))
+    console.print(backlog)
+    return 0
+
+
+def _register(commands: Any) -> None:
+    worker = commands.add_parser(
+        "worker", help="run the worker (the Procfile's process); HTTP on PORT when set"
+    )
+    worker.set_defaults(handler=_worker)
+
+    enqueue = commands.add_parser("enqueue", help="create a job for a store")
+    enqueue.add_argument("--store", required=True, help="the store's instance_id")
+    source = enqueue.add_mutually_exclusive_group(required=True)
+    source.add_argument("--products", type=int, help="this many generated sample products")
+    source.add_argument("--file", type=Path, help="a JSON array of product objects")
+    enqueue.set_defaults(handler=_enqueue)
+
+    status = commands.add_parser("status", help="job progress and the backlog per store")
+    status.add_argument("job_id", nargs="?", type=int)
+    status.set_defaults(handler=_status)
+
+
+def _register_optional(commands: Any) -> None:
+    """`api` and `demo` live in their own modules; register them when they are present."""
+    import importlib
+
+    for module_name in ("listener.http", "listener.demo"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        module.register(commands)
+
+
+REGISTER: list[Register] = [_register, _register_optional]

@@ -29,3 +29,11 @@ class RetryableItemError(ListenerError):
 
 class AuthenticationFailed(ListenerError):
     """The OpenAI key was rejected (401/403): every item would fail, so the worker stops."""
+
+
+class RateLimited(ListenerError):
+    """The API answered 429: the whole limiter pauses, the item is tried again, not failed."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

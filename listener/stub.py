@@ -28,15 +28,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-__all__ = [
-    "Admission", "RunningStub", "SlidingWindow", "StubConfig", "StubState", "add_arguments",
-    "build_app", "config_from_args", "estimate_tokens", "extract_product_name",
-    "format_duration", "generate_description", "main_from_args", "run_stub", "serve_forever",
-]
-
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS = 256  # what OpenAI reserves against TPM when max_tokens is absent
+_BAD_BODY = "Invalid request body: expected JSON with a 'messages' list."
+_MALFORMED_BODY = '{"id": "chatcmpl-broken", "choices": ['
+_MODEL = {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "stub"}
 
 
 @dataclass
@@ -58,7 +55,10 @@ class StubConfig:
 
 # What POST /stub/faults may change; not window_seconds, which would make the peak meaningless.
 _RUNTIME_FIELDS = frozenset(f.name for f in fields(StubConfig)) - {
-    "window_seconds", "required_api_key"}
+    "window_seconds",
+    "required_api_key",
+}
+
 
 def _ceil(x: float) -> int:
     # Rounding first stops float noise such as (t + 60) - t == 60.0000000000018 from
@@ -141,14 +141,14 @@ class Admission:
     headers: dict[str, str]
     limit_type: str = ""  # "requests" or "tokens" when refused
     message: str = ""
-    retry_after: float = 0.0
 
 
 class StubState:
     """Counters, windows and faults of one stub server; safe because it is loop-confined."""
 
-    def __init__(self, config: StubConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: StubConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config or StubConfig()
         self.clock = clock
         self.random = random.Random(self.config.seed)
@@ -181,9 +181,6 @@ class StubState:
             "max_tokens_in_any_window": self.tokens.peak,
             "requests_in_window": self.requests.total(now),
             "tokens_in_window": self.tokens.total(now),
-            "rpm": self.config.rpm,
-            "tpm": self.config.tpm,
-            "latency": self.config.latency,
         }
 
     def faults(self) -> dict[str, Any]:
@@ -194,7 +191,12 @@ class StubState:
         if unknown:
             raise ValueError(f"unknown fault fields: {sorted(unknown)}")
         for name, value in updates.items():
-            setattr(self.config, name, list(value) if name == "fail_next_status" else value)
+            current = getattr(self.config, name)
+            # Coerce now so that a bad JSON value fails this call, not later requests.
+            if isinstance(current, list):
+                setattr(self.config, name, [int(v) for v in value])
+            else:
+                setattr(self.config, name, type(current)(value))
         if "seed" in updates:
             self.random.seed(self.config.seed)
 
@@ -210,15 +212,18 @@ class StubState:
                 message = (
                     f"Rate limit reached for {model} in organization org-stub on {kind} per "
                     f"min ({kind[0].upper()}PM): Limit {limit}, Used {window.total(now)}, "
-                    f"Requested {weight}. Please try again in {format_duration(wait)}.")
-                return Admission(False, headers, kind, message, wait)
+                    f"Requested {weight}. Please try again in {format_duration(wait)}."
+                )
+                return Admission(False, headers, kind, message)
         self.requests.add(now, 1)
         self.tokens.add(now, cost)
         return Admission(True, self.limit_headers(now))
 
     def _limits(self, cost: int) -> list[tuple[str, int, SlidingWindow, int]]:
-        return [("requests", self.config.rpm, self.requests, 1),
-                ("tokens", self.config.tpm, self.tokens, cost)]
+        return [
+            ("requests", self.config.rpm, self.requests, 1),
+            ("tokens", self.config.tpm, self.tokens, cost),
+        ]
 
     def limit_headers(self, now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers; 'reset' is when the window fully drains."""
@@ -227,8 +232,7 @@ class StubState:
             if limit > 0:
                 headers[f"x-ratelimit-limit-{kind}"] = str(limit)
                 headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - window.total(now)))
-                headers[f"x-ratelimit-reset-{kind}"] = format_duration(
-                    window.time_until_empty(now))
+                headers[f"x-ratelimit-reset-{kind}"] = format_duration(window.time_until_empty(now))
         return headers
 
     async def hang(self, seconds: float) -> None:
@@ -281,30 +285,30 @@ def generate_description(prompt: str) -> str:
     adjective = _ADJECTIVES[digest[0] % len(_ADJECTIVES)]
     second = _ADJECTIVES[(digest[0] + 1 + digest[1] % 5) % len(_ADJECTIVES)]
     audience = _AUDIENCES[digest[2] % len(_AUDIENCES)]
-    return (f"{name} is a {adjective} choice for {audience}. "
-            f"It pairs {second} design with dependable performance, "
-            f"so {name} keeps up with whatever you ask of it.")
+    return (
+        f"{name} is a {adjective} choice for {audience}. "
+        f"It pairs {second} design with dependable performance, "
+        f"so {name} keeps up with whatever you ask of it."
+    )
 
 
 def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-def _error(status: int, message: str, type_: str, code: str | None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, type_: str, code: str | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 _FAULTS: dict[int, tuple[str, str, str | None]] = {
-    401: ("Incorrect API key provided. You can find your API key at "
-          "https://platform.openai.com/account/api-keys.", "invalid_request_error",
-          "invalid_api_key"),
+    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
     429: ("Rate limit reached (injected fault).", "requests", "rate_limit_exceeded"),
     503: ("The engine is currently overloaded, please try again later.", "server_error", None),
 }
-_SERVER_ERROR = ("The server had an error while processing your request. Sorry about that!",
-                 "server_error", None)
+_SERVER_ERROR = ("The server had an error while processing your request.", "server_error", None)
 
 
 def _injected_error(status: int, headers: dict[str, str]) -> JSONResponse:
@@ -330,11 +334,12 @@ def build_app(state: StubState) -> Starlette:
             messages = payload["messages"]
             model = str(payload.get("model", "gpt-4o-mini"))
             texts = [_text_of(m.get("content")) for m in messages]
-            last_user = next((_text_of(m.get("content")) for m in reversed(messages)
-                              if m.get("role") == "user"), "")
+            last_user = next(
+                (_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
+                "",
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
-            return _error(400, "Invalid request body: expected JSON with 'messages'.",
-                          "invalid_request_error", None, base)
+            return _error(400, _BAD_BODY, "invalid_request_error", None, base)
         prompt_tokens = estimate_tokens("".join(texts))
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         cost = prompt_tokens + int(max_tokens or DEFAULT_MAX_TOKENS)
@@ -357,34 +362,43 @@ def build_app(state: StubState) -> Starlette:
         if cfg.malformed_next > 0:
             cfg.malformed_next -= 1
             state.errors_injected_total += 1
-            return Response('{"id": "chatcmpl-broken", "choices": [', 200, base,
-                            media_type="application/json")
+            return Response(_MALFORMED_BODY, 200, base, media_type="application/json")
 
         admission = state.admit(model, cost)
         headers = {**base, **admission.headers}
         if not admission.allowed:
             state.rate_limited_total += 1
-            return _error(429, admission.message, admission.limit_type,
-                          "rate_limit_exceeded", headers)
+            return _error(
+                429, admission.message, admission.limit_type, "rate_limit_exceeded", headers
+            )
         if cfg.latency > 0:
             await anyio.sleep(cfg.latency)
         content = generate_description(last_user)
         completion_tokens = estimate_tokens(content)
         state.completed_total += 1
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         message = {"role": "assistant", "content": content, "refusal": None}
-        return JSONResponse({
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-            "created": int(time.time()), "model": model, "system_fingerprint": "fp_stub",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "stop"}],
-            "usage": usage,
-        }, headers=headers)
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": "fp_stub",
+                "choices": [
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+                ],
+                "usage": usage,
+            },
+            headers=headers,
+        )
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "stub"}]})
+        return JSONResponse({"object": "list", "data": [_MODEL]})
 
     async def stats(request: Request) -> Response:
         return JSONResponse(state.stats())
@@ -400,17 +414,19 @@ def build_app(state: StubState) -> Starlette:
                 if not isinstance(updates, dict):
                     raise ValueError("expected a JSON object")
                 state.set_faults(updates)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 return _error(400, str(exc), "invalid_request_error", None)
         return JSONResponse(state.faults())
 
-    return Starlette(routes=[
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/stub/stats", stats, methods=["GET"]),
-        Route("/stub/reset", reset, methods=["POST"]),
-        Route("/stub/faults", faults, methods=["GET", "POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/stub/stats", stats, methods=["GET"]),
+            Route("/stub/reset", reset, methods=["POST"]),
+            Route("/stub/faults", faults, methods=["GET", "POST"]),
+        ]
+    )
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -419,6 +435,14 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def main_loop(self) -> None:
+        # Same as uvicorn's loop but polling should_exit every 10 ms instead of 100 ms,
+        # because tests start and stop many stubs.
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864_000
+            await anyio.sleep(0.01)
 
 
 @dataclass
@@ -438,9 +462,11 @@ class RunningStub:
 
 @contextlib.asynccontextmanager
 async def _running(state: StubState, host: str, port: int) -> AsyncIterator[RunningStub]:
-    uv_config = uvicorn.Config(build_app(state), host=host, port=port, log_config=None,
-                               access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    server = _EmbeddedServer(uv_config)
+    # log_config=None keeps uvicorn off the host's logging setup.
+    options: dict[str, Any] = {"log_config": None, "access_log": False, "lifespan": "off"}
+    server = _EmbeddedServer(
+        uvicorn.Config(build_app(state), host, port, timeout_graceful_shutdown=1, **options)
+    )
     done = anyio.Event()
 
     async def serve() -> None:
@@ -473,8 +499,9 @@ async def _running(state: StubState, host: str, port: int) -> AsyncIterator[Runn
 
 
 @contextlib.asynccontextmanager
-async def run_stub(config: StubConfig | None = None, *, host: str = "127.0.0.1",
-                   port: int = 0) -> AsyncIterator[RunningStub]:
+async def run_stub(
+    config: StubConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[RunningStub]:
     """Run a stub in the current event loop (asyncio only) for the duration of the block."""
     async with _running(StubState(config), host, port) as stub:
         yield stub
@@ -517,4 +544,3 @@ def main_from_args(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     serve_forever(args.host, args.port, config_from_args(args))
     return 0
-

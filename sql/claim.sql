@@ -63,7 +63,8 @@ SET status = outcome.status,
         THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
     -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
     attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
-    claimed_by = NULL,
+    -- A finished item keeps the name of the worker that did it, for the operator.
+    claimed_by = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE j.claimed_by END,
     lease_expires_at = NULL,
     updated_at = now()
 FROM unnest(

@@ -41,9 +41,12 @@ def anyio_backend() -> str:
 async def client_for(
     config: StubConfig, client_timeout: float = 5.0
 ) -> AsyncIterator[tuple[RunningStub, openai.AsyncOpenAI]]:
-    async with run_stub(config) as stub, openai.AsyncOpenAI(
-        base_url=stub.base_url, api_key="test", max_retries=0, timeout=client_timeout
-    ) as client:
+    async with (
+        run_stub(config) as stub,
+        openai.AsyncOpenAI(
+            base_url=stub.base_url, api_key="test", max_retries=0, timeout=client_timeout
+        ) as client,
+    ):
         yield stub, client
 
 
@@ -74,7 +77,7 @@ def test_sliding_window_peak_and_waits() -> None:
     assert window.wait_until_fits(2.0, 1, 3) == pytest.approx(8.0)  # oldest leaves at 10
     assert window.wait_until_fits(2.0, 1, 4) == 0.0
     assert window.time_until_empty(2.0) == pytest.approx(10.0)
-    # The event at 0 leaves exactly at t=10, so [1, 2, 10, 10.5] never coexist with it.
+    # The event at 0 has left by t=10 (half-open window), so the busiest window is 1..10.5.
     for t in (10.0, 10.5):
         window.add(t)
     assert window.total(10.5) == 4
@@ -88,7 +91,7 @@ def test_sliding_window_weighted_wait() -> None:
     window = SlidingWindow(60.0)
     window.add(0.0, 100)
     window.add(5.0, 100)
-    # 150 more under a 300 limit needs both earlier entries gone... only the first: 50 excess.
+    # Once the t=0 entry expires (at 60) there is room: 100 + 150 <= 300.
     assert window.wait_until_fits(10.0, 150, 300) == pytest.approx(50.0)
     assert window.wait_until_fits(10.0, 500, 300) == 60.0  # can never fit
 
@@ -123,8 +126,18 @@ def test_config_from_args() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(
-        ["--port", "8001", "--rpm", "450", "--tpm", "0", "--latency", "0.2",
-         "--window-seconds", "60"]
+        [
+            "--port",
+            "8001",
+            "--rpm",
+            "450",
+            "--tpm",
+            "0",
+            "--latency",
+            "0.2",
+            "--window-seconds",
+            "60",
+        ]
     )
     config = config_from_args(args)
     assert (args.host, args.port) == ("127.0.0.1", 8001)
@@ -263,6 +276,9 @@ async def test_control_endpoints() -> None:
         assert stub.state.config.fail_next_status == [502]
         bad = await http.post("/stub/faults", json={"window_seconds": 1})
         assert bad.status_code == 400
+        wrong_type = await http.post("/stub/faults", json={"rpm": "many"})
+        assert wrong_type.status_code == 400
+        assert stub.state.config.rpm == 5
         completion = await http.post(
             "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}
         )

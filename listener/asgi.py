@@ -1,0 +1,84 @@
+"""uvicorn embedded in the caller's event loop, for the worker's and `listener api`'s HTTP.
+
+uvicorn normally owns the process: it installs signal handlers and exits on SIGTERM. Here the host
+program (the worker, `listener api`, pytest) owns signals and shutdown, so the server only serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import uvicorn
+
+from listener.errors import ListenerError
+
+# An in-flight request gets this long to finish when the server stops.
+GRACEFUL_SHUTDOWN_SECONDS = 1.0
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the host program."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when asked for port 0)."""
+        return int(self.servers[0].sockets[0].getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, host: str, port: int) -> AsyncIterator[EmbeddedServer]:
+    """Serve `app` on host:port for the duration of the block; started when the block starts."""
+    config = uvicorn.Config(
+        app,
+        host,
+        port,
+        # log_config=None keeps uvicorn off the host's logging setup; its own lines (started,
+        # finished) are noise next to ours, so only warnings and errors pass.
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
+    )
+    server = EmbeddedServer(config)
+    done = anyio.Event()
+    serve_scope = anyio.CancelScope(shield=True)
+
+    async def serve() -> None:
+        # Shielded so that cancelling the host still lets uvicorn close its sockets and
+        # connections (its shutdown() runs only when main_loop returns, not when cancelled);
+        # the finally below asks it to stop, and cancels this scope if it does not.
+        with serve_scope, contextlib.suppress(SystemExit):
+            # uvicorn calls sys.exit() when it cannot bind; `done` before `started` says so.
+            await server.serve()
+        done.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            try:
+                while not server.started:
+                    if done.is_set():
+                        raise ListenerError(f"cannot serve HTTP on {host}:{port} (in use?)")
+                    await anyio.sleep(0.005)
+                yield server
+            finally:
+                server.should_exit = True
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(GRACEFUL_SHUTDOWN_SECONDS + 2),
+                ):
+                    await done.wait()
+                serve_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Keep the body's own exception (a failed assert, a startup error) recognisable.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

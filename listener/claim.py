@@ -1,0 +1,162 @@
+"""Claim, finish, lease and reap items: thin calls of the named SQL in `sql/claim.sql`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from listener.db import wrap
+from listener.sqlfiles import queries
+
+Status = Literal["COMPLETED", "FAILED", "PENDING"]
+
+
+@dataclass(frozen=True)
+class ClaimedItem:
+    id: int
+    job_id: int
+    instance_id: str
+    product_id: str | None
+    payload: Any
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a claimed item; written in batches by the completer."""
+
+    item_id: int
+    status: Status
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    delay: float = 0.0  # seconds before a PENDING item may be claimed again
+    refund: bool = False  # give the attempt back: the item was released, not tried
+    instance_id: str = field(default="", compare=False)
+
+    @classmethod
+    def completed(cls, item: ClaimedItem, result: dict[str, Any]) -> Outcome:
+        return cls(item.id, "COMPLETED", result=result, instance_id=item.instance_id)
+
+    @classmethod
+    def failed(cls, item: ClaimedItem, error: str) -> Outcome:
+        return cls(item.id, "FAILED", error=error, instance_id=item.instance_id)
+
+    @classmethod
+    def retry(cls, item: ClaimedItem, error: str, delay: float) -> Outcome:
+        return cls(item.id, "PENDING", error=error, delay=delay, instance_id=item.instance_id)
+
+    @classmethod
+    def release(cls, item: ClaimedItem) -> Outcome:
+        return cls(item.id, "PENDING", refund=True, instance_id=item.instance_id)
+
+
+def split_quota(stores: Sequence[str], wanted: int, max_per_store: int) -> list[int]:
+    """Share `wanted` items between `stores` as evenly as possible, each capped."""
+    if not stores:
+        return []
+    base, extra = divmod(wanted, len(stores))
+    return [min(max_per_store, base + (1 if i < extra else 0)) for i in range(len(stores))]
+
+
+async def claim(
+    pool: AsyncConnectionPool,
+    worker_id: str,
+    stores: Sequence[str],
+    quotas: Sequence[int],
+    lease_seconds: float,
+) -> list[ClaimedItem]:
+    params = {
+        "stores": list(stores),
+        "limits": list(quotas),
+        "worker_id": worker_id,
+        "lease_seconds": lease_seconds,
+    }
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(queries("claim")["claim"], params)
+            rows = await cursor.fetchall()
+    except psycopg.Error as error:
+        raise wrap(error, "claim failed") from error
+    items = [ClaimedItem(*row) for row in rows]
+    items.sort(key=lambda item: item.id)
+    return items
+
+
+async def finish(pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]) -> int:
+    """Write a batch of outcomes, then close the jobs they finished. Returns rows written."""
+    if not outcomes:
+        return 0
+    params = {
+        "ids": [o.item_id for o in outcomes],
+        "statuses": [o.status for o in outcomes],
+        "results": [None if o.result is None else json.dumps(o.result) for o in outcomes],
+        "errors": [o.error for o in outcomes],
+        "delays": [o.delay for o in outcomes],
+        "refunds": [o.refund for o in outcomes],
+        "worker_id": worker_id,
+    }
+    sql = queries("claim")
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(sql["finish_items"], params)
+            rows = await cursor.fetchall()
+            finished_jobs = sorted({int(job_id) for _id, job_id in rows})
+            if finished_jobs and any(o.status != "PENDING" for o in outcomes):
+                # A separate statement, after the first has committed (autocommit).
+                await conn.execute(sql["finish_jobs"], {"job_ids": finished_jobs})
+    except psycopg.Error as error:
+        raise wrap(error, "writing item outcomes failed") from error
+    return len(rows)
+
+
+async def extend_leases(
+    pool: AsyncConnectionPool, worker_id: str, item_ids: Sequence[int], lease_seconds: float
+) -> None:
+    if not item_ids:
+        return
+    params = {"ids": list(item_ids), "worker_id": worker_id, "lease_seconds": lease_seconds}
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(queries("claim")["extend_leases"], params)
+    except psycopg.Error as error:
+        raise wrap(error, "extending leases failed") from error
+
+
+async def reap_expired(pool: AsyncConnectionPool, max_attempts: int) -> list[tuple[int, str, str]]:
+    """Return (item id, store, new status) of every item whose lease had expired."""
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(
+                queries("claim")["reap_expired"], {"max_attempts": max_attempts}
+            )
+            rows = await cursor.fetchall()
+            failed_jobs = sorted({int(r[1]) for r in rows if r[3] == "FAILED"})
+            if failed_jobs:
+                await conn.execute(queries("claim")["finish_jobs"], {"job_ids": failed_jobs})
+    except psycopg.Error as error:
+        raise wrap(error, "reaping expired leases failed") from error
+    return [(int(r[0]), str(r[2]), str(r[3])) for r in rows]
+
+
+async def ready_stores(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """Stores with PENDING items, by a loose index scan (milliseconds at a million rows)."""
+    try:
+        cursor = await conn.execute(queries("claim")["ready_stores"])
+        return [str(row[0]) for row in await cursor.fetchall()]
+    except psycopg.Error as error:
+        raise wrap(error, "listing stores with pending items failed") from error
+
+
+async def count_pending(pool: AsyncConnectionPool) -> int:
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(queries("claim")["count_pending"])
+            row = await cursor.fetchone()
+    except psycopg.Error as error:
+        raise wrap(error, "counting pending items failed") from error
+    return int(row[0]) if row else 0

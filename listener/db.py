@@ -1,0 +1,84 @@
+"""The connection pool and its stats, in the deployment checklist's log format."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from listener.errors import DatabaseError
+from listener.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Dead TCP peers (a database failover, a NAT dropping the flow) surface in about a minute
+# instead of hanging a LISTEN connection forever.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def with_options(conninfo: str, application_name: str) -> str:
+    """The conninfo with our keepalives and a name that shows in pg_stat_activity."""
+    return make_conninfo(conninfo, application_name=application_name, **KEEPALIVES)
+
+
+async def open_pool(
+    conninfo: str, settings: Settings, name: str = "listener"
+) -> AsyncConnectionPool:
+    """Open the pool; it reconnects by itself, with backoff, when the database restarts."""
+    pool = AsyncConnectionPool(
+        with_options(conninfo, name),
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        kwargs={"autocommit": True},
+        open=False,
+        name=name,
+        timeout=30.0,
+        reconnect_timeout=0,  # keep trying for ever: a restarting database comes back
+    )
+    logger.info(
+        "[DB Pool] Configuration: { max: %d, min: %d, timeout: 30s, application_name: %s }",
+        settings.db_pool_max,
+        settings.db_pool_min,
+        name,
+    )
+    try:
+        await pool.open(wait=True, timeout=30.0)
+    except Exception as error:
+        await pool.close()
+        raise DatabaseError(f"cannot open the connection pool: {error}") from error
+    return pool
+
+
+def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:
+    stats = pool.get_stats()
+    return {
+        "total": stats.get("pool_size", 0),
+        "idle": stats.get("pool_available", 0),
+        "waiting": stats.get("requests_waiting", 0),
+        "max": pool.max_size,
+    }
+
+
+def format_pool_stats(stats: dict[str, int]) -> str:
+    return f"{{ total: {stats['total']}, idle: {stats['idle']}, waiting: {stats['waiting']} }}"
+
+
+async def log_pool_stats(pool: AsyncConnectionPool, interval: float) -> None:
+    while True:
+        await anyio.sleep(interval)
+        stats = pool_stats(pool)
+        level = logging.WARNING if stats["waiting"] else logging.INFO
+        logger.log(level, "[DB Pool] Stats: %s", format_pool_stats(stats))
+
+
+def wrap(error: psycopg.Error, doing: str) -> DatabaseError:
+    """The one place psycopg errors become ours."""
+    return DatabaseError(f"{doing}: {str(error).strip() or type(error).__name__}")

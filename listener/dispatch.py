@@ -1,0 +1,233 @@
+"""The claimer: hands items to workers that are ready to start them, stores in ring order.
+
+A worker asks for an item only once it holds its limiter slot, so the store is chosen at the
+last moment: a store that became ready a millisecond ago gets the very next slot. Workers that
+ask together are served by one claim statement.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from listener.claim import ClaimedItem, claim, split_quota
+from listener.errors import DatabaseError
+from listener.ring import ReadyRing
+
+logger = logging.getLogger(__name__)
+
+MAX_STORE_LINES = 10
+
+
+@dataclass
+class _Waiter:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    item: ClaimedItem | None = None
+    answered: bool = False
+
+
+def store_label(store: str) -> str:
+    return store if len(store) <= 12 else f"{store[:8]}..."
+
+
+def claim_report(items: list[ClaimedItem], suffix: str = "") -> list[str]:
+    """The checklist's log lines: a total, then one line per store (the busiest first)."""
+    per_store = Counter(item.instance_id for item in items)
+    lines = [
+        f"[Worker] Claimed {len(items)} item(s) from {len(per_store)} store(s) "
+        f"for processing{suffix}"
+    ]
+    for store, count in per_store.most_common(MAX_STORE_LINES):
+        lines.append(f"  Store {store_label(store)}: {count} items")
+    if len(per_store) > MAX_STORE_LINES:
+        lines.append(f"  ... and {len(per_store) - MAX_STORE_LINES} more store(s)")
+    return lines
+
+
+def interleave(items: list[ClaimedItem]) -> list[ClaimedItem]:
+    """One item of each store in turn, so consecutive workers serve different stores."""
+    queues: dict[str, deque[ClaimedItem]] = {}
+    for item in items:
+        queues.setdefault(item.instance_id, deque()).append(item)
+    ordered: list[ClaimedItem] = []
+    while queues:
+        for store in list(queues):
+            ordered.append(queues[store].popleft())
+            if not queues[store]:
+                del queues[store]
+    return ordered
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: object,
+        worker_id: str,
+        *,
+        claim_batch_size: int,
+        max_per_instance: int,
+        lease_seconds: float,
+        on_claimed: Callable[[list[ClaimedItem]], None],
+        on_orphan: Callable[[ClaimedItem], None],
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        self.pool = pool
+        self.worker_id = worker_id
+        self.claim_batch_size = claim_batch_size
+        self.max_per_instance = max_per_instance
+        self.lease_seconds = lease_seconds
+        self.on_claimed = on_claimed
+        self.on_orphan = on_orphan
+        self.clock = clock
+        self.ring = ReadyRing()
+        self.stopping = False
+        self.claims = 0
+        self.claimed_items = 0
+        self._waiters: deque[_Waiter] = deque()
+        self._work = anyio.Event()
+        self._demand = anyio.Event()
+        self._wakeups: list[tuple[float, str]] = []
+        self._wakeup_changed = anyio.Event()
+        self._single_claims: list[ClaimedItem] = []
+
+    # -- fed by the listener --------------------------------------------------------------
+
+    def notify(self, store: str) -> None:
+        self.ring.notify(store)
+        self._work.set()
+
+    def rebuild(self, stores: list[str]) -> None:
+        self.ring.replace_all(stores)
+        if len(self.ring):
+            self._work.set()
+
+    def wake_later(self, store: str, delay: float) -> None:
+        """A retried item becomes claimable after its backoff: look at its store again then."""
+        heapq.heappush(self._wakeups, (self.clock() + delay, store))
+        self._wakeup_changed.set()
+
+    # -- used by workers ------------------------------------------------------------------
+
+    async def wait_for_work(self) -> None:
+        while not len(self.ring) and not self.stopping:
+            if self._work.is_set():
+                self._work = anyio.Event()
+            await self._work.wait()
+
+    async def next_item(self) -> ClaimedItem | None:
+        """An item for a worker that can start it now; None when there is no work after all."""
+        if self.stopping:
+            return None
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        self._demand.set()
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            # Cancelled while waiting: an item already handed over must not be lost.
+            if waiter.item is not None:
+                self.on_orphan(waiter.item)
+            else:
+                waiter.answered = True
+            raise
+        return waiter.item
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._answer_all()
+        self._work.set()
+        self._demand.set()
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    async def run_claimer(self) -> None:
+        while True:
+            await self._demand.wait()
+            self._demand = anyio.Event()
+            while self._live_waiters():
+                if self.stopping or not len(self.ring):
+                    self._answer_all()
+                    break
+                await self._claim_once()
+
+    async def run_wakeups(self) -> None:
+        while True:
+            if not self._wakeups:
+                await self._wakeup_changed.wait()
+            else:
+                with anyio.move_on_after(max(0.0, self._wakeups[0][0] - self.clock())):
+                    await self._wakeup_changed.wait()
+            self._wakeup_changed = anyio.Event()
+            now = self.clock()
+            while self._wakeups and self._wakeups[0][0] <= now:
+                self.notify(heapq.heappop(self._wakeups)[1])
+
+    async def run_claim_log(self, interval: float = 10.0) -> None:
+        """Single-item claims (the paced, rate-limited regime) are reported as a summary."""
+        while True:
+            await anyio.sleep(interval)
+            if self._single_claims:
+                for line in claim_report(self._single_claims, f" (last {interval:.0f}s)"):
+                    logger.info("%s", line)
+                self._single_claims = []
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _live_waiters(self) -> int:
+        while self._waiters and self._waiters[0].answered:
+            self._waiters.popleft()
+        return sum(1 for w in self._waiters if not w.answered)
+
+    def _answer_all(self) -> None:
+        while self._waiters:
+            self._answer(self._waiters.popleft(), None)
+
+    def _answer(self, waiter: _Waiter, item: ClaimedItem | None) -> None:
+        if waiter.answered:
+            if item is not None:
+                self.on_orphan(item)
+            return
+        waiter.answered = True
+        waiter.item = item
+        waiter.event.set()
+
+    async def _claim_once(self) -> None:
+        wanted = min(self._live_waiters(), self.claim_batch_size)
+        stores = self.ring.take(min(wanted, len(self.ring)))
+        quotas = split_quota(stores, wanted, self.max_per_instance)
+        try:
+            items = await claim(
+                self.pool,  # type: ignore[arg-type]
+                self.worker_id,
+                stores,
+                quotas,
+                self.lease_seconds,
+            )
+        except DatabaseError as error:
+            logger.warning("[Worker] claim failed, retrying: %s", error)
+            self._answer_all()  # their limiter slots are lost; no item is
+            await anyio.sleep(1.0)
+            return
+        got = Counter(item.instance_id for item in items)
+        for store, quota in zip(stores, quotas, strict=True):
+            if got[store] < quota:
+                self.ring.drop(store)
+        self.claims += 1
+        self.claimed_items += len(items)
+        if items:
+            self.on_claimed(items)
+            if len(items) > 1:
+                for line in claim_report(items):
+                    logger.info("%s", line)
+            else:
+                self._single_claims.extend(items)
+        for item in interleave(items):
+            if self._live_waiters():
+                self._answer(self._waiters.popleft(), item)
+            else:
+                self.on_orphan(item)

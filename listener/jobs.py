@@ -1,0 +1,88 @@
+"""Submitting jobs and reading their progress: what `enqueue` and `status` run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from listener.db import wrap
+from listener.errors import ListenerError
+from listener.sqlfiles import queries
+
+CATEGORIES = ("Home", "Outdoor", "Kitchen", "Toys", "Fashion", "Garden")
+
+
+def sample_products(count: int, store: str) -> list[dict[str, Any]]:
+    """Synthetic products for demos and load tests."""
+    return [
+        {
+            "id": f"{store}-p{n}",
+            "name": f"{CATEGORIES[n % len(CATEGORIES)]} item {n} from {store}",
+            "description": "A well-made product our customers love.",
+            "category": CATEGORIES[n % len(CATEGORIES)],
+            "price": round(9.99 + n % 50, 2),
+            "attributes": {"color": ("red", "blue", "green")[n % 3], "sku": f"SKU-{n:05d}"},
+        }
+        for n in range(1, count + 1)
+    ]
+
+
+def read_products(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ListenerError(f"cannot read products from {path}: {error}") from None
+    if not isinstance(data, list):
+        raise ListenerError(f"{path} must hold a JSON array of products")
+    return data
+
+
+def enqueue(conninfo: str, store: str, products: Sequence[Any]) -> int:
+    """Create a job and its items in one transaction; return the job id.
+
+    Items that are not objects are kept: the worker fails them with a clear reason.
+    """
+    if not store.strip():
+        raise ListenerError("a store id is required")
+    sql = queries("jobs")
+    try:
+        with psycopg.connect(conninfo) as conn, conn.transaction():
+            row = conn.execute(sql["create_job"], {"instance_id": store}).fetchone()
+            assert row is not None
+            job_id = int(row[0])
+            conn.execute(
+                sql["create_items"],
+                {"job_id": job_id, "instance_id": store, "products": json.dumps(list(products))},
+            )
+    except psycopg.Error as error:
+        raise wrap(error, "enqueue failed") from error
+    return job_id
+
+
+def _fetch(conninfo: str, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    try:
+        with psycopg.connect(conninfo) as conn:
+            return conn.execute(queries("jobs")[name], params).fetchall()
+    except psycopg.Error as error:
+        raise wrap(error, f"reading {name.replace('_', ' ')} failed") from error
+
+
+def job_progress(conninfo: str, job_id: int) -> tuple[Any, ...] | None:
+    rows = _fetch(conninfo, "job_progress", {"job_id": job_id})
+    return rows[0] if rows else None
+
+
+def recent_jobs(conninfo: str, limit: int = 10) -> list[tuple[Any, ...]]:
+    return _fetch(conninfo, "recent_jobs", {"limit": limit})
+
+
+def backlog_by_store(conninfo: str, limit: int = 20) -> list[tuple[Any, ...]]:
+    return _fetch(conninfo, "backlog_by_store", {"limit": limit})
+
+
+def failed_items(conninfo: str, job_id: int, limit: int = 10) -> list[tuple[Any, ...]]:
+    return _fetch(conninfo, "failed_items", {"job_id": job_id, "limit": limit})

@@ -1,0 +1,92 @@
+"""The LISTEN loop: notifications feed the ready ring; (re)connects and sweeps rebuild it.
+
+The listener owns one connection outside the pool: LISTEN is a session property, so it must be a
+direct connection (a transaction-mode pooler such as PgBouncer would silently lose it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+
+from listener.backoff import Backoff
+from listener.claim import ready_stores
+from listener.db import with_options
+from listener.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "job_items_ready"
+
+
+class Listener:
+    def __init__(
+        self,
+        conninfo: str,
+        on_notify: Callable[[str], None],
+        on_rebuild: Callable[[list[str]], None],
+        sweep_interval: float,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.conninfo = conninfo
+        self.on_notify = on_notify
+        self.on_rebuild = on_rebuild
+        self.sweep_interval = sweep_interval
+        self.backoff = backoff or Backoff(base=0.1, cap=10.0, rng=random.Random())
+        self.connected = False
+        self.reconnects = 0
+        self.notifications = 0
+        self.backend_pid: int | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen for ever; report readiness once the first LISTEN and rebuild are done."""
+        started = False
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    with_options(self.conninfo, "listener-listen"), autocommit=True
+                ) as conn:
+                    await self._serve(conn, task_status if not started else None)
+                    started = True
+            except (psycopg.OperationalError, DatabaseError) as error:
+                was_connected, self.connected = self.connected, False
+                started = started or was_connected
+                delay = self.backoff.next()
+                logger.warning(
+                    "[Listener] connection lost or refused (%s); reconnecting in %.1fs",
+                    str(error).strip().splitlines()[0] if str(error).strip() else error,
+                    delay,
+                )
+                self.reconnects += 1
+                await anyio.sleep(delay)
+
+    async def _serve(
+        self, conn: psycopg.AsyncConnection[object], task_status: TaskStatus[None] | None
+    ) -> None:
+        # LISTEN before the rebuild: an insert that commits between the two is then either in
+        # the scan or in a notification, never in neither.
+        await conn.execute(f"LISTEN {CHANNEL}")
+        self.backend_pid = conn.info.backend_pid
+        await self._rebuild(conn, "connected")
+        self.connected = True
+        self.backoff.reset()
+        if task_status is not None:
+            task_status.started()
+        while True:
+            async for notify in conn.notifies(timeout=self.sweep_interval):
+                self.notifications += 1
+                self.on_notify(notify.payload)
+            # The safety sweep: a notification lost anywhere delays work by one interval at
+            # most. It also proves the connection is alive when nothing has been heard.
+            await self._rebuild(conn, "sweep")
+
+    async def _rebuild(self, conn: psycopg.AsyncConnection[object], why: str) -> None:
+        stores = await ready_stores(conn)
+        self.on_rebuild(stores)
+        if why != "sweep" or stores:
+            logger.debug("[Listener] %s: %d store(s) with pending items", why, len(stores))

@@ -1,0 +1,400 @@
+"""One worker process: listener, claimer, workers, completer, leases, reaper, stats, in one
+anyio task group.
+
+A worker's cycle: wait until some store has work, take a limiter slot, then an item, then call
+the handler. Outcomes go to the completer, which writes them in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import socket
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from psycopg_pool import AsyncConnectionPool
+
+from listener import claim as items_db
+from listener.backoff import Backoff, retry_delay
+from listener.claim import ClaimedItem, Outcome
+from listener.db import log_pool_stats, pool_stats, wrap
+from listener.dispatch import Dispatcher
+from listener.errors import (
+    AuthenticationFailed,
+    DatabaseError,
+    PermanentItemError,
+    RateLimited,
+    RetryableItemError,
+)
+from listener.generate import Generation
+from listener.limiter import Limiter
+from listener.listen import Listener
+from listener.settings import Settings
+from listener.sqlfiles import queries
+
+logger = logging.getLogger(__name__)
+
+# A 429 is the budget's fault, not the item's: it is retried in place this many times before
+# the item goes back to PENDING with its attempt refunded.
+MAX_RATE_LIMITED_RETRIES = 10
+MAX_BATCH = 500
+
+
+class ItemHandler(Protocol):
+    def estimate_tokens(self) -> int: ...
+
+    def __call__(self, item: ClaimedItem) -> Awaitable[Generation]: ...
+
+
+@dataclass
+class Counters:
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    released: int = 0
+    rate_limited: int = 0
+    reaped: int = 0
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        conninfo: str,
+        pool: AsyncConnectionPool,
+        limiter: Limiter,
+        handler: ItemHandler,
+        worker_id: str | None = None,
+        on_started: Callable[[Worker], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.limiter = limiter
+        self.handler = handler
+        self.worker_id = worker_id or new_worker_id()
+        self.counters = Counters()
+        self.fatal: AuthenticationFailed | None = None
+        self.held: dict[int, str] = {}  # claimed items not yet written back: id -> store
+        self.running: dict[int, str] = {}  # items whose handler is running now
+        self._rng = random.Random()
+        self._stopping = False
+        self._idle_scopes: set[anyio.CancelScope] = set()
+        self._workers_scope: anyio.CancelScope | None = None
+        self._services: anyio.abc.TaskGroup | None = None
+        self._outcomes_send: MemoryObjectSendStream[Outcome]
+        self._outcomes_recv: MemoryObjectReceiveStream[Outcome]
+        self._outcomes_send, self._outcomes_recv = anyio.create_memory_object_stream[Outcome](
+            math.inf
+        )
+        self.dispatcher = Dispatcher(
+            pool,
+            self.worker_id,
+            claim_batch_size=settings.claim_batch_size,
+            max_per_instance=settings.max_per_instance,
+            lease_seconds=settings.lease_seconds,
+            on_claimed=self._on_claimed,
+            on_orphan=lambda item: self._emit(Outcome.release(item)),
+        )
+        self.listener = Listener(
+            conninfo,
+            on_notify=self.dispatcher.notify,
+            on_rebuild=self.dispatcher.rebuild,
+            sweep_interval=settings.sweep_interval_seconds,
+        )
+        self.on_started = on_started
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until `stop()`; ready (LISTEN and ring built) when `task_status` is reported."""
+        logger.info("[Worker] Starting background job worker...")
+        async with anyio.create_task_group() as services:
+            self._services = services
+            await services.start(self.listener.run)
+            services.start_soon(self.dispatcher.run_claimer)
+            services.start_soon(self.dispatcher.run_wakeups)
+            services.start_soon(self.dispatcher.run_claim_log)
+            completer_done = anyio.Event()
+            services.start_soon(self._complete_loop, completer_done)
+            services.start_soon(self._heartbeat_loop)
+            services.start_soon(self._reap_loop)
+            services.start_soon(
+                log_pool_stats, self.pool, self.settings.pool_stats_interval_seconds
+            )
+            pending = await items_db.count_pending(self.pool)
+            logger.info("[Worker] ✅ Initialized with %d pending item(s)", pending)
+            if self.on_started is not None:
+                await self.on_started(self)
+            task_status.started()
+            async with anyio.create_task_group() as workers:
+                self._workers_scope = workers.cancel_scope
+                for _ in range(self.settings.worker_concurrency):
+                    workers.start_soon(self._work_loop)
+            # Every worker has stopped: write what they left, then leave.
+            self._outcomes_send.close()
+            await completer_done.wait()
+            await self._forget_heartbeat()
+            services.cancel_scope.cancel()
+        logger.info(
+            "[Worker] stopped: %d completed, %d failed, %d retried, %d released",
+            self.counters.completed,
+            self.counters.failed,
+            self.counters.retried,
+            self.counters.released,
+        )
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop claiming; in-flight items get `grace` seconds, then go back to PENDING."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        logger.info(
+            "[Worker] stopping: no new claims; %d item(s) in flight get %.0fs to finish",
+            len(self.running),
+            grace,
+        )
+        self.dispatcher.stop()
+        for scope in list(self._idle_scopes):
+            scope.cancel()
+        if self._services is not None:
+            self._services.start_soon(self._cancel_workers_after, grace)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def cancel_in_flight(self) -> None:
+        """Give up on the grace period: in-flight items go back to PENDING now."""
+        if self._workers_scope is not None:
+            self._workers_scope.cancel()
+
+    async def _cancel_workers_after(self, grace: float) -> None:
+        await anyio.sleep(grace)
+        if self._workers_scope is not None and not self._workers_scope.cancel_called:
+            logger.warning(
+                "[Worker] grace period over: returning %d item(s) to PENDING", len(self.running)
+            )
+            self._workers_scope.cancel()
+
+    # -- the work loop --------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        estimate = self.handler.estimate_tokens()
+        while not self._stopping:
+            item: ClaimedItem | None = None
+            with anyio.CancelScope() as idle:
+                self._idle_scopes.add(idle)
+                try:
+                    await self.dispatcher.wait_for_work()
+                    if self._stopping:
+                        break
+                    grant = await self.limiter.acquire(estimate)
+                    item = await self.dispatcher.next_item()
+                finally:
+                    self._idle_scopes.discard(idle)
+            if item is not None:
+                await self._process(item, grant)
+
+    async def _process(self, item: ClaimedItem, grant: Any) -> None:
+        self.running[item.id] = item.instance_id
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._attempt(item, grant)
+        except AuthenticationFailed as error:
+            outcome = Outcome.release(item)
+            if self.fatal is None:
+                self.fatal = error
+                logger.error("[Worker] %s; stopping the worker", error)
+                self.stop(grace=self.settings.shutdown_grace_seconds)
+        except BaseException:
+            outcome = Outcome.release(item)  # cancelled (shutdown): someone else will do it
+            raise
+        finally:
+            self.running.pop(item.id, None)
+            if outcome is not None:
+                self._emit(outcome)
+
+    async def _attempt(self, item: ClaimedItem, grant: Any) -> Outcome:
+        settings = self.settings
+        try:
+            for _ in range(MAX_RATE_LIMITED_RETRIES):
+                try:
+                    generation = await self.handler(item)
+                except RateLimited as limited:
+                    self.counters.rate_limited += 1
+                    logger.warning(
+                        "[RateLimiter] 429 from OpenAI: pausing every worker for %.1fs",
+                        limited.retry_after,
+                    )
+                    await self.limiter.pause(limited.retry_after, rate_limited=True)
+                    grant = await self.limiter.acquire(self.handler.estimate_tokens())
+                    continue
+                await self.limiter.settle(grant, generation.total_tokens)
+                if generation.pause_seconds:
+                    await self.limiter.pause(generation.pause_seconds, rate_limited=False)
+                return Outcome.completed(item, generation.result)
+            return Outcome(item.id, "PENDING", error="rate limited", delay=5.0, refund=True)
+        except PermanentItemError as error:
+            return Outcome.failed(item, str(error))
+        except RetryableItemError as error:
+            if item.attempts >= settings.max_attempts:
+                return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
+            delay = retry_delay(
+                item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, self._rng
+            )
+            return Outcome.retry(item, str(error), delay)
+        except (AuthenticationFailed, DatabaseError):
+            raise
+        except Exception as error:
+            # A bug of ours must not lose the item nor kill the worker: retry, then fail.
+            logger.exception("[Worker] unexpected error on item %d", item.id)
+            if item.attempts >= settings.max_attempts:
+                return Outcome.failed(item, f"unexpected error: {error!r}")
+            return Outcome.retry(item, f"unexpected error: {error!r}", settings.retry_base_seconds)
+
+    def _on_claimed(self, claimed: list[ClaimedItem]) -> None:
+        for item in claimed:
+            self.held[item.id] = item.instance_id
+
+    def _emit(self, outcome: Outcome) -> None:
+        self._outcomes_send.send_nowait(outcome)
+
+    # -- services -------------------------------------------------------------------------
+
+    async def _complete_loop(self, done: anyio.Event) -> None:
+        backoff = Backoff(base=0.2, cap=10.0, rng=self._rng)
+        with anyio.CancelScope(shield=True):
+            # Shielded: outcomes are written even while the process is being cancelled.
+            async with self._outcomes_recv:
+                async for first in self._outcomes_recv:
+                    batch = [first]
+                    while len(batch) < MAX_BATCH:
+                        try:
+                            batch.append(self._outcomes_recv.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    await self._write(batch, backoff)
+        done.set()
+
+    async def _write(self, batch: list[Outcome], backoff: Backoff) -> None:
+        while True:
+            try:
+                await items_db.finish(self.pool, self.worker_id, batch)
+                break
+            except DatabaseError as error:
+                delay = backoff.next()
+                logger.warning(
+                    "[Worker] writing %d outcome(s) failed, retrying in %.1fs: %s",
+                    len(batch),
+                    delay,
+                    error,
+                )
+                await anyio.sleep(delay)
+        backoff.reset()
+        for outcome in batch:
+            self.held.pop(outcome.item_id, None)
+            if outcome.status == "COMPLETED":
+                self.counters.completed += 1
+            elif outcome.status == "FAILED":
+                self.counters.failed += 1
+                logger.warning("[Worker] item %d FAILED: %s", outcome.item_id, outcome.error)
+            elif outcome.refund:
+                self.counters.released += 1
+            else:
+                self.counters.retried += 1
+            if outcome.status == "PENDING" and outcome.delay > 0:
+                self.dispatcher.wake_later(outcome.instance_id, outcome.delay)
+
+    def heartbeat_interval(self) -> float:
+        return max(0.5, min(5.0, self.settings.lease_seconds / 3))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await items_db.extend_leases(
+                    self.pool, self.worker_id, list(self.held), self.settings.lease_seconds
+                )
+                await self._beat()
+            except DatabaseError as error:
+                logger.warning("[Worker] heartbeat failed: %s", error)
+            await anyio.sleep(self.heartbeat_interval())
+
+    def stats(self) -> dict[str, Any]:
+        limiter = self.limiter.snapshot()
+        return {
+            "requestsInLastMinute": limiter.requests_last_minute,
+            "tokensInLastMinute": limiter.tokens_last_minute,
+            "waiters": limiter.waiters,
+            "rateLimitedTotal": self.counters.rate_limited,
+            "completed": self.counters.completed,
+            "failed": self.counters.failed,
+            "retried": self.counters.retried,
+            "released": self.counters.released,
+            "reaped": self.counters.reaped,
+            "claims": self.dispatcher.claims,
+            "claimedItems": self.dispatcher.claimed_items,
+            "inFlight": len(self.running),
+            "inFlightByStore": dict(Counter(self.running.values())),
+            "readyStores": len(self.dispatcher.ring),
+            "listenerConnected": self.listener.connected,
+            "pool": pool_stats(self.pool),
+            "rpm": self.settings.rate_limit_rpm,
+            "tpm": self.settings.rate_limit_tpm,
+        }
+
+    async def _beat(self) -> None:
+        params = {
+            "worker_id": self.worker_id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "listener_connected": self.listener.connected,
+            "stats": json.dumps(self.stats()),
+        }
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(queries("worker")["upsert_heartbeat"], params)
+        except psycopg.Error as error:
+            raise wrap(error, "heartbeat failed") from error
+
+    async def _forget_heartbeat(self) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    queries("worker")["delete_heartbeat"], {"worker_id": self.worker_id}
+                )
+        except psycopg.Error as error:
+            logger.warning("[Worker] could not remove the heartbeat row: %s", error)
+
+    async def _reap_loop(self) -> None:
+        interval = max(1.0, self.settings.lease_seconds / 2)
+        while True:
+            await anyio.sleep(interval)
+            try:
+                reaped = await items_db.reap_expired(self.pool, self.settings.max_attempts)
+                async with self.pool.connection() as conn:
+                    await conn.execute(queries("worker")["forget_dead_workers"])
+            except (DatabaseError, psycopg.Error) as error:
+                logger.warning("[Reaper] failed: %s", error)
+                continue
+            if reaped:
+                self.counters.reaped += len(reaped)
+                logger.warning(
+                    "[Reaper] returned %d item(s) whose lease expired (their worker died?)",
+                    len(reaped),
+                )

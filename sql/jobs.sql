@@ -1,0 +1,49 @@
+-- Jobs as a client submits them, and their progress.
+
+-- create_job --
+INSERT INTO jobs (instance_id) VALUES (%(instance_id)s) RETURNING id;
+
+-- create_items --
+-- One statement for the whole job: the trigger sends one notification for it.
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+SELECT %(job_id)s, %(instance_id)s,
+       coalesce(product->>'id', product->>'product_id', 'product-' || position),
+       product
+FROM jsonb_array_elements(%(products)s::jsonb) WITH ORDINALITY AS p(product, position);
+
+-- job_progress --
+SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
+       count(i.id) FILTER (WHERE i.status = 'PENDING') AS pending,
+       count(i.id) FILTER (WHERE i.status = 'PROCESSING') AS processing,
+       count(i.id) FILTER (WHERE i.status = 'COMPLETED') AS completed,
+       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed
+FROM jobs j LEFT JOIN job_items i ON i.job_id = j.id
+WHERE j.id = %(job_id)s
+GROUP BY j.id;
+
+-- recent_jobs --
+SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
+       count(i.id) FILTER (WHERE i.status = 'PENDING') AS pending,
+       count(i.id) FILTER (WHERE i.status = 'PROCESSING') AS processing,
+       count(i.id) FILTER (WHERE i.status = 'COMPLETED') AS completed,
+       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed
+FROM (SELECT * FROM jobs ORDER BY id DESC LIMIT %(limit)s) j
+LEFT JOIN job_items i ON i.job_id = j.id
+GROUP BY j.id, j.instance_id, j.status, j.created_at, j.completed_at
+ORDER BY j.id DESC;
+
+-- backlog_by_store --
+SELECT instance_id,
+       count(*) FILTER (WHERE status = 'PENDING') AS pending,
+       count(*) FILTER (WHERE status = 'PROCESSING') AS processing
+FROM job_items
+WHERE status IN ('PENDING', 'PROCESSING')
+GROUP BY instance_id
+ORDER BY pending DESC, instance_id
+LIMIT %(limit)s;
+
+-- failed_items --
+SELECT id, product_id, attempts, error FROM job_items
+WHERE job_id = %(job_id)s AND status = 'FAILED'
+ORDER BY id
+LIMIT %(limit)s;

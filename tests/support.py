@@ -1,0 +1,157 @@
+"""Helpers shared by the tests that run real workers against the real stub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+
+from listener.claim import ClaimedItem
+from listener.db import open_pool
+from listener.generate import Generation, Generator
+from listener.limiter import make_limiter
+from listener.settings import Settings, load_settings
+from listener.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def insert_job(
+    conninfo: str, store: str, count: int, payload: Callable[[int], Any] | None = None
+) -> int:
+    """What a client does: one job, its items in one statement; returns the job id."""
+    make = payload or (lambda n: {"name": f"Product {n} of {store}", "price": n})
+    with psycopg.connect(conninfo) as conn:
+        row = conn.execute(
+            "INSERT INTO jobs (instance_id) VALUES (%s) RETURNING id", (store,)
+        ).fetchone()
+        assert row is not None
+        job_id = int(row[0])
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+            " SELECT %s, %s, 'p' || n, (%s::jsonb)->(n - 1)"
+            " FROM generate_series(1, %s) n",
+            (job_id, store, json.dumps([make(n) for n in range(1, count + 1)]), count),
+        )
+    return job_id
+
+
+def query(conninfo: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(conninfo) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def status_counts(conninfo: str) -> dict[str, int]:
+    return dict(query(conninfo, "SELECT status, count(*) FROM job_items GROUP BY status"))
+
+
+async def wait_until(
+    condition: Callable[[], bool], deadline: float = 30.0, every: float = 0.05
+) -> None:
+    """Wait for a condition on the outside world (the database, another process), which no
+    in-process event can announce; `deadline` bounds the wait so a broken worker fails the test.
+    """
+    with anyio.fail_after(deadline):
+        while not condition():  # noqa: ASYNC110 - the state lives in another process
+            await anyio.sleep(every)
+
+
+def make_settings(base_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "openai_api_key": "test-key",
+        "openai_base_url": base_url,
+        "rate_limit_rpm": 0,
+        "rate_limit_tpm": 0,
+        "worker_concurrency": 4,
+        "sweep_interval_seconds": 300,
+        "retry_base_seconds": 0.05,
+        "retry_cap_seconds": 0.2,
+        "openai_timeout_seconds": 5,
+        "shutdown_grace_seconds": 5,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+class RecordingGenerator(Generator):
+    """The real handler, noting which item started when (for ordering assertions)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.starts: list[ClaimedItem] = []
+        self.changed = anyio.Event()
+
+    async def __call__(self, item: ClaimedItem) -> Generation:
+        self.starts.append(item)
+        self.changed.set()
+        self.changed = anyio.Event()
+        return await super().__call__(item)
+
+
+@asynccontextmanager
+async def running_worker(
+    conninfo: str, settings: Settings, handler: Generator | None = None
+) -> AsyncIterator[Worker]:
+    """A worker in this process, ready (LISTEN done, ring built) when the block starts."""
+    pool = await open_pool(conninfo, settings, name="test-worker")
+    handler = handler or Generator(settings)
+    try:
+        worker = Worker(settings, conninfo, pool, make_limiter(pool, settings), handler)
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            try:
+                yield worker
+            finally:
+                worker.stop(grace=0)
+    finally:
+        await handler.aclose()
+        await pool.close()
+
+
+def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[str]:
+    """`python -m listener worker` as a real process."""
+    full_env = {
+        **os.environ,
+        "DATABASE_URL": conninfo,
+        "OPENAI_API_KEY": "test-key",
+        "OPENAI_BASE_URL": base_url,
+        "RATE_LIMIT_RPM": "0",
+        "RATE_LIMIT_TPM": "0",
+        "WORKER_CONCURRENCY": "4",
+        "RETRY_BASE_SECONDS": "0.05",
+        "RETRY_CAP_SECONDS": "0.2",
+        "LOG_LEVEL": "INFO",
+        **env,
+    }
+    full_env.pop("PORT", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "listener", "worker"],
+        env=full_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def worker_is_ready(conninfo: str, pid: int) -> bool:
+    """A worker process beats once it has LISTENed and built its ring."""
+    return bool(query(conninfo, "SELECT 1 FROM worker_heartbeats WHERE pid = %s", (pid,)))
+
+
+def settings_from_env() -> Settings:
+    return load_settings()
+
+
+async def communicate(proc: subprocess.Popen[str], seconds: float) -> str:
+    """Wait for a process's exit in a thread: the stub serving it runs on this event loop."""
+    output, _ = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=seconds))
+    return str(output)

@@ -1,0 +1,271 @@
+"""Health, fleet stats and metrics over real HTTP (uvicorn), against real PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any, cast
+
+import anyio
+import httpx
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from listener import fleet, http
+from listener.asgi import serving
+from listener.db import open_pool
+from listener.errors import ListenerError
+from listener.stub import StubConfig, run_stub
+from tests.conftest import Server
+from tests.support import (
+    ROOT,
+    insert_job,
+    query,
+    running_worker,
+    status_counts,
+    wait_until,
+)
+from tests.support import make_settings as make_settings
+
+pytestmark = pytest.mark.anyio
+
+STATS_KEYS = {
+    "queueLength",
+    "requestsInLastMinute",
+    "rpmUsagePercent",
+    "rpmLimit",
+    "tokensInLastMinute",
+    "tpmLimit",
+    "tpmUsagePercent",
+    "waiters",
+    "inFlight",
+    "processing",
+    "pending",
+    "rateLimitedTotal",
+    "pausedUntil",
+    "workers",
+}
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def heartbeat_requests(conninfo: str) -> int:
+    rows = query(
+        conninfo,
+        "SELECT coalesce(sum((stats->>'requestsInLastMinute')::int), 0) FROM worker_heartbeats",
+    )
+    return int(rows[0][0])
+
+
+async def test_endpoints_report_the_fleet_while_a_worker_runs(database_url: str) -> None:
+    async with run_stub(StubConfig()) as stub:
+        # A budget makes the limiter the shared one; a 2 s lease makes heartbeats ~0.7 s apart.
+        settings = make_settings(
+            stub.base_url, rate_limit_rpm=6000, rate_limit_tpm=10_000_000, lease_seconds=2
+        )
+        async with (
+            running_worker(database_url, settings) as worker,
+            serving(http.build_app(worker.pool, settings, worker), "127.0.0.1", 0) as server,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+        ):
+            insert_job(database_url, "store-H", 5)
+            await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) == 5)
+            await wait_until(lambda: heartbeat_requests(database_url) >= 5)
+
+            health = await client.get("/health")
+            assert health.status_code == 200
+            assert health.json() == {
+                "status": "ok",
+                "database": "ok",
+                "listener": "connected",
+                "workers": 1,
+            }
+
+            stats = await client.get("/api/rate-limiter/stats")
+            assert stats.status_code == 200
+            body = stats.json()
+            assert body["status"] == "ok"
+            limiter = body["rateLimiter"]
+            assert set(limiter) == STATS_KEYS
+            assert limiter["requestsInLastMinute"] >= 5
+            assert limiter["rpmLimit"] == 6000
+            expected = round(100 * limiter["requestsInLastMinute"] / 6000, 1)
+            assert limiter["rpmUsagePercent"] == expected
+            assert isinstance(limiter["rpmUsagePercent"], float)
+            assert limiter["tokensInLastMinute"] > 0
+            assert (limiter["queueLength"], limiter["processing"], limiter["workers"]) == (0, 0, 1)
+            assert limiter["rateLimitedTotal"] == 0
+            assert limiter["pausedUntil"] is None
+
+            insert_job(database_url, "store-I", 1)  # proves the counts are live, not cached
+            metrics = await client.get("/metrics")
+            assert metrics.status_code == 200
+            assert metrics.headers["content-type"].startswith("text/plain")
+            samples = metric_samples(metrics.text)
+            worker_label = (("worker", worker.worker_id),)
+            assert ("listener_items", (("status", "pending"),)) in samples
+            assert ("listener_items", (("status", "processing"),)) in samples
+            assert samples["listener_database_up", ()] == 1
+            assert samples["listener_workers", ()] == 1
+            assert samples["listener_requests_last_minute", ()] >= 5
+            assert samples["listener_rpm_limit", ()] == 6000
+            assert samples["listener_items_completed_total", worker_label] >= 5
+            assert samples["listener_claimed_items_total", worker_label] >= 5
+            assert samples["listener_rate_limited_total", ()] == 0
+            assert samples["listener_worker_listener_connected", worker_label] == 1
+            assert samples["listener_db_pool_max_connections", ()] == settings.db_pool_max
+            assert ("listener_db_pool_connections", (("state", "idle"),)) in samples
+
+
+async def test_serve_worker_http_serves_on_port_until_cancelled(
+    database_url: str, free_tcp_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_tcp_port
+    settings = make_settings("http://127.0.0.1:9/v1", port=port)
+    pool = await open_pool(database_url, settings, name="test-http")
+    try:
+        with caplog.at_level(logging.INFO, logger="listener.http"):
+            async with anyio.create_task_group() as tg:
+                await tg.start(http.serve_worker_http, settings, pool, None)
+                async with httpx.AsyncClient() as client:
+                    response = await client.get(f"http://127.0.0.1:{port}/health")
+                tg.cancel_scope.cancel()
+        assert response.status_code == 200
+        assert response.json()["listener"] == "not running"
+        assert f"[HTTP] serving health, stats and metrics on port {port}" in caplog.messages
+        # The socket is closed once the server task returns.
+        with pytest.raises(OSError):
+            await anyio.connect_tcp("127.0.0.1", port)
+    finally:
+        await pool.close()
+
+
+async def test_health_is_503_while_the_worker_s_listener_is_down(database_url: str) -> None:
+    settings = make_settings("http://127.0.0.1:9/v1")
+    pool = await open_pool(database_url, settings, name="test-http")
+    worker = SimpleNamespace(listener=SimpleNamespace(connected=False))
+    try:
+        app = http.build_app(pool, settings, cast(Any, worker))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/health")
+            assert response.status_code == 503
+            assert response.json()["listener"] == "disconnected"
+            assert response.json()["status"] == "error"
+            worker.listener.connected = True
+            assert (await client.get("/health")).status_code == 200
+    finally:
+        await pool.close()
+
+
+async def test_endpoints_report_a_database_that_is_gone(
+    pg_server: Server, migrated_template: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once the pool's connection is gone, each request waits this long for a new one.
+    monkeypatch.setattr(fleet, "DB_TIMEOUT_SECONDS", 0.3)
+    name = f"listener_http_gone_{os.getpid()}"
+    with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
+    settings = make_settings("http://127.0.0.1:9/v1", db_pool_min=1)
+    pool = await open_pool(pg_server.conninfo(name), settings, name="test-http")
+    try:
+        app = http.build_app(pool, settings)
+        async with (
+            serving(app, "127.0.0.1", 0) as server,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+        ):
+            assert (await client.get("/health")).json()["workers"] == 0
+            with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+            health = await client.get("/health")
+            assert health.status_code == 503
+            body = health.json()
+            assert (body["status"], body["database"]) == ("error", "error")
+            assert body["error"].startswith("database unreachable")
+
+            stats = await client.get("/api/rate-limiter/stats")
+            assert stats.status_code == 503
+            assert stats.json()["status"] == "error"
+
+            # /metrics still answers, so the outage itself can be scraped and alerted on.
+            metrics = await client.get("/metrics")
+            assert metrics.status_code == 200
+            samples = metric_samples(metrics.text)
+            assert samples["listener_database_up", ()] == 0
+            assert ("listener_db_pool_connections", (("state", "total"),)) in samples
+    finally:
+        await pool.close()
+        with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_api_command_serves_health_and_exits_0_on_sigterm(
+    database_url: str, free_tcp_port: int
+) -> None:
+    port = free_tcp_port
+    env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
+    env.pop("PORT", None)
+    output = bytearray()
+
+    async def read(stream: anyio.abc.ByteReceiveStream) -> None:
+        # Drained all along, so a full pipe never blocks the process's logging.
+        async for chunk in stream:
+            output.extend(chunk)
+
+    async with (
+        await anyio.open_process(
+            [sys.executable, "-m", "listener", "api", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stderr=subprocess.STDOUT,
+        ) as process,
+        anyio.create_task_group() as tg,
+    ):
+        assert process.stdout is not None
+        tg.start_soon(read, process.stdout)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                with anyio.fail_after(20):
+                    while True:
+                        assert process.returncode is None, output.decode()
+                        try:
+                            response = await client.get("/health")
+                            break
+                        except httpx.TransportError:
+                            await anyio.sleep(0.05)
+            assert response.status_code == 200
+            assert response.json() == {
+                "status": "ok",
+                "database": "ok",
+                "listener": "not running",
+                "workers": 0,
+            }
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                returncode = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+    text = output.decode()
+    assert returncode == 0, text
+    assert f"[HTTP] serving health, stats and metrics on port {port}" in text
+
+
+async def test_a_port_in_use_is_one_clear_error() -> None:
+    app = http.build_app(cast(Any, None), make_settings("http://127.0.0.1:9/v1"))
+    async with serving(app, "127.0.0.1", 0) as taken:
+        with pytest.raises(ListenerError, match="cannot serve HTTP"):
+            async with serving(app, "127.0.0.1", taken.port):
+                pass

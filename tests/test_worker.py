@@ -1,0 +1,229 @@
+"""The fair core end to end: real PostgreSQL, real worker, real openai client, real HTTP stub."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter, defaultdict
+
+import psycopg
+import pytest
+
+from listener.stub import StubConfig, run_stub
+from tests.support import (
+    RecordingGenerator,
+    communicate,
+    insert_job,
+    make_settings,
+    query,
+    running_worker,
+    spawn_worker,
+    status_counts,
+    wait_until,
+    worker_is_ready,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_checklist_scenario_new_store_starts_within_one_free_slot(database_url: str) -> None:
+    # Store A submits 100 items; while A is being processed, store B submits 50.
+    async with run_stub(StubConfig(latency=0.05)) as stub:
+        settings = make_settings(stub.base_url, worker_concurrency=4)
+        handler = RecordingGenerator(settings)
+        async with running_worker(database_url, settings, handler) as worker:
+            insert_job(database_url, "store-A", 100)
+            await wait_until(lambda: len(handler.starts) >= 12)
+            started_before_b = len(handler.starts)
+            insert_job(database_url, "store-B", 50)
+            await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) == 150)
+            assert worker.counters.completed == 150
+    after = [item.instance_id for item in handler.starts[started_before_b:]]
+    first_b = after.index("store-B")
+    # The old FIFO worker started B after A's remaining ~88 items; ours in the next free slot
+    # (one claim may already have been on its way when B's notification arrived).
+    assert first_b <= 1, after[:10]
+    # And then the two stores take turns while both have work.
+    window = after[first_b : first_b + 20]
+    assert Counter(window)["store-B"] >= 9, window
+
+
+async def test_a_thousand_stores_are_each_served_once_per_turn(database_url: str) -> None:
+    async with run_stub(StubConfig()) as stub:
+        settings = make_settings(
+            stub.base_url, worker_concurrency=50, claim_batch_size=100, max_per_instance=2
+        )
+        async with running_worker(database_url, settings):
+            with psycopg.connect(database_url) as conn:
+                conn.execute(
+                    "INSERT INTO jobs (instance_id)"
+                    " SELECT 'store-' || n FROM generate_series(1, 1000) n"
+                )
+                conn.execute(
+                    "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+                    " SELECT j.id, j.instance_id, 'p' || n, jsonb_build_object('name', 'P' || n)"
+                    " FROM jobs j CROSS JOIN generate_series(1, 3) n"
+                )
+            await wait_until(
+                lambda: status_counts(database_url).get("COMPLETED", 0) == 3000, deadline=120
+            )
+    rows = query(
+        database_url, "SELECT claimed_at, instance_id FROM job_items ORDER BY claimed_at, id"
+    )
+    per_claim: dict[object, Counter[str]] = defaultdict(Counter)
+    for claimed_at, store in rows:
+        per_claim[claimed_at][store] += 1
+    assert max(max(c.values()) for c in per_claim.values()) <= 2
+    # Round robin: the first 1,000 items started cover the 1,000 stores, each once.
+    first_turn = [store for _at, store in rows[:1000]]
+    assert len(set(first_turn)) == 1000
+
+
+async def test_items_inserted_while_the_listener_is_disconnected_are_picked_up(
+    database_url: str,
+) -> None:
+    async with run_stub(StubConfig()) as stub:
+        settings = make_settings(stub.base_url)
+        async with running_worker(database_url, settings) as worker:
+            worker.listener.backoff.base = 1.0  # a window in which nobody listens
+            pid = worker.listener.backend_pid
+            query(database_url, "SELECT pg_terminate_backend(%s)", (pid,))
+            await wait_until(lambda: not worker.listener.connected)
+            insert_job(database_url, "store-while-away", 5)
+            await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) == 5)
+            assert worker.listener.reconnects >= 1
+            assert worker.listener.backend_pid != pid
+
+
+async def test_failures_retry_fail_permanently_and_never_lose_items(database_url: str) -> None:
+    async with run_stub(StubConfig()) as stub:
+        stub.state.config.fail_next_status.extend([500, 503])
+        settings = make_settings(stub.base_url, worker_concurrency=1, max_attempts=3)
+        async with running_worker(database_url, settings):
+            insert_job(database_url, "store-R", 1)
+            insert_job(database_url, "store-bad", 2, payload=lambda n: [1, 2] if n == 1 else {})
+            await wait_until(
+                lambda: (
+                    sum(status_counts(database_url).values()) == 3
+                    and (
+                        status_counts(database_url).get("PENDING", 0)
+                        + status_counts(database_url).get("PROCESSING", 0)
+                        == 0
+                    )
+                )
+            )
+    rows = {
+        r[0]: r[1:]
+        for r in query(
+            database_url,
+            "SELECT instance_id || product_id, status, attempts, error,"
+            " result->>'text' FROM job_items",
+        )
+    }
+    status, attempts, _error, text = rows["store-Rp1"]
+    assert (status, attempts) == ("COMPLETED", 3)
+    assert "Product 1 of store-R" in text
+    assert rows["store-badp1"][0] == "FAILED" and "JSON object" in rows["store-badp1"][2]
+    assert rows["store-badp2"][0] == "FAILED" and "'name'" in rows["store-badp2"][2]
+    jobs = dict(query(database_url, "SELECT instance_id, status FROM jobs"))
+    assert jobs == {"store-R": "COMPLETED", "store-bad": "COMPLETED_WITH_ERRORS"}
+
+
+async def test_retries_end_in_failed_with_the_error_after_max_attempts(database_url: str) -> None:
+    async with run_stub(StubConfig()) as stub:
+        stub.state.config.fail_next_status.extend([500, 500])
+        settings = make_settings(stub.base_url, worker_concurrency=1, max_attempts=2)
+        async with running_worker(database_url, settings):
+            insert_job(database_url, "store-X", 1)
+            await wait_until(lambda: status_counts(database_url) == {"FAILED": 1})
+    ((attempts, error),) = query(database_url, "SELECT attempts, error FROM job_items")
+    assert attempts == 2
+    assert "gave up after 2 attempt(s)" in error and "500" in error
+
+
+async def test_two_worker_processes_share_the_work_and_never_claim_twice(
+    database_url: str,
+) -> None:
+    async with run_stub(StubConfig(latency=0.02)) as stub:
+        procs = [spawn_worker(database_url, stub.base_url) for _ in range(2)]
+        try:
+            await wait_until(lambda: all(worker_is_ready(database_url, p.pid) for p in procs))
+            for n in range(10):
+                insert_job(database_url, f"store-{n}", 30)
+            await wait_until(
+                lambda: status_counts(database_url).get("COMPLETED", 0) == 300, deadline=60
+            )
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            outputs = [await communicate(p, 30) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        assert stub.state.completed_total == 300  # each item sent to OpenAI exactly once
+    assert query(database_url, "SELECT max(attempts) FROM job_items") == [(1,)]
+    by_worker = dict(query(database_url, "SELECT claimed_by, count(*) FROM job_items GROUP BY 1"))
+    assert len(by_worker) == 2 and min(by_worker.values()) > 0, by_worker
+    for output in outputs:
+        assert "[Worker] Starting background job worker..." in output
+        assert "[Worker] OpenAI API key is configured" in output
+        assert "[Worker] ✅ Initialized with" in output
+
+
+async def test_a_killed_worker_s_items_come_back_after_the_lease(database_url: str) -> None:
+    async with run_stub(StubConfig(latency=60)) as stub:
+        doomed = spawn_worker(database_url, stub.base_url, LEASE_SECONDS="2")
+        try:
+            await wait_until(lambda: worker_is_ready(database_url, doomed.pid))
+            insert_job(database_url, "store-K", 6)
+            await wait_until(lambda: status_counts(database_url).get("PROCESSING", 0) == 4)
+        finally:
+            doomed.kill()  # SIGKILL: no goodbye, no release
+            await communicate(doomed, 10)
+        stub.state.config.latency = 0
+        stub.state.release_hung()
+        settings = make_settings(stub.base_url, lease_seconds=2)
+        async with running_worker(database_url, settings) as rescuer:
+            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 6}, deadline=30)
+            assert rescuer.counters.completed == 6
+    attempts = sorted(r[0] for r in query(database_url, "SELECT attempts FROM job_items"))
+    assert attempts == [1, 1, 2, 2, 2, 2]  # the four in flight were tried again, once
+
+
+async def test_sigterm_returns_unfinished_items_and_exits_zero(database_url: str) -> None:
+    async with run_stub(StubConfig(latency=60)) as stub:
+        proc = spawn_worker(database_url, stub.base_url, SHUTDOWN_GRACE_SECONDS="1")
+        await wait_until(lambda: worker_is_ready(database_url, proc.pid))
+        insert_job(database_url, "store-T", 10)
+        await wait_until(lambda: status_counts(database_url).get("PROCESSING", 0) == 4)
+        proc.send_signal(signal.SIGTERM)
+        output = await communicate(proc, 15)
+        stub.state.release_hung()
+    assert proc.returncode == 0, output
+    assert "grace period over: returning 4 item(s) to PENDING" in output
+    assert status_counts(database_url) == {"PENDING": 10}
+    assert query(database_url, "SELECT max(attempts), count(claimed_by) FROM job_items") == [(0, 0)]
+    assert query(database_url, "SELECT count(*) FROM worker_heartbeats") == [(0,)]
+
+
+async def test_sigterm_lets_in_flight_items_finish_within_the_grace_period(
+    database_url: str,
+) -> None:
+    async with run_stub(StubConfig(latency=0.5)) as stub:
+        proc = spawn_worker(database_url, stub.base_url, SHUTDOWN_GRACE_SECONDS="20")
+        await wait_until(lambda: worker_is_ready(database_url, proc.pid))
+        insert_job(database_url, "store-G", 10)
+        await wait_until(lambda: status_counts(database_url).get("PROCESSING", 0) == 4)
+        proc.send_signal(signal.SIGTERM)
+        output = await communicate(proc, 15)
+    assert proc.returncode == 0, output
+    assert status_counts(database_url) == {"COMPLETED": 4, "PENDING": 6}
+
+
+async def test_a_rejected_key_stops_the_worker_without_failing_items(database_url: str) -> None:
+    async with run_stub(StubConfig(required_api_key="the-right-key")) as stub:
+        proc = spawn_worker(database_url, stub.base_url, OPENAI_API_KEY="a-wrong-key")
+        await wait_until(lambda: worker_is_ready(database_url, proc.pid))
+        insert_job(database_url, "store-401", 20)
+        output = await communicate(proc, 30)
+    assert proc.returncode == 3, output
+    assert "OpenAI rejected the API key (401)" in output
+    assert "a-wrong-key" not in output
+    assert status_counts(database_url) == {"PENDING": 20}
