@@ -427,7 +427,9 @@ async def _fetch_one(
 
 def make_limiter(pool: AsyncConnectionPool | None, settings: Settings) -> Limiter:
     """The limiter the settings ask for: shared through PostgreSQL when there is a budget."""
-    rpm, tpm = settings.rate_limit_rpm, settings.rate_limit_tpm
+    keep = 1 - settings.rate_limit_headroom_percent / 100
+    rpm = max(1, math.floor(settings.rate_limit_rpm * keep)) if settings.rate_limit_rpm else 0
+    tpm = max(1, math.floor(settings.rate_limit_tpm * keep)) if settings.rate_limit_tpm else 0
     if pool is None or (rpm == 0 and tpm == 0):
         return LocalLimiter(rpm, tpm)
     return PostgresLimiter(pool, settings.rate_limiter_name, rpm, tpm)

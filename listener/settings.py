@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     rate_limit_rpm: int = Field(default=450, ge=0)
     rate_limit_tpm: int = Field(default=200_000, ge=0)
     rate_limiter_name: str = Field(default="openai", min_length=1)
+    # Requests reach the API with a few milliseconds of jitter; spacing them for a slightly
+    # smaller budget keeps a window that the API measures from ever holding one too many.
+    rate_limit_headroom_percent: float = Field(default=1.0, ge=0, lt=50)
 
     claim_batch_size: int = Field(default=100, ge=1, le=10_000)
     max_per_instance: int = Field(default=20, ge=1, le=10_000)

@@ -1,0 +1,112 @@
+"""OpenAI calls under the shared limiter, against the stub through the real openai client."""
+
+from __future__ import annotations
+
+import signal
+
+import anyio
+import pytest
+
+from listener.claim import ClaimedItem
+from listener.generate import Generation
+from listener.stub import StubConfig, run_stub
+from tests.support import (
+    RecordingGenerator,
+    communicate,
+    insert_job,
+    make_settings,
+    query,
+    running_worker,
+    spawn_worker,
+    status_counts,
+    wait_until,
+    worker_is_ready,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_items_complete_with_the_stub_s_text_and_usage(database_url: str) -> None:
+    async with run_stub(StubConfig(latency=0.01)) as stub:
+        settings = make_settings(stub.base_url, rate_limit_rpm=6000, rate_limit_tpm=10_000_000)
+        async with running_worker(database_url, settings):
+            insert_job(
+                database_url,
+                "store-E",
+                3,
+                payload=lambda n: {"name": f"Teapot {n}", "attributes": {"color": "blue"}},
+            )
+            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 3})
+        assert stub.state.completed_total == 3
+    rows = query(
+        database_url,
+        "SELECT product_id, result, completed_at IS NOT NULL FROM job_items ORDER BY id",
+    )
+    for product_id, result, has_completed_at in rows:
+        assert has_completed_at
+        assert f"Teapot {product_id[1:]}" in result["text"]
+        usage = result["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    limiter = query(database_url, "SELECT count(*) FROM rate_limiters WHERE name = 'openai'")
+    assert limiter == [(1,)]  # the budget went through the shared row
+
+
+class TimedGenerator(RecordingGenerator):
+    """Records when each call started and when each 429 came back."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.call_times: list[float] = []
+        self.limited_at: list[float] = []
+
+    async def __call__(self, item: ClaimedItem) -> Generation:
+        self.call_times.append(anyio.current_time())
+        try:
+            return await super().__call__(item)
+        except Exception:
+            self.limited_at.append(anyio.current_time())
+            raise
+
+
+async def test_a_429_pauses_the_whole_limiter_and_fails_no_item(database_url: str) -> None:
+    async with run_stub(StubConfig()) as stub:
+        settings = make_settings(stub.base_url, rate_limit_rpm=6000, worker_concurrency=4)
+        handler = TimedGenerator(settings)
+        async with running_worker(database_url, settings, handler) as worker:
+            stub.state.config.fail_next_status.extend([429, 429])  # each says retry-after: 1
+            insert_job(database_url, "store-429", 12)
+            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 12})
+            assert worker.counters.rate_limited == 2
+    assert query(database_url, "SELECT max(attempts) FROM job_items") == [(1,)]
+    (limited_total,) = query(database_url, "SELECT rate_limited_total FROM rate_limiters")[0]
+    assert limited_total == 2
+    # Every call after the last 429 waited for its retry-after, whichever worker made it.
+    last_429 = max(handler.limited_at)
+    later_calls = [t for t in handler.call_times if t > last_429]
+    assert later_calls
+    assert min(later_calls) - last_429 >= 0.95
+
+
+async def test_two_processes_share_one_budget_without_a_429(database_url: str) -> None:
+    # The stub allows 10 requests per 2.5 s (240 a minute); so does each worker's setting.
+    # Two processes with a limiter each of their own would send twice that and get 429s.
+    async with run_stub(StubConfig(rpm=10, window_seconds=2.5, latency=0.05)) as stub:
+        env = {"RATE_LIMIT_RPM": "240", "WORKER_CONCURRENCY": "4"}
+        procs = [spawn_worker(database_url, stub.base_url, **env) for _ in range(2)]
+        try:
+            await wait_until(lambda: all(worker_is_ready(database_url, p.pid) for p in procs))
+            for store in ("a", "b", "c", "d"):
+                insert_job(database_url, f"store-{store}", 10)
+            await wait_until(
+                lambda: status_counts(database_url).get("COMPLETED", 0) == 40, deadline=60
+            )
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            outputs = [await communicate(proc, 30) for proc in procs]
+        stats = stub.state.stats()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert stats["rate_limited_total"] == 0, stats
+    assert stats["max_requests_in_any_window"] <= 10, stats
+    by_worker = dict(query(database_url, "SELECT claimed_by, count(*) FROM job_items GROUP BY 1"))
+    assert len(by_worker) == 2, by_worker
