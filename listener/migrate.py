@@ -21,9 +21,9 @@ import psycopg
 from psycopg import sql
 
 from listener.errors import DatabaseError, MigrationError
-from listener.sqlfiles import SQL_DIR, parse_blocks
+from listener.sqlfiles import SQL_DIR, data_dir, parse_blocks
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = data_dir("migrations")
 SCHEMA_FILE = SQL_DIR / "schema.sql"
 # Any fixed 64-bit number: every runner of every deploy contends for the same lock.
 ADVISORY_LOCK_KEY = 7_310_420_115_001

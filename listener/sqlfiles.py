@@ -10,7 +10,14 @@ import functools
 import re
 from pathlib import Path
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+def data_dir(name: str) -> Path:
+    """`sql/` or `migrations/`: beside the package in a checkout, inside it in a wheel."""
+    package = Path(__file__).resolve().parent
+    in_checkout = package.parent / name
+    return in_checkout if in_checkout.is_dir() else package / name
+
+
+SQL_DIR = data_dir("sql")
 _HEADER = re.compile(r"^-- ([a-z_]+) --\s*$", re.MULTILINE)
 
 

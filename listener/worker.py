@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 # the item goes back to PENDING with its attempt refunded.
 MAX_RATE_LIMITED_RETRIES = 10
 MAX_BATCH = 500
+# Workers that may wait for a limiter slot at once. Slots come one interval apart anyway, so two
+# seekers keep the budget busy; letting every idle worker reserve a slot would spend the budget
+# ahead on work that may not exist, and a store arriving next would queue behind those slots.
+SLOT_SEEKERS = 2
 
 
 class ItemHandler(Protocol):
@@ -94,6 +98,7 @@ class Worker:
         self._rng = random.Random()
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
+        self._slot_gate = anyio.Semaphore(SLOT_SEEKERS)
         self._workers_scope: anyio.CancelScope | None = None
         self._services: anyio.abc.TaskGroup | None = None
         self._outcomes_send: MemoryObjectSendStream[Outcome]
@@ -204,7 +209,10 @@ class Worker:
                     await self.dispatcher.wait_for_work()
                     if self._stopping:
                         break
-                    grant = await self.limiter.acquire(estimate)
+                    async with self._slot_gate:
+                        if not len(self.dispatcher.ring):
+                            continue  # the work went to others while this worker queued
+                        grant = await self.limiter.acquire(estimate)
                     item = await self.dispatcher.next_item()
                 finally:
                     self._idle_scopes.discard(idle)

@@ -10,6 +10,7 @@ import pytest
 from listener.claim import ClaimedItem
 from listener.generate import Generation
 from listener.stub import StubConfig, run_stub
+from listener.worker import SLOT_SEEKERS
 from tests.support import (
     RecordingGenerator,
     communicate,
@@ -110,3 +111,21 @@ async def test_two_processes_share_one_budget_without_a_429(database_url: str) -
     assert stats["max_requests_in_any_window"] <= 10, stats
     by_worker = dict(query(database_url, "SELECT claimed_by, count(*) FROM job_items GROUP BY 1"))
     assert len(by_worker) == 2, by_worker
+
+
+async def test_idle_workers_do_not_spend_the_budget_ahead(database_url: str) -> None:
+    # 16 idle workers and one item: a slot reserved per idle worker would push the next
+    # store's first request 16 intervals into the future.
+    async with run_stub(StubConfig()) as stub:
+        settings = make_settings(stub.base_url, rate_limit_rpm=600, worker_concurrency=16)
+        async with running_worker(database_url, settings):
+            insert_job(database_url, "store-one", 1)
+            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 1})
+            ((ahead,),) = query(
+                database_url,
+                "SELECT extract(epoch FROM request_tat - clock_timestamp()) FROM rate_limiters",
+            )
+    # At most the seekers' slots plus the one being used: a bound that does not grow with
+    # WORKER_CONCURRENCY.
+    interval = 60 / (600 * 0.99)
+    assert float(ahead) <= (SLOT_SEEKERS + 1) * interval
