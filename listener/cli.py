@@ -107,6 +107,12 @@ def _extra_commands() -> list[
     return commands.REGISTER
 
 
+def unwrap(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -125,5 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenerError as error:
         sys.stderr.write(f"listener: {error}\n")
         return EXIT_FAILURE
+    except BaseExceptionGroup as group:
+        # A task group wraps the one error that stopped it; the operator wants that line.
+        inner = unwrap(group)
+        if isinstance(inner, ListenerError):
+            sys.stderr.write(f"listener: {inner}\n")
+            return EXIT_CONFIG if isinstance(inner, ConfigurationError) else EXIT_FAILURE
+        raise
     except KeyboardInterrupt:
         return 130

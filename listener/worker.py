@@ -99,6 +99,7 @@ class Worker:
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
         self._slot_gate = anyio.Semaphore(SLOT_SEEKERS)
+        self._backoff = Backoff(base=0.2, cap=10.0, rng=self._rng)
         self._workers_scope: anyio.CancelScope | None = None
         self._services: anyio.abc.TaskGroup | None = None
         self._outcomes_send: MemoryObjectSendStream[Outcome]
@@ -212,7 +213,14 @@ class Worker:
                     async with self._slot_gate:
                         if not len(self.dispatcher.ring):
                             continue  # the work went to others while this worker queued
-                        grant = await self.limiter.acquire(estimate)
+                        try:
+                            grant = await self.limiter.acquire(estimate)
+                        except DatabaseError as error:
+                            # The shared limiter lives in the database: no slot, no request.
+                            logger.warning("[Worker] no limiter slot, retrying: %s", error)
+                            await anyio.sleep(self._backoff.next())
+                            continue
+                    self._backoff.reset()
                     item = await self.dispatcher.next_item()
                 finally:
                     self._idle_scopes.discard(idle)
@@ -267,7 +275,11 @@ class Worker:
                 item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, self._rng
             )
             return Outcome.retry(item, str(error), delay)
-        except (AuthenticationFailed, DatabaseError):
+        except DatabaseError as error:
+            # The limiter's row was unreachable (settle/pause): the item is not at fault.
+            logger.warning("[Worker] releasing item %d: %s", item.id, error)
+            return Outcome(item.id, "PENDING", error=str(error), delay=1.0, refund=True)
+        except AuthenticationFailed:
             raise
         except Exception as error:
             # A bug of ours must not lose the item nor kill the worker: retry, then fail.

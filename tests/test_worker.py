@@ -227,3 +227,22 @@ async def test_a_rejected_key_stops_the_worker_without_failing_items(database_ur
     assert "OpenAI rejected the API key (401)" in output
     assert "a-wrong-key" not in output
     assert status_counts(database_url) == {"PENDING": 20}
+
+
+async def test_a_database_restart_loses_nothing(database_url: str) -> None:
+    # Every connection of the worker is cut mid-run (what a restart or failover does to it):
+    # the pool and the listener reconnect, the limiter and the completer retry.
+    async with run_stub(StubConfig(latency=0.01)) as stub:
+        settings = make_settings(stub.base_url, rate_limit_rpm=60_000, worker_concurrency=8)
+        async with running_worker(database_url, settings) as worker:
+            for store in ("r1", "r2", "r3", "r4"):
+                insert_job(database_url, f"store-{store}", 50)
+            await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) >= 40)
+            query(
+                database_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 200}, deadline=60)
+            assert worker.listener.reconnects >= 1
+    assert query(database_url, "SELECT count(*) FROM jobs WHERE status = 'COMPLETED'") == [(4,)]
