@@ -89,6 +89,7 @@ async def _stop_on_signals(worker: Any) -> None:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    check_openai_settings(settings)
     url = resolve_database(settings)
     return anyio.run(run_worker, settings, url)
 

@@ -10,6 +10,7 @@ import functools
 import re
 from pathlib import Path
 
+
 def data_dir(name: str) -> Path:
     """`sql/` or `migrations/`: beside the package in a checkout, inside it in a wheel."""
     package = Path(__file__).resolve().parent

@@ -402,7 +402,8 @@ class Worker:
             logger.warning("[Worker] could not remove the heartbeat row: %s", error)
 
     async def _reap_loop(self) -> None:
-        interval = max(1.0, self.settings.lease_seconds / 2)
+        # Often enough that a dead worker's items are back within about one lease.
+        interval = max(1.0, min(10.0, self.settings.lease_seconds / 2))
         while True:
             await anyio.sleep(interval)
             try:
