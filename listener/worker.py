@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import socket
@@ -22,12 +21,12 @@ from typing import Any, Protocol
 import anyio
 import psycopg
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from psycopg_pool import AsyncConnectionPool
 
 from listener import claim as items_db
 from listener.backoff import Backoff, retry_delay
 from listener.claim import ClaimedItem, Outcome
+from listener.complete import Completer
 from listener.db import log_pool_stats, pool_stats, wrap
 from listener.dispatch import Dispatcher
 from listener.errors import (
@@ -48,7 +47,6 @@ logger = logging.getLogger(__name__)
 # A 429 is the budget's fault, not the item's: it is retried in place this many times before
 # the item goes back to PENDING with its attempt refunded.
 MAX_RATE_LIMITED_RETRIES = 10
-MAX_BATCH = 500
 # Workers that may wait for a limiter slot at once. Slots come one interval apart anyway, so two
 # seekers keep the budget busy; letting every idle worker reserve a slot would spend the budget
 # ahead on work that may not exist, and a store arriving next would queue behind those slots.
@@ -102,11 +100,7 @@ class Worker:
         self._backoff = Backoff(base=0.2, cap=10.0, rng=self._rng)
         self._workers_scope: anyio.CancelScope | None = None
         self._services: anyio.abc.TaskGroup | None = None
-        self._outcomes_send: MemoryObjectSendStream[Outcome]
-        self._outcomes_recv: MemoryObjectReceiveStream[Outcome]
-        self._outcomes_send, self._outcomes_recv = anyio.create_memory_object_stream[Outcome](
-            math.inf
-        )
+        self.completer = Completer(pool, self.worker_id, self._on_written, self._rng)
         self.dispatcher = Dispatcher(
             pool,
             self.worker_id,
@@ -136,7 +130,7 @@ class Worker:
             services.start_soon(self.dispatcher.run_wakeups)
             services.start_soon(self.dispatcher.run_claim_log)
             completer_done = anyio.Event()
-            services.start_soon(self._complete_loop, completer_done)
+            services.start_soon(self.completer.run, completer_done)
             services.start_soon(self._heartbeat_loop)
             services.start_soon(self._reap_loop)
             services.start_soon(
@@ -152,7 +146,7 @@ class Worker:
                 for _ in range(self.settings.worker_concurrency):
                     workers.start_soon(self._work_loop)
             # Every worker has stopped: write what they left, then leave.
-            self._outcomes_send.close()
+            self.completer.close(give_up_after=max(5.0, self.settings.shutdown_grace_seconds))
             await completer_done.wait()
             await self._forget_heartbeat()
             services.cancel_scope.cancel()
@@ -293,40 +287,11 @@ class Worker:
             self.held[item.id] = item.instance_id
 
     def _emit(self, outcome: Outcome) -> None:
-        self._outcomes_send.send_nowait(outcome)
+        self.completer.emit(outcome)
 
     # -- services -------------------------------------------------------------------------
 
-    async def _complete_loop(self, done: anyio.Event) -> None:
-        backoff = Backoff(base=0.2, cap=10.0, rng=self._rng)
-        with anyio.CancelScope(shield=True):
-            # Shielded: outcomes are written even while the process is being cancelled.
-            async with self._outcomes_recv:
-                async for first in self._outcomes_recv:
-                    batch = [first]
-                    while len(batch) < MAX_BATCH:
-                        try:
-                            batch.append(self._outcomes_recv.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    await self._write(batch, backoff)
-        done.set()
-
-    async def _write(self, batch: list[Outcome], backoff: Backoff) -> None:
-        while True:
-            try:
-                await items_db.finish(self.pool, self.worker_id, batch)
-                break
-            except DatabaseError as error:
-                delay = backoff.next()
-                logger.warning(
-                    "[Worker] writing %d outcome(s) failed, retrying in %.1fs: %s",
-                    len(batch),
-                    delay,
-                    error,
-                )
-                await anyio.sleep(delay)
-        backoff.reset()
+    def _on_written(self, batch: list[Outcome]) -> None:
         for outcome in batch:
             self.held.pop(outcome.item_id, None)
             if outcome.status == "COMPLETED":

@@ -1,0 +1,96 @@
+"""The completer: the one writer of item outcomes, in batches.
+
+Workers hand their outcome over and move on; whatever has piled up while the previous batch was
+being written goes out in the next statement, so a busy process writes many items per round
+trip and a quiet one writes each at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+
+import anyio
+from psycopg_pool import AsyncConnectionPool
+
+from listener import claim as items_db
+from listener.backoff import Backoff
+from listener.claim import Outcome
+from listener.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 500
+
+
+class Completer:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        worker_id: str,
+        on_written: Callable[[list[Outcome]], None],
+        rng: random.Random,
+    ) -> None:
+        self.pool = pool
+        self.worker_id = worker_id
+        self.on_written = on_written
+        self.backoff = Backoff(base=0.2, cap=10.0, rng=rng)
+        self._send, self._receive = anyio.create_memory_object_stream[Outcome](math.inf)
+        self._give_up_at = math.inf
+
+    def emit(self, outcome: Outcome) -> None:
+        """Never blocks: a worker finishing its item must not wait on the database."""
+        self._send.send_nowait(outcome)
+
+    def close(self, give_up_after: float) -> None:
+        """No more outcomes: `run` writes what is left, then returns.
+
+        If the database stays unreachable for `give_up_after` seconds, the rest is left to the
+        leases: the process must exit (the platform kills it soon after SIGTERM anyway), and the
+        reaper returns those items to PENDING once their leases expire.
+        """
+        self._give_up_at = anyio.current_time() + give_up_after
+        self._send.close()
+
+    async def run(self, done: anyio.Event) -> None:
+        # Shielded: outcomes are written even while the process is being cancelled.
+        with anyio.CancelScope(shield=True):
+            async with self._receive:
+                async for first in self._receive:
+                    batch = [first]
+                    while len(batch) < MAX_BATCH:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    await self._write(batch)
+        done.set()
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        # Until the database takes them: the items stay PROCESSING (leased) meanwhile, and an
+        # outcome lands only while this worker still holds its item.
+        while True:
+            try:
+                await items_db.finish(self.pool, self.worker_id, batch)
+                break
+            except DatabaseError as error:
+                if anyio.current_time() >= self._give_up_at:
+                    logger.error(
+                        "[Worker] giving up on %d outcome(s) at exit (%s); their leases will "
+                        "expire and the items will be tried again",
+                        len(batch),
+                        error,
+                    )
+                    return
+                delay = self.backoff.next()
+                logger.warning(
+                    "[Worker] writing %d outcome(s) failed, retrying in %.1fs: %s",
+                    len(batch),
+                    delay,
+                    error,
+                )
+                await anyio.sleep(delay)
+        self.backoff.reset()
+        self.on_written(batch)
