@@ -28,7 +28,7 @@ def setup_logging(level: str) -> None:
         stream=sys.stdout,
     )
     # The HTTP clients log every request at INFO; that drowns the operator's lines.
-    for noisy in ("httpx", "httpcore", "openai", "uvicorn.access"):
+    for noisy in ("httpx", "httpcore", "openai", "uvicorn.access", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -107,6 +107,12 @@ def _extra_commands() -> list[
     return commands.REGISTER
 
 
+def _fail(error: BaseException) -> None:
+    """One line: psycopg's messages span several ("Is the server running on that host…")."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    sys.stderr.write(f"listener: {text}\n")
+
+
 def unwrap(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
@@ -126,16 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args, settings)
     except ConfigurationError as error:
-        sys.stderr.write(f"listener: {error}\n")
+        _fail(error)
         return EXIT_CONFIG
     except ListenerError as error:
-        sys.stderr.write(f"listener: {error}\n")
+        _fail(error)
         return EXIT_FAILURE
     except BaseExceptionGroup as group:
         # A task group wraps the one error that stopped it; the operator wants that line.
         inner = unwrap(group)
         if isinstance(inner, ListenerError):
-            sys.stderr.write(f"listener: {inner}\n")
+            _fail(inner)
             return EXIT_CONFIG if isinstance(inner, ConfigurationError) else EXIT_FAILURE
         raise
     except KeyboardInterrupt:

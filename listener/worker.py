@@ -141,12 +141,15 @@ class Worker:
             if self.on_started is not None:
                 await self.on_started(self)
             task_status.started()
-            async with anyio.create_task_group() as workers:
-                self._workers_scope = workers.cancel_scope
-                for _ in range(self.settings.worker_concurrency):
-                    workers.start_soon(self._work_loop)
-            # Every worker has stopped: write what they left, then leave.
-            self.completer.close(give_up_after=max(5.0, self.settings.shutdown_grace_seconds))
+            try:
+                async with anyio.create_task_group() as workers:
+                    self._workers_scope = workers.cancel_scope
+                    for _ in range(self.settings.worker_concurrency):
+                        workers.start_soon(self._work_loop)
+            finally:
+                # Every worker has stopped (or `run` itself is being cancelled): the shielded
+                # completer writes what they left, then ends, so the task group can exit.
+                self.completer.close(give_up_after=max(5.0, self.settings.shutdown_grace_seconds))
             await completer_done.wait()
             await self._forget_heartbeat()
             services.cancel_scope.cancel()
