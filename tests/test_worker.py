@@ -66,6 +66,13 @@ async def test_a_thousand_stores_are_each_served_once_per_turn(database_url: str
             await wait_until(
                 lambda: status_counts(database_url).get("COMPLETED", 0) == 3000, deadline=120
             )
+            # 50 workers in flight, yet the process holds its pool plus the listener at most.
+            ((connections,),) = query(
+                database_url,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name IN ('test-worker', 'listener-listen')",
+            )
+            assert 1 < connections <= settings.db_pool_max + 1
     rows = query(
         database_url, "SELECT claimed_at, instance_id FROM job_items ORDER BY claimed_at, id"
     )
@@ -246,3 +253,15 @@ async def test_a_database_restart_loses_nothing(database_url: str) -> None:
             await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 200}, deadline=60)
             assert worker.listener.reconnects >= 1
     assert query(database_url, "SELECT count(*) FROM jobs WHERE status = 'COMPLETED'") == [(4,)]
+
+
+async def test_a_timed_out_call_is_retried(database_url: str) -> None:
+    async with run_stub(StubConfig(hang_seconds=5)) as stub:
+        stub.state.config.timeout_next = 1
+        settings = make_settings(stub.base_url, worker_concurrency=1, openai_timeout_seconds=0.3)
+        async with running_worker(database_url, settings) as worker:
+            insert_job(database_url, "store-slow", 1)
+            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 1})
+            assert worker.counters.retried == 1
+        stub.state.release_hung()
+    assert query(database_url, "SELECT attempts FROM job_items") == [(2,)]

@@ -1,0 +1,92 @@
+"""The handler's pure parts: the prompt from a payload, and reading the API's rate headers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from listener.errors import PermanentItemError
+from listener.generate import budget_pause, build_messages, parse_duration, retry_after
+
+
+def test_the_prompt_carries_the_product_s_name_and_data() -> None:
+    messages = build_messages(
+        {
+            "name": "Blue Teapot",
+            "description": "Holds 1 l.",
+            "price": 24.5,
+            "language": "French",
+            "attributes": {"material": "porcelain"},
+            "weight_g": 800,
+        }
+    )
+    assert [m["role"] for m in messages] == ["system", "user"]
+    user = messages[1]["content"]
+    for fragment in (
+        "Product name: Blue Teapot",
+        "Description: Holds 1 l.",
+        "Price: 24.5",
+        "- material: porcelain",
+        "- weight_g: 800",
+        "Write the description in French.",
+    ):
+        assert fragment in user
+
+
+def test_a_json_text_payload_is_accepted() -> None:
+    assert "Product name: Lamp" in build_messages('{"name": "Lamp"}')[1]["content"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (None, "payload must be a JSON object"),
+        ([1, 2], "payload must be a JSON object"),
+        ("not json", "invalid JSON text"),
+        ({}, "no product 'name'"),
+        ({"name": "   "}, "no product 'name'"),
+        ({"name": 42}, "no product 'name'"),
+    ],
+)
+def test_a_payload_the_prompt_cannot_use_is_a_permanent_error(payload: Any, reason: str) -> None:
+    with pytest.raises(PermanentItemError, match=reason):
+        build_messages(payload)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("120ms", 0.12),
+        ("1h2m3.5s", 3723.5),
+        ("2", 2.0),
+        ("0.5", 0.5),
+        (None, None),
+        ("soon", None),
+        ("5x", None),
+    ],
+)
+def test_reset_durations_in_openai_s_format(text: str | None, seconds: float | None) -> None:
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_retry_after_prefers_the_most_precise_header() -> None:
+    assert retry_after({"retry-after-ms": "1500", "retry-after": "2"}) == 1.5
+    assert retry_after({"retry-after": "3"}) == 3.0
+    assert retry_after({"x-ratelimit-reset-requests": "250ms"}) == 0.25
+    assert retry_after({}) == 1.0
+
+
+def test_a_spent_budget_in_the_headers_pauses_until_its_reset() -> None:
+    spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}
+    assert budget_pause(spent, next_tokens=500) == 2.0
+    low_tokens = {
+        "x-ratelimit-remaining-requests": "40",
+        "x-ratelimit-remaining-tokens": "100",
+        "x-ratelimit-reset-tokens": "750ms",
+    }
+    assert budget_pause(low_tokens, next_tokens=500) == 0.75
+    plenty = {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "90000"}
+    assert budget_pause(plenty, next_tokens=500) is None
