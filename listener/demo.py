@@ -2,40 +2,48 @@
 serves them fairly from one budget, shown live.
 
 Everything it needs is started here and stopped at the end: an embedded PostgreSQL when
-DATABASE_URL is unset, the local OpenAI stub when OPENAI_API_KEY is unset, and the worker itself,
-in this process, so that the view can read its limiter and see each item start.
+DATABASE_URL is unset, the local OpenAI stub when OPENAI_API_KEY is unset (both in demo_setup.py),
+and the worker itself, in this process, so that the view (demo_view.py) can read its limiter and
+see each item start.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import signal
 import time
-import warnings
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
-from pydantic import SecretStr
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.logging import RichHandler
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
 from listener import jobs
 from listener.claim import ClaimedItem
 from listener.db import wrap
-from listener.errors import ConfigurationError, ListenerError
+from listener.demo_setup import (
+    DEMO_LIMITER,
+    REAL_RPM,
+    SCALE,
+    Setup,
+    describe_url,
+    execute,
+    openai_settings,
+    prepare_database,
+)
+from listener.demo_view import (
+    duration_text,
+    live_view,
+    logs_through,
+    render_live,
+    render_summary,
+    status_line,
+)
+from listener.errors import ListenerError
 from listener.generate import Generation, Generator
 from listener.settings import Settings
 from listener.sqlfiles import queries
@@ -43,16 +51,15 @@ from listener.sqlfiles import queries
 if TYPE_CHECKING:
     from listener.worker import Worker
 
+# tests/test_demo.py imports the URL helper from here, under the name it had here.
+_describe_url = describe_url
+
 # One big store and many small ones: the old FIFO worker made every small one wait an hour.
 STORES = {"demo-mall": 2000, "demo-books": 40, "demo-tea": 10, "demo-bikes": 100}
 STORES |= {"demo-lamps": 25, "demo-shoes": 60, "demo-toys": 15, "demo-garden": 80}
 PREFIX = "demo-"
-REAL_RPM, SCALE = 450, 8  # the stub's default budget: production's, scaled up
 REFRESH_SECONDS = 0.25
 RATE_WINDOW_SECONDS = 10.0  # "items/min now" is measured over this sliding window
-LIVE_COLUMNS = "store,arrives,products,progress,done,in flight,first item after,finished in"
-SUMMARY_COLUMNS = "store,products,completed,failed,first item after,finished"
-DEMO_LIMITER = "demo"  # the stub's limiter row: its budget must not spend a real fleet's slots
 EXIT_AUTH = 3
 
 
@@ -97,70 +104,14 @@ class TimedGenerator(Generator):
         return await super().__call__(item)
 
 
-@dataclass
-class Setup:
-    conninfo: str
-    embedded: bool
-    database: str  # what the intro says about it
-
-
-def _describe_url(url: str) -> str:
-    """host:port/dbname of a connection string, never its password."""
-    try:
-        parts = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        raise ConfigurationError("invalid setting DATABASE_URL: not a connection string") from None
-    port = f":{parts['port']}" if parts.get("port") else ""
-    return f"{parts.get('host') or 'localhost'}{port}/{parts.get('dbname') or ''}"
-
-
-def _database(args: argparse.Namespace, settings: Settings) -> Setup:
-    from listener.migrate import MigrationRunner
-
-    if settings.database_url:
-        url, embedded = settings.database_url, False
-        where = f"DATABASE_URL ({_describe_url(url)})"
-    else:
-        from listener.embedded import start_embedded
-
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers); pgserver copes.
-            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
-            url, embedded = start_embedded(args.data_dir), True
-        where = f"an embedded PostgreSQL in {args.data_dir} (DATABASE_URL is unset)"
-    applied = MigrationRunner(url, output=lambda _line: None).up()
-    schema = f"{len(applied)} migration(s) applied" if applied else "schema up to date"
-    return Setup(url, embedded, f"{where}, {schema}")
-
-
-def _execute(conninfo: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    try:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            cursor = conn.execute(sql, params)
-            return cursor.fetchall() if cursor.description else []
-    except psycopg.Error as error:
-        raise wrap(error, "demo: a statement failed") from error
-
-
 def _enqueue(conninfo: str, store: Store) -> tuple[int, float]:
     job_id = jobs.enqueue(conninfo, store.name, jobs.sample_products(store.products, store.name))
     return job_id, time.monotonic()
 
 
-@contextmanager
-def _logs_through(console: Console, verbose: bool) -> Iterator[None]:
-    """Log lines go through rich, above the live view; only warnings unless --verbose."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    root.handlers = [RichHandler(console=console, show_path=False, markup=False)]
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    try:
-        yield
-    finally:
-        root.handlers, root.level = saved
-
-
 class Demo:
+    """One run: its stores, the worker serving them, and the figures the view shows."""
+
     def __init__(
         self, args: argparse.Namespace, console: Console, stores: list[Store], worker: Worker
     ) -> None:
@@ -192,7 +143,7 @@ class Demo:
         first_at, first_done = self._samples[0]
         return None if now - first_at < 1.0 else (done - first_done) * 60 / (now - first_at)
 
-    # -- the simulation and the view ------------------------------------------------------------
+    # -- the simulation -------------------------------------------------------------------------
 
     async def arrivals(self, conninfo: str) -> None:
         for store in self.stores:
@@ -218,17 +169,17 @@ class Demo:
     async def watch(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Refresh the figures until the time is up, Ctrl-C, or the worker stops by itself."""
         next_line = 2.0  # headless: a status line every 2 s, once the rate means something
-        with self._live() as live:
+        with live_view(self) as live:
             while self.elapsed() < self.args.seconds and not self.worker.stopping:
                 await self.refresh(conn)
                 rate = self.per_minute()
                 if live is not None:
-                    live.update(self.render(rate), refresh=True)
+                    live.update(render_live(self, rate), refresh=True)
                 else:
                     self._announce_first_items()
                     if self.elapsed() >= next_line:
                         next_line += 2.0
-                        self.say(self.status_line(rate))
+                        self.say(status_line(self, rate))
                 if self.all_finished():  # nothing left to show: the summary comes early
                     self.say("every store has finished: the demo ends early")
                     break
@@ -237,19 +188,12 @@ class Demo:
                 if self.stop.is_set():
                     break
 
-    @contextmanager
-    def _live(self) -> Iterator[Live | None]:
-        if self.args.headless:
-            yield None
-            return
-        with Live(self.render(None), console=self.console, auto_refresh=False) as live:
-            yield live
-
     def _announce_first_items(self) -> None:
         for store in self.stores:
             if store.latency is not None and store.name not in self._announced:
                 self._announced.add(store.name)
-                self.say(f"{store.name}: first item started {_ms(store.latency)} after its commit")
+                after = duration_text(store.latency)
+                self.say(f"{store.name}: first item started {after} after its commit")
 
     async def on_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -259,136 +203,8 @@ class Demo:
                 else:  # a second Ctrl-C: in-flight items go back to PENDING now
                     self.worker.cancel_in_flight()
 
-    # -- output ---------------------------------------------------------------------------------
-
     def say(self, line: str) -> None:
         self.console.print(f"t={self.elapsed():6.1f} s  {line}")
-
-    def limiter_text(self) -> str:
-        snap = self.worker.limiter.snapshot()
-        # Its window is a minute: before a minute has passed, the pace so far is what counts.
-        window = min(60.0, max(1.0, self.elapsed()))
-        used = 100 * snap.requests_last_minute * 60 / window / snap.rpm if snap.rpm else 0.0
-        return (
-            f"limiter at {used:.0f}% of {snap.rpm:,}/min ({snap.requests_last_minute:,} granted "
-            f"in the last minute), {snap.waiters} waiting for a slot, "
-            f"{self.worker.counters.rate_limited} 429s"
-        )
-
-    def status_line(self, rate: float | None) -> str:
-        total = sum(s.products for s in self.stores if s.job_id is not None)
-        started = sum(s.first_start is not None for s in self.stores)
-        return (
-            f"{self.done():,} of {total:,} done, {_rate(rate)} items/min, {started}/"
-            f"{len(self.stores)} stores started; {self.limiter_text()}"
-        )
-
-    def render(self, rate: float | None) -> RenderableType:
-        in_flight = Counter(self.worker.running.values())
-        table = _table(LIVE_COLUMNS, left=("store", "progress"), pad_edge=False)
-        for s in self.stores:
-            arrives, products = f"t+{s.arrives_after:.1f} s", f"{s.products:,}"
-            if s.job_id is None:
-                waiting = Text("waiting to arrive", style="dim")
-                table.add_row(Text(s.name, style="dim"), arrives, products, waiting)
-                continue
-            table.add_row(
-                s.name,
-                arrives,
-                products,
-                ProgressBar(total=s.products, completed=s.completed + s.failed, width=30),
-                f"{s.completed:,}" + (f" ({s.failed} failed)" if s.failed else ""),
-                str(in_flight.get(s.name, 0)),
-                "…" if s.latency is None else _ms(s.latency),
-                "" if s.took is None else f"{s.took:.1f} s",
-            )
-        clock = f"t={self.elapsed():.1f} s of {self.args.seconds:g} s (Ctrl-C ends it early)"
-        footer = f"{_rate(rate)} items/min now · {self.limiter_text()}"
-        return Group(Text(clock, style="bold"), table, Text(footer))
-
-    def summary(self) -> RenderableType:
-        table = _table(SUMMARY_COLUMNS, left=("store", "finished"), title="Summary")
-        for s in self.stores:
-            if s.job_id is None:
-                table.add_row(s.name, f"{s.products:,}", "", "", "", "did not arrive")
-                continue
-            left = s.products - s.completed - s.failed
-            table.add_row(
-                s.name,
-                f"{s.products:,}",
-                f"{s.completed:,}",
-                str(s.failed),
-                "never started" if s.latency is None else _ms(s.latency),
-                f"no ({left:,} left)" if s.took is None else f"yes, in {s.took:.1f} s",
-            )
-        arrived = [s for s in self.stores if s.job_id is not None]
-        latencies = [s.latency for s in arrived if s.latency is not None]
-        notes = [f"{len(arrived)} of {len(self.stores)} arrived before the end"]
-        if len(arrived) == len(self.stores):
-            notes.clear()
-        if latencies:
-            notes.append(f"max first-item latency {max(latencies):.3f} s")
-        every = "yes" if len(latencies) == len(arrived) else "no"
-        seconds, done = max(self.elapsed(), 0.001), self.done()
-        lines = (
-            f"every store started: {every}" + (f" ({'; '.join(notes)})" if notes else ""),
-            f"{done:,} items in {seconds:.1f} s = {done * 60 / seconds:,.0f} items/min "
-            f"(budget {self.budget:,}/min), {self.worker.counters.rate_limited} 429s",
-        )
-        return Group(table, Text("\n".join(lines), style="bold"))
-
-
-def _table(columns: str, left: tuple[str, ...], **options: Any) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, **options)
-    for header in columns.split(","):
-        table.add_column(header, justify="left" if header in left else "right")
-    return table
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
-def _rate(rate: float | None) -> str:
-    return "…" if rate is None else f"{rate:,.0f}"
-
-
-@asynccontextmanager
-async def _openai(
-    args: argparse.Namespace, settings: Settings, console: Console
-) -> AsyncIterator[Settings]:
-    """The worker's settings: the local stub's unless OPENAI_API_KEY is set."""
-    if settings.openai_api_key is not None:
-        rpm = args.rpm or settings.rate_limit_rpm
-        console.print(
-            f"  OpenAI:   OPENAI_API_KEY is set: {settings.openai_base_url or 'api.openai.com'}, "
-            f"model {settings.openai_model}, {rpm:,} RPM. [bold]Real requests cost money[/bold]: "
-            f"up to about {math.ceil(rpm * args.seconds / 60):,} in this run."
-        )
-        yield settings.model_copy(update={"rate_limit_rpm": rpm, "shutdown_grace_seconds": 5.0})
-        return
-    from listener.stub import StubConfig, run_stub
-
-    rpm = args.rpm or REAL_RPM * SCALE
-    scaled = f"{REAL_RPM} RPM scaled up ×{SCALE}" if rpm == REAL_RPM * SCALE else "--rpm"
-    async with run_stub(StubConfig(rpm=rpm, latency=args.latency)) as stub:
-        console.print(
-            f"  OpenAI:   a local stub at {stub.base_url} (OPENAI_API_KEY is unset), {rpm:,} RPM "
-            f"({scaled}), {args.latency:g} s per answer"
-        )
-        # Enough workers to keep every slot busy while answers take `latency` seconds.
-        concurrency = min(1000, math.ceil(rpm / 60 * (args.latency + 0.1)) + 8)
-        yield settings.model_copy(
-            update={
-                "openai_api_key": SecretStr("stub"),
-                "openai_base_url": stub.base_url,
-                "rate_limit_rpm": rpm,
-                "rate_limit_tpm": 0,
-                "rate_limiter_name": DEMO_LIMITER,
-                "worker_concurrency": concurrency,
-                "shutdown_grace_seconds": 2.0,
-            }
-        )
 
 
 async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, console: Console) -> int:
@@ -399,17 +215,17 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
     console.print(f"  database: {setup.database}")
     if setup.embedded:  # the demo's own scratch database: a crashed run's jobs go
         clear = queries("demo")["clear_old_jobs"]
-        await anyio.to_thread.run_sync(_execute, setup.conninfo, clear, {"pattern": f"{PREFIX}%"})
+        await anyio.to_thread.run_sync(execute, setup.conninfo, clear, {"pattern": f"{PREFIX}%"})
     else:
         live, params = queries("worker")["count_live_workers"], {"stale_seconds": 15}
-        [(others,)] = await anyio.to_thread.run_sync(_execute, setup.conninfo, live, params)
+        [(others,)] = await anyio.to_thread.run_sync(execute, setup.conninfo, live, params)
         if others:
             console.print(
                 f"  [yellow]note[/yellow]: {others} other worker(s) are live on this database: "
                 "they will take some of the demo's items too"
             )
     stores = plan(args.seconds)
-    async with _openai(args, settings, console) as worker_settings:
+    async with openai_settings(args, settings, console) as worker_settings:
         pool = await open_pool(setup.conninfo, worker_settings, name="listener-demo")
         generator = TimedGenerator(worker_settings, stores)
         try:
@@ -423,7 +239,7 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
                 f"are named {PREFIX}* and removed at the end"
             )
             await _simulate(demo, setup.conninfo)
-            console.print(demo.summary(), soft_wrap=False)  # the title centred over the table
+            console.print(render_summary(demo), soft_wrap=False)  # the title centred over the table
         finally:
             await generator.aclose()
             await pool.close()
@@ -478,7 +294,7 @@ async def _remove(conninfo: str, stores: list[Store], console: Console) -> None:
                 ("delete_jobs", {"job_ids": job_ids}),
                 ("delete_limiter", {"name": DEMO_LIMITER}),
             ):
-                await anyio.to_thread.run_sync(_execute, conninfo, sql[block], params)
+                await anyio.to_thread.run_sync(execute, conninfo, sql[block], params)
     except ListenerError as error:
         console.print(f"[yellow]could not remove the demo's jobs[/yellow] {job_ids}: {error}")
         return
@@ -507,8 +323,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         f"{max(small)}."
     )
     try:
-        with _logs_through(console, args.verbose):
-            return anyio.run(_run, args, settings, _database(args, settings), console)
+        with logs_through(console, args.verbose):
+            return anyio.run(_run, args, settings, prepare_database(args, settings), console)
     except BaseExceptionGroup as group:
         # Task groups wrap the worker's own errors: report the first one like any other.
         error = _first_listener_error(group)

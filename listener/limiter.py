@@ -1,294 +1,35 @@
 """The OpenAI budget (requests and tokens per minute) shared by every worker task of every process.
 
 A worker calls `acquire` before it claims an item; it returns at the worker's slot. Slots come
-from the GCRA core in `listener/gcra.py`: kept in this process (`LocalLimiter`) or in one
-`rate_limiters` row on PostgreSQL's clock (`PostgresLimiter`), so every process draws from one
-evenly spaced schedule with no burst (see gcra.py for the bounds).
-
-Within a process, waiters are served first come, first served: they queue, and whoever holds
-the reservation lock reserves slots for the whole queue at once, so a process pays one short
-statement per batch of concurrent waiters (at most one per request). A pause (a 429's
-retry-after, or the request budget's reset) moves every later slot past its end; when it
-covers the slot of a waiter of this process already asleep, all of them go back to the head of
-the queue, in order, and reserve again. A pause made by another process reaches this one with
-its next reservation; until then, slots it already holds still fire.
-
-Cancellation is never swallowed: a cancelled waiter leaves the queue and its slot, if it had
-one, goes unused (a hole in the schedule: capacity lost, no bound broken). A reservation in
-flight is shielded (with a timeout), so cancelling its waiter cannot lose the slots it is
-fetching for the others.
+from the GCRA core in `listener/gcra.py`: kept in this process (`LocalLimiter`, here) or in one
+`rate_limiters` row on PostgreSQL's clock (`PostgresLimiter`, in `limiter_postgres.py`), so every
+process draws from one evenly spaced schedule with no burst (see gcra.py for the bounds). How a
+process's own waiters queue for those slots is `limiter_queue.py`; `make_limiter` picks one.
 """
 
 from __future__ import annotations
 
-import abc
-import contextlib
-import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
-
-import anyio
-import psycopg
-from psycopg.rows import tuple_row
+from typing import TYPE_CHECKING
 
 from listener import gcra
-from listener.db import wrap
-from listener.errors import DatabaseError
-from listener.sqlfiles import queries
+
+# An `X as X` import is a re-export: the worker, tests and benchmarks import those names here.
+from listener.limiter_postgres import PostgresLimiter as PostgresLimiter
+from listener.limiter_queue import Grant as Grant
+from listener.limiter_queue import Limiter as Limiter
+from listener.limiter_queue import LimiterSnapshot as LimiterSnapshot
+from listener.limiter_queue import QueueLimiter, Reservation, micros_to_seconds
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
     from listener.settings import Settings
 
-logger = logging.getLogger(__name__)
 
-WINDOW_SECONDS = 60.0
-# One statement's batch; a larger queue simply takes several statements.
-MAX_BATCH = 256
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """Leave to send one request, to be settled with the actual token count afterwards."""
-
-    # The slot in microseconds on the limiter's clock: the process's monotonic clock for
-    # LocalLimiter (and any limiter with both budgets off), Unix time on the database's clock
-    # for PostgresLimiter.
-    slot_us: int
-    estimated_tokens: int
-    waited: float  # seconds spent in acquire
-
-    @property
-    def slot(self) -> float:
-        return self.slot_us / gcra.MICROS_PER_SECOND
-
-
-@dataclass(frozen=True, slots=True)
-class LimiterSnapshot:
-    """This process's figures (the fleet's are in the `rate_limiters` row)."""
-
-    waiters: int  # tasks inside acquire
-    requests_last_minute: int  # granted by this process in the last 60 s
-    tokens_last_minute: int  # estimated tokens of those grants, corrected by their settles
-    rate_limited_total: int  # 429s reported to this process's limiter
-    paused_until: float | None  # Unix time (time.time()) the pause known here ends; None: none
-    rpm: int
-    tpm: int
-
-    @property
-    def rpm_usage_percent(self) -> float | None:
-        return None if self.rpm == 0 else 100.0 * self.requests_last_minute / self.rpm
-
-    @property
-    def tpm_usage_percent(self) -> float | None:
-        return None if self.tpm == 0 else 100.0 * self.tokens_last_minute / self.tpm
-
-
-class Limiter(Protocol):
-    async def acquire(self, estimated_tokens: int) -> Grant: ...
-
-    async def settle(self, grant: Grant, actual_tokens: int) -> None: ...
-
-    async def pause(self, seconds: float, *, rate_limited: bool) -> None: ...
-
-    def snapshot(self) -> LimiterSnapshot: ...
-
-
-class _Ticket:
-    """One waiter: queued (no slot yet) or sleeping towards its slot."""
-
-    __slots__ = ("abandoned", "deadline", "slot_us", "tokens", "woken")
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-        self.slot_us: int | None = None
-        self.deadline = 0.0  # the slot on this process's clock
-        self.woken = anyio.Event()  # set when a pause takes the slot back
-        self.abandoned = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Reservation:
-    slots_us: list[int]  # limiter clock
-    deadlines: list[float]  # the same instants on this process's clock
-    paused_until_us: int  # the pause the reservation saw (limiter clock)
-    pause_deadline: float  # its end on this process's clock
-
-
-class _QueueLimiter(abc.ABC):
-    """FIFO waiters, batched reservations, pauses reaching sleepers, and the local figures."""
-
-    def __init__(self, rpm: int, tpm: int, clock: Callable[[], float]) -> None:
-        gcra.request_interval(rpm)  # validates both rates
-        gcra.token_interval(0, tpm)
-        self.rpm = rpm
-        self.tpm = tpm
-        self._clock = clock
-        self._off = rpm == 0 and tpm == 0
-        self._queue: deque[_Ticket] = deque()
-        self._sleeping: dict[_Ticket, int] = {}  # ticket -> slot, the tickets holding a slot
-        self._lock = anyio.Lock()  # FIFO: waiters take turns at reserving
-        self._waiters = 0
-        self._paused_until_us = 0
-        self._pause_deadline = -math.inf
-        self._rate_limited_total = 0
-        self._window: deque[tuple[float, int, int]] = deque()  # (time, requests, tokens)
-        self._window_requests = 0
-        self._window_tokens = 0
-
-    @abc.abstractmethod
-    async def _reserve(self, tokens: list[int]) -> _Reservation: ...
-
-    @abc.abstractmethod
-    async def _pause(self, seconds: float, rate_limited: bool) -> tuple[int, float]:
-        """Apply a pause; return its end on the limiter's clock and on this process's."""
-
-    @abc.abstractmethod
-    def _settle(self, delta_tokens: int) -> None: ...
-
-    async def acquire(self, estimated_tokens: int) -> Grant:
-        """Return at this caller's slot; FIFO among this process's callers."""
-        if estimated_tokens < 0:
-            raise ValueError(f"estimated tokens must be >= 0, got {estimated_tokens!r}")
-        started = self._clock()
-        self._waiters += 1
-        try:
-            if self._off:
-                await anyio.sleep(max(0.0, self._pause_deadline - started))
-                slot = math.floor(self._clock() * gcra.MICROS_PER_SECOND)
-            else:
-                slot = await self._wait_for_slot(estimated_tokens)
-        finally:
-            self._waiters -= 1
-        now = self._clock()
-        self._record(now, 1, estimated_tokens)
-        return Grant(slot, estimated_tokens, now - started)
-
-    async def settle(self, grant: Grant, actual_tokens: int) -> None:
-        """Correct the token budget with what the request really used."""
-        if actual_tokens < 0:
-            raise ValueError(f"actual tokens must be >= 0, got {actual_tokens!r}")
-        delta = actual_tokens - grant.estimated_tokens
-        if delta:
-            self._record(self._clock(), 0, delta)
-            if self.tpm:
-                self._settle(delta)
-
-    async def pause(self, seconds: float, *, rate_limited: bool) -> None:
-        """Hold every waiter of every process for `seconds` from now."""
-        if not seconds >= 0 or math.isinf(seconds):
-            raise ValueError(f"a pause lasts a finite number of seconds >= 0, got {seconds!r}")
-        if rate_limited:
-            self._rate_limited_total += 1
-        logger.info(
-            "rate limiter paused for %.1f s (%s)",
-            seconds,
-            "429 from openai" if rate_limited else "request budget exhausted",
-        )
-        if self._off:  # no shared schedule: hold this process's waiters only
-            self._pause_deadline = max(self._pause_deadline, self._clock() + seconds)
-            return
-        self._note_pause(*await self._pause(seconds, rate_limited))
-
-    def snapshot(self) -> LimiterSnapshot:
-        now = self._clock()
-        self._prune(now)
-        remaining = self._pause_deadline - now
-        return LimiterSnapshot(
-            waiters=self._waiters,
-            requests_last_minute=self._window_requests,
-            tokens_last_minute=max(0, self._window_tokens),
-            rate_limited_total=self._rate_limited_total,
-            paused_until=time.time() + remaining if remaining > 0 else None,
-            rpm=self.rpm,
-            tpm=self.tpm,
-        )
-
-    async def _wait_for_slot(self, tokens: int) -> int:
-        ticket = _Ticket(tokens)
-        self._queue.append(ticket)
-        try:
-            while True:
-                while ticket.slot_us is None:
-                    await self._reserve_queued(ticket)
-                with anyio.move_on_after(ticket.deadline - self._clock()):
-                    await ticket.woken.wait()
-                self._sleeping.pop(ticket, None)
-                if ticket.slot_us is not None:
-                    return ticket.slot_us
-                # A pause took the slot back and requeued the ticket at the head: go again.
-        finally:
-            ticket.abandoned = True
-            self._sleeping.pop(ticket, None)
-            with contextlib.suppress(ValueError):
-                self._queue.remove(ticket)
-
-    async def _reserve_queued(self, ticket: _Ticket) -> None:
-        async with self._lock:
-            if ticket.slot_us is not None:
-                return  # the waiter before us reserved for the whole queue, us included
-            batch: list[_Ticket] = []
-            while self._queue and len(batch) < MAX_BATCH:
-                queued = self._queue.popleft()
-                if not queued.abandoned:
-                    batch.append(queued)
-            if not batch:
-                return
-            try:
-                reservation = await self._reserve([t.tokens for t in batch])
-            except BaseException:
-                # Nobody got a slot: the others keep their place, and one of them tries next.
-                self._queue.extendleft(reversed([t for t in batch if not t.abandoned]))
-                raise
-            for queued, slot, deadline in zip(
-                batch, reservation.slots_us, reservation.deadlines, strict=True
-            ):
-                if not queued.abandoned:  # an abandoned ticket's slot is lost
-                    queued.slot_us, queued.deadline, queued.woken = slot, deadline, anyio.Event()
-                    self._sleeping[queued] = slot
-            self._note_pause(reservation.paused_until_us, reservation.pause_deadline)
-
-    def _note_pause(self, paused_until_us: int, pause_deadline: float) -> None:
-        """When a pause covers a sleeper's slot, take back every slot; the waiters requeue at
-        the head, in order, and reserve again past the pause.
-
-        All of them, not only the covered ones, or a later waiter would keep its earlier slot
-        (FIFO lost); the uncovered slots become holes. Checked after every reservation too: one
-        fetched just before a pause landed in the row can come back after the pause's answer.
-        """
-        self._pause_deadline = max(self._pause_deadline, pause_deadline)
-        self._paused_until_us = max(self._paused_until_us, paused_until_us)
-        if all(slot >= self._paused_until_us for slot in self._sleeping.values()):
-            return
-        covered = sorted(self._sleeping.items(), key=lambda item: item[1])
-        for ticket, _slot in covered:
-            del self._sleeping[ticket]
-            ticket.slot_us = None
-            ticket.woken.set()
-        self._queue.extendleft(reversed([ticket for ticket, _slot in covered]))
-
-    def _record(self, now: float, requests: int, tokens: int) -> None:
-        self._window.append((now, requests, tokens))
-        self._window_requests += requests
-        self._window_tokens += tokens
-        self._prune(now)
-
-    def _prune(self, now: float) -> None:
-        while self._window and self._window[0][0] <= now - WINDOW_SECONDS:
-            _at, requests, tokens = self._window.popleft()
-            self._window_requests -= requests
-            self._window_tokens -= tokens
-
-
-class LocalLimiter(_QueueLimiter):
+class LocalLimiter(QueueLimiter):
     """The budget of this process alone: the GCRA state in memory, on `clock` (monotonic)."""
 
     def __init__(self, rpm: int, tpm: int, clock: Callable[[], float] = time.monotonic) -> None:
@@ -298,131 +39,23 @@ class LocalLimiter(_QueueLimiter):
     def _now_us(self) -> int:
         return math.floor(self._clock() * gcra.MICROS_PER_SECOND)
 
-    async def _reserve(self, tokens: list[int]) -> _Reservation:
+    async def _reserve(self, tokens: list[int]) -> Reservation:
         slots, self._state = gcra.reserve(self._state, self._now_us(), tokens, self.rpm, self.tpm)
         paused_until = self._state.paused_until
-        return _Reservation(
-            slots, [_seconds(s) for s in slots], paused_until, _seconds(paused_until)
+        return Reservation(
+            slots,
+            [micros_to_seconds(s) for s in slots],
+            paused_until,
+            micros_to_seconds(paused_until),
         )
 
     async def _pause(self, seconds: float, rate_limited: bool) -> tuple[int, float]:
         duration = gcra.to_micros(seconds)
         self._state = gcra.pause(self._state, self._now_us(), duration, rate_limited=rate_limited)
-        return self._state.paused_until, _seconds(self._state.paused_until)
+        return self._state.paused_until, micros_to_seconds(self._state.paused_until)
 
     def _settle(self, delta_tokens: int) -> None:
         self._state = gcra.settle(self._state, self._now_us(), delta_tokens, self.tpm)
-
-
-class PostgresLimiter(_QueueLimiter):
-    """The budget shared by every process through the `rate_limiters` row called `name`.
-
-    Each reservation is one upsert (`sql/limiter.sql`) on the database's clock. Token
-    corrections (`settle`) ride along with this process's next reservation, so a request costs
-    at most one statement; until then other processes do not see them. With both budgets off
-    it never touches the database.
-    """
-
-    def __init__(
-        self,
-        pool: AsyncConnectionPool,
-        name: str,
-        rpm: int,
-        tpm: int,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        statement_timeout: float = 10.0,
-    ) -> None:
-        super().__init__(rpm, tpm, clock)
-        self.name = name
-        self._pool = pool
-        self._statement_timeout = statement_timeout
-        self._pending_tokens = 0  # settled corrections not yet sent
-
-    async def _reserve(self, tokens: list[int]) -> _Reservation:
-        plan = gcra.plan_batch(tokens, self.rpm, self.tpm)
-        pending, self._pending_tokens = self._pending_tokens, 0
-        params = {
-            "name": self.name,
-            "request_advance": _interval(plan.request_advance),
-            "token_advance": _interval(plan.token_advance),
-            "settle": _interval(gcra.token_interval(pending, self.tpm)),
-        }
-        try:
-            start, db_now, paused_until = await self._execute("reserve", params)
-        except BaseException:
-            self._pending_tokens += pending
-            raise
-        received = self._clock()
-        start_us, now_us, paused_us = _micros(start), _micros(db_now), _micros(paused_until)
-        slots = [start_us + offset for offset in plan.offsets]
-        logger.debug(
-            "rate limiter %s reserved %d slot(s), the first in %.3f s",
-            self.name,
-            len(slots),
-            _seconds(start_us - now_us),
-        )
-        # The wait is measured on the database's clock and slept on ours: no clock skew.
-        return _Reservation(
-            slots,
-            [received + _seconds(slot - now_us) for slot in slots],
-            paused_us,
-            received + _seconds(paused_us - now_us),
-        )
-
-    async def _pause(self, seconds: float, rate_limited: bool) -> tuple[int, float]:
-        params = {
-            "name": self.name,
-            "duration": _interval(gcra.to_micros(seconds)),
-            "rate_limited": int(rate_limited),
-        }
-        paused_until, db_now, _total = await self._execute("pause", params)
-        paused_us = _micros(paused_until)
-        return paused_us, self._clock() + _seconds(paused_us - _micros(db_now))
-
-    def _settle(self, delta_tokens: int) -> None:
-        self._pending_tokens += delta_tokens
-
-    async def _execute(self, block: str, params: dict[str, Any]) -> tuple[Any, ...]:
-        # Shielded: a cancelled waiter must not lose the slots it fetches for the others, nor
-        # leave a slot taken in the row that nobody is told about. The timeout bounds the shield.
-        with anyio.CancelScope(shield=True):
-            row = await _fetch_one(self._pool, self.name, block, params, self._statement_timeout)
-        if row is None:  # an upsert with RETURNING always returns its row
-            raise DatabaseError(f"rate limiter {self.name!r}: {block} returned no row")
-        return row
-
-
-@dataclass(frozen=True, slots=True)
-class SharedLimiterState:
-    """The fleet's limiter row on the database's clock, as `listener api` reports it."""
-
-    request_backlog: float  # seconds until the next request slot (0 when free)
-    token_backlog: float  # seconds until the token budget frees up (0 when free)
-    paused_for: float  # seconds left of the pause (0 when none)
-    rate_limited_total: int
-    updated_at: datetime
-
-
-async def read_shared_state(pool: AsyncConnectionPool, name: str) -> SharedLimiterState | None:
-    """The `rate_limiters` row called `name`; None while no process has used it."""
-    row = await _fetch_one(pool, name, "state", {"name": name}, limit=10.0)
-    return None if row is None else SharedLimiterState(*row)
-
-
-async def _fetch_one(
-    pool: AsyncConnectionPool, name: str, block: str, params: dict[str, Any], limit: float
-) -> tuple[Any, ...] | None:
-    # tuple_row whatever the pool's row factory, so the unpacking here holds.
-    try:
-        with anyio.fail_after(limit):
-            async with pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
-                await cursor.execute(queries("limiter")[block], params)
-                return await cursor.fetchone()
-    except psycopg.Error as error:
-        raise wrap(error, f"rate limiter {name!r}: {block}") from error
-    except TimeoutError as error:
-        raise DatabaseError(f"rate limiter {name!r}: {block} took over {limit} s") from error
 
 
 def make_limiter(pool: AsyncConnectionPool | None, settings: Settings) -> Limiter:
@@ -433,15 +66,3 @@ def make_limiter(pool: AsyncConnectionPool | None, settings: Settings) -> Limite
     if pool is None or (rpm == 0 and tpm == 0):
         return LocalLimiter(rpm, tpm)
     return PostgresLimiter(pool, settings.rate_limiter_name, rpm, tpm)
-
-
-def _seconds(micros: int) -> float:
-    return micros / gcra.MICROS_PER_SECOND
-
-
-def _interval(micros: int) -> timedelta:
-    return timedelta(microseconds=micros)
-
-
-def _micros(at: datetime) -> int:
-    return (at - _EPOCH) // _MICROSECOND

@@ -2,23 +2,22 @@
 
 Status codes, error bodies and retry-after / x-ratelimit-* headers mimic api.openai.com so
 that the real ``openai`` client's parsing and retry logic are exercised unchanged.
+
+The pieces: `stub_state` (configuration, counters, admission), `stub_window` (the sliding
+window and the header durations), `stub_text` (what it answers); here the HTTP app, running it
+in the caller's loop or as its own process, and its command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
-import math
-import random
-import re
 import signal
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import anyio
@@ -28,272 +27,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+# An `X as X` import is a re-export: tests and the demo import those names from here.
+from listener.asgi import EmbeddedServer
+from listener.stub_state import StubConfig as StubConfig
+from listener.stub_state import StubState as StubState
+from listener.stub_text import estimate_tokens, generate_description, text_of
+from listener.stub_text import extract_product_name as extract_product_name
+from listener.stub_window import SlidingWindow as SlidingWindow
+from listener.stub_window import format_duration as format_duration
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256  # what OpenAI reserves against TPM when max_tokens is absent
 _BAD_BODY = "Invalid request body: expected JSON with a 'messages' list."
 _MALFORMED_BODY = '{"id": "chatcmpl-broken", "choices": ['
 _MODEL = {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "stub"}
-
-
-@dataclass
-class StubConfig:
-    """Server behaviour; fault fields may be mutated while the server runs."""
-
-    latency: float = 0.0
-    rpm: int = 0  # 0 = unlimited
-    tpm: int = 0  # 0 = unlimited
-    window_seconds: float = 60.0
-    required_api_key: str | None = None
-    fail_next_status: list[int] = field(default_factory=list)
-    fail_rate: float = 0.0
-    seed: int = 0
-    timeout_next: int = 0
-    hang_seconds: float = 30.0
-    malformed_next: int = 0
-
-
-# What POST /stub/faults may change; not window_seconds, which would make the peak meaningless.
-_RUNTIME_FIELDS = frozenset(f.name for f in fields(StubConfig)) - {
-    "window_seconds",
-    "required_api_key",
-}
-
-
-def _ceil(x: float) -> int:
-    # Rounding first stops float noise such as (t + 60) - t == 60.0000000000018 from
-    # turning into an extra second or millisecond.
-    return math.ceil(round(x, 6))
-
-
-def format_duration(seconds: float) -> str:
-    """Format like OpenAI's x-ratelimit-reset-* headers (Go durations): 120ms, 1.5s, 6m0s."""
-    total_ms = max(0, _ceil(seconds * 1000))
-    if total_ms == 0:
-        return "0s"
-    if total_ms < 1000:
-        return f"{total_ms}ms"
-    hours, rest = divmod(total_ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
-class SlidingWindow:
-    """Weighted events of the last ``length`` s (``now - t < length``) and the busiest window.
-
-    ``peak`` is exact: the fullest window can be slid right until it ends on an event, and
-    the total is measured at every event.
-    """
-
-    def __init__(self, length: float) -> None:
-        self.length = length
-        self.peak = 0
-        self._events: deque[tuple[float, int]] = deque()
-        self._total = 0
-
-    def _prune(self, now: float) -> None:
-        while self._events and now - self._events[0][0] >= self.length:
-            self._total -= self._events.popleft()[1]
-
-    def total(self, now: float) -> int:
-        self._prune(now)
-        return self._total
-
-    def add(self, now: float, weight: int = 1) -> None:
-        self._prune(now)
-        self._events.append((now, weight))
-        self._total += weight
-        self.peak = max(self.peak, self._total)
-
-    def wait_until_fits(self, now: float, weight: int, limit: int) -> float:
-        """Seconds until ``weight`` more fits under ``limit`` (0 if it fits now)."""
-        excess = self.total(now) + weight - limit
-        if excess <= 0:
-            return 0.0
-        if weight > limit:
-            return self.length  # never fits; OpenAI still answers with a finite wait
-        for t, w in self._events:
-            excess -= w
-            if excess <= 0:
-                return t + self.length - now
-        return self.length
-
-    def time_until_empty(self, now: float) -> float:
-        self._prune(now)
-        return self._events[-1][0] + self.length - now if self._events else 0.0
-
-    def clear(self) -> None:
-        self._events.clear()
-        self._total = 0
-        self.peak = 0
-
-
-@dataclass
-class Admission:
-    """Outcome of a rate-limit check; ``headers`` go on the response either way."""
-
-    allowed: bool
-    headers: dict[str, str]
-    limit_type: str = ""  # "requests" or "tokens" when refused
-    message: str = ""
-
-
-class StubState:
-    """Counters, windows and faults of one stub server; safe because it is loop-confined."""
-
-    def __init__(
-        self, config: StubConfig | None = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.config = config or StubConfig()
-        self.clock = clock
-        self.random = random.Random(self.config.seed)
-        self.requests = SlidingWindow(self.config.window_seconds)
-        self.tokens = SlidingWindow(self.config.window_seconds)
-        self.requests_total = 0
-        self.completed_total = 0
-        self.rate_limited_total = 0
-        self.errors_injected_total = 0
-        self.unauthorized_total = 0
-        # Created lazily: anyio.Event needs a running event loop.
-        self._release: anyio.Event | None = None
-
-    def reset(self) -> None:
-        self.requests_total = self.completed_total = self.rate_limited_total = 0
-        self.errors_injected_total = self.unauthorized_total = 0
-        self.requests.clear()
-        self.tokens.clear()
-
-    def stats(self) -> dict[str, Any]:
-        now = self.clock()
-        return {
-            "requests_total": self.requests_total,
-            "completed_total": self.completed_total,
-            "rate_limited_total": self.rate_limited_total,
-            "errors_injected_total": self.errors_injected_total,
-            "unauthorized_total": self.unauthorized_total,
-            "window_seconds": self.requests.length,
-            "max_requests_in_any_window": self.requests.peak,
-            "max_tokens_in_any_window": self.tokens.peak,
-            "requests_in_window": self.requests.total(now),
-            "tokens_in_window": self.tokens.total(now),
-        }
-
-    def faults(self) -> dict[str, Any]:
-        return {name: getattr(self.config, name) for name in sorted(_RUNTIME_FIELDS)}
-
-    def set_faults(self, updates: dict[str, Any]) -> None:
-        unknown = set(updates) - _RUNTIME_FIELDS
-        if unknown:
-            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
-        for name, value in updates.items():
-            current = getattr(self.config, name)
-            # Coerce now so that a bad JSON value fails this call, not later requests.
-            if isinstance(current, list):
-                setattr(self.config, name, [int(v) for v in value])
-            else:
-                setattr(self.config, name, type(current)(value))
-        if "seed" in updates:
-            self.random.seed(self.config.seed)
-
-    def admit(self, model: str, cost: int) -> Admission:
-        """Check both limits and record the request if admitted; must not await inside."""
-        now = self.clock()
-        for kind, limit, window, weight in self._limits(cost):
-            wait = window.wait_until_fits(now, weight, limit) if limit > 0 else 0.0
-            if wait > 0:
-                headers = self.limit_headers(now)
-                headers["retry-after"] = str(_ceil(wait))
-                headers["retry-after-ms"] = str(_ceil(wait * 1000))
-                message = (
-                    f"Rate limit reached for {model} in organization org-stub on {kind} per "
-                    f"min ({kind[0].upper()}PM): Limit {limit}, Used {window.total(now)}, "
-                    f"Requested {weight}. Please try again in {format_duration(wait)}."
-                )
-                return Admission(False, headers, kind, message)
-        self.requests.add(now, 1)
-        self.tokens.add(now, cost)
-        return Admission(True, self.limit_headers(now))
-
-    def _limits(self, cost: int) -> list[tuple[str, int, SlidingWindow, int]]:
-        return [
-            ("requests", self.config.rpm, self.requests, 1),
-            ("tokens", self.config.tpm, self.tokens, cost),
-        ]
-
-    def limit_headers(self, now: float) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers; 'reset' is when the window fully drains."""
-        headers: dict[str, str] = {}
-        for kind, limit, window, _ in self._limits(0):
-            if limit > 0:
-                headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - window.total(now)))
-                headers[f"x-ratelimit-reset-{kind}"] = format_duration(window.time_until_empty(now))
-        return headers
-
-    async def hang(self, seconds: float) -> None:
-        """Sleep like a stuck upstream, but let server shutdown cut it short."""
-        if self._release is None:
-            self._release = anyio.Event()
-        with anyio.move_on_after(seconds):
-            await self._release.wait()
-
-    def release_hung(self) -> None:
-        if self._release is not None:
-            self._release.set()
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # multi-part content: only the text parts matter
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-_LABELLED = re.compile(r"(?im)^\s*(?:product(?:\s+name)?|name|title)\s*[:=]\s*(.+?)\s*$")
-_QUOTED = re.compile(r"[\"“]([^\"”\n]{2,80})[\"”]")
-
-
-def extract_product_name(prompt: str) -> str:
-    """Best-effort product name: a 'Product: X' line, a quoted phrase, or text after a colon."""
-    if match := _LABELLED.search(prompt):
-        return match.group(1).strip(" .!?\"'")
-    if match := _QUOTED.search(prompt):
-        return match.group(1).strip()
-    lines = [line.strip() for line in prompt.splitlines() if line.strip()]
-    if not lines:
-        return "this product"
-    last = lines[-1]
-    if ":" in last and (tail := last.rsplit(":", 1)[1].strip(" .!?")):
-        return tail
-    return " ".join(last.split()[:8]).strip(" .!?")
-
-
-_ADJECTIVES = ("durable", "lightweight", "versatile", "sleek", "compact", "reliable")
-_AUDIENCES = ("everyday use", "busy professionals", "outdoor adventures", "home and office")
-
-
-def generate_description(prompt: str) -> str:
-    """Deterministic, product-specific text so tests can assert on it."""
-    name = extract_product_name(prompt)
-    digest = hashlib.sha256(prompt.encode()).digest()
-    adjective = _ADJECTIVES[digest[0] % len(_ADJECTIVES)]
-    second = _ADJECTIVES[(digest[0] + 1 + digest[1] % 5) % len(_ADJECTIVES)]
-    audience = _AUDIENCES[digest[2] % len(_AUDIENCES)]
-    return (
-        f"{name} is a {adjective} choice for {audience}. "
-        f"It pairs {second} design with dependable performance, "
-        f"so {name} keeps up with whatever you ask of it."
-    )
-
-
-def estimate_tokens(text: str) -> int:
-    return max(1, len(text) // 4)
 
 
 def _error(
@@ -333,9 +81,9 @@ def build_app(state: StubState) -> Starlette:
             payload = await request.json()
             messages = payload["messages"]
             model = str(payload.get("model", "gpt-4o-mini"))
-            texts = [_text_of(m.get("content")) for m in messages]
+            texts = [text_of(m.get("content")) for m in messages]
             last_user = next(
-                (_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
+                (text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
                 "",
             )
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -429,16 +177,11 @@ def build_app(state: StubState) -> Starlette:
     )
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """Leaves signal handling to the host program (pytest, a bench harness, serve_forever)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+class _FastStoppingServer(EmbeddedServer):
+    """asgi's embedded server (signals left to the host program) that notices a stop sooner."""
 
     async def main_loop(self) -> None:
-        # Same as uvicorn's loop but polling should_exit every 10 ms instead of 100 ms,
-        # because tests start and stop many stubs.
+        # Same as uvicorn's loop but polling should_exit every 10 ms instead of 100 ms.
         counter = 0
         while not await self.on_tick(counter):
             counter = (counter + 1) % 864_000
@@ -460,11 +203,13 @@ class RunningStub:
         return f"{self.url}/v1"
 
 
+# Not `asgi.serving`, which this mirrors: its server polls for a stop every 100 ms (a stop takes
+# about 200 ms instead of 100), and it reports a port in use as a ListenerError.
 @contextlib.asynccontextmanager
 async def _running(state: StubState, host: str, port: int) -> AsyncIterator[RunningStub]:
     # log_config=None keeps uvicorn off the host's logging setup.
     options: dict[str, Any] = {"log_config": None, "access_log": False, "lifespan": "off"}
-    server = _EmbeddedServer(
+    server = _FastStoppingServer(
         uvicorn.Config(build_app(state), host, port, timeout_graceful_shutdown=1, **options)
     )
     done = anyio.Event()
@@ -483,8 +228,7 @@ async def _running(state: StubState, host: str, port: int) -> AsyncIterator[Runn
                     if done.is_set():
                         raise RuntimeError(f"stub server failed to start on {host}:{port}")
                     await anyio.sleep(0.005)
-                real_port = int(server.servers[0].sockets[0].getsockname()[1])
-                yield RunningStub(host, real_port, state)
+                yield RunningStub(host, server.port, state)
             finally:
                 state.release_hung()
                 server.should_exit = True

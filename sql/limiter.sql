@@ -40,14 +40,3 @@ SET paused_until = greatest(r.paused_until, excluded.paused_until),
     rate_limited_total = r.rate_limited_total + excluded.rate_limited_total,
     updated_at = excluded.updated_at
 RETURNING r.paused_until, r.updated_at AS now, r.rate_limited_total;
-
--- state --
--- The fleet's view of one limiter, for `listener api` and operators: seconds ahead of now.
-WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now)
-SELECT greatest(0, extract(epoch FROM r.request_tat - c.now))::float8 AS request_backlog,
-    greatest(0, extract(epoch FROM r.token_tat - c.now))::float8 AS token_backlog,
-    greatest(0, extract(epoch FROM r.paused_until - c.now))::float8 AS paused_for,
-    r.rate_limited_total,
-    r.updated_at
-FROM rate_limiters r, c
-WHERE r.name = %(name)s;

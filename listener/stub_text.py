@@ -1,0 +1,59 @@
+"""What the OpenAI stub reads and writes: the text of chat messages, a deterministic product
+description for the prompt, and a rough token count for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+
+def text_of(content: Any) -> str:
+    """The text of a chat message's `content`, whether a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multi-part content: only the text parts matter
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+_LABELLED = re.compile(r"(?im)^\s*(?:product(?:\s+name)?|name|title)\s*[:=]\s*(.+?)\s*$")
+_QUOTED = re.compile(r"[\"“]([^\"”\n]{2,80})[\"”]")
+
+
+def extract_product_name(prompt: str) -> str:
+    """Best-effort product name: a 'Product: X' line, a quoted phrase, or text after a colon."""
+    if match := _LABELLED.search(prompt):
+        return match.group(1).strip(" .!?\"'")
+    if match := _QUOTED.search(prompt):
+        return match.group(1).strip()
+    lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+    if not lines:
+        return "this product"
+    last = lines[-1]
+    if ":" in last and (tail := last.rsplit(":", 1)[1].strip(" .!?")):
+        return tail
+    return " ".join(last.split()[:8]).strip(" .!?")
+
+
+_ADJECTIVES = ("durable", "lightweight", "versatile", "sleek", "compact", "reliable")
+_AUDIENCES = ("everyday use", "busy professionals", "outdoor adventures", "home and office")
+
+
+def generate_description(prompt: str) -> str:
+    """Deterministic, product-specific text so tests can assert on it."""
+    name = extract_product_name(prompt)
+    digest = hashlib.sha256(prompt.encode()).digest()
+    adjective = _ADJECTIVES[digest[0] % len(_ADJECTIVES)]
+    second = _ADJECTIVES[(digest[0] + 1 + digest[1] % 5) % len(_ADJECTIVES)]
+    audience = _AUDIENCES[digest[2] % len(_AUDIENCES)]
+    return (
+        f"{name} is a {adjective} choice for {audience}. "
+        f"It pairs {second} design with dependable performance, "
+        f"so {name} keeps up with whatever you ask of it."
+    )
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
