@@ -24,8 +24,9 @@ SET status = 'PROCESSING',
     lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
     attempts = j.attempts + 1,
     updated_at = now()
-FROM picked
-WHERE j.id = picked.id
+-- An array, not a join with `picked`: the planner cannot tell how many rows the LATERALs
+-- yield, and for many stores it guessed high enough to hash-join a scan of the whole table.
+WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
 RETURNING j.id, j.job_id, j.instance_id, j.product_id, j.payload, j.attempts;
 
 -- store_next_items --
