@@ -10,7 +10,8 @@ the current turn is *fresh*: it is served before the round robin (fresh stores
 among themselves first come, first served), so a new store's first job does not
 wait behind everybody else's turn. A store that was served in the current turn,
 then dropped and notified again goes to the tail instead: being "new" again must
-never be a way to jump the queue.
+never be a way to jump the queue. Stores found by a scan of the table (start-up, a
+reconnect, the safety sweep) are backlog, not arrivals: they join the round robin's tail.
 
 Layout. Two deques of `(store, token)` entries, `_fresh` then `_round_robin`, and
 `_live`, the token of each store's one live entry. `drop` just forgets the token,
@@ -61,15 +62,24 @@ class ReadyRing:
     def replace_all(self, stores: Iterable[str]) -> None:
         """Merge the full set of stores with pending work, e.g. after a (re)connect.
 
-        Missing stores are added exactly as `notify` would (so they neither starve
-        others nor jump ahead of a turn they already had); present ones keep their
-        place. Stores absent from `stores` are deliberately NOT removed: the scan is
-        a snapshot, and a NOTIFY for a job committed after it may already have been
-        applied; removing the store would lose that wake-up until the next sweep.
+        Missing stores join the round robin at the tail, as if already served this turn:
+        a scan finds backlog, not arrivals. Were they fresh, a worker starting on a
+        database with 1,000 stores of backlog would serve all 1,000 before a store that
+        arrives a second later (only a notification makes a store fresh). Present ones
+        keep their place. Stores absent from `stores` are deliberately NOT removed: the
+        scan is a snapshot, and a NOTIFY for a job committed after it may already have
+        been applied; removing the store would lose that wake-up until the next sweep.
         A stale entry costs one short claim, after which the claimer drops it.
         """
         for store in stores:
-            self.notify(store)
+            if store in self._live:
+                continue
+            token = self._next_token
+            self._next_token += 1
+            self._live[store] = token
+            # Served-this-turn keeps the invariant: the round robin's tail is served stores.
+            self._served_this_turn.add(store)
+            self._round_robin.append((store, token))
 
     rebuild = replace_all
 

@@ -177,9 +177,19 @@ def test_replace_all_keeps_order_and_adds_missing() -> None:
     assert ring.take(2) == ["a", "b"]  # turn 2
     ring.drop("a")
     ring.replace_all(["a", "x", "c", "y", "x"])
-    # "x", "y" fresh (input order); "a" served this turn -> tail; "c" untouched.
-    assert ring.snapshot() == ["x", "y", "c", "b", "a"]
+    # Found by a scan: backlog, not arrivals, so all join the tail in input order.
+    assert ring.snapshot() == ["c", "b", "a", "x", "y"]
     assert len(ring) == 5
+
+
+def test_a_rebuilt_backlog_does_not_delay_a_store_that_arrives_next() -> None:
+    ring = ReadyRing()
+    ring.rebuild([f"backlog-{n}" for n in range(1000)])
+    assert ring.take(1) == ["backlog-0"]
+    ring.notify("newcomer")
+    assert ring.take(1) == ["newcomer"]
+    served = ring.take(999)
+    assert served == [f"backlog-{n}" for n in range(1, 1000)]
 
 
 def test_rebuild_does_not_remove_absent_stores() -> None:
@@ -267,14 +277,14 @@ def test_random_operations_fairness_each_store_once_per_turn() -> None:
             assert step - last_served.get(s, 0) <= 2 * (len(busy) + len(churn))
 
 
-def test_initial_stores_are_fresh_fifo_and_newcomer_queues_behind_them() -> None:
-    # Stores loaded at start-up are "new" too: FIFO among fresh, so a store that
-    # notifies later waits at most for their first turn, never behind a second one.
+def test_initial_stores_are_backlog_and_a_newcomer_goes_first() -> None:
+    # Stores loaded at start-up are backlog: a store that notifies later is served next,
+    # then joins the round robin behind them.
     ring = ReadyRing(["a", "b", "c"])
     assert ring.take(1) == ["a"]
     ring.notify("x")
-    assert ring.take(3) == ["b", "c", "x"]
-    assert ring.take(4) == ["a", "b", "c", "x"]
+    assert ring.take(3) == ["x", "b", "c"]
+    assert ring.take(4) == ["a", "x", "b", "c"]
 
 
 def test_drop_after_turn_rolled_over_makes_store_fresh() -> None:
