@@ -265,3 +265,29 @@ async def test_a_timed_out_call_is_retried(database_url: str) -> None:
             assert worker.counters.retried == 1
         stub.state.release_hung()
     assert query(database_url, "SELECT attempts FROM job_items") == [(2,)]
+
+
+async def test_a_new_store_is_not_queued_behind_a_backlog_found_at_start(
+    database_url: str,
+) -> None:
+    # 300 stores already have work when the worker starts: that is backlog, served in turns;
+    # a store that arrives afterwards still gets the next free slot.
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO jobs (instance_id) SELECT 'old-' || n FROM generate_series(1, 300) n"
+        )
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+            " SELECT j.id, j.instance_id, 'p' || n, jsonb_build_object('name', 'P' || n)"
+            " FROM jobs j CROSS JOIN generate_series(1, 5) n"
+        )
+    async with run_stub(StubConfig(latency=0.02)) as stub:
+        settings = make_settings(stub.base_url, rate_limit_rpm=3000, worker_concurrency=4)
+        handler = RecordingGenerator(settings)
+        async with running_worker(database_url, settings, handler):
+            await wait_until(lambda: len(handler.starts) >= 10)
+            before = len(handler.starts)
+            insert_job(database_url, "store-new", 3)
+            await wait_until(lambda: any(i.instance_id == "store-new" for i in handler.starts))
+            after = [item.instance_id for item in handler.starts[before:]]
+    assert after.index("store-new") < settings.worker_concurrency, after[:10]
