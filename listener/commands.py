@@ -49,31 +49,22 @@ def check_openai_settings(settings: Settings) -> None:
 
 async def run_worker(settings: Settings, conninfo: str) -> int:
     """The `worker` command's body; returns the exit code."""
-    from listener.db import open_pool
-    from listener.generate import Generator
-    from listener.limiter import make_limiter
-    from listener.worker import Worker
+    from listener.assembly import open_worker
 
     check_openai_settings(settings)
-    pool = await open_pool(conninfo, settings, name="listener-worker")
-    try:
+    async with open_worker(settings, conninfo) as worker:
         if settings.openai_api_key is not None:
             logger.info("[Worker] OpenAI API key is configured")
         else:
             logger.info("[Worker] no OpenAI API key: using %s", settings.openai_base_url)
-        generator = Generator(settings)
-        worker = Worker(settings, conninfo, pool, make_limiter(pool, settings), generator)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signals, worker)
             if settings.port:
                 from listener.http import serve_worker_http
 
-                await tg.start(serve_worker_http, settings, pool, worker)
+                await tg.start(serve_worker_http, settings, worker.pool, worker)
             await worker.run()
             tg.cancel_scope.cancel()
-        await generator.aclose()
-    finally:
-        await pool.close()
     return EXIT_AUTH if worker.fatal else 0
 
 

@@ -208,9 +208,7 @@ class Demo:
 
 
 async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, console: Console) -> int:
-    from listener.db import open_pool
-    from listener.limiter import make_limiter
-    from listener.worker import Worker
+    from listener.assembly import open_worker
 
     console.print(f"  database: {setup.database}")
     if setup.embedded:  # the demo's own scratch database: a crashed run's jobs go
@@ -226,23 +224,21 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
             )
     stores = plan(args.seconds)
     async with openai_settings(args, settings, console) as worker_settings:
-        pool = await open_pool(setup.conninfo, worker_settings, name="listener-demo")
         generator = TimedGenerator(worker_settings, stores)
         try:
-            limiter = make_limiter(pool, worker_settings)
-            worker = Worker(worker_settings, setup.conninfo, pool, limiter, generator)
-            demo = Demo(args, console, stores, worker)
-            console.print(
-                f"  worker:   {worker_settings.worker_concurrency} tasks in this process, the "
-                f"limiter spacing requests for {demo.budget:,}/min, at most "
-                f"{worker_settings.max_per_instance} items of one store per claim; the stores "
-                f"are named {PREFIX}* and removed at the end"
-            )
-            await _simulate(demo, setup.conninfo)
+            async with open_worker(
+                worker_settings, setup.conninfo, generator, name="listener-demo"
+            ) as worker:
+                demo = Demo(args, console, stores, worker)
+                console.print(
+                    f"  worker:   {worker_settings.worker_concurrency} tasks in this process, "
+                    f"the limiter spacing requests for {demo.budget:,}/min, at most "
+                    f"{worker_settings.max_per_instance} items of one store per claim; the "
+                    f"stores are named {PREFIX}* and removed at the end"
+                )
+                await _simulate(demo, setup.conninfo)
             console.print(render_summary(demo), soft_wrap=False)  # the title centred over the table
         finally:
-            await generator.aclose()
-            await pool.close()
             # Leave no demo job behind for another worker (maybe with a real key) to take.
             await _remove(setup.conninfo, stores, console)
     if setup.embedded:

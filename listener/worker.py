@@ -58,6 +58,8 @@ class ItemHandler(Protocol):
 
     def __call__(self, item: ClaimedItem) -> Awaitable[Generation]: ...
 
+    async def aclose(self) -> None: ...
+
 
 @dataclass
 class Counters:

@@ -14,10 +14,9 @@ from typing import Any
 import anyio
 import psycopg
 
+from listener.assembly import open_worker
 from listener.claim import ClaimedItem
-from listener.db import open_pool
 from listener.generate import Generation, Generator
-from listener.limiter import make_limiter
 from listener.settings import Settings, load_settings
 from listener.worker import Worker
 
@@ -101,19 +100,15 @@ async def running_worker(
     conninfo: str, settings: Settings, handler: Generator | None = None
 ) -> AsyncIterator[Worker]:
     """A worker in this process, ready (LISTEN done, ring built) when the block starts."""
-    pool = await open_pool(conninfo, settings, name="test-worker")
-    handler = handler or Generator(settings)
-    try:
-        worker = Worker(settings, conninfo, pool, make_limiter(pool, settings), handler)
-        async with anyio.create_task_group() as tg:
-            await tg.start(worker.run)
-            try:
-                yield worker
-            finally:
-                worker.stop(grace=0)
-    finally:
-        await handler.aclose()
-        await pool.close()
+    async with (
+        open_worker(settings, conninfo, handler, name="test-worker") as worker,
+        anyio.create_task_group() as tg,
+    ):
+        await tg.start(worker.run)
+        try:
+            yield worker
+        finally:
+            worker.stop(grace=0)
 
 
 def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[str]:
