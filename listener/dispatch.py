@@ -8,6 +8,7 @@ ask together are served by one claim statement.
 from __future__ import annotations
 
 import heapq
+import random
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
@@ -85,6 +86,7 @@ class Dispatcher:
         self.on_orphan = on_orphan
         self.clock = clock
         self.ring = ReadyRing()
+        self._rng = random.Random()
         self.stopping = False
         self.claims = 0
         self.claimed_items = 0
@@ -102,7 +104,12 @@ class Dispatcher:
         self._work.set()
 
     def rebuild(self, stores: list[str]) -> None:
-        self.ring.replace_all(stores)
+        # The scan returns stores in index order, the same in every process: shuffled, the
+        # processes of a fleet start their turns at different stores instead of all taking
+        # the same store at once.
+        shuffled = list(stores)
+        self._rng.shuffle(shuffled)
+        self.ring.replace_all(shuffled)
         if len(self.ring):
             self._work.set()
 
