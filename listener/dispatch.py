@@ -8,8 +8,8 @@ ask together are served by one claim statement.
 from __future__ import annotations
 
 import heapq
-import random
 import logging
+import random
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
