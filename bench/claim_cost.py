@@ -1,0 +1,205 @@
+"""1. Claim cost against the backlog: the project's claim against the old FIFO claim and a naive
+fair claim, at 10,000 / 100,000 / 1,000,000 PENDING items over 1,000 stores.
+
+Every claim runs in a transaction that is rolled back after timing, so the backlog keeps its
+size, and takes 100 items. The project's claim is measured in two shapes, the stores rotating
+through all 1,000: 100 stores x 1 item (what the dispatcher sends when 100 workers wait and
+1,000 stores are ready) and 10 stores x 10 items (deeper reads per store; MAX_PER_INSTANCE=20
+would need more than the 10 items per store of the 10,000 level).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import psycopg
+from matplotlib.ticker import ScalarFormatter
+
+from bench.common import (
+    console,
+    load_in_chunks,
+    markdown_table,
+    new_figure,
+    parse_args,
+    progress,
+    save_figure,
+    scratch_database,
+    sql,
+    summary,
+    table,
+    timed,
+    write_json,
+)
+from listener.sqlfiles import queries
+
+NAME = "claim_cost"
+STORES = [f"store-{n:04d}" for n in range(1000)]
+BATCH = 100
+PER_STORE = 20  # the naive fair claim's cap per store: MAX_PER_INSTANCE's default
+# The project's claim: (stores per claim, items per store)
+SHAPES = {"listener_100x1": (100, 1), "listener_10x10": (10, 10)}
+METHODS = {
+    "listener_100x1": "project: 100 stores x 1 (LATERAL per store)",
+    "listener_10x10": "project: 10 stores x 10 (LATERAL per store)",
+    "fifo": "old: ORDER BY id LIMIT 100",
+    "naive_fair": "naive fair: row_number() over all PENDING",
+}
+OWN = "listener_100x1"
+WARMUP = 3
+
+
+def statement(method: str) -> str:
+    return queries("claim")["claim"] if method in SHAPES else sql("baselines")[method]
+
+
+def params(method: str, turn: int) -> dict[str, Any]:
+    common = {"worker_id": "bench-claim", "lease_seconds": 60}
+    if method not in SHAPES:
+        return {**common, "batch": BATCH, "per_store": PER_STORE}
+    count, per_store = SHAPES[method]
+    stores = [STORES[(turn * count + k) % len(STORES)] for k in range(count)]
+    return {**common, "stores": stores, "limits": [per_store] * count}
+
+
+def measure(
+    conn: psycopg.Connection[Any], method: str, samples: int, seconds: float
+) -> dict[str, Any]:
+    """Time `samples` claims (fewer if `seconds` run out first, at least 5), each rolled back."""
+    text = statement(method)
+    timings: list[float] = []
+    items = 0
+    deadline = time.monotonic() + seconds
+    for turn in range(WARMUP + samples):
+        with conn.transaction(force_rollback=True):
+            started = time.perf_counter()
+            rows = conn.execute(text, params(method, turn)).fetchall()
+            elapsed = time.perf_counter() - started
+        if turn >= WARMUP:
+            timings.append(elapsed)
+            items += len(rows)
+            if time.monotonic() > deadline and len(timings) >= 5:
+                break
+    with conn.transaction(force_rollback=True):
+        explain = f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {text}"
+        row = conn.execute(explain, params(method, 0)).fetchone()
+    assert row is not None, "EXPLAIN returns its plan"
+    buffers = _buffers(json.loads(row[0]) if isinstance(row[0], str) else row[0])
+    stats = summary(timings)
+    return {
+        **stats,
+        "items_per_claim": items / len(timings),
+        "items_per_second": items / sum(timings),
+        "buffers": buffers,
+    }
+
+
+def _buffers(plan: list[dict[str, Any]]) -> int:
+    top = plan[0]["Plan"]
+    return int(top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0))
+
+
+def run(quick: bool) -> dict[str, Any]:
+    sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
+    samples, seconds = (100, 6.0) if quick else (300, 20.0)
+    results: dict[str, dict[str, Any]] = {}
+    with scratch_database("claim") as url, progress() as bar:
+        loaded = 0
+        task = bar.add_task("claim cost", total=len(sizes) * len(METHODS))
+        for size in sizes:
+            bar.update(task, description=f"loading {size:,} items")
+            load_in_chunks(url, STORES, (size - loaded) // len(STORES), bar)
+            loaded = size
+            results[str(size)] = {}
+            with psycopg.connect(url, autocommit=True) as conn:
+                for method in METHODS:
+                    bar.update(task, description=f"{method} at {size:,}")
+                    results[str(size)][method] = measure(conn, method, samples, seconds)
+                    conn.execute("VACUUM job_items")  # each method starts from the same state
+                    bar.advance(task)
+    return {
+        "quick": quick,
+        "stores": len(STORES),
+        "items_per_claim": BATCH,
+        "shapes": SHAPES,
+        "methods": METHODS,
+        "sizes": sizes,
+        "results": results,
+        "note": "" if not quick else "quick mode: 10k and 100k only; the full run adds 1M",
+    }
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for size in result["sizes"]:
+        at = result["results"][str(size)]
+        own = at[OWN]["p50"]
+        for method, stats in at.items():
+            out.append(
+                [
+                    f"{size:,}",
+                    method,
+                    f"{stats['p50'] * 1000:.2f}",
+                    f"{stats['p99'] * 1000:.2f}",
+                    f"{stats['items_per_second']:,.0f}",
+                    f"{stats['buffers']:,}",
+                    "1" if method == OWN else f"{stats['p50'] / own:,.1f}x",
+                    str(stats["n"]),
+                ]
+            )
+    return out
+
+
+HEADERS = ["pending", "claim", "p50 ms", "p99 ms", "items/s", "buffers", "p50 vs 100x1", "n"]
+
+
+def flatness(result: dict[str, Any]) -> float:
+    """The project's median claim at the largest backlog over the smallest."""
+    sizes = result["sizes"]
+    at = result["results"]
+    return float(at[str(sizes[-1])][OWN]["p50"] / at[str(sizes[0])][OWN]["p50"])
+
+
+def report(result: dict[str, Any]) -> str:
+    table("Claim cost against the backlog (100 items per claim)", HEADERS, rows(result))
+    growth = flatness(result)
+    sizes = result["sizes"]
+    line = (
+        f"project's claim p50 at {sizes[-1]:,} / at {sizes[0]:,} pending: {growth:.2f}x "
+        f"(the backlog grew {sizes[-1] // sizes[0]:,}x)"
+    )
+    console.print(line)
+    return markdown_table(HEADERS, rows(result)) + f"\n\n{line}\n"
+
+
+def plot(result: dict[str, Any]) -> None:
+    fig, ax = new_figure()
+    sizes = result["sizes"]
+    for method, label in result["methods"].items():
+        p50 = [result["results"][str(s)][method]["p50"] * 1000 for s in sizes]
+        p99 = [result["results"][str(s)][method]["p99"] * 1000 for s in sizes]
+        (line,) = ax.plot(sizes, p50, marker="o", label=f"{label} (p50)")
+        ax.plot(sizes, p99, marker="x", linestyle="--", color=line.get_color(), alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
+    ax.set_xlabel("PENDING items (1,000 stores)")
+    ax.set_ylabel("time per claim of 100 items (ms); dashed: p99")
+    ax.set_title("Claim cost against the backlog")
+    ax.legend(fontsize=8)
+    save_figure(fig, NAME)
+
+
+def main(quick: bool) -> dict[str, Any]:
+    result = run(quick)
+    result["markdown"] = report(result)
+    write_json(NAME, result)
+    plot(result)
+    return result
+
+
+if __name__ == "__main__":
+    timed(main, parse_args(__doc__).quick)
