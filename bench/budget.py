@@ -23,6 +23,7 @@ from bench.common import (
     new_figure,
     parse_args,
     progress,
+    publish,
     query,
     save_figure,
     scratch_database,
@@ -32,7 +33,6 @@ from bench.common import (
     table,
     timed,
     wait_workers_ready,
-    write_json,
 )
 
 NAME = "budget"
@@ -184,11 +184,7 @@ def plot(result: dict[str, Any]) -> None:
 
 
 def main(quick: bool) -> dict[str, Any]:
-    result = run(quick)
-    result["markdown"] = report(result)
-    write_json(NAME, result)
-    plot(result)
-    return result
+    return publish(NAME, run(quick), report, plot)
 
 
 if __name__ == "__main__":

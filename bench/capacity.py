@@ -27,6 +27,7 @@ from bench.common import (
     parse_args,
     percentile,
     progress,
+    publish,
     query,
     save_figure,
     scratch_database,
@@ -38,7 +39,6 @@ from bench.common import (
     table,
     timed,
     wait_workers_ready,
-    write_json,
 )
 from bench.workers import TimingGenerator, bench_settings, running_worker
 
@@ -164,11 +164,7 @@ def plot(result: dict[str, Any]) -> None:
 
 
 def main(quick: bool) -> dict[str, Any]:
-    result = run(quick)
-    result["markdown"] = report(result)
-    write_json(NAME, result)
-    plot(result)
-    return result
+    return publish(NAME, run(quick), report, plot)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ from bench.common import (
     new_figure,
     parse_args,
     progress,
+    publish,
     save_figure,
     scratch_database,
     sql,
     summary,
     table,
     timed,
-    write_json,
 )
 from listener.sqlfiles import queries
 
@@ -194,11 +194,7 @@ def plot(result: dict[str, Any]) -> None:
 
 
 def main(quick: bool) -> dict[str, Any]:
-    result = run(quick)
-    result["markdown"] = report(result)
-    write_json(NAME, result)
-    plot(result)
-    return result
+    return publish(NAME, run(quick), report, plot)
 
 
 if __name__ == "__main__":

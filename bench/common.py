@@ -240,6 +240,19 @@ def parse_args(description: str | None) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def publish(
+    name: str,
+    result: dict[str, Any],
+    report: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """A benchmark's last steps: its table as markdown, its JSON, its plot."""
+    result["markdown"] = report(result)
+    write_json(name, result)
+    plot(result)
+    return result
+
+
 def timed(main: Callable[[bool], dict[str, Any]], quick: bool) -> dict[str, Any]:
     started = time.monotonic()
     result = main(quick)

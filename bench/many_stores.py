@@ -24,6 +24,7 @@ from bench.common import (
     new_figure,
     parse_args,
     progress,
+    publish,
     query,
     save_figure,
     scratch_database,
@@ -35,7 +36,6 @@ from bench.common import (
     table,
     timed,
     wait_workers_ready,
-    write_json,
 )
 
 NAME = "many_stores"
@@ -165,11 +165,7 @@ def plot(result: dict[str, Any]) -> None:
 
 
 def main(quick: bool) -> dict[str, Any]:
-    result = run(quick)
-    result["markdown"] = report(result)
-    write_json(NAME, result)
-    plot(result)
-    return result
+    return publish(NAME, run(quick), report, plot)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from bench.common import (
     new_figure,
     parse_args,
     progress,
+    publish,
     query,
     save_figure,
     scratch_database,
@@ -40,7 +41,6 @@ from bench.common import (
     summary,
     table,
     timed,
-    write_json,
 )
 from bench.workers import OldWorker, TimingGenerator, bench_settings, running_worker
 
@@ -277,11 +277,7 @@ def plot(result: dict[str, Any]) -> None:
 
 
 def main(quick: bool) -> dict[str, Any]:
-    result = anyio.run(run_async, quick)
-    result["markdown"] = report(result)
-    write_json(NAME, result)
-    plot(result)
-    return result
+    return publish(NAME, anyio.run(run_async, quick), report, plot)
 
 
 if __name__ == "__main__":

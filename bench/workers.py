@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
 
 from bench.common import sql
-from listener.assembly import open_worker
+from listener import assembly
 from listener.claim import ClaimedItem, Outcome, finish
 from listener.db import open_pool
 from listener.errors import RateLimited, RetryableItemError
@@ -89,20 +88,11 @@ class InstantHandler:
         return None
 
 
-@asynccontextmanager
-async def running_worker(
+def running_worker(
     url: str, settings: Settings, handler: TimingGenerator | InstantHandler
-) -> AsyncIterator[Worker]:
+) -> AbstractAsyncContextManager[Worker]:
     """The project's worker in this process, ready (LISTEN done, ring built) inside the block."""
-    async with (
-        open_worker(settings, url, handler, name="listener-bench") as worker,
-        anyio.create_task_group() as tg,
-    ):
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop(grace=2)
+    return assembly.running_worker(settings, url, handler, name="listener-bench", grace=2)
 
 
 class OldWorker:

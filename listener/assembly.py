@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
+
 from listener.db import open_pool
 from listener.generate import Generator
 from listener.limiter import make_limiter
@@ -33,3 +35,25 @@ async def open_worker(
         # In this event loop: the HTTP client's connections must not outlive it.
         await handler.aclose()
         await pool.close()
+
+
+@asynccontextmanager
+async def running_worker(
+    settings: Settings,
+    conninfo: str,
+    handler: ItemHandler | None = None,
+    *,
+    name: str = "listener-worker",
+    grace: float = 0.0,
+) -> AsyncIterator[Worker]:
+    """A worker running in this process: ready (LISTEN done, ring built) when the block starts,
+    stopped when it ends (in-flight items get `grace` seconds, then go back to PENDING)."""
+    async with (
+        open_worker(settings, conninfo, handler, name=name) as worker,
+        anyio.create_task_group() as tg,
+    ):
+        await tg.start(worker.run)
+        try:
+            yield worker
+        finally:
+            worker.stop(grace=grace)

@@ -6,15 +6,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import psycopg
 
-from listener.assembly import open_worker
+from listener import assembly
 from listener.claim import ClaimedItem
 from listener.generate import Generation, Generator
 from listener.settings import Settings, load_settings
@@ -95,20 +95,11 @@ class RecordingGenerator(Generator):
         return await super().__call__(item)
 
 
-@asynccontextmanager
-async def running_worker(
+def running_worker(
     conninfo: str, settings: Settings, handler: Generator | None = None
-) -> AsyncIterator[Worker]:
+) -> AbstractAsyncContextManager[Worker]:
     """A worker in this process, ready (LISTEN done, ring built) when the block starts."""
-    async with (
-        open_worker(settings, conninfo, handler, name="test-worker") as worker,
-        anyio.create_task_group() as tg,
-    ):
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop(grace=0)
+    return assembly.running_worker(settings, conninfo, handler, name="test-worker")
 
 
 def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[str]:
