@@ -141,3 +141,23 @@ async def communicate(proc: subprocess.Popen[str], seconds: float) -> str:
     """Wait for a process's exit in a thread: the stub serving it runs on this event loop."""
     output, _ = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=seconds))
     return str(output)
+
+
+# A developer's own settings must not leak into the commands a test runs.
+UNSET = ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT")
+
+
+def run_listener(
+    *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m listener ARGS` as a real process, with `env` on top of a clean environment."""
+    full_env = {k: v for k, v in os.environ.items() if k not in UNSET} | env
+    return subprocess.run(
+        [sys.executable, "-m", "listener", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -14,20 +14,16 @@ from pathlib import Path
 import pytest
 
 from listener.stub import StubConfig, run_stub
-from tests.support import communicate, spawn_worker, status_counts, wait_until, worker_is_ready
-from tests.test_demo import UNSET, postgres_processes_of
-
-
-def listener(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k not in UNSET} | env
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.support import (
+    UNSET,
+    communicate,
+    run_listener,
+    spawn_worker,
+    status_counts,
+    wait_until,
+    worker_is_ready,
+)
+from tests.test_demo import postgres_processes_of
 
 
 def table_row(output: str, first_cell: str) -> list[str]:
@@ -43,12 +39,14 @@ def table_row(output: str, first_cell: str) -> list[str]:
 async def test_enqueue_then_worker_completes_the_job_and_status_reports_it(
     database_url: str,
 ) -> None:
-    enqueued = listener("enqueue", "--store", "s1", "--products", "5", DATABASE_URL=database_url)
+    enqueued = run_listener(
+        "enqueue", "--store", "s1", "--products", "5", DATABASE_URL=database_url
+    )
     assert enqueued.returncode == 0, enqueued.stderr
     job_id = enqueued.stdout.strip()
     assert job_id.isdigit(), enqueued.stdout
 
-    backlog = listener("status", DATABASE_URL=database_url)
+    backlog = run_listener("status", DATABASE_URL=database_url)
     assert backlog.returncode == 0, backlog.stderr
     assert "Backlog per store" in backlog.stdout
     assert table_row(backlog.stdout, "s1") == ["s1", "5", "0"]  # 5 pending, 0 processing
@@ -64,20 +62,20 @@ async def test_enqueue_then_worker_completes_the_job_and_status_reports_it(
     assert worker.returncode == 0, output
     assert stub.state.completed_total == 5
 
-    status = listener("status", job_id, DATABASE_URL=database_url)
+    status = run_listener("status", job_id, DATABASE_URL=database_url)
     assert status.returncode == 0, status.stderr
     # job, store, status, pending, processing, completed, failed
     assert table_row(status.stdout, job_id) == [job_id, "s1", "COMPLETED", "0", "0", "5", "0"]
 
 
 def test_status_of_an_unknown_job_is_one_clear_line(database_url: str) -> None:
-    result = listener("status", "424242", DATABASE_URL=database_url)
+    result = run_listener("status", "424242", DATABASE_URL=database_url)
     assert result.returncode == 1
     assert result.stderr == "listener: no job 424242\n"
 
 
 def test_a_bad_setting_is_one_line_naming_it_and_exit_2() -> None:
-    result = listener("migrate", "status", DB_POOL_MAX="abc")
+    result = run_listener("migrate", "status", DB_POOL_MAX="abc")
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "DB_POOL_MAX" in lines[0], result.stderr
@@ -90,7 +88,7 @@ def test_secrets_never_appear_in_a_settings_error() -> None:
         "DATABASE_URL": "postgresql://app:pw-secret-42@db.invalid:5432/shop",
     }
     for bad in ({"RATE_LIMIT_RPM": "-1"}, {"DB_POOL_MIN": "9", "DB_POOL_MAX": "2"}):
-        result = listener("worker", **secrets, **bad)
+        result = run_listener("worker", **secrets, **bad)
         assert result.returncode == 2, result.stdout + result.stderr
         assert result.stderr.startswith("listener: invalid setting"), result.stderr
         for secret in ("sk-secret-0123456789abcdef", "pw-secret-42"):

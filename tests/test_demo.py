@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from listener.demo import STORES, _describe_url, plan
-from tests.support import query
+from tests.support import UNSET, query
 
 # Not ours to inherit: the demo must choose the stub and (in one test) the embedded database.
-UNSET = ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT")
 
 
 def run_demo(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

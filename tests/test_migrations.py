@@ -14,21 +14,9 @@ import pytest
 from listener.errors import MigrationError
 from listener.migrate import MigrationRunner, check_migrations, diff_against_schema, load_migrations
 from listener.sqlfiles import queries
+from tests.support import run_listener
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_up_from_empty_then_up_is_a_no_op(empty_database_url: str) -> None:
@@ -178,12 +166,12 @@ def test_two_concurrent_up_processes_apply_each_migration_once(empty_database_ur
 
 
 def test_cli_status_and_check(database_url: str) -> None:
-    status = run_cli("migrate", "status", env={"DATABASE_URL": database_url})
+    status = run_listener("migrate", "status", DATABASE_URL=database_url)
     assert status.returncode == 0, status.stderr
     assert "1730000012000_add-instance-id-to-job-items.sql [COMPLETED]" in status.stdout
-    check = run_cli("migrate", "check", env={"DATABASE_URL": database_url})
+    check = run_listener("migrate", "check", DATABASE_URL=database_url)
     assert check.returncode == 0, check.stdout + check.stderr
-    diff = run_cli("migrate", "diff", env={"DATABASE_URL": database_url})
+    diff = run_listener("migrate", "diff", DATABASE_URL=database_url)
     assert "matches sql/schema.sql" in diff.stdout
 
 
