@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+from psycopg_pool import AsyncConnectionPool
 
 from listener.claim import ClaimedItem, claim, split_quota
 from listener.errors import DatabaseError
@@ -67,7 +68,7 @@ def interleave(items: list[ClaimedItem]) -> list[ClaimedItem]:
 class Dispatcher:
     def __init__(
         self,
-        pool: object,
+        pool: AsyncConnectionPool,
         worker_id: str,
         *,
         claim_batch_size: int,
@@ -208,13 +209,7 @@ class Dispatcher:
         stores = self.ring.take(min(wanted, len(self.ring)))
         quotas = split_quota(stores, wanted, self.max_per_instance)
         try:
-            items = await claim(
-                self.pool,  # type: ignore[arg-type]
-                self.worker_id,
-                stores,
-                quotas,
-                self.lease_seconds,
-            )
+            items = await claim(self.pool, self.worker_id, stores, quotas, self.lease_seconds)
         except DatabaseError as error:
             logger.warning("[Worker] claim failed, retrying: %s", error)
             self._answer_all()  # their limiter slots are lost; no item is

@@ -14,7 +14,7 @@ import random
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,7 +84,6 @@ class Worker:
         limiter: Limiter,
         handler: ItemHandler,
         worker_id: str | None = None,
-        on_started: Callable[[Worker], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -118,7 +117,6 @@ class Worker:
             on_rebuild=self.dispatcher.rebuild,
             sweep_interval=settings.sweep_interval_seconds,
         )
-        self.on_started = on_started
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -140,8 +138,6 @@ class Worker:
             )
             pending = await items_db.count_pending(self.pool)
             logger.info("[Worker] ✅ Initialized with %d pending item(s)", pending)
-            if self.on_started is not None:
-                await self.on_started(self)
             task_status.started()
             try:
                 async with anyio.create_task_group() as workers:
