@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,10 +51,7 @@ def prepare_database(args: argparse.Namespace, settings: Settings) -> Setup:
     else:
         from listener.embedded import start_embedded
 
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers); pgserver copes.
-            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
-            url, embedded = start_embedded(args.data_dir), True
+        url, embedded = start_embedded(args.data_dir), True
         where = f"an embedded PostgreSQL in {args.data_dir} (DATABASE_URL is unset)"
     applied = MigrationRunner(url, output=lambda _line: None).up()
     schema = f"{len(applied)} migration(s) applied" if applied else "schema up to date"
