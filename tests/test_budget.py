@@ -9,6 +9,7 @@ import pytest
 
 from listener.claim import ClaimedItem
 from listener.generate import Generation
+from listener.limiter import Grant
 from listener.stub import StubConfig, run_stub
 from listener.worker import SLOT_SEEKERS
 from tests.support import (
@@ -74,6 +75,22 @@ async def test_a_429_pauses_the_whole_limiter_and_fails_no_item(database_url: st
         settings = make_settings(stub.base_url, rate_limit_rpm=6000, worker_concurrency=4)
         handler = TimedGenerator(settings)
         async with running_worker(database_url, settings, handler) as worker:
+            limiter = worker.limiter
+            acquire, pause = limiter.acquire, limiter.pause
+            slots: list[tuple[float, float]] = []  # (asked, granted)
+            paused: list[float] = []  # when each pause was in force
+
+            async def timed_acquire(estimated_tokens: int) -> Grant:
+                asked = anyio.current_time()
+                grant = await acquire(estimated_tokens)
+                slots.append((asked, anyio.current_time()))
+                return grant
+
+            async def timed_pause(seconds: float, *, rate_limited: bool) -> None:
+                await pause(seconds, rate_limited=rate_limited)
+                paused.append(anyio.current_time())
+
+            limiter.acquire, limiter.pause = timed_acquire, timed_pause  # type: ignore[method-assign]
             stub.state.config.fail_next_status.extend([429, 429])  # each says retry-after: 1
             insert_job(database_url, "store-429", 12)
             await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 12})
@@ -81,11 +98,12 @@ async def test_a_429_pauses_the_whole_limiter_and_fails_no_item(database_url: st
     assert query(database_url, "SELECT max(attempts) FROM job_items") == [(1,)]
     (limited_total,) = query(database_url, "SELECT rate_limited_total FROM rate_limiters")[0]
     assert limited_total == 2
-    # Every call after the last 429 waited for its retry-after, whichever worker made it.
-    last_429 = max(handler.limited_at)
-    later_calls = [t for t in handler.call_times if t > last_429]
-    assert later_calls
-    assert min(later_calls) - last_429 >= 0.95
+    # Every slot asked for once the pause was in force, whichever worker asked, came no sooner
+    # than the 429's retry-after (a slot granted before it cannot be recalled).
+    last_429, in_force = max(handler.limited_at), max(paused)
+    later = [granted for asked, granted in slots if asked >= in_force]
+    assert later
+    assert min(later) - last_429 >= 0.95
 
 
 async def test_two_processes_share_one_budget_without_a_429(database_url: str) -> None:

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_checklist_scenario_new_store_starts_within_one_free_slot(database_url: str) -> None:
-    # Store A submits 100 items; while A is being processed, store B submits 50.
-    async with run_stub(StubConfig(latency=0.05)) as stub:
+    # Store A submits 100 items; while A is being processed, store B submits 50. Calls take
+    # 0.1 s, long against a notification's delivery even on a busy machine.
+    async with run_stub(StubConfig(latency=0.1)) as stub:
         settings = make_settings(stub.base_url, worker_concurrency=4)
         handler = RecordingGenerator(settings)
         async with running_worker(database_url, settings, handler) as worker:
