@@ -22,7 +22,11 @@ SET status = 'PROCESSING',
     updated_at = now()
 FROM picked
 WHERE j.id = picked.id
-RETURNING j.id, j.job_id, j.instance_id, j.product_id, j.payload, j.attempts;
+-- The same columns as the project's claim, computed the same way.
+RETURNING j.id, j.job_id, j.instance_id, j.product_id,
+    CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s THEN j.payload::text END,
+    octet_length(j.payload::text),
+    j.attempts;
 
 -- naive_fair --
 -- Fair by construction (round robin: every store's first item, then every store's second, …,
@@ -49,4 +53,8 @@ SET status = 'PROCESSING',
     updated_at = now()
 FROM picked
 WHERE j.id = picked.id
-RETURNING j.id, j.job_id, j.instance_id, j.product_id, j.payload, j.attempts;
+-- The same columns as the project's claim, computed the same way.
+RETURNING j.id, j.job_id, j.instance_id, j.product_id,
+    CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s THEN j.payload::text END,
+    octet_length(j.payload::text),
+    j.attempts;

@@ -147,7 +147,12 @@ class OldWorker:
                 await pool.close()
 
     def _params(self) -> dict[str, Any]:
-        return {"batch": self.batch, "worker_id": self.worker_id, "lease_seconds": 300}
+        return {
+            "batch": self.batch,
+            "worker_id": self.worker_id,
+            "lease_seconds": 300,
+            "max_payload_bytes": self.settings.max_payload_bytes,
+        }
 
     async def _process(self, items: list[ClaimedItem], limiter: Limiter) -> list[Outcome]:
         outcomes: list[Outcome] = []

@@ -22,8 +22,10 @@ class ClaimedItem:
     job_id: int
     instance_id: str
     product_id: str | None
-    payload: Any
-    attempts: int
+    # The payload's JSON text; None when it is NULL or larger than the claim's size limit.
+    payload_text: str | None
+    payload_bytes: int | None  # None: the payload is NULL
+    attempts: int  # this claim's attempt number: it fences the outcome's write
 
 
 @dataclass(frozen=True)
@@ -37,22 +39,28 @@ class Outcome:
     delay: float = 0.0  # seconds before a PENDING item may be claimed again
     refund: bool = False  # give the attempt back: the item was released, not tried
     instance_id: str = field(default="", compare=False)
+    attempt: int = 0  # the claim's attempt number; an outcome of an older claim is not written
+
+    @classmethod
+    def of(cls, item: ClaimedItem, status: Status, **fields: Any) -> Outcome:
+        return cls(item.id, status, instance_id=item.instance_id, attempt=item.attempts, **fields)
 
     @classmethod
     def completed(cls, item: ClaimedItem, result: dict[str, Any]) -> Outcome:
-        return cls(item.id, "COMPLETED", result=result, instance_id=item.instance_id)
+        return cls.of(item, "COMPLETED", result=result)
 
     @classmethod
     def failed(cls, item: ClaimedItem, error: str) -> Outcome:
-        return cls(item.id, "FAILED", error=error, instance_id=item.instance_id)
+        return cls.of(item, "FAILED", error=error)
 
     @classmethod
     def retry(cls, item: ClaimedItem, error: str, delay: float) -> Outcome:
-        return cls(item.id, "PENDING", error=error, delay=delay, instance_id=item.instance_id)
+        return cls.of(item, "PENDING", error=error, delay=delay)
 
     @classmethod
-    def release(cls, item: ClaimedItem) -> Outcome:
-        return cls(item.id, "PENDING", refund=True, instance_id=item.instance_id)
+    def release(cls, item: ClaimedItem, error: str | None = None, delay: float = 0.0) -> Outcome:
+        """Back to PENDING with the attempt given back: the item itself was not at fault."""
+        return cls.of(item, "PENDING", error=error, delay=delay, refund=True)
 
 
 def split_quota(stores: Sequence[str], wanted: int, max_per_store: int) -> list[int]:
@@ -69,12 +77,14 @@ async def claim(
     stores: Sequence[str],
     quotas: Sequence[int],
     lease_seconds: float,
+    max_payload_bytes: int,
 ) -> list[ClaimedItem]:
     params = {
         "stores": list(stores),
         "limits": list(quotas),
         "worker_id": worker_id,
         "lease_seconds": lease_seconds,
+        "max_payload_bytes": max_payload_bytes,
     }
     try:
         async with pool.connection() as conn:
@@ -98,6 +108,7 @@ async def finish(pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[O
         "errors": [o.error for o in outcomes],
         "delays": [o.delay for o in outcomes],
         "refunds": [o.refund for o in outcomes],
+        "attempts": [o.attempt for o in outcomes],
         "worker_id": worker_id,
     }
     sql = queries("claim")

@@ -74,6 +74,7 @@ class Dispatcher:
         claim_batch_size: int,
         max_per_instance: int,
         lease_seconds: float,
+        max_payload_bytes: int,
         on_claimed: Callable[[list[ClaimedItem]], None],
         on_orphan: Callable[[ClaimedItem], None],
         clock: Callable[[], float] = anyio.current_time,
@@ -83,6 +84,7 @@ class Dispatcher:
         self.claim_batch_size = claim_batch_size
         self.max_per_instance = max_per_instance
         self.lease_seconds = lease_seconds
+        self.max_payload_bytes = max_payload_bytes
         self.on_claimed = on_claimed
         self.on_orphan = on_orphan
         self.clock = clock
@@ -209,7 +211,14 @@ class Dispatcher:
         stores = self.ring.take(min(wanted, len(self.ring)))
         quotas = split_quota(stores, wanted, self.max_per_instance)
         try:
-            items = await claim(self.pool, self.worker_id, stores, quotas, self.lease_seconds)
+            items = await claim(
+                self.pool,
+                self.worker_id,
+                stores,
+                quotas,
+                self.lease_seconds,
+                self.max_payload_bytes,
+            )
         except DatabaseError as error:
             logger.warning("[Worker] claim failed, retrying: %s", error)
             self._answer_all()  # their limiter slots are lost; no item is

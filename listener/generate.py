@@ -42,16 +42,52 @@ class Generation:
     pause_seconds: float | None = None
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "a number"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def read_payload(item: ClaimedItem, max_bytes: int) -> Any:
+    """The item's payload as Python data; one that cannot be read is a permanent error."""
+    if item.payload_bytes is None:
+        raise PermanentItemError(
+            "payload is missing (NULL): a JSON object with the product's data is required"
+        )
+    if item.payload_text is None:
+        raise PermanentItemError(
+            f"payload is {item.payload_bytes:,} bytes, over the limit of {max_bytes:,} "
+            "(MAX_PAYLOAD_BYTES)"
+        )
+    return json.loads(item.payload_text)
+
+
+def prompt_for(item: ClaimedItem, max_bytes: int) -> list[dict[str, str]]:
+    """The chat messages for one item, or a permanent error saying why there can be none."""
+    try:
+        return build_messages(read_payload(item, max_bytes))
+    except RecursionError:
+        # Python reads and writes JSON recursively: deep nesting is not product data.
+        raise PermanentItemError("payload is nested too deeply to read") from None
+
+
 def build_messages(payload: Any) -> list[dict[str, str]]:
     """The chat messages for one product; a payload the prompt cannot use is a permanent error."""
     if isinstance(payload, str):
         try:
             payload = json.loads(payload)
         except ValueError:
-            raise PermanentItemError("payload is not a JSON object (invalid JSON text)") from None
+            raise PermanentItemError(
+                "payload must be a JSON object with the product's data, got a string"
+            ) from None
     if not isinstance(payload, dict):
         raise PermanentItemError(
-            f"payload must be a JSON object with the product's data, got {type(payload).__name__}"
+            f"payload must be a JSON object with the product's data, got {_json_type(payload)}"
         )
     name = payload.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -132,6 +168,7 @@ class Generator:
     def __init__(self, settings: Settings, client: openai.AsyncOpenAI | None = None) -> None:
         self.model = settings.openai_model
         self.max_tokens = settings.openai_max_tokens
+        self.max_payload_bytes = settings.max_payload_bytes
         if client is None:
             key = settings.openai_api_key
             client = openai.AsyncOpenAI(
@@ -151,7 +188,7 @@ class Generator:
         return 250 + self.max_tokens
 
     async def __call__(self, item: ClaimedItem) -> Generation:
-        messages = build_messages(item.payload)
+        messages = prompt_for(item, self.max_payload_bytes)
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
                 model=self.model,

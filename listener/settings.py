@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     openai_model: str = Field(default="gpt-4o-mini", min_length=1)
     openai_timeout_seconds: float = Field(default=60.0, gt=0)
     openai_max_tokens: int = Field(default=300, ge=1)
+    # A product's data is a few hundred bytes; a payload past this fails its item at once
+    # (it would not fit a prompt) and is never loaded into the worker's memory.
+    max_payload_bytes: int = Field(default=65_536, ge=1024, le=100_000_000)
 
     # 0 turns a budget off (a local stub without limits, a benchmark of raw capacity).
     rate_limit_rpm: int = Field(default=450, ge=0)

@@ -108,6 +108,7 @@ class Worker:
             claim_batch_size=settings.claim_batch_size,
             max_per_instance=settings.max_per_instance,
             lease_seconds=settings.lease_seconds,
+            max_payload_bytes=settings.max_payload_bytes,
             on_claimed=self._on_claimed,
             on_orphan=lambda item: self._emit(Outcome.release(item)),
         )
@@ -260,7 +261,7 @@ class Worker:
                 if generation.pause_seconds:
                     await self.limiter.pause(generation.pause_seconds, rate_limited=False)
                 return Outcome.completed(item, generation.result)
-            return Outcome(item.id, "PENDING", error="rate limited", delay=5.0, refund=True)
+            return Outcome.release(item, error="rate limited", delay=5.0)
         except PermanentItemError as error:
             return Outcome.failed(item, str(error))
         except RetryableItemError as error:
@@ -273,7 +274,7 @@ class Worker:
         except DatabaseError as error:
             # The limiter's row was unreachable (settle/pause): the item is not at fault.
             logger.warning("[Worker] releasing item %d: %s", item.id, error)
-            return Outcome(item.id, "PENDING", error=str(error), delay=1.0, refund=True)
+            return Outcome.release(item, error=str(error), delay=1.0)
         except AuthenticationFailed:
             raise
         except Exception as error:

@@ -27,7 +27,13 @@ SET status = 'PROCESSING',
 -- An array, not a join with `picked`: the planner cannot tell how many rows the LATERALs
 -- yield, and for many stores it guessed high enough to hash-join a scan of the whole table.
 WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
-RETURNING j.id, j.job_id, j.instance_id, j.product_id, j.payload, j.attempts;
+-- The payload as text, parsed item by item in the worker: one that Python cannot read (nested
+-- past its recursion limit) fails that item alone, not the whole claim. One over the size
+-- limit is not sent at all, only its size, and fails with it.
+RETURNING j.id, j.job_id, j.instance_id, j.product_id,
+    CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s THEN j.payload::text END,
+    octet_length(j.payload::text),
+    j.attempts;
 
 -- store_next_items --
 -- The single-store form of the claim's lookup, for EXPLAIN in tests and in the runbook.
@@ -70,9 +76,12 @@ SET status = outcome.status,
     updated_at = now()
 FROM unnest(
     %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
-    %(delays)s::float8[], %(refunds)s::bool[]
-) AS outcome(id, status, result, error, delay, refund)
+    %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
+) AS outcome(id, status, result, error, delay, refund, attempt)
+-- The claim's attempt number fences it too: a worker frozen past its lease (a stopped VM, a
+-- long GC) that wakes up after its item was reaped and claimed again cannot overwrite it.
 WHERE j.id = outcome.id AND j.status = 'PROCESSING' AND j.claimed_by = %(worker_id)s
+  AND j.attempts = outcome.attempt
 RETURNING j.id, j.job_id;
 
 -- finish_jobs --

@@ -7,7 +7,10 @@ CREATE TABLE jobs (
     status text NOT NULL DEFAULT 'PENDING',
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
-    completed_at timestamptz
+    completed_at timestamptz,
+    -- A store id travels as a NOTIFY payload (8000 bytes at most) and as a btree key.
+    CONSTRAINT jobs_instance_id_length
+        CHECK (btrim(instance_id) <> '' AND octet_length(instance_id) <= 255)
 );
 
 CREATE INDEX idx_jobs_instance_id ON jobs (instance_id);
@@ -30,7 +33,11 @@ CREATE TABLE job_items (
     lease_expires_at timestamptz,
     run_after timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT job_items_status_check
-        CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED'))
+        CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED')),
+    CONSTRAINT job_items_instance_id_length
+        CHECK (btrim(instance_id) <> '' AND octet_length(instance_id) <= 255),
+    -- A btree entry holds at most 2704 bytes: refuse a longer product id with a clear name.
+    CONSTRAINT job_items_product_id_length CHECK (octet_length(product_id) <= 1024)
 );
 
 -- The checklist's indexes (the first three existed before the optimisation).

@@ -47,6 +47,7 @@ def test_the_claim_reads_index_heads_only_at_100k_rows(
                 "limits": [quota] * stores,
                 "worker_id": "w",
                 "lease_seconds": 60,
+                "max_payload_bytes": 65_536,
             },
         )
     assert "Seq Scan" not in plan and "Bitmap" not in plan and '"Sort"' not in plan
@@ -73,6 +74,7 @@ def test_a_claim_takes_each_store_s_oldest_items_up_to_its_quota(database_url: s
             "limits": [2, 2, 10],
             "worker_id": "w1",
             "lease_seconds": 60,
+            "max_payload_bytes": 65_536,
         }
         first = conn.execute(claim, params).fetchall()
         second = conn.execute(claim, {**params, "worker_id": "w2"}).fetchall()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from listener.claim import ClaimedItem
 from listener.errors import PermanentItemError
-from listener.generate import budget_pause, build_messages, parse_duration, retry_after
+from listener.generate import (
+    budget_pause,
+    build_messages,
+    parse_duration,
+    prompt_for,
+    retry_after,
+)
 
 
 def test_the_prompt_carries_the_product_s_name_and_data() -> None:
@@ -43,7 +51,10 @@ def test_a_json_text_payload_is_accepted() -> None:
     [
         (None, "payload must be a JSON object"),
         ([1, 2], "payload must be a JSON object"),
-        ("not json", "invalid JSON text"),
+        ("not json", "got a string"),
+        (None, "got null"),
+        (3.5, "got a number"),
+        (True, "got a boolean"),
         ({}, "no product 'name'"),
         ({"name": "   "}, "no product 'name'"),
         ({"name": 42}, "no product 'name'"),
@@ -52,6 +63,32 @@ def test_a_json_text_payload_is_accepted() -> None:
 def test_a_payload_the_prompt_cannot_use_is_a_permanent_error(payload: Any, reason: str) -> None:
     with pytest.raises(PermanentItemError, match=reason):
         build_messages(payload)
+
+
+def _item(payload_text: str | None, payload_bytes: int | None) -> ClaimedItem:
+    return ClaimedItem(1, 1, "store", "p1", payload_text, payload_bytes, 1)
+
+
+@pytest.mark.parametrize(
+    ("payload_text", "payload_bytes", "reason"),
+    [
+        (None, None, r"payload is missing \(NULL\)"),
+        (None, 10_485_760, r"payload is 10,485,760 bytes, over the limit of 65,536"),
+        ("[" * 100_000 + "]" * 100_000, 200_000, "nested too deeply"),
+        ('{"name": "x", "a": ' + "[" * 5_000 + "]" * 5_000 + "}", 10_019, "nested too deeply"),
+    ],
+)
+def test_a_payload_that_cannot_be_read_is_a_permanent_error(
+    payload_text: str | None, payload_bytes: int | None, reason: str
+) -> None:
+    with pytest.raises(PermanentItemError, match=reason):
+        prompt_for(_item(payload_text, payload_bytes), 65_536)
+
+
+def test_odd_unicode_is_product_data() -> None:
+    name = "Te\u0301a \u202eeman\u202c \U0001f375 \u200d\u00a0\ufeff"
+    messages = prompt_for(_item(json.dumps({"name": name}), 64), 65_536)
+    assert name.strip() in messages[1]["content"]
 
 
 @pytest.mark.parametrize(
