@@ -31,6 +31,11 @@ class EmbeddedServer(uvicorn.Server):
         """The bound port (the real one when asked for port 0)."""
         return int(self.servers[0].sockets[0].getsockname()[1])
 
+    @property
+    def host(self) -> str:
+        """The bound address (a host name resolved)."""
+        return str(self.servers[0].sockets[0].getsockname()[0])
+
 
 @contextlib.asynccontextmanager
 async def serving(app: Any, host: str, port: int) -> AsyncIterator[EmbeddedServer]:

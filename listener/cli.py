@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from listener import redact
 from listener.errors import ConfigurationError, ListenerError
 from listener.settings import Settings, load_settings
 
@@ -30,6 +31,8 @@ def setup_logging(level: str) -> None:
     # The HTTP clients log every request at INFO; that drowns the operator's lines.
     for noisy in ("httpx", "httpcore", "openai", "uvicorn.access", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # On the handlers, not the loggers: they see every record, whichever logger it comes from.
+    redact.install_filter(logging.getLogger().handlers)
 
 
 def database_url(settings: Settings) -> str:
@@ -39,6 +42,12 @@ def database_url(settings: Settings) -> str:
     from listener.embedded import start_embedded
 
     return start_embedded()
+
+
+def _settings(args: argparse.Namespace, settings: Settings) -> int:
+    for line in redact.settings_lines(settings):
+        _say(line)
+    return 0
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -94,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     stub.add_arguments(stub_parser)
     stub_parser.set_defaults(handler=_stub)
 
+    commands.add_parser(
+        "settings", help="print every effective setting as NAME=value, secrets as ***"
+    ).set_defaults(handler=_settings)
+
     for register in _extra_commands():
         register(commands)
     return parser
@@ -110,7 +123,7 @@ def _extra_commands() -> list[
 def _fail(error: BaseException) -> None:
     """One line: psycopg's messages span several ("Is the server running on that host…")."""
     text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    sys.stderr.write(f"listener: {text}\n")
+    sys.stderr.write(f"listener: {redact.redact(text)}\n")
 
 
 def unwrap(error: BaseException) -> BaseException:
@@ -127,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as error:
         sys.stderr.write(f"listener: {error}\n")
         return EXIT_CONFIG
+    redact.remember(settings)
+    # A bug's traceback may quote a connection string or a request's headers.
+    sys.excepthook = redact.excepthook
     setup_logging(settings.log_level)
     handler: Handler = args.handler
     try:

@@ -20,6 +20,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from listener import redact
+
 if TYPE_CHECKING:
     from listener.demo import Demo
 
@@ -33,6 +35,7 @@ def logs_through(console: Console, verbose: bool) -> Iterator[None]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     root.handlers = [RichHandler(console=console, show_path=False, markup=False)]
+    redact.install_filter(root.handlers)  # the handler it replaces had the filter
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         yield

@@ -8,6 +8,7 @@ take no inbound traffic.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 from collections.abc import Iterable
@@ -20,14 +21,17 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from listener.asgi import serving
+from listener.asgi import EmbeddedServer, serving
+from listener.auth import BearerTokenMiddleware
 from listener.db import pool_stats
 from listener.fleet import DB_ERRORS, Fleet, count_live_workers, describe, fetch_fleet, usage
-from listener.settings import Settings
+from listener.redact import redact
+from listener.settings import Settings, check_host
 
 if TYPE_CHECKING:
     from listener.worker import Worker
@@ -207,17 +211,44 @@ def build_app(
             collector.fleet = None
         return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
+    middleware = []
+    if settings.api_token is not None:
+        middleware.append(Middleware(BearerTokenMiddleware, token=settings.api_token))
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/api/rate-limiter/stats", stats, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-        ]
+        ],
+        middleware=middleware,
     )
 
 
 def _error(body: dict[str, Any], reason: str) -> JSONResponse:
-    return JSONResponse({**body, "status": "error", "error": reason}, status_code=503)
+    # The reason quotes a database error: masked like a log line, in case it echoes a secret.
+    return JSONResponse({**body, "status": "error", "error": redact(reason)}, status_code=503)
+
+
+def _announce(server: EmbeddedServer, settings: Settings) -> None:
+    host = server.host
+    guard = "API_TOKEN required but for /health" if settings.api_token else "no API_TOKEN"
+    logger.info(
+        "[HTTP] serving health, stats and metrics on port %d (%s; %s)", server.port, host, guard
+    )
+    if settings.api_token is None and not _is_loopback(host):
+        logger.warning(
+            "[HTTP] %s is reachable from other machines and API_TOKEN is unset: anyone who "
+            "reaches port %d reads the stats and metrics",
+            host,
+            server.port,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def serve_worker_http(
@@ -227,15 +258,15 @@ async def serve_worker_http(
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve on 0.0.0.0:PORT inside the current event loop until cancelled."""
+    """Serve on HTTP_HOST:PORT inside the current event loop until cancelled."""
     port = settings.port or DEFAULT_API_PORT
-    async with serving(build_app(pool, settings, worker), "0.0.0.0", port) as server:
-        logger.info("[HTTP] serving health, stats and metrics on port %d", server.port)
+    async with serving(build_app(pool, settings, worker), settings.http_host, port) as server:
+        _announce(server, settings)
         task_status.started()
         await anyio.sleep_forever()
 
 
-async def run_api(settings: Settings, conninfo: str, port: int) -> int:
+async def run_api(settings: Settings, conninfo: str, host: str, port: int) -> int:
     """`listener api`'s body: HTTP alone until SIGTERM or SIGINT."""
     from listener.db import open_pool
 
@@ -245,8 +276,8 @@ async def run_api(settings: Settings, conninfo: str, port: int) -> int:
             tg.start_soon(_cancel_on_signal, tg.cancel_scope)
             pool = await open_pool(conninfo, settings, name="listener-api")
             try:
-                async with serving(build_app(pool, settings), "0.0.0.0", port) as server:
-                    logger.info("[HTTP] serving health, stats and metrics on port %d", server.port)
+                async with serving(build_app(pool, settings), host, port) as server:
+                    _announce(server, settings)
                     await anyio.sleep_forever()
             finally:
                 with anyio.CancelScope(shield=True):
@@ -273,7 +304,8 @@ def _api(args: argparse.Namespace, settings: Settings) -> int:
 
     url = resolve_database(settings)
     port: int = args.port if args.port is not None else settings.port or DEFAULT_API_PORT
-    return anyio.run(run_api, settings, url, port)
+    host: str = args.host if args.host is not None else settings.http_host
+    return anyio.run(run_api, settings, url, host, port)
 
 
 def _port(text: str) -> int:
@@ -281,6 +313,13 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range: {port}")
     return port
+
+
+def _host(text: str) -> str:
+    try:
+        return check_host(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def register(commands: Any) -> None:
@@ -293,5 +332,11 @@ def register(commands: Any) -> None:
         type=_port,
         default=None,
         help=f"port to listen on (default: PORT, else {DEFAULT_API_PORT}; 0 picks a free one)",
+    )
+    api.add_argument(
+        "--host",
+        type=_host,
+        default=None,
+        help="address to listen on (default: HTTP_HOST, else 127.0.0.1; 0.0.0.0 for all)",
     )
     api.set_defaults(handler=_api)

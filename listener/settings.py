@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listener.errors import ConfigurationError
@@ -55,6 +57,11 @@ class Settings(BaseSettings):
     pool_stats_interval_seconds: float = Field(default=60.0, gt=0)
 
     port: int | None = Field(default=None, ge=1, le=65535)
+    # Loopback unless told otherwise: the stats and metrics are for the operator, and a
+    # platform's router (Render's web services) is the one place that needs 0.0.0.0.
+    http_host: str = "127.0.0.1"
+    # Set: every endpoint but /health wants `Authorization: Bearer <API_TOKEN>`.
+    api_token: SecretStr | None = None
     log_level: LogLevel = "INFO"
 
     @model_validator(mode="after")
@@ -65,8 +72,53 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("http_host")
+    @classmethod
+    def _http_host(cls, value: str) -> str:
+        return check_host(value)
 
-SECRET_FIELDS = frozenset({"openai_api_key", "database_url"})
+    @field_validator("api_token")
+    @classmethod
+    def _api_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_api_token(value.get_secret_value())
+        return value
+
+
+SECRET_FIELDS = frozenset({"openai_api_key", "database_url", "api_token"})
+
+# A token short enough to guess is no protection; 16 characters is the floor, 32+ is better.
+MIN_API_TOKEN_LENGTH = 16
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def check_host(value: str) -> str:
+    """An IP address or a host name to bind, as uvicorn takes it (`::`, not `[::]`)."""
+    if not value:
+        raise ValueError("must not be empty (127.0.0.1 serves this machine only, 0.0.0.0 all)")
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    # An all-digit last label is a mistyped IP address (999.0.0.1), not a name to resolve.
+    valid = all(_HOST_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+    if len(value) > 253 or not valid:
+        raise ValueError("not an IP address or a host name (e.g. 127.0.0.1, 0.0.0.0, ::)")
+    return value
+
+
+def check_api_token(token: str) -> None:
+    """The token's rules; the messages never repeat it."""
+    if len(token) < MIN_API_TOKEN_LENGTH:
+        raise ValueError(
+            f"too short: at least {MIN_API_TOKEN_LENGTH} characters (e.g. the output of "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    # It travels in an HTTP header, where spaces and other characters do not survive intact.
+    if not all("!" <= char <= "~" for char in token):
+        raise ValueError("only printable ASCII characters, no spaces")
 
 
 def describe_error(error: ValidationError) -> str:

@@ -104,8 +104,9 @@ def running_worker(
 
 def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[str]:
     """`python -m listener worker` as a real process."""
+    # A developer's own PORT or API_TOKEN stays out; the test's `env` may set them.
     full_env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in UNSET},
         "DATABASE_URL": conninfo,
         "OPENAI_API_KEY": "test-key",
         "OPENAI_BASE_URL": base_url,
@@ -117,7 +118,6 @@ def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[s
         "LOG_LEVEL": "INFO",
         **env,
     }
-    full_env.pop("PORT", None)
     return subprocess.Popen(
         [sys.executable, "-m", "listener", "worker"],
         env=full_env,
@@ -144,7 +144,7 @@ async def communicate(proc: subprocess.Popen[str], seconds: float) -> str:
 
 
 # A developer's own settings must not leak into the commands a test runs.
-UNSET = ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT")
+UNSET = ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT", "HTTP_HOST", "API_TOKEN")
 
 
 def run_listener(

@@ -24,6 +24,7 @@ from listener.stub import StubConfig, run_stub
 from tests.conftest import Server
 from tests.support import (
     ROOT,
+    UNSET,
     insert_job,
     query,
     running_worker,
@@ -143,7 +144,9 @@ async def test_serve_worker_http_serves_on_port_until_cancelled(
                 tg.cancel_scope.cancel()
         assert response.status_code == 200
         assert response.json()["listener"] == "not running"
-        assert f"[HTTP] serving health, stats and metrics on port {port}" in caplog.messages
+        # Loopback by default (HTTP_HOST), and the line says so.
+        serving_line = f"[HTTP] serving health, stats and metrics on port {port} (127.0.0.1; "
+        assert any(message.startswith(serving_line) for message in caplog.messages)
         # The socket is closed once the server task returns.
         with pytest.raises(OSError):
             await anyio.connect_tcp("127.0.0.1", port)
@@ -215,8 +218,8 @@ async def test_api_command_serves_health_and_exits_0_on_sigterm(
     database_url: str, free_tcp_port: int
 ) -> None:
     port = free_tcp_port
-    env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
-    env.pop("PORT", None)
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env |= {"DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
     output = bytearray()
 
     async def read(stream: anyio.abc.ByteReceiveStream) -> None:

@@ -1,0 +1,309 @@
+"""HTTP_HOST, API_TOKEN and secrets, against real processes: the worker serving on PORT,
+`listener api`, `listener settings`, the CLI's error lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from listener import http
+from listener.asgi import serving
+from listener.db import open_pool
+from listener.stub import StubConfig, run_stub
+from tests.support import (
+    ROOT,
+    UNSET,
+    communicate,
+    insert_job,
+    make_settings,
+    run_listener,
+    spawn_worker,
+    status_counts,
+    wait_until,
+    worker_is_ready,
+)
+
+pytestmark = pytest.mark.anyio
+
+DB_PASSWORD = "S3cretDbPass"
+KEY = "sk-live-Zq9xW3vK7mN2pL5r"
+TOKEN = "tok-Hb4Jd8Ls2Pq6Wv9Xy3Zk"
+NO_ADDRESS = "http://127.0.0.1:9/v1"  # OpenAI never called: no item is enqueued
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/net/tcp").exists(), reason="reads listening sockets from Linux's /proc"
+)
+
+
+def _address(hex_address: str) -> tuple[str, int]:
+    host, port = hex_address.split(":")
+    raw = bytes.fromhex(host)
+    # /proc prints each 32-bit word of the address in the machine's (little-endian) byte order.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, words), int(port, 16)
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses process `pid` listens on, as the kernel bound them."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        for fields in (line.split() for line in lines):
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(_address(fields[1]))
+    return found
+
+
+def _client_host(bound: str) -> str:
+    return "127.0.0.1" if bound == "0.0.0.0" else bound
+
+
+@asynccontextmanager
+async def api_process(*args: str, **env: str) -> AsyncIterator[tuple[int, bytearray]]:
+    """`listener api ARGS` until the block ends, ready (its serving line out); yields its pid
+    and its output so far. Stopped with SIGTERM, which must end it with 0."""
+    full_env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    full_env |= {"LOG_LEVEL": "INFO", **env}
+    output = bytearray()
+
+    async def read(stream: anyio.abc.ByteReceiveStream) -> None:
+        async for chunk in stream:  # drained all along: a full pipe would block its logging
+            output.extend(chunk)
+
+    async with (
+        await anyio.open_process(
+            [sys.executable, "-m", "listener", "api", *args],
+            env=full_env,
+            cwd=ROOT,
+            stderr=subprocess.STDOUT,
+        ) as process,
+        anyio.create_task_group() as tg,
+    ):
+        assert process.stdout is not None
+        tg.start_soon(read, process.stdout)
+        try:
+            with anyio.fail_after(30):
+                while b"[HTTP] serving" not in output:  # the process says when it is ready
+                    assert process.returncode is None, output.decode()
+                    await anyio.sleep(0.01)
+            yield process.pid, output
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                assert await process.wait() == 0, output.decode()
+        finally:
+            if process.returncode is None:
+                process.kill()
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("env", "bound"), [({}, "127.0.0.1"), ({"HTTP_HOST": "0.0.0.0"}, "0.0.0.0")]
+)
+async def test_the_worker_serves_on_loopback_unless_http_host_says_otherwise(
+    database_url: str, free_tcp_port: int, env: dict[str, str], bound: str
+) -> None:
+    port = free_tcp_port
+    worker = spawn_worker(database_url, NO_ADDRESS, PORT=str(port), **env)
+    try:
+        # HTTP starts before the worker beats: ready means serving too.
+        await wait_until(lambda: worker_is_ready(database_url, worker.pid))
+        assert listening_addresses(worker.pid) == {(bound, port)}
+        async with httpx.AsyncClient() as client:
+            health = await client.get(f"http://{_client_host(bound)}:{port}/health")
+        assert health.status_code == 200
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output = await communicate(worker, 30)
+    assert worker.returncode == 0, output
+    assert f"on port {port} ({bound}; no API_TOKEN)" in output
+    exposed = "is reachable from other machines and API_TOKEN is unset" in output
+    assert exposed == (bound == "0.0.0.0"), output
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("args", "env", "bound"),
+    [
+        ([], {}, "127.0.0.1"),
+        ([], {"HTTP_HOST": "127.0.0.2"}, "127.0.0.2"),
+        (["--host", "0.0.0.0"], {"HTTP_HOST": "127.0.0.2"}, "0.0.0.0"),  # --host wins
+    ],
+)
+async def test_listener_api_serves_on_loopback_unless_http_host_or_host_says_otherwise(
+    database_url: str, free_tcp_port: int, args: list[str], env: dict[str, str], bound: str
+) -> None:
+    port = free_tcp_port
+    async with api_process("--port", str(port), *args, DATABASE_URL=database_url, **env) as (
+        pid,
+        output,
+    ):
+        assert listening_addresses(pid) == {(bound, port)}, output.decode()
+        async with httpx.AsyncClient() as client:
+            health = await client.get(f"http://{_client_host(bound)}:{port}/health")
+        assert health.status_code == 200
+    assert f"on port {port} ({bound}; no API_TOKEN)".encode() in output
+
+
+def test_a_bad_http_host_or_api_token_is_one_line_and_exit_2() -> None:
+    for env in ({"HTTP_HOST": "http://0.0.0.0"}, {"API_TOKEN": "short-secret"}):
+        result = run_listener("settings", **env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        [line] = result.stderr.splitlines()
+        [name] = env
+        assert line.startswith(f"listener: invalid setting {name}: "), line
+        assert "short-secret" not in result.stdout + result.stderr
+    bad_flag = run_listener("api", "--host", "")
+    assert bad_flag.returncode == 2
+    assert "--host: must not be empty" in bad_flag.stderr
+
+
+async def _check_guard(client: httpx.AsyncClient) -> None:
+    """/health open; everything else 401 without the right token, 200 with it."""
+    assert (await client.get("/health")).status_code == 200
+    wrong = {"Authorization": "Bearer not-the-token-at-all"}
+    assert (await client.get("/health", headers=wrong)).status_code == 200
+    refused = [
+        {},
+        wrong,
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+    ]
+    for path in ("/metrics", "/api/rate-limiter/stats"):
+        for headers in refused:
+            response = await client.get(path, headers=headers)
+            assert response.status_code == 401, (path, headers)
+            assert response.headers["www-authenticate"] == "Bearer"
+            body = response.json()
+            assert body["status"] == "error" and "Bearer" in body["error"]
+            assert TOKEN not in response.text
+        for scheme in ("Bearer", "bearer"):
+            granted = await client.get(path, headers={"Authorization": f"{scheme} {TOKEN}"})
+            assert granted.status_code == 200, (path, granted.text)
+    # Paths that do not exist say nothing without the token either.
+    assert (await client.get("/nowhere")).status_code == 401
+    assert (
+        await client.get("/nowhere", headers={"Authorization": f"Bearer {TOKEN}"})
+    ).status_code == 404
+
+
+async def test_api_token_guards_every_endpoint_but_health(database_url: str) -> None:
+    guarded = make_settings(NO_ADDRESS, api_token=TOKEN)
+    pool = await open_pool(database_url, guarded, name="test-auth")
+    try:
+        async with (
+            serving(http.build_app(pool, guarded), "127.0.0.1", 0) as server,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+        ):
+            await _check_guard(client)
+        # Without API_TOKEN nothing asks for one.
+        async with (
+            serving(http.build_app(pool, make_settings(NO_ADDRESS)), "127.0.0.1", 0) as server,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+        ):
+            assert (await client.get("/metrics")).status_code == 200
+            assert (await client.get("/api/rate-limiter/stats")).status_code == 200
+    finally:
+        await pool.close()
+
+
+async def test_listener_api_asks_for_api_token(database_url: str, free_tcp_port: int) -> None:
+    port = free_tcp_port
+    async with (
+        api_process("--port", str(port), DATABASE_URL=database_url, API_TOKEN=TOKEN) as (
+            _pid,
+            output,
+        ),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        await _check_guard(client)
+    text = output.decode()
+    assert "(127.0.0.1; API_TOKEN required but for /health)" in text
+    assert TOKEN not in text
+
+
+def _with_password(conninfo: str, password: str) -> str:
+    """The test database's URL, carrying a password (trust authentication accepts any)."""
+    parts = conninfo_to_dict(conninfo)
+    host = quote(str(parts.get("host") or "localhost"), safe="")  # maybe a socket folder
+    port = parts.get("port") or 5432
+    return f"postgresql://{parts['user']}:{password}@{host}:{port}/{parts['dbname']}"
+
+
+async def test_no_secret_reaches_logs_http_errors_or_settings_output(
+    database_url: str, free_tcp_port: int
+) -> None:
+    port = free_tcp_port
+    secret_url = _with_password(database_url, DB_PASSWORD)
+    secrets = {"DATABASE_URL": secret_url, "OPENAI_API_KEY": KEY, "API_TOKEN": TOKEN}
+    seen: list[str] = []
+    # The stub insists on the key: the worker really sends it, and still never prints it.
+    async with run_stub(StubConfig(required_api_key=KEY)) as stub:
+        worker = spawn_worker(
+            secret_url, stub.base_url, **secrets, PORT=str(port), LOG_LEVEL="DEBUG"
+        )
+        try:
+            await wait_until(lambda: worker_is_ready(database_url, worker.pid))
+            insert_job(database_url, "store-secrets", 3)
+            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 3})
+            bearer = {"Authorization": f"Bearer {TOKEN}"}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                for path in ("/health", "/metrics", "/api/rate-limiter/stats"):
+                    response = await client.get(path, headers=bearer)
+                    assert response.status_code == 200, (path, response.text)
+                    seen.append(f"{response.headers}\n{response.text}")
+                refused = await client.get("/metrics", headers={"Authorization": "Bearer x"})
+                assert refused.status_code == 401
+                seen.append(f"{refused.headers}\n{refused.text}")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            output = await communicate(worker, 30)
+    assert worker.returncode == 0, output
+    assert stub.state.completed_total == 3
+    assert " DEBUG " in output and "[Worker] Claimed" in output  # it did log, at length
+    seen.append(output)
+
+    shown = run_listener("settings", **secrets)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert f"DATABASE_URL={_with_password(database_url, '***')}" in lines
+    assert {"OPENAI_API_KEY=***", "API_TOKEN=***"} <= set(lines)
+    seen += [shown.stdout, shown.stderr]
+
+    # libpq quotes these malformed URLs whole in its errors, password included.
+    for malformed in (
+        f"postgresql://postgres:{DB_PASSWORD}%zz@127.0.0.1/db",
+        f"postgresql://postgres:{DB_PASSWORD}@[::1/db",
+    ):
+        for command in (["worker"], ["migrate", "status"]):
+            failed = run_listener(*command, **(secrets | {"DATABASE_URL": malformed}))
+            assert failed.returncode == 2, failed.stdout + failed.stderr
+            [line] = failed.stderr.splitlines()
+            assert line.startswith("listener: invalid setting DATABASE_URL"), line
+            seen += [failed.stdout, failed.stderr]
+
+    everything = "\n".join(seen)
+    for secret in (DB_PASSWORD, KEY, TOKEN):
+        assert secret not in everything
