@@ -97,10 +97,16 @@ async def claim(
     return items
 
 
-async def finish(pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]) -> int:
-    """Write a batch of outcomes, then close the jobs they finished. Returns rows written."""
+async def finish(
+    pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]
+) -> set[int]:
+    """Write a batch of outcomes, then close the jobs they finished.
+
+    Returns the ids written: an item this worker no longer holds (its lease expired and the
+    item was reaped, perhaps done elsewhere) is left as it is.
+    """
     if not outcomes:
-        return 0
+        return set()
     params = {
         "ids": [o.item_id for o in outcomes],
         "statuses": [o.status for o in outcomes],
@@ -122,7 +128,7 @@ async def finish(pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[O
                 await conn.execute(sql["finish_jobs"], {"job_ids": finished_jobs})
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
-    return len(rows)
+    return {int(item_id) for item_id, _job_id in rows}
 
 
 async def extend_leases(

@@ -9,12 +9,16 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+from anyio.abc import TaskStatus
 
 from listener.errors import ConfigurationError, ListenerError
 from listener.settings import Settings
+
+if TYPE_CHECKING:
+    from listener.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -50,33 +54,56 @@ def check_openai_settings(settings: Settings) -> None:
 async def run_worker(settings: Settings, conninfo: str) -> int:
     """The `worker` command's body; returns the exit code."""
     from listener.assembly import open_worker
+    from listener.db import wait_for_database
 
     check_openai_settings(settings)
-    async with open_worker(settings, conninfo) as worker:
-        if settings.openai_api_key is not None:
-            logger.info("[Worker] OpenAI API key is configured")
-        else:
-            logger.info("[Worker] no OpenAI API key: using %s", settings.openai_base_url)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signals, worker)
-            if settings.port:
-                from listener.http import serve_worker_http
-
-                await tg.start(serve_worker_http, settings, worker.pool, worker)
-            await worker.run()
-            tg.cancel_scope.cancel()
-    return EXIT_AUTH if worker.fatal else 0
-
-
-async def _stop_on_signals(worker: Any) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if not worker.stopping:
-                logger.info("[Worker] %s received", signal.Signals(signum).name)
-                worker.stop()
+    fatal = None
+    async with anyio.create_task_group() as tg:
+        signals = WorkerSignals(tg.cancel_scope)
+        # Handlers first: a deploy's SIGTERM may come while the database is still unreachable.
+        await tg.start(signals.run)
+        await wait_for_database(conninfo)
+        async with open_worker(settings, conninfo) as worker:
+            if settings.openai_api_key is not None:
+                logger.info("[Worker] OpenAI API key is configured")
             else:
-                logger.warning("[Worker] second signal: releasing in-flight items now")
-                worker.cancel_in_flight()
+                logger.info("[Worker] no OpenAI API key: using %s", settings.openai_base_url)
+            async with anyio.create_task_group() as serving:
+                if settings.port:
+                    from listener.http import serve_worker_http
+
+                    await serving.start(serve_worker_http, settings, worker.pool, worker)
+                signals.worker = worker
+                await worker.run()
+                serving.cancel_scope.cancel()
+            fatal = worker.fatal
+        tg.cancel_scope.cancel()
+    return EXIT_AUTH if fatal else 0
+
+
+class WorkerSignals:
+    """SIGTERM and SIGINT over the worker command's whole life: before the worker runs, the
+    first ends the start-up; once it runs, the first stops it gracefully and a second one
+    releases the in-flight items at once."""
+
+    def __init__(self, startup: anyio.CancelScope) -> None:
+        self.startup = startup
+        self.worker: Worker | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self.worker is None:
+                    logger.info("[Worker] %s received before the worker started: exiting", name)
+                    self.startup.cancel()
+                elif not self.worker.stopping:
+                    logger.info("[Worker] %s received", name)
+                    self.worker.stop()
+                else:
+                    logger.warning("[Worker] second signal: releasing in-flight items now")
+                    self.worker.cancel_in_flight()
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:

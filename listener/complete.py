@@ -30,7 +30,7 @@ class Completer:
         self,
         pool: AsyncConnectionPool,
         worker_id: str,
-        on_written: Callable[[list[Outcome]], None],
+        on_written: Callable[[list[Outcome], list[Outcome]], None],
         rng: random.Random,
     ) -> None:
         self.pool = pool
@@ -73,7 +73,7 @@ class Completer:
         # outcome lands only while this worker still holds its item.
         while True:
             try:
-                await items_db.finish(self.pool, self.worker_id, batch)
+                written = await items_db.finish(self.pool, self.worker_id, batch)
                 break
             except DatabaseError as error:
                 if anyio.current_time() >= self._give_up_at:
@@ -93,4 +93,11 @@ class Completer:
                 )
                 await anyio.sleep(delay)
         self.backoff.reset()
-        self.on_written(batch)
+        superseded = [outcome for outcome in batch if outcome.item_id not in written]
+        if superseded:
+            logger.warning(
+                "[Worker] %d outcome(s) not written: their leases had expired and the items "
+                "were taken back (this worker was frozen or cut off for too long)",
+                len(superseded),
+            )
+        self.on_written([o for o in batch if o.item_id in written], superseded)

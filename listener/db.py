@@ -9,8 +9,10 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
+from listener.backoff import Backoff
 from listener.errors import DatabaseError
 from listener.settings import Settings
+from listener.sqlfiles import queries
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,48 @@ async def open_pool(
         await pool.close()
         raise DatabaseError(f"cannot open the connection pool: {error}") from error
     return pool
+
+
+def one_line(error: BaseException) -> str:
+    """psycopg's messages span lines ("Is the server running on that host…"): one log line."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+async def wait_for_database(
+    conninfo: str, backoff: Backoff | None = None, connect_timeout: int = 10
+) -> int:
+    """Return once the database answers and holds our schema; returns the attempts it took.
+
+    An unreachable database (starting, restarting, a network cut, not yet created) is retried
+    for ever with capped, jittered backoff, one warning line per attempt: an outage is not a
+    crash loop. A database without the schema is a deploy mistake and raises at once.
+    """
+    backoff = backoff or Backoff(base=1.0, cap=30.0)
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo, autocommit=True, connect_timeout=connect_timeout
+            )
+        except psycopg.OperationalError as error:
+            delay = backoff.next()
+            logger.warning(
+                "[DB] database unreachable (attempt %d): %s; retrying in %.1fs",
+                backoff.attempt,
+                one_line(error),
+                delay,
+            )
+            await anyio.sleep(delay)
+            continue
+        async with conn:
+            cursor = await conn.execute(queries("worker")["schema_ready"])
+            row = await cursor.fetchone()
+        if not (row and row[0]):
+            raise DatabaseError(
+                "the database has no job_items table: run `listener migrate up` first"
+            )
+        if backoff.attempt:
+            logger.info("[DB] database reachable after %d attempt(s)", backoff.attempt + 1)
+        return backoff.attempt + 1
 
 
 def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:

@@ -69,6 +69,7 @@ class Counters:
     released: int = 0
     rate_limited: int = 0
     reaped: int = 0
+    superseded: int = 0  # outcomes refused: the lease had expired and the item was taken back
 
 
 def new_worker_id() -> str:
@@ -153,11 +154,12 @@ class Worker:
             await self._forget_heartbeat()
             services.cancel_scope.cancel()
         logger.info(
-            "[Worker] stopped: %d completed, %d failed, %d retried, %d released",
+            "[Worker] stopped: %d completed, %d failed, %d retried, %d released, %d superseded",
             self.counters.completed,
             self.counters.failed,
             self.counters.retried,
             self.counters.released,
+            self.counters.superseded,
         )
 
     def stop(self, grace: float | None = None) -> None:
@@ -293,7 +295,10 @@ class Worker:
 
     # -- services -------------------------------------------------------------------------
 
-    def _on_written(self, batch: list[Outcome]) -> None:
+    def _on_written(self, batch: list[Outcome], superseded: list[Outcome]) -> None:
+        self.counters.superseded += len(superseded)
+        for outcome in superseded:
+            self.held.pop(outcome.item_id, None)
         for outcome in batch:
             self.held.pop(outcome.item_id, None)
             if outcome.status == "COMPLETED":
@@ -334,6 +339,7 @@ class Worker:
             "retried": self.counters.retried,
             "released": self.counters.released,
             "reaped": self.counters.reaped,
+            "superseded": self.counters.superseded,
             "claims": self.dispatcher.claims,
             "claimedItems": self.dispatcher.claimed_items,
             "inFlight": len(self.running),

@@ -38,3 +38,7 @@ SELECT rate_limited_total,
     CASE WHEN paused_until > clock_timestamp() THEN paused_until END AS paused_until
 FROM rate_limiters
 WHERE name = %(name)s;
+
+-- schema_ready --
+-- Has `listener migrate up` run here? The worker checks before it starts.
+SELECT to_regclass('job_items') IS NOT NULL;

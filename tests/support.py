@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -161,3 +162,50 @@ def run_listener(
         timeout=120,
         check=False,
     )
+
+
+# A test-only trigger: every write that leaves an item COMPLETED or FAILED is logged, so a
+# test can prove each item's outcome was written exactly once, whatever failed on the way.
+_AUDIT = """
+CREATE TABLE item_writes (item_id bigint NOT NULL, status text NOT NULL, worker text);
+CREATE FUNCTION audit_item_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO item_writes VALUES (NEW.id, NEW.status, NEW.claimed_by);
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER audit_item_write AFTER UPDATE ON job_items
+    FOR EACH ROW WHEN (NEW.status IN ('COMPLETED', 'FAILED'))
+    EXECUTE FUNCTION audit_item_write();
+"""
+
+
+def install_write_audit(conninfo: str) -> None:
+    with psycopg.connect(conninfo) as conn:
+        conn.execute(_AUDIT)
+
+
+def outcome_writes(conninfo: str) -> Counter[int]:
+    """How many times each item's final outcome was written (items never finished: absent)."""
+    return Counter(
+        dict(query(conninfo, "SELECT item_id, count(*) FROM item_writes GROUP BY item_id"))
+    )
+
+
+def item_ids(conninfo: str) -> set[int]:
+    return {int(row[0]) for row in query(conninfo, "SELECT id FROM job_items")}
+
+
+async def read_lines_until(
+    proc: subprocess.Popen[str], done: Callable[[list[str]], bool], deadline: float = 30.0
+) -> list[str]:
+    """A process's output lines, read as they come, until `done(lines)` holds."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    with anyio.fail_after(deadline):
+        while not done(lines):
+            line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
+            if not line:
+                raise AssertionError(f"the process ended first:\n{''.join(lines)}")
+            lines.append(line)
+    return lines
