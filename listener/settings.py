@@ -64,6 +64,47 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     log_level: LogLevel = "INFO"
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        # Checked here, not at the first connection: a typo is a configuration error (exit 2),
+        # not an outage to retry; and psycopg's own message would quote the URL, password too.
+        if not value:
+            return None
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            parts = conninfo_to_dict(value)
+        except ProgrammingError:
+            raise ValueError(
+                "not a PostgreSQL URL (postgresql://user:password@host:5432/dbname)"
+                " nor a connection string (host=... dbname=...)"
+            ) from None
+        port = str(parts.get("port", "5432"))
+        if not all(p.isdigit() for p in port.split(",")):
+            raise ValueError("its port is not a number")
+        return value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value or None
+
+    @field_validator("openai_api_key")
+    @classmethod
+    def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty or spaced key fails every call as a connection error (an invalid header),
+        # which would be retried for ever: refuse it at start instead.
+        if value is not None and (
+            not value.get_secret_value()
+            or value.get_secret_value() != value.get_secret_value().strip()
+        ):
+            raise ValueError("is empty or has spaces around it")
+        return value
+
     @model_validator(mode="after")
     def _pool_bounds(self) -> Settings:
         if self.db_pool_min > self.db_pool_max:

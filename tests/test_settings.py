@@ -1,0 +1,94 @@
+"""Every setting refuses a bad value at start: one line naming it, exit code 2, no secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from listener.cli import EXIT_CONFIG, main
+from listener.settings import Settings
+
+# One invalid value for every setting; a setting added without one fails the coverage test.
+BAD_VALUES = {
+    "database_url": "postgresql://app:hunter2@db:port/app",
+    "db_pool_max": "0",
+    "db_pool_min": "-1",
+    "openai_api_key": " sk-with-a-space",
+    "openai_base_url": "api.openai.com/v1",
+    "openai_model": "",
+    "openai_timeout_seconds": "0",
+    "openai_max_tokens": "lots",
+    "max_payload_bytes": "10",
+    "rate_limit_rpm": "-450",
+    "rate_limit_tpm": "2e5x",
+    "rate_limiter_name": "",
+    "rate_limit_headroom_percent": "75",
+    "claim_batch_size": "0",
+    "max_per_instance": "0",
+    "worker_concurrency": "sixteen",
+    "max_attempts": "0",
+    "retry_base_seconds": "-1",
+    "retry_cap_seconds": "0",
+    "lease_seconds": "1",
+    "sweep_interval_seconds": "0",
+    "shutdown_grace_seconds": "-5",
+    "pool_stats_interval_seconds": "never",
+    "port": "70000",
+    "http_host": "",
+    "api_token": "tiny-T0ken",
+    "log_level": "LOUD",
+}
+SECRETS = {
+    "database_url": "hunter2",
+    "openai_api_key": "sk-with-a-space",
+    "api_token": "tiny-T0ken",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No developer's `.env` or environment leaks in."""
+    monkeypatch.chdir(tmp_path)
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_every_setting_has_a_bad_value_tested() -> None:
+    assert set(BAD_VALUES) == set(Settings.model_fields)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_a_bad_value_stops_the_program_with_one_line_naming_the_setting(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(name.upper(), BAD_VALUES[name])
+    assert main(["worker"]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"listener: invalid setting {name.upper()}: "), err
+    if name in SECRETS:
+        assert SECRETS[name] not in err
+
+
+def test_pool_bounds_that_contradict_each_other(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DB_POOL_MIN", "8")
+    monkeypatch.setenv("DB_POOL_MAX", "4")
+    assert main(["worker"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err == "listener: invalid settings: DB_POOL_MIN (8) is larger than DB_POOL_MAX (4)\n"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:hunter2@db.internal:5432/app",
+        "host=db.internal port=5432 dbname=app user=app password=hunter2",
+        "postgres://app@db.internal/app?sslmode=require",
+    ],
+)
+def test_good_database_urls_are_accepted(url: str) -> None:
+    assert Settings(database_url=url).database_url == url
