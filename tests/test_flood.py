@@ -1,0 +1,104 @@
+"""A flood of notifications: 100,000 stores at once, then the same stores announced again and
+again. The ring holds each store once whatever the number of notifications, and serves each.
+
+The handler here answers at once, after a gate opens: this test is about the listener, the
+ring and the claims under a flood, not about OpenAI (the other tests use the real client).
+"""
+
+from __future__ import annotations
+
+import resource
+from collections import Counter
+
+import anyio
+import psycopg
+import pytest
+
+from listener.claim import ClaimedItem
+from listener.generate import Generation
+from tests.support import make_settings, query, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+STORES = 100_000
+
+
+class GatedHandler:
+    """Holds every item until `gate` is set, then answers at once; notes each store served."""
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.served: Counter[str] = Counter()
+
+    def estimate_tokens(self) -> int:
+        return 1
+
+    async def __call__(self, item: ClaimedItem) -> Generation:
+        await self.gate.wait()
+        self.served[item.instance_id] += 1
+        return Generation(result={"text": "ok"}, total_tokens=1)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def ring_entries(ring: object) -> int:
+    """Entries the ring's queues hold, tombstones included (what its memory grows with)."""
+    return len(ring._fresh) + len(ring._round_robin)  # type: ignore[attr-defined]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def test_a_hundred_thousand_stores_at_once_keep_the_ring_bounded_and_each_is_served(
+    database_url: str,
+) -> None:
+    handler = GatedHandler()
+    settings = make_settings(
+        "http://127.0.0.1:9/v1", worker_concurrency=64, claim_batch_size=500, db_pool_max=4
+    )
+    async with running_worker(database_url, settings, handler) as worker:  # type: ignore[arg-type]
+        ring = worker.dispatcher.ring
+        rss_before = peak_rss_mib()
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                "INSERT INTO jobs (instance_id) SELECT 'flood-' || n FROM generate_series(1, %s) n",
+                (STORES,),
+            )
+            # One statement: one notification per store, 100,000 of them in one transaction.
+            conn.execute(
+                "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+                " SELECT id, instance_id, 'p1', '{\"name\": \"Flood\"}' FROM jobs"
+            )
+        await wait_until(lambda: worker.listener.notifications >= STORES, deadline=120)
+        assert len(ring) <= STORES
+        # Every store announced three more times, all at once: nothing new to hold. (One
+        # transaction each: Postgres folds identical notifications within a transaction.)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for _ in range(3):
+                conn.execute(
+                    "SELECT pg_notify('job_items_ready', 'flood-' || n)"
+                    " FROM generate_series(1, %s) n",
+                    (STORES,),
+                )
+        await wait_until(lambda: worker.listener.notifications >= 4 * STORES, deadline=120)
+        held = len(worker.held)
+        assert held <= settings.worker_concurrency
+        # Every store with work is in the ring, once: only those just claimed may have left.
+        assert STORES - held <= len(ring) <= STORES
+        assert ring_entries(ring) <= 2 * len(ring) + 1
+        rss_growth = peak_rss_mib() - rss_before
+        handler.gate.set()
+        await wait_until(
+            lambda: (
+                query(database_url, "SELECT count(*) FROM job_items WHERE status = 'COMPLETED'")
+                == [(STORES,)]
+            ),
+            deadline=180,
+        )
+        assert not len(ring) or all(store.startswith("flood-") for store in ring)
+    assert len(handler.served) == STORES
+    assert set(handler.served.values()) == {1}
+    # 100,000 store ids and their items in flight cost tens of MiB, not one copy per message.
+    assert rss_growth < 250, f"peak RSS grew {rss_growth:.0f} MiB"
