@@ -50,6 +50,10 @@ WORKER_COUNTERS = {
     "retried": ("listener_items_retried", "Item attempts that failed and were rescheduled"),
     "released": ("listener_items_released", "Items returned to PENDING without using an attempt"),
     "reaped": ("listener_items_reaped", "Items whose expired lease the reaper returned"),
+    "superseded": (
+        "listener_outcomes_superseded",
+        "Outcomes refused because the item's lease had expired and it was taken back",
+    ),
 }
 
 
@@ -268,12 +272,13 @@ async def serve_worker_http(
 
 async def run_api(settings: Settings, conninfo: str, host: str, port: int) -> int:
     """`listener api`'s body: HTTP alone until SIGTERM or SIGINT."""
-    from listener.db import open_pool
+    from listener.db import open_pool, wait_for_database
 
     try:
         async with anyio.create_task_group() as tg:
-            # A signal cancels everything, even an open_pool still waiting for the database.
-            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+            # A signal cancels everything, even the wait for a database that is unreachable.
+            await tg.start(_cancel_on_signal, tg.cancel_scope)
+            await wait_for_database(conninfo)
             pool = await open_pool(conninfo, settings, name="listener-api")
             try:
                 async with serving(build_app(pool, settings), host, port) as server:
@@ -291,8 +296,11 @@ async def run_api(settings: Settings, conninfo: str, host: str, port: int) -> in
     return 0
 
 
-async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+async def _cancel_on_signal(
+    scope: anyio.CancelScope, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             logger.info("[HTTP] %s received: stopping", signal.Signals(signum).name)
             scope.cancel()
