@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import psycopg
 
 from listener import assembly
@@ -209,3 +211,40 @@ async def read_lines_until(
                 raise AssertionError(f"the process ended first:\n{''.join(lines)}")
             lines.append(line)
     return lines
+
+
+@asynccontextmanager
+async def api_process(*args: str, **env: str) -> AsyncIterator[tuple[int, bytearray]]:
+    """`listener api ARGS` until the block ends, ready (its serving line out); yields its pid
+    and its output so far. Stopped with SIGTERM, which must end it with 0."""
+    full_env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    full_env |= {"LOG_LEVEL": "INFO", **env}
+    output = bytearray()
+
+    async def read(stream: anyio.abc.ByteReceiveStream) -> None:
+        async for chunk in stream:  # drained all along: a full pipe would block its logging
+            output.extend(chunk)
+
+    async with (
+        await anyio.open_process(
+            [sys.executable, "-m", "listener", "api", *args],
+            env=full_env,
+            cwd=ROOT,
+            stderr=subprocess.STDOUT,
+        ) as process,
+        anyio.create_task_group() as tg,
+    ):
+        assert process.stdout is not None
+        tg.start_soon(read, process.stdout)
+        try:
+            with anyio.fail_after(30):
+                while b"[HTTP] serving" not in output:  # the process says when it is ready
+                    assert process.returncode is None, output.decode()
+                    await anyio.sleep(0.01)
+            yield process.pid, output
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                assert await process.wait() == 0, output.decode()
+        finally:
+            if process.returncode is None:
+                process.kill()

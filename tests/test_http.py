@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -23,8 +20,7 @@ from listener.errors import ListenerError
 from listener.stub import StubConfig, run_stub
 from tests.conftest import Server
 from tests.support import (
-    ROOT,
-    UNSET,
+    api_process,
     insert_job,
     query,
     running_worker,
@@ -218,56 +214,19 @@ async def test_api_command_serves_health_and_exits_0_on_sigterm(
     database_url: str, free_tcp_port: int
 ) -> None:
     port = free_tcp_port
-    env = {k: v for k, v in os.environ.items() if k not in UNSET}
-    env |= {"DATABASE_URL": database_url, "LOG_LEVEL": "INFO"}
-    output = bytearray()
-
-    async def read(stream: anyio.abc.ByteReceiveStream) -> None:
-        # Drained all along, so a full pipe never blocks the process's logging.
-        async for chunk in stream:
-            output.extend(chunk)
-
+    # api_process waits for the serving line and checks the exit code after SIGTERM.
     async with (
-        await anyio.open_process(
-            [sys.executable, "-m", "listener", "api", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stderr=subprocess.STDOUT,
-        ) as process,
-        anyio.create_task_group() as tg,
+        api_process("--port", str(port), DATABASE_URL=database_url),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
     ):
-        assert process.stdout is not None
-        tg.start_soon(read, process.stdout)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                with anyio.fail_after(20):
-                    while True:
-                        assert process.returncode is None, output.decode()
-                        try:
-                            response = await client.get("/health")
-                            break
-                        except httpx.TransportError:
-                            await anyio.sleep(0.05)
-            assert response.status_code == 200
-            assert response.json() == {
-                "status": "ok",
-                "database": "ok",
-                "listener": "not running",
-                "workers": 0,
-            }
-            # uvicorn may answer a request before the command notices it started and logs so.
-            serving_line = f"[HTTP] serving health, stats and metrics on port {port}".encode()
-            with anyio.fail_after(10):
-                while serving_line not in output:  # noqa: ASYNC110 - another process's output
-                    await anyio.sleep(0.01)
-            process.send_signal(signal.SIGTERM)
-            with anyio.fail_after(10):
-                returncode = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-    text = output.decode()
-    assert returncode == 0, text
+        response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "database": "ok",
+        "listener": "not running",
+        "workers": 0,
+    }
 
 
 async def test_a_port_in_use_is_one_clear_error() -> None:

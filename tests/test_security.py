@@ -6,15 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-import anyio
-import anyio.abc
 import httpx
 import pytest
 from psycopg.conninfo import conninfo_to_dict
@@ -24,8 +18,7 @@ from listener.asgi import serving
 from listener.db import open_pool
 from listener.stub import StubConfig, run_stub
 from tests.support import (
-    ROOT,
-    UNSET,
+    api_process,
     communicate,
     insert_job,
     make_settings,
@@ -78,43 +71,6 @@ def listening_addresses(pid: int) -> set[tuple[str, int]]:
 
 def _client_host(bound: str) -> str:
     return "127.0.0.1" if bound == "0.0.0.0" else bound
-
-
-@asynccontextmanager
-async def api_process(*args: str, **env: str) -> AsyncIterator[tuple[int, bytearray]]:
-    """`listener api ARGS` until the block ends, ready (its serving line out); yields its pid
-    and its output so far. Stopped with SIGTERM, which must end it with 0."""
-    full_env = {k: v for k, v in os.environ.items() if k not in UNSET}
-    full_env |= {"LOG_LEVEL": "INFO", **env}
-    output = bytearray()
-
-    async def read(stream: anyio.abc.ByteReceiveStream) -> None:
-        async for chunk in stream:  # drained all along: a full pipe would block its logging
-            output.extend(chunk)
-
-    async with (
-        await anyio.open_process(
-            [sys.executable, "-m", "listener", "api", *args],
-            env=full_env,
-            cwd=ROOT,
-            stderr=subprocess.STDOUT,
-        ) as process,
-        anyio.create_task_group() as tg,
-    ):
-        assert process.stdout is not None
-        tg.start_soon(read, process.stdout)
-        try:
-            with anyio.fail_after(30):
-                while b"[HTTP] serving" not in output:  # the process says when it is ready
-                    assert process.returncode is None, output.decode()
-                    await anyio.sleep(0.01)
-            yield process.pid, output
-            process.send_signal(signal.SIGTERM)
-            with anyio.fail_after(10):
-                assert await process.wait() == 0, output.decode()
-        finally:
-            if process.returncode is None:
-                process.kill()
 
 
 @needs_proc
