@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 
+import anyio
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pytest_postgresql.janitor import DatabaseJanitor
 
+from listener.migrate import MigrationRunner
 from listener.stub import StubConfig, run_stub
 from tests.conftest import Server
 from tests.support import (
@@ -132,6 +135,59 @@ async def test_connections_cut_three_times_mid_run_the_worker_recovers_by_itself
     assert "Traceback" not in output, output
     assert_each_outcome_written_once(database_url)
     assert query(database_url, "SELECT count(*) FROM jobs WHERE status = 'COMPLETED'") == [(7,)]
+
+
+@pytest.fixture
+def own_server() -> Iterator[tuple[str, Callable[[], None]]]:
+    """A PostgreSQL server of this test's own (pgserver), migrated, and a way to restart it:
+    the machine's server is shared and must not be restarted under the other tests."""
+    import tempfile
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        import pgserver
+        from pgserver._commands import pg_ctl
+
+    # Not tmp_path: pgserver runs the server as its own user, who cannot enter pytest's 0700 dirs.
+    with tempfile.TemporaryDirectory(prefix="listener-restart-") as data_dir:
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+        uri = str(server.get_uri())
+        MigrationRunner(uri, output=lambda _line: None).up()
+
+        def restart() -> None:
+            # -m fast: every session is cut at once, as in a crash-free restart or a failover.
+            pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+
+        try:
+            yield uri, restart
+        finally:
+            server.cleanup()
+
+
+async def test_a_real_postgres_restart_mid_run_loses_nothing(
+    own_server: tuple[str, Callable[[], None]],
+) -> None:
+    conninfo, restart = own_server
+    install_write_audit(conninfo)
+    async with run_stub(StubConfig(latency=0.02)) as stub:
+        procs = [spawn_worker(conninfo, stub.base_url, RATE_LIMIT_RPM="60000") for _ in range(2)]
+        try:
+            await wait_until(lambda: all(worker_is_ready(conninfo, p.pid) for p in procs))
+            for store in ("a", "b", "c", "d"):
+                insert_job(conninfo, f"store-{store}", 50)
+            await wait_until(lambda: completed(conninfo) >= 40)
+            await anyio.to_thread.run_sync(restart)
+            insert_job(conninfo, "store-after", 10)  # work that arrives after the restart
+            await wait_until(lambda: completed(conninfo) == 210, deadline=90)
+        finally:
+            outputs = await stop(procs)
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for output in outputs:
+        assert "[Listener] connection lost or refused" in output, output
+        assert "Traceback" not in output, output
+    assert_each_outcome_written_once(conninfo)
+    assert query(conninfo, "SELECT count(*) FROM jobs WHERE status = 'COMPLETED'") == [(5,)]
 
 
 async def test_openai_misbehaving_in_every_way_never_stalls_the_worker(database_url: str) -> None:
