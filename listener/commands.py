@@ -128,9 +128,12 @@ def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from listener import jobs
 
+    # Stores, products and errors are the clients' data: Text, never markup, so "[/x]" in a
+    # store id is shown as it is instead of crashing the command (and control codes are dropped).
     url = resolve_database(settings)
     console = Console()
     headers = ("job", "store", "status", "pending", "processing", "completed", "failed")
@@ -143,14 +146,16 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     else:
         rows = jobs.recent_jobs(url)
     for job_id, store, status, _created, _completed, *counts in rows:
-        table.add_row(str(job_id), store, status, *(str(c) for c in counts))
+        table.add_row(str(job_id), Text(store), Text(status), *(str(c) for c in counts))
     console.print(table)
     if args.job_id is not None:
         for item_id, product_id, attempts, error in jobs.failed_items(url, args.job_id):
-            console.print(f"  FAILED item {item_id} ({product_id}, {attempts} attempt(s)): {error}")
+            console.print(
+                Text(f"  FAILED item {item_id} ({product_id}, {attempts} attempt(s)): {error}")
+            )
     backlog = Table("store", "pending", "processing", title="Backlog per store")
     for store, pending, processing in jobs.backlog_by_store(url):
-        backlog.add_row(store, str(pending), str(processing))
+        backlog.add_row(Text(store), str(pending), str(processing))
     console.print(backlog)
     return 0
 

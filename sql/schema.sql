@@ -8,9 +8,13 @@ CREATE TABLE jobs (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     completed_at timestamptz,
-    -- A store id travels as a NOTIFY payload (8000 bytes at most) and as a btree key.
-    CONSTRAINT jobs_instance_id_length
-        CHECK (btrim(instance_id) <> '' AND octet_length(instance_id) <= 255)
+    -- A store id travels as a NOTIFY payload (8000 bytes at most), as a btree key and in the
+    -- operator's log lines (a control character would forge a line).
+    CONSTRAINT jobs_instance_id_valid
+        CHECK (
+            btrim(instance_id) <> '' AND octet_length(instance_id) <= 255
+            AND instance_id !~ '[[:cntrl:]]'
+        )
 );
 
 CREATE INDEX idx_jobs_instance_id ON jobs (instance_id);
@@ -34,8 +38,11 @@ CREATE TABLE job_items (
     run_after timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT job_items_status_check
         CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED')),
-    CONSTRAINT job_items_instance_id_length
-        CHECK (btrim(instance_id) <> '' AND octet_length(instance_id) <= 255),
+    CONSTRAINT job_items_instance_id_valid
+        CHECK (
+            btrim(instance_id) <> '' AND octet_length(instance_id) <= 255
+            AND instance_id !~ '[[:cntrl:]]'
+        ),
     -- A btree entry holds at most 2704 bytes: refuse a longer product id with a clear name.
     CONSTRAINT job_items_product_id_length CHECK (octet_length(product_id) <= 1024)
 );

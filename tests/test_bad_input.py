@@ -51,7 +51,7 @@ ODD_NAMES = [
     "%(ids)s %s {0} $1 \\x00 \\u0000",
     "x" * 20_000,
 ]
-HOSTILE = "'; DROP TABLE jobs; --"
+HOSTILE = "'; DROP TABLE jobs; --[/red] [bold]"
 
 
 def insert_items(conninfo: str, store: str, rows: list[tuple[str, str, tuple[str, ...]]]) -> None:
@@ -120,9 +120,11 @@ async def test_each_bad_payload_fails_alone_with_its_reason_and_the_rest_complet
 @pytest.mark.parametrize(
     ("store", "product_id", "payload", "refusal"),
     [
-        ("", "p1", '{"name": "x"}', "jobs_instance_id_length"),
-        ("   ", "p1", '{"name": "x"}', "jobs_instance_id_length"),
-        ("s" * 10_000, "p1", '{"name": "x"}', "jobs_instance_id_length"),
+        ("", "p1", '{"name": "x"}', "jobs_instance_id_valid"),
+        ("   ", "p1", '{"name": "x"}', "jobs_instance_id_valid"),
+        ("s" * 10_000, "p1", '{"name": "x"}', "jobs_instance_id_valid"),
+        ("store\nERROR forged log line", "p1", '{"name": "x"}', "jobs_instance_id_valid"),
+        ("store\x1b[2J", "p1", '{"name": "x"}', "jobs_instance_id_valid"),
         ("store", "p" * 10_000, '{"name": "x"}', "job_items_product_id_length"),
         ("store\x00evil", "p1", '{"name": "x"}', "NUL"),
         ("store", "p\x00", '{"name": "x"}', "NUL"),
@@ -155,7 +157,7 @@ def test_the_item_constraint_holds_even_when_its_job_is_fine(database_url: str) 
         row = conn.execute("INSERT INTO jobs (instance_id) VALUES ('ok') RETURNING id").fetchone()
         assert row is not None
         conn.commit()
-        with pytest.raises(psycopg.errors.CheckViolation, match="job_items_instance_id_length"):
+        with pytest.raises(psycopg.errors.CheckViolation, match="job_items_instance_id_valid"):
             conn.execute(
                 "INSERT INTO job_items (job_id, instance_id, payload) VALUES (%s, '', '{}')",
                 (row[0],),
@@ -187,8 +189,11 @@ async def test_hostile_strings_through_the_cli_are_data(database_url: str, tmp_p
         [(HOSTILE, HOSTILE, HOSTILE), (HOSTILE, "p2", "Robert'); DROP TABLE job_items; --")]
     )
     assert query(database_url, "SELECT instance_id, status FROM jobs") == [(HOSTILE, "COMPLETED")]
-    status = run_listener("status", DATABASE_URL=database_url)
+    # The store and product ids are shown as text, not read as the terminal's markup.
+    (job_id,) = query(database_url, "SELECT id FROM jobs")[0]
+    status = run_listener("status", str(job_id), DATABASE_URL=database_url, COLUMNS="200")
     assert status.returncode == 0, status.stderr
+    assert HOSTILE in status.stdout
 
 
 def test_a_store_id_too_long_for_the_table_is_one_clear_line_from_enqueue(
@@ -199,5 +204,5 @@ def test_a_store_id_too_long_for_the_table_is_one_clear_line_from_enqueue(
     )
     assert enqueued.returncode == 1
     assert enqueued.stderr.count("\n") == 1, enqueued.stderr
-    assert 'violates check constraint "jobs_instance_id_length"' in enqueued.stderr
+    assert 'violates check constraint "jobs_instance_id_valid"' in enqueued.stderr
     assert query(database_url, "SELECT count(*) FROM jobs") == [(0,)]

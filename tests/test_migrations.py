@@ -119,7 +119,7 @@ def test_check_is_clean_and_sees_a_missing_migration(database_url: str) -> None:
     assert check_migrations(database_url) == ""
     incomplete = check_migrations(database_url, migrations=load_migrations()[:-2])
     assert "idx_job_items_pending" in incomplete
-    assert "job_items_instance_id_length" in incomplete
+    assert "job_items_instance_id_valid" in incomplete
 
 
 def test_failing_migration_rolls_back_and_names_file_and_statement(
