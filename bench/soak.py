@@ -251,6 +251,8 @@ class Run:
                 "completed_seconds",
             )
         }
+        held = [i for event in self.faults.events for i in event.held or []]
+        checks["held_fate"] = soak_query(self.url, "items_fate", {"ids": held})
         produced = self.producer.produced
         return {
             "settings": {

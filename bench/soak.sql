@@ -103,3 +103,16 @@ SELECT count(*) FILTER (WHERE status = 'PENDING' AND run_after <= now()),
        count(*) FILTER (WHERE status = 'PROCESSING')
 FROM job_items
 WHERE status IN ('PENDING', 'PROCESSING');
+
+-- held_by_pid --
+-- The items a worker process held when it died (its worker id is host:pid:random).
+SELECT id FROM job_items
+WHERE status = 'PROCESSING' AND claimed_by LIKE '%%:' || %(pid)s::text || ':%%'
+ORDER BY id;
+
+-- items_fate --
+-- What became of some items in the end (Unix seconds for completed_at).
+SELECT id, status, attempts, extract(epoch FROM completed_at)::float8, product_id
+FROM job_items
+WHERE id = ANY(%(ids)s::bigint[])
+ORDER BY id;

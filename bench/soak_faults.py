@@ -33,6 +33,7 @@ class FaultEvent:
     at: float  # time.time()
     detail: str = ""
     ended: float | None = None  # for faults that last (the 5xx burst)
+    held: list[int] | None = None  # a killed worker's items at its death
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class FaultEvent:
             "at": self.at,
             "detail": self.detail,
             "ended": self.ended,
+            "held": self.held,
         }
 
 
@@ -96,10 +98,25 @@ class Faults:
 
     # -- the faults ---------------------------------------------------------------------------
 
-    def _kill(self, _event: FaultEvent) -> str:
+    def _kill(self, event: FaultEvent) -> str:
         old = self.fleet.current[TARGET_SLOT]
+        # A worker holds an item or two at a time at this rate: kill it while it holds some
+        # (waiting at most 5 s), or the kill would prove nothing about its items coming back.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not soak_query(
+            self.fleet.url, "held_by_pid", {"pid": old.pid}
+        ):
+            time.sleep(0.02)
         new = self.fleet.kill(TARGET_SLOT)
-        return f"SIGKILL worker slot {TARGET_SLOT} (pid {old.pid}); replacement pid {new.pid}"
+        # Once it is dead, what it still holds is exactly what it held when it died: nothing it
+        # did can land any more. Those items must come back (lease) and be done by others.
+        old.process.wait()
+        rows = soak_query(self.fleet.url, "held_by_pid", {"pid": old.pid})
+        event.held = [int(item_id) for (item_id,) in rows]
+        return (
+            f"SIGKILL worker slot {TARGET_SLOT} (pid {old.pid}, {len(event.held)} item(s) in "
+            f"flight); replacement pid {new.pid}"
+        )
 
     def _db_restart(self, _event: FaultEvent) -> str:
         # From the admin database, so the session doing it is not one of those cut.

@@ -20,6 +20,13 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
+def _held(fault: dict[str, Any]) -> str:
+    if not fault.get("held"):
+        return ""
+    after = fault["held_done_after_s"]
+    return f"; those items done again within {after:.1f} s" if after is not None else ""
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, fig = result["settings"], result["figures"]
     failed = [c for c in result["checks"] if not c["passed"]]
@@ -111,7 +118,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f["number"],
                     _clock(f["at_s"]),
                     f["kind"],
-                    f["detail"],
+                    f["detail"] + _held(f),
                     f"{f['longest_stall_s']} s",
                     f"{f['degraded_s']} s",
                     f"{f['recovery_s']} s",
@@ -205,7 +212,7 @@ def plot(result: dict[str, Any], name: str) -> None:
         warm = [(t, mb) for t, mb in m["series"] if t >= m["from"] + WARM_UP_SECONDS]
         label = f"slot {m['slot']} pid {m['pid']}"
         rss_ax.plot([t / 60 for t, _ in warm], [mb for _, mb in warm], label=label)
-    rss_ax.set_ylabel("worker RSS (MB)")
+    rss_ax.set_ylabel("worker RSS (MB, zoomed)")
     rss_ax.legend(fontsize=7, loc="lower right", ncol=2)
     samples = result["samples"]
     xs = [(x["t"] - t0) / 60 for x in samples]

@@ -4,6 +4,7 @@ markdown (`bench/results/soak.md`) and a plot (`bench/results/soak.png`)."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ _COUNTED = {
     "heartbeat failed": "heartbeats failed",
     "releasing item": "items released (db)",
     "no limiter slot": "limiter unreachable",
+    "outcome(s) not written": "outcomes superseded",
 }
 
 
@@ -120,6 +122,7 @@ def recoveries(raw: dict[str, Any], per_second: dict[int, int]) -> list[dict[str
     t0, soak_end = raw["t0"], int(raw["marks"]["drain"])
     budget = int(raw["settings"]["worker_env"]["RATE_LIMIT_RPM"]) / 60
     ready = _ready_by_second(raw)
+    fate = {int(row[0]): row for row in raw["db"]["held_fate"]}
     events = raw["faults"]
     out = []
     for i, fault in enumerate(events):
@@ -136,9 +139,12 @@ def recoveries(raw: dict[str, Any], per_second: dict[int, int]) -> list[dict[str
             gap = gap + 1 if per_second.get(s, 0) == 0 else 0
             longest = max(longest, gap)
         recovery = degraded[-1] + 1 - at if degraded else 0
+        held = [fate[i] for i in fault.get("held") or [] if i in fate]
         out.append(
             fault
             | {
+                "held_done_after_s": max((f[3] - fault["at"] for f in held if f[3]), default=None),
+                "held_statuses": dict(Counter(f[1] for f in held)),
                 "at_s": fault["at"] - t0,
                 "longest_stall_s": longest,
                 "degraded_s": len(degraded),
@@ -176,6 +182,15 @@ def checks(raw: dict[str, Any], mem: dict[str, Any], faults: list[dict[str, Any]
     survivor = mem["survivor"]
     not_recovered = [f"{f['number']} ({f['kind']})" for f in faults if not f["recovered"]]
     good_failed = db["good_failed"]
+    kills = [f for f in faults if f["kind"] == "kill"]
+    held = sum(len(f["held"] or []) for f in kills)
+    redone = sum(
+        n
+        for f in kills
+        for status, n in f["held_statuses"].items()
+        if status in ("COMPLETED", "FAILED")
+    )
+    late = [f["held_done_after_s"] for f in kills if f["held_done_after_s"] is not None]
     return [
         _check(
             "nothing lost",
@@ -212,6 +227,13 @@ def checks(raw: dict[str, Any], mem: dict[str, Any], faults: list[dict[str, Any]
             not db["jobs_not_final"],
             f"{len(db['jobs_not_final'])} job(s) not COMPLETED / COMPLETED_WITH_ERRORS as "
             "their items say" + "".join(f"; job {r[0]}: {r[1]}" for r in db["jobs_not_final"][:5]),
+        ),
+        _check(
+            "a killed worker's items were done again",
+            redone == held and all(t > 0 for t in late),
+            f"{held} item(s) in flight in {len(kills)} killed worker(s); {redone} finished "
+            f"afterwards, the last {max(late, default=0):.1f} s after its kill "
+            f"(lease {raw['settings']['worker_env']['LEASE_SECONDS']} s)",
         ),
         _check(
             "no worker crashed",
