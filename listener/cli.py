@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from listener import redact
-from listener.errors import ConfigurationError, ListenerError
+from listener.errors import ConfigurationError, ListenerError, one_line
 from listener.settings import Settings, load_settings
 
 EXIT_CONFIG = 2
@@ -122,8 +122,7 @@ def _extra_commands() -> list[
 
 def _fail(error: BaseException) -> None:
     """One line: psycopg's messages span several ("Is the server running on that host…")."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    sys.stderr.write(f"listener: {redact.redact(text)}\n")
+    sys.stderr.write(f"listener: {redact.redact(one_line(error))}\n")
 
 
 def unwrap(error: BaseException) -> BaseException:

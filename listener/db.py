@@ -10,7 +10,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from listener.backoff import Backoff
-from listener.errors import DatabaseError
+from listener.errors import DatabaseError, one_line
 from listener.settings import Settings
 from listener.sqlfiles import queries
 
@@ -57,11 +57,6 @@ async def open_pool(
         await pool.close()
         raise DatabaseError(f"cannot open the connection pool: {error}") from error
     return pool
-
-
-def one_line(error: BaseException) -> str:
-    """psycopg's messages span lines ("Is the server running on that host…"): one log line."""
-    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
 async def wait_for_database(

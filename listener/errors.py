@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line: libpq's span several ("Is the server running…")."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
 class ListenerError(Exception):
     """Base of every error this package raises on purpose."""
 

@@ -17,7 +17,7 @@ from anyio.abc import TaskStatus
 from listener.backoff import Backoff
 from listener.claim import ready_stores
 from listener.db import with_options
-from listener.errors import DatabaseError
+from listener.errors import DatabaseError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Listener:
                 delay = self.backoff.next()
                 logger.warning(
                     "[Listener] connection lost or refused (%s); reconnecting in %.1fs",
-                    str(error).strip().splitlines()[0] if str(error).strip() else error,
+                    one_line(error),
                     delay,
                 )
                 self.reconnects += 1
