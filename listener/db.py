@@ -61,8 +61,8 @@ async def open_pool(
 
 async def wait_for_database(
     conninfo: str, backoff: Backoff | None = None, connect_timeout: int = 10
-) -> int:
-    """Return once the database answers and holds our schema; returns the attempts it took.
+) -> None:
+    """Return once the database answers and holds our schema.
 
     An unreachable database (starting, restarting, a network cut, not yet created) is retried
     for ever with capped, jittered backoff, one warning line per attempt: an outage is not a
@@ -93,7 +93,7 @@ async def wait_for_database(
             )
         if backoff.attempt:
             logger.info("[DB] database reachable after %d attempt(s)", backoff.attempt + 1)
-        return backoff.attempt + 1
+        return
 
 
 def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:
