@@ -1,4 +1,4 @@
--- The two claims the project's claim (sql/claim.sql, block `claim`) is measured against.
+-- The two claims the project's claim (sql/items.sql, block `claim`) is measured against.
 -- Both take the same parameters as far as they apply and change the rows exactly as the
 -- project's claim does, so the three statements do the same work per item.
 

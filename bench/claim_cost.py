@@ -51,7 +51,7 @@ WARMUP = 3
 
 
 def statement(method: str) -> str:
-    return queries("claim")["claim"] if method in SHAPES else sql("baselines")[method]
+    return queries("items")["claim"] if method in SHAPES else sql("baselines")[method]
 
 
 def params(method: str, turn: int) -> dict[str, Any]:

@@ -17,10 +17,10 @@ import anyio
 
 from bench.common import sql
 from listener import assembly
-from listener.claim import ClaimedItem, Outcome, finish
 from listener.db import open_pool
 from listener.errors import RateLimited, RetryableItemError
 from listener.generate import Generation, Generator
+from listener.items import ClaimedItem, Outcome, finish
 from listener.limiter import Limiter, make_limiter
 from listener.settings import Settings, load_settings
 from listener.worker import Worker, new_worker_id

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from listener import redact
+from listener.database import database_url
 from listener.errors import ConfigurationError, ListenerError, one_line
 from listener.settings import Settings, load_settings
 
@@ -33,15 +34,6 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # On the handlers, not the loggers: they see every record, whichever logger it comes from.
     redact.install_filter(logging.getLogger().handlers)
-
-
-def database_url(settings: Settings) -> str:
-    """The configured database, or the embedded one when DATABASE_URL is unset."""
-    if settings.database_url:
-        return settings.database_url
-    from listener.embedded import start_embedded
-
-    return start_embedded()
 
 
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
@@ -75,7 +67,7 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _stub(args: argparse.Namespace, settings: Settings) -> int:
-    from listener import stub
+    from listener.stub import server as stub
 
     return stub.main_from_args(args)
 
@@ -85,9 +77,9 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="listener", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(dest="command", required=True)
 
-    migrate = commands.add_parser("migrate", help="apply, revert, inspect the schema migrations")
+    migrate = subcommands.add_parser("migrate", help="apply, revert, inspect the schema migrations")
     actions = migrate.add_subparsers(dest="action", required=True)
     actions.add_parser("up", help="apply every pending migration")
     down = actions.add_parser("down", help="revert the last N migrations (default 1)")
@@ -97,27 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("check", help="fail when the migrations do not reach sql/schema.sql")
     migrate.set_defaults(handler=_migrate)
 
-    from listener import stub
+    from listener.stub import server as stub
 
-    stub_parser = commands.add_parser("stub-openai", help="a local OpenAI-compatible stub server")
+    stub_parser = subcommands.add_parser(
+        "stub-openai", help="a local OpenAI-compatible stub server"
+    )
     stub.add_arguments(stub_parser)
     stub_parser.set_defaults(handler=_stub)
 
-    commands.add_parser(
+    subcommands.add_parser(
         "settings", help="print every effective setting as NAME=value, secrets as ***"
     ).set_defaults(handler=_settings)
 
-    for register in _extra_commands():
-        register(commands)
-    return parser
-
-
-def _extra_commands() -> list[
-    Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
-]:
     from listener import commands
+    from listener.demo import run as demo
+    from listener.http import app as http
 
-    return commands.REGISTER
+    for module in (commands, http, demo):
+        module.register(subcommands)
+    return parser
 
 
 def _fail(error: BaseException) -> None:

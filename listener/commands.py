@@ -1,5 +1,5 @@
-"""Commands beyond `migrate` and `stub-openai`: worker, enqueue, status (api and demo register
-themselves from their own modules)."""
+"""Commands beyond `migrate` and `stub-openai`: worker, enqueue, status (`api` and `demo` are
+registered from `http/app.py` and `demo/run.py`)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
 
+from listener.database import resolve_database
 from listener.errors import ConfigurationError, ListenerError
 from listener.settings import Settings
 
@@ -22,26 +22,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Subcommands = "argparse._SubParsersAction[argparse.ArgumentParser]"
-Register = Callable[[Any], None]
 
 EXIT_AUTH = 3
 
 
 def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
-
-
-def resolve_database(settings: Settings) -> str:
-    """DATABASE_URL, or an embedded server (migrated up) when it is unset."""
-    from listener.cli import database_url
-
-    url = database_url(settings)
-    if not settings.database_url:
-        from listener.migrate import MigrationRunner
-
-        MigrationRunner(url, output=lambda line: logger.info("%s", line)).up()
-    return url
 
 
 def check_openai_settings(settings: Settings) -> None:
@@ -70,7 +56,7 @@ async def run_worker(settings: Settings, conninfo: str) -> int:
                 logger.info("[Worker] no OpenAI API key: using %s", settings.openai_base_url)
             async with anyio.create_task_group() as serving:
                 if settings.port:
-                    from listener.http import serve_worker_http
+                    from listener.http.app import serve_worker_http
 
                     await serving.start(serve_worker_http, settings, worker.pool, worker)
                 signals.worker = worker
@@ -160,7 +146,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _register(commands: Any) -> None:
+def register(commands: Any) -> None:
     worker = commands.add_parser(
         "worker", help="run the worker (the Procfile's process); HTTP on PORT when set"
     )
@@ -176,20 +162,3 @@ def _register(commands: Any) -> None:
     status = commands.add_parser("status", help="job progress and the backlog per store")
     status.add_argument("job_id", nargs="?", type=int)
     status.set_defaults(handler=_status)
-
-
-def _register_optional(commands: Any) -> None:
-    """`api` and `demo` live in their own modules; register them when they are present."""
-    import importlib
-
-    for module_name in ("listener.http", "listener.demo"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
-        module.register(commands)
-
-
-REGISTER: list[Register] = [_register, _register_optional]

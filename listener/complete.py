@@ -15,10 +15,10 @@ from collections.abc import Callable
 import anyio
 from psycopg_pool import AsyncConnectionPool
 
-from listener import claim as items_db
+from listener import items as items_db
 from listener.backoff import Backoff
-from listener.claim import Outcome
 from listener.errors import DatabaseError
+from listener.items import Outcome
 
 logger = logging.getLogger(__name__)
 

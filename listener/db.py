@@ -85,7 +85,7 @@ async def wait_for_database(
             await anyio.sleep(delay)
             continue
         async with conn:
-            cursor = await conn.execute(queries("worker")["schema_ready"])
+            cursor = await conn.execute(queries("db")["schema_ready"])
             row = await cursor.fetchone()
         if not (row and row[0]):
             raise DatabaseError(

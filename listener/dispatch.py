@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import anyio
 from psycopg_pool import AsyncConnectionPool
 
-from listener.claim import ClaimedItem, claim, split_quota
 from listener.errors import DatabaseError
+from listener.items import ClaimedItem, claim, split_quota
 from listener.ring import ReadyRing
 
 logger = logging.getLogger(__name__)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 
-def one_line(error: BaseException) -> str:
+def one_line(error: BaseException | str) -> str:
     """An error's message on one line: libpq's span several ("Is the server running…")."""
     text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return text or type(error).__name__
+    if text or isinstance(error, str):
+        return text
+    return type(error).__name__
 
 
 class ListenerError(Exception):

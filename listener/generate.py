@@ -14,13 +14,14 @@ from typing import Any
 
 import openai
 
-from listener.claim import ClaimedItem
 from listener.errors import (
     AuthenticationFailed,
     PermanentItemError,
     RateLimited,
     RetryableItemError,
+    one_line,
 )
+from listener.items import ClaimedItem
 from listener.settings import Settings
 
 SYSTEM_PROMPT = (
@@ -249,5 +250,5 @@ def _describe(error: openai.APIStatusError) -> str:
     if isinstance(body, dict):
         message = body.get("message") or (body.get("error") or {}).get("message")
         if message:
-            return str(message)
-    return str(error.message)
+            return one_line(str(message))
+    return one_line(str(error.message))

@@ -15,9 +15,9 @@ import psycopg
 from anyio.abc import TaskStatus
 
 from listener.backoff import Backoff
-from listener.claim import ready_stores
 from listener.db import with_options
 from listener.errors import DatabaseError, one_line
+from listener.items import ready_stores
 
 logger = logging.getLogger(__name__)
 

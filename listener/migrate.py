@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
 import pglast
 import psycopg
@@ -36,7 +36,7 @@ Output = Callable[[str], None]
 @dataclass(frozen=True)
 class Migration:
     name: str
-    path: Path
+    path: Traversable
     transactional: bool
     up: tuple[str, ...]
     down: tuple[str, ...]
@@ -52,16 +52,17 @@ def _strip_comments(statement: str) -> str:
     return "\n".join(lines).strip()
 
 
-def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def load_migrations(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     migrations = []
-    for path in sorted(directory.glob("*.sql")):
+    files = (entry for entry in directory.iterdir() if entry.name.endswith(".sql"))
+    for path in sorted(files, key=lambda entry: entry.name):
         text = path.read_text(encoding="utf-8")
         blocks = parse_blocks(text)
         if "up" not in blocks or "down" not in blocks:
             raise MigrationError(f"{path.name}: needs an '-- up --' and a '-- down --' block")
         migrations.append(
             Migration(
-                name=path.stem,
+                name=path.name.removesuffix(".sql"),
                 path=path,
                 transactional=not _NON_TRANSACTIONAL.search(text),
                 up=split_statements(blocks["up"]),

@@ -1,4 +1,4 @@
-"""Named SQL blocks loaded once from the `sql/` folder.
+"""Named SQL blocks loaded once from the package's `sql/` folder.
 
 A file holds blocks introduced by a line `-- name --`, the procrastinate convention, so that the
 SQL is reviewed, highlighted and EXPLAINed as SQL rather than as Python strings.
@@ -7,15 +7,14 @@ SQL is reviewed, highlighted and EXPLAINed as SQL rather than as Python strings.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import re
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
 
-def data_dir(name: str) -> Path:
-    """`sql/` or `migrations/`: beside the package in a checkout, inside it in a wheel."""
-    package = Path(__file__).resolve().parent
-    in_checkout = package.parent / name
-    return in_checkout if in_checkout.is_dir() else package / name
+def data_dir(name: str) -> Traversable:
+    """`sql` or `migrations`, inside the package wherever it is installed."""
+    return importlib.resources.files("listener") / name
 
 
 SQL_DIR = data_dir("sql")

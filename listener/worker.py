@@ -23,9 +23,8 @@ import psycopg
 from anyio.abc import TaskStatus
 from psycopg_pool import AsyncConnectionPool
 
-from listener import claim as items_db
+from listener import items as items_db
 from listener.backoff import Backoff, retry_delay
-from listener.claim import ClaimedItem, Outcome
 from listener.complete import Completer
 from listener.db import log_pool_stats, pool_stats, wrap
 from listener.dispatch import Dispatcher
@@ -37,6 +36,7 @@ from listener.errors import (
     RetryableItemError,
 )
 from listener.generate import Generation
+from listener.items import ClaimedItem, Outcome
 from listener.limiter import Limiter
 from listener.listen import Listener
 from listener.settings import Settings
@@ -361,7 +361,7 @@ class Worker:
         }
         try:
             async with self.pool.connection() as conn:
-                await conn.execute(queries("worker")["upsert_heartbeat"], params)
+                await conn.execute(queries("heartbeat")["upsert_heartbeat"], params)
         except psycopg.Error as error:
             raise wrap(error, "heartbeat failed") from error
 
@@ -369,7 +369,7 @@ class Worker:
         try:
             async with self.pool.connection() as conn:
                 await conn.execute(
-                    queries("worker")["delete_heartbeat"], {"worker_id": self.worker_id}
+                    queries("heartbeat")["delete_heartbeat"], {"worker_id": self.worker_id}
                 )
         except psycopg.Error as error:
             logger.warning("[Worker] could not remove the heartbeat row: %s", error)
@@ -382,7 +382,7 @@ class Worker:
             try:
                 reaped = await items_db.reap_expired(self.pool, self.settings.max_attempts)
                 async with self.pool.connection() as conn:
-                    await conn.execute(queries("worker")["forget_dead_workers"])
+                    await conn.execute(queries("heartbeat")["forget_dead_workers"])
             except (DatabaseError, psycopg.Error) as error:
                 logger.warning("[Reaper] failed: %s", error)
                 continue

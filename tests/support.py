@@ -18,8 +18,8 @@ import anyio.abc
 import psycopg
 
 from listener import assembly
-from listener.claim import ClaimedItem
 from listener.generate import Generation, Generator
+from listener.items import ClaimedItem
 from listener.settings import Settings, load_settings
 from listener.worker import Worker
 

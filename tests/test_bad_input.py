@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from listener.stub import StubConfig, run_stub
+from listener.stub.server import StubConfig, run_stub
 from tests.support import (
     insert_job,
     make_settings,

@@ -7,10 +7,10 @@ import signal
 import anyio
 import pytest
 
-from listener.claim import ClaimedItem
 from listener.generate import Generation
+from listener.items import ClaimedItem
 from listener.limiter import Grant
-from listener.stub import StubConfig, run_stub
+from listener.stub.server import StubConfig, run_stub
 from listener.worker import SLOT_SEEKERS
 from tests.support import (
     RecordingGenerator,

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from listener.claim import split_quota
+from listener.items import split_quota
 from listener.sqlfiles import queries
 
 
@@ -41,7 +41,7 @@ def test_the_claim_reads_index_heads_only_at_100k_rows(
         _load(conn, stores=1000, per_store=100)
         plan = _plan(
             conn,
-            queries("claim")["claim"],
+            queries("items")["claim"],
             {
                 "stores": [f"store-{n}" for n in range(1, stores + 1)],
                 "limits": [quota] * stores,
@@ -58,8 +58,8 @@ def test_the_claim_reads_index_heads_only_at_100k_rows(
 def test_finding_the_stores_with_work_is_a_loose_index_scan(database_url: str) -> None:
     with psycopg.connect(database_url) as conn:
         _load(conn, stores=1000, per_store=100)
-        plan = _plan(conn, queries("claim")["ready_stores"], {})
-        stores = conn.execute(queries("claim")["ready_stores"]).fetchall()
+        plan = _plan(conn, queries("items")["ready_stores"], {})
+        stores = conn.execute(queries("items")["ready_stores"]).fetchall()
     assert "Seq Scan" not in plan
     assert '"Index Name": "idx_job_items_pending"' in plan
     assert len(stores) == 1000
@@ -68,7 +68,7 @@ def test_finding_the_stores_with_work_is_a_loose_index_scan(database_url: str) -
 def test_a_claim_takes_each_store_s_oldest_items_up_to_its_quota(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         _load(conn, stores=3, per_store=5)
-        claim = queries("claim")["claim"]
+        claim = queries("items")["claim"]
         params = {
             "stores": ["store-1", "store-2", "store-3"],
             "limits": [2, 2, 10],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from listener.stub import StubConfig, run_stub
+from listener.stub.server import StubConfig, run_stub
 from tests.support import (
     UNSET,
     communicate,

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from listener.demo import STORES, _describe_url, plan
+from listener.demo.setup import describe_url
+from listener.demo.store import STORES, plan
 from tests.support import UNSET, query
 
 # Not ours to inherit: the demo must choose the stub and (in one test) the embedded database.
@@ -82,7 +83,7 @@ def test_the_big_store_comes_first_and_the_small_ones_within_the_first_third() -
 
 
 def test_the_database_is_named_without_its_password() -> None:
-    assert _describe_url("postgresql://app:s3cret@db.example.com:6543/shop") == (
+    assert describe_url("postgresql://app:s3cret@db.example.com:6543/shop") == (
         "db.example.com:6543/shop"
     )
-    assert "s3cret" not in _describe_url("host=db password=s3cret dbname=shop")
+    assert "s3cret" not in describe_url("host=db password=s3cret dbname=shop")

@@ -17,7 +17,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from listener.migrate import MigrationRunner
-from listener.stub import StubConfig, run_stub
+from listener.stub.server import StubConfig, run_stub
 from tests.conftest import Server
 from tests.support import (
     communicate,

@@ -14,8 +14,8 @@ import anyio
 import psycopg
 import pytest
 
-from listener.claim import ClaimedItem
 from listener.generate import Generation
+from listener.items import ClaimedItem
 from tests.support import make_settings, query, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio

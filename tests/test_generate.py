@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from listener.claim import ClaimedItem
 from listener.errors import PermanentItemError
 from listener.generate import (
     budget_pause,
@@ -16,6 +15,7 @@ from listener.generate import (
     prompt_for,
     retry_after,
 )
+from listener.items import ClaimedItem
 
 
 def test_the_prompt_carries_the_product_s_name_and_data() -> None:

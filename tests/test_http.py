@@ -13,11 +13,12 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from listener import fleet, http
-from listener.asgi import serving
 from listener.db import open_pool
 from listener.errors import ListenerError
-from listener.stub import StubConfig, run_stub
+from listener.http import app as http
+from listener.http import fleet
+from listener.http.serve import serving
+from listener.stub.server import StubConfig, run_stub
 from tests.conftest import Server
 from tests.support import (
     api_process,
@@ -132,7 +133,7 @@ async def test_serve_worker_http_serves_on_port_until_cancelled(
     settings = make_settings("http://127.0.0.1:9/v1", port=port)
     pool = await open_pool(database_url, settings, name="test-http")
     try:
-        with caplog.at_level(logging.INFO, logger="listener.http"):
+        with caplog.at_level(logging.INFO, logger="listener.http.app"):
             async with anyio.create_task_group() as tg:
                 await tg.start(http.serve_worker_http, settings, pool, None)
                 async with httpx.AsyncClient() as client:

@@ -20,7 +20,13 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from listener.errors import DatabaseError
-from listener.gcra import (
+from listener.limiter import (
+    Grant,
+    LocalLimiter,
+    PostgresLimiter,
+    make_limiter,
+)
+from listener.limiter.gcra import (
     MINUTE,
     GcraState,
     pause,
@@ -30,12 +36,6 @@ from listener.gcra import (
     settle,
     to_micros,
     token_interval,
-)
-from listener.limiter import (
-    Grant,
-    LocalLimiter,
-    PostgresLimiter,
-    make_limiter,
 )
 from listener.settings import Settings
 

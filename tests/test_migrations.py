@@ -190,7 +190,7 @@ def test_store_lookup_uses_the_pending_index_at_100k_rows(database_url: str) -> 
         )
         conn.execute("ANALYZE job_items")
         plan = conn.execute(
-            b"EXPLAIN (FORMAT JSON) " + queries("claim")["store_next_items"].encode(),
+            b"EXPLAIN (FORMAT JSON) " + queries("items")["store_next_items"].encode(),
             {"instance_id": "store-7", "quota": 20},
         ).fetchone()
     assert plan is not None

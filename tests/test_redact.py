@@ -10,8 +10,8 @@ import pytest
 from pydantic import SecretStr
 
 from listener import redact
-from listener.auth import presented_token, token_matches
 from listener.errors import ConfigurationError
+from listener.http.auth import presented_token, token_matches
 from listener.redact import (
     MASK,
     RedactingFilter,

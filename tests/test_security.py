@@ -13,10 +13,10 @@ import httpx
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from listener import http
-from listener.asgi import serving
 from listener.db import open_pool
-from listener.stub import StubConfig, run_stub
+from listener.http import app as http
+from listener.http.serve import serving
+from listener.stub.server import StubConfig, run_stub
 from tests.support import (
     api_process,
     communicate,

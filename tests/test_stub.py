@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from listener.stub import (
+from listener.stub.server import (
     RunningStub,
     SlidingWindow,
     StubConfig,

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import psycopg
 import pytest
 
-from listener.stub import StubConfig, run_stub
+from listener.stub.server import StubConfig, run_stub
 from tests.support import (
     RecordingGenerator,
     communicate,

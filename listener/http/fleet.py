@@ -74,15 +74,9 @@ def _limit(workers: list[LiveWorker], key: str, configured: int) -> int:
     return max(reported) if reported else configured
 
 
-def describe(error: BaseException) -> str:
-    """An error's first line, for a JSON body or a log line."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 async def fetch_fleet(pool: AsyncConnectionPool, settings: Settings) -> Fleet:
     """Read the fleet's figures; raises one of DB_ERRORS when the database does not answer."""
-    sql = queries("worker")
+    sql = queries("fleet")
     with anyio.fail_after(DB_TIMEOUT_SECONDS):
         async with pool.connection(timeout=DB_TIMEOUT_SECONDS) as conn:
             counts = await (await conn.execute(sql["item_counts"])).fetchone()
@@ -112,7 +106,7 @@ async def count_live_workers(pool: AsyncConnectionPool) -> int:
     with anyio.fail_after(DB_TIMEOUT_SECONDS):
         async with pool.connection(timeout=DB_TIMEOUT_SECONDS) as conn:
             cursor = await conn.execute(
-                queries("worker")["count_live_workers"], {"stale_seconds": LIVE_SECONDS}
+                queries("fleet")["count_live_workers"], {"stale_seconds": LIVE_SECONDS}
             )
             row = await cursor.fetchone()
     return int(row[0]) if row else 0

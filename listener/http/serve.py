@@ -1,4 +1,5 @@
-"""uvicorn embedded in the caller's event loop, for the worker's and `listener api`'s HTTP.
+"""uvicorn embedded in the caller's event loop: the one serving loop of the worker's HTTP,
+`listener api` and the OpenAI stub.
 
 uvicorn normally owns the process: it installs signal handlers and exits on SIGTERM. Here the host
 program (the worker, `listener api`, pytest) owns signals and shutdown, so the server only serves.
@@ -20,7 +21,23 @@ GRACEFUL_SHUTDOWN_SECONDS = 1.0
 
 
 class EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to the host program."""
+    """A uvicorn server that leaves signal handling to the host program.
+
+    `capture_signals` and `main_loop`/`on_tick` are uvicorn internals (pyproject pins uvicorn's
+    minor version): the first keeps uvicorn's handlers off the host's signals, the second lets a
+    short-lived server (the stub in tests) notice a stop every `stop_poll_seconds`.
+    """
+
+    stop_poll_seconds = 0.1
+
+    async def main_loop(self) -> None:
+        if self.stop_poll_seconds >= 0.1:
+            await super().main_loop()
+            return
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864_000
+            await anyio.sleep(self.stop_poll_seconds)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -38,7 +55,9 @@ class EmbeddedServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, host: str, port: int) -> AsyncIterator[EmbeddedServer]:
+async def serving(
+    app: Any, host: str, port: int, *, stop_poll_seconds: float = 0.1
+) -> AsyncIterator[EmbeddedServer]:
     """Serve `app` on host:port for the duration of the block; started when the block starts."""
     config = uvicorn.Config(
         app,
@@ -53,6 +72,7 @@ async def serving(app: Any, host: str, port: int) -> AsyncIterator[EmbeddedServe
         timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
     )
     server = EmbeddedServer(config)
+    server.stop_poll_seconds = stop_poll_seconds
     done = anyio.Event()
     serve_scope = anyio.CancelScope(shield=True)
 

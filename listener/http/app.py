@@ -1,8 +1,8 @@
 """Health, the fleet's rate-limiter stats and Prometheus metrics over HTTP.
 
-Every figure but the pool's is the whole fleet's (`listener.fleet` reads them from PostgreSQL), so
-any process can answer: a worker serving on PORT, or `listener api` on platforms whose workers
-take no inbound traffic.
+Every figure but the pool's is the whole fleet's (`fleet.py` reads them from PostgreSQL), so any
+process can answer: a worker serving on PORT, or `listener api` on platforms whose workers take no
+inbound traffic.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from listener.asgi import EmbeddedServer, serving
-from listener.auth import BearerTokenMiddleware
 from listener.db import pool_stats
-from listener.fleet import DB_ERRORS, Fleet, count_live_workers, describe, fetch_fleet, usage
+from listener.errors import one_line
+from listener.http.auth import BearerTokenMiddleware
+from listener.http.fleet import DB_ERRORS, Fleet, count_live_workers, fetch_fleet, usage
+from listener.http.serve import EmbeddedServer, serving
 from listener.redact import redact
 from listener.settings import Settings, check_host
 
@@ -187,7 +188,7 @@ def build_app(
             body["workers"] = await count_live_workers(pool)
         except DB_ERRORS as error:
             body |= {"database": "error", "workers": None}
-            return _error(body, f"database unreachable: {describe(error)}")
+            return _error(body, f"database unreachable: {one_line(error)}")
         if listener == "disconnected":
             # The worker cannot hear new work (it still sweeps): not healthy until reconnected.
             return _error(body, "the worker's LISTEN connection is down")
@@ -197,7 +198,7 @@ def build_app(
         try:
             fleet = await fetch_fleet(pool, settings)
         except DB_ERRORS as error:
-            return _error({}, f"database unreachable: {describe(error)}")
+            return _error({}, f"database unreachable: {one_line(error)}")
         return JSONResponse({"status": "ok", "rateLimiter": rate_limiter_stats(fleet)})
 
     async def metrics(request: Request) -> Response:
@@ -205,7 +206,7 @@ def build_app(
             fleet: Fleet | None = await fetch_fleet(pool, settings)
         except DB_ERRORS as error:
             # Still answer: the pool's figures and listener_database_up 0 are what to alert on.
-            logger.warning("[HTTP] /metrics without the fleet's figures: %s", describe(error))
+            logger.warning("[HTTP] /metrics without the fleet's figures: %s", one_line(error))
             fleet = None
         # No await between setting and rendering: concurrent scrapes cannot mix their readings.
         collector.fleet = fleet
@@ -308,7 +309,7 @@ async def _cancel_on_signal(
 
 
 def _api(args: argparse.Namespace, settings: Settings) -> int:
-    from listener.commands import resolve_database
+    from listener.database import resolve_database
 
     url = resolve_database(settings)
     port: int = args.port if args.port is not None else settings.port or DEFAULT_API_PORT

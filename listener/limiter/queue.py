@@ -29,7 +29,7 @@ from typing import Protocol
 
 import anyio
 
-from listener import gcra
+from listener.limiter import gcra
 
 # One logger name for the whole limiter, whichever of its modules writes the line.
 logger = logging.getLogger("listener.limiter")

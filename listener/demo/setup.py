@@ -82,7 +82,7 @@ async def openai_settings(
         )
         yield settings.model_copy(update={"rate_limit_rpm": rpm, "shutdown_grace_seconds": 5.0})
         return
-    from listener.stub import StubConfig, run_stub
+    from listener.stub.server import StubConfig, run_stub
 
     rpm = args.rpm or REAL_RPM * SCALE
     scaled = f"{REAL_RPM} RPM scaled up ×{SCALE}" if rpm == REAL_RPM * SCALE else "--rpm"

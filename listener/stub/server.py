@@ -18,23 +18,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
-from typing import Any
 
 import anyio
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 # An `X as X` import is a re-export: tests and the demo import those names from here.
-from listener.asgi import EmbeddedServer
-from listener.stub_state import StubConfig as StubConfig
-from listener.stub_state import StubState as StubState
-from listener.stub_text import estimate_tokens, generate_description, text_of
-from listener.stub_text import extract_product_name as extract_product_name
-from listener.stub_window import SlidingWindow as SlidingWindow
-from listener.stub_window import format_duration as format_duration
+from listener.http.serve import serving
+from listener.stub.state import StubConfig as StubConfig
+from listener.stub.state import StubState as StubState
+from listener.stub.text import estimate_tokens, generate_description, text_of
+from listener.stub.text import extract_product_name as extract_product_name
+from listener.stub.window import SlidingWindow as SlidingWindow
+from listener.stub.window import format_duration as format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -177,17 +175,6 @@ def build_app(state: StubState) -> Starlette:
     )
 
 
-class _FastStoppingServer(EmbeddedServer):
-    """asgi's embedded server (signals left to the host program) that notices a stop sooner."""
-
-    async def main_loop(self) -> None:
-        # Same as uvicorn's loop but polling should_exit every 10 ms instead of 100 ms.
-        counter = 0
-        while not await self.on_tick(counter):
-            counter = (counter + 1) % 864_000
-            await anyio.sleep(0.01)
-
-
 @dataclass
 class RunningStub:
     host: str
@@ -203,43 +190,15 @@ class RunningStub:
         return f"{self.url}/v1"
 
 
-# Not `asgi.serving`, which this mirrors: its server polls for a stop every 100 ms (a stop takes
-# about 200 ms instead of 100), and it reports a port in use as a ListenerError.
 @contextlib.asynccontextmanager
 async def _running(state: StubState, host: str, port: int) -> AsyncIterator[RunningStub]:
-    # log_config=None keeps uvicorn off the host's logging setup.
-    options: dict[str, Any] = {"log_config": None, "access_log": False, "lifespan": "off"}
-    server = _FastStoppingServer(
-        uvicorn.Config(build_app(state), host, port, timeout_graceful_shutdown=1, **options)
-    )
-    done = anyio.Event()
-
-    async def serve() -> None:
-        # uvicorn calls sys.exit() when it cannot bind; report that as a startup failure.
-        with contextlib.suppress(SystemExit):
-            await server.serve()
-        done.set()
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(serve)
-            try:
-                while not server.started:
-                    if done.is_set():
-                        raise RuntimeError(f"stub server failed to start on {host}:{port}")
-                    await anyio.sleep(0.005)
-                yield RunningStub(host, server.port, state)
-            finally:
-                state.release_hung()
-                server.should_exit = True
-                # Shielded so uvicorn closes its sockets even when the body raised.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await done.wait()
-    except BaseExceptionGroup as group:
-        # Keep the body's own exception (e.g. a failed assert) recognisable to callers.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+    # A stub starts and stops once per test: it checks for a stop every 10 ms, not 100.
+    async with serving(build_app(state), host, port, stop_poll_seconds=0.01) as server:
+        try:
+            yield RunningStub(host, server.port, state)
+        finally:
+            # Hung requests would hold uvicorn's graceful shutdown for its whole timeout.
+            state.release_hung()
 
 
 @contextlib.asynccontextmanager

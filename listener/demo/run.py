@@ -2,8 +2,8 @@
 serves them fairly from one budget, shown live.
 
 Everything it needs is started here and stopped at the end: an embedded PostgreSQL when
-DATABASE_URL is unset, the local OpenAI stub when OPENAI_API_KEY is unset (both in demo_setup.py),
-and the worker itself, in this process, so that the view (demo_view.py) can read its limiter and
+DATABASE_URL is unset, the local OpenAI stub when OPENAI_API_KEY is unset (both in setup.py),
+and the worker itself, in this process, so that the view (view.py) can read its limiter and
 see each item start.
 """
 
@@ -14,7 +14,6 @@ import math
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,19 +22,18 @@ import psycopg
 from rich.console import Console
 
 from listener import jobs
-from listener.claim import ClaimedItem
 from listener.db import wrap
-from listener.demo_setup import (
+from listener.demo.setup import (
     DEMO_LIMITER,
     REAL_RPM,
     SCALE,
     Setup,
-    describe_url,
     execute,
     openai_settings,
     prepare_database,
 )
-from listener.demo_view import (
+from listener.demo.store import STORES, Store, plan
+from listener.demo.view import (
     duration_text,
     live_view,
     logs_through,
@@ -45,49 +43,17 @@ from listener.demo_view import (
 )
 from listener.errors import ListenerError
 from listener.generate import Generation, Generator
+from listener.items import ClaimedItem
 from listener.settings import Settings
 from listener.sqlfiles import queries
 
 if TYPE_CHECKING:
     from listener.worker import Worker
 
-# tests/test_demo.py imports the URL helper from here, under the name it had here.
-_describe_url = describe_url
-
-# One big store and many small ones: the old FIFO worker made every small one wait an hour.
-STORES = {"demo-mall": 2000, "demo-books": 40, "demo-tea": 10, "demo-bikes": 100}
-STORES |= {"demo-lamps": 25, "demo-shoes": 60, "demo-toys": 15, "demo-garden": 80}
 PREFIX = "demo-"
 REFRESH_SECONDS = 0.25
 RATE_WINDOW_SECONDS = 10.0  # "items/min now" is measured over this sliding window
 EXIT_AUTH = 3
-
-
-@dataclass
-class Store:
-    name: str
-    products: int
-    arrives_after: float  # seconds after the demo's start
-    job_id: int | None = None
-    committed: float | None = None  # monotonic, right after the job's transaction committed
-    first_start: float | None = None  # monotonic, when the handler started its first item
-    completed: int = 0
-    failed: int = 0
-    took: float | None = None  # job created -> job completed, on the database's clock
-
-    @property
-    def latency(self) -> float | None:
-        if self.committed is None or self.first_start is None:
-            return None
-        # The commit is stamped in the enqueue thread just after COMMIT returns: the worker,
-        # woken by the NOTIFY, may beat the stamp by a fraction of a millisecond.
-        return max(0.0, self.first_start - self.committed)
-
-
-def plan(seconds: float) -> list[Store]:
-    """The big store at once, the small ones evenly over the first third of the run."""
-    spacing = seconds / 3 / (len(STORES) - 1)
-    return [Store(name, n, i * spacing) for i, (name, n) in enumerate(STORES.items())]
 
 
 class TimedGenerator(Generator):
@@ -215,7 +181,7 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
         clear = queries("demo")["clear_old_jobs"]
         await anyio.to_thread.run_sync(execute, setup.conninfo, clear, {"pattern": f"{PREFIX}%"})
     else:
-        live, params = queries("worker")["count_live_workers"], {"stale_seconds": 15}
+        live, params = queries("fleet")["count_live_workers"], {"stale_seconds": 15}
         [(others,)] = await anyio.to_thread.run_sync(execute, setup.conninfo, live, params)
         if others:
             console.print(

@@ -14,10 +14,10 @@ import anyio
 import psycopg
 from psycopg.rows import tuple_row
 
-from listener import gcra
 from listener.db import wrap
 from listener.errors import DatabaseError
-from listener.limiter_queue import QueueLimiter, Reservation, micros_to_seconds
+from listener.limiter import gcra
+from listener.limiter.queue import QueueLimiter, Reservation, micros_to_seconds
 from listener.sqlfiles import queries
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from listener.stub_window import SlidingWindow, ceil_ignoring_float_noise, format_duration
+from listener.stub.window import SlidingWindow, ceil_ignoring_float_noise, format_duration
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Claim, finish, lease and reap items: thin calls of the named SQL in `sql/claim.sql`."""
+"""Claim, finish, lease and reap items: thin calls of the named SQL in `sql/items.sql`."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ async def claim(
     }
     try:
         async with pool.connection() as conn:
-            cursor = await conn.execute(queries("claim")["claim"], params)
+            cursor = await conn.execute(queries("items")["claim"], params)
             rows = await cursor.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "claim failed") from error
@@ -117,7 +117,7 @@ async def finish(
         "attempts": [o.attempt for o in outcomes],
         "worker_id": worker_id,
     }
-    sql = queries("claim")
+    sql = queries("items")
     try:
         async with pool.connection() as conn:
             cursor = await conn.execute(sql["finish_items"], params)
@@ -139,7 +139,7 @@ async def extend_leases(
     params = {"ids": list(item_ids), "worker_id": worker_id, "lease_seconds": lease_seconds}
     try:
         async with pool.connection() as conn:
-            await conn.execute(queries("claim")["extend_leases"], params)
+            await conn.execute(queries("items")["extend_leases"], params)
     except psycopg.Error as error:
         raise wrap(error, "extending leases failed") from error
 
@@ -149,12 +149,12 @@ async def reap_expired(pool: AsyncConnectionPool, max_attempts: int) -> list[tup
     try:
         async with pool.connection() as conn:
             cursor = await conn.execute(
-                queries("claim")["reap_expired"], {"max_attempts": max_attempts}
+                queries("items")["reap_expired"], {"max_attempts": max_attempts}
             )
             rows = await cursor.fetchall()
             failed_jobs = sorted({int(r[1]) for r in rows if r[3] == "FAILED"})
             if failed_jobs:
-                await conn.execute(queries("claim")["finish_jobs"], {"job_ids": failed_jobs})
+                await conn.execute(queries("items")["finish_jobs"], {"job_ids": failed_jobs})
     except psycopg.Error as error:
         raise wrap(error, "reaping expired leases failed") from error
     return [(int(r[0]), str(r[2]), str(r[3])) for r in rows]
@@ -163,7 +163,7 @@ async def reap_expired(pool: AsyncConnectionPool, max_attempts: int) -> list[tup
 async def ready_stores(conn: psycopg.AsyncConnection[Any]) -> list[str]:
     """Stores with PENDING items, by a loose index scan (milliseconds at a million rows)."""
     try:
-        cursor = await conn.execute(queries("claim")["ready_stores"])
+        cursor = await conn.execute(queries("items")["ready_stores"])
         return [str(row[0]) for row in await cursor.fetchall()]
     except psycopg.Error as error:
         raise wrap(error, "listing stores with pending items failed") from error
@@ -172,7 +172,7 @@ async def ready_stores(conn: psycopg.AsyncConnection[Any]) -> list[str]:
 async def count_pending(pool: AsyncConnectionPool) -> int:
     try:
         async with pool.connection() as conn:
-            cursor = await conn.execute(queries("claim")["count_pending"])
+            cursor = await conn.execute(queries("items")["count_pending"])
             row = await cursor.fetchone()
     except psycopg.Error as error:
         raise wrap(error, "counting pending items failed") from error

@@ -1,7 +1,7 @@
 """What `listener demo` shows, drawn with rich: the live table (or, headless, a status line),
 the summary at the end, and the log lines above them.
 
-Everything here only reads the `Demo`: the figures are gathered in demo.py.
+Everything here only reads the `Demo`: the figures are gathered in run.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -21,9 +21,27 @@ from rich.table import Table
 from rich.text import Text
 
 from listener import redact
+from listener.demo.store import Store
 
 if TYPE_CHECKING:
-    from listener.demo import Demo
+    import argparse
+
+    from listener.worker import Worker
+
+
+class Demo(Protocol):
+    """What the view reads of a run (`run.Demo`); the view never changes it."""
+
+    args: argparse.Namespace
+    console: Console
+    stores: list[Store]
+    worker: Worker
+    budget: int
+
+    def elapsed(self) -> float: ...
+
+    def done(self) -> int: ...
+
 
 LIVE_COLUMNS = "store,arrives,products,progress,done,in flight,first item after,finished in"
 SUMMARY_COLUMNS = "store,products,completed,failed,first item after,finished"

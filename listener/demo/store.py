@@ -1,0 +1,36 @@
+"""The demo's stores: who arrives when with how many products, and what the view shows of each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# One big store and many small ones: the old FIFO worker made every small one wait an hour.
+STORES = {"demo-mall": 2000, "demo-books": 40, "demo-tea": 10, "demo-bikes": 100}
+STORES |= {"demo-lamps": 25, "demo-shoes": 60, "demo-toys": 15, "demo-garden": 80}
+
+
+@dataclass
+class Store:
+    name: str
+    products: int
+    arrives_after: float  # seconds after the demo's start
+    job_id: int | None = None
+    committed: float | None = None  # monotonic, right after the job's transaction committed
+    first_start: float | None = None  # monotonic, when the handler started its first item
+    completed: int = 0
+    failed: int = 0
+    took: float | None = None  # job created -> job completed, on the database's clock
+
+    @property
+    def latency(self) -> float | None:
+        if self.committed is None or self.first_start is None:
+            return None
+        # The commit is stamped in the enqueue thread just after COMMIT returns: the worker,
+        # woken by the NOTIFY, may beat the stamp by a fraction of a millisecond.
+        return max(0.0, self.first_start - self.committed)
+
+
+def plan(seconds: float) -> list[Store]:
+    """The big store at once, the small ones evenly over the first third of the run."""
+    spacing = seconds / 3 / (len(STORES) - 1)
+    return [Store(name, n, i * spacing) for i, (name, n) in enumerate(STORES.items())]

@@ -1,0 +1,16 @@
+-- Each worker process's heartbeat row: liveness and the counters behind the fleet's figures.
+
+-- upsert_heartbeat --
+INSERT INTO worker_heartbeats (worker_id, hostname, pid, listener_connected, stats)
+VALUES (%(worker_id)s, %(hostname)s, %(pid)s, %(listener_connected)s, %(stats)s::jsonb)
+ON CONFLICT (worker_id) DO UPDATE
+SET seen_at = now(),
+    listener_connected = EXCLUDED.listener_connected,
+    stats = EXCLUDED.stats;
+
+-- delete_heartbeat --
+DELETE FROM worker_heartbeats WHERE worker_id = %(worker_id)s;
+
+-- forget_dead_workers --
+-- A worker killed without a goodbye stops beating; after ten minutes its row is history.
+DELETE FROM worker_heartbeats WHERE seen_at < now() - interval '10 minutes';
