@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from listener.errors import ListenerError
 from listener.stub.server import (
     RunningStub,
     SlidingWindow,
@@ -319,6 +320,6 @@ async def test_concurrent_burst_admits_exactly_rpm() -> None:
 @pytest.mark.anyio
 async def test_port_in_use_raises() -> None:
     async with run_stub() as stub:
-        with pytest.raises(RuntimeError, match="failed to start"):
+        with pytest.raises(ListenerError, match="cannot serve HTTP"):
             async with run_stub(port=stub.port):
                 pass
