@@ -1,0 +1,1 @@
+"""`listener demo`: stores arriving at different times, served fairly, shown live."""

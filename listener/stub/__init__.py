@@ -1,0 +1,1 @@
+"""A local OpenAI-compatible server with OpenAI-style rate limits and injectable faults."""
