@@ -67,14 +67,6 @@ class LimiterSnapshot:
     rpm: int
     tpm: int
 
-    @property
-    def rpm_usage_percent(self) -> float | None:
-        return None if self.rpm == 0 else 100.0 * self.requests_last_minute / self.rpm
-
-    @property
-    def tpm_usage_percent(self) -> float | None:
-        return None if self.tpm == 0 else 100.0 * self.tokens_last_minute / self.tpm
-
 
 class Limiter(Protocol):
     async def acquire(self, estimated_tokens: int) -> Grant: ...
