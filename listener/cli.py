@@ -101,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         "settings", help="print every effective setting as NAME=value, secrets as ***"
     ).set_defaults(handler=_settings)
 
-    from listener import commands
+    from listener import commands, doctor
     from listener.demo import run as demo
     from listener.http import app as http
 
-    for module in (commands, http, demo):
+    for module in (commands, http, demo, doctor):
         module.register(subcommands)
     return parser
 
