@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -11,7 +18,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from listener.doctor import run_checks
-from listener.doctor.context import Context, read_only
+from listener.doctor.context import Context, connect_read_only
 from listener.doctor.fleet import check_listen
 from listener.doctor.report import Check, Status, exit_code, ok, warn
 from listener.settings import Settings
@@ -208,13 +215,65 @@ def test_listen_not_delivered_fails(database_url: str, empty_database_url: str) 
     """The listening session is on another database of the same server: the notification is
     really sent and really not delivered to it (NOTIFY reaches one database's sessions only),
     which is what a listener behind a transaction-mode pooler sees."""
-    with psycopg.connect(read_only(database_url), autocommit=True) as conn:
+    with connect_read_only(database_url) as conn:
         ctx = Context(conn, database_url, make_settings(OFFLINE))
         check = check_listen(ctx, listen_conninfo=empty_database_url)
     assert check.status is Status.FAIL
     assert check.summary.startswith("a probe notification did not arrive within 1s")
     assert "transaction-mode PgBouncer" in check.summary
     assert "point DATABASE_URL at PostgreSQL directly" in check.remedy
+
+
+@pytest.fixture
+def pgbouncer(pg_server: Server, database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real PgBouncer in transaction mode in front of the test's database; skipped where
+    PgBouncer is not installed (`apt-get install pgbouncer`)."""
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None or pg_server.host.startswith("/"):
+        pytest.skip("pgbouncer is not installed (or the server has no TCP port)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "users.txt").write_text(f'"{pg_server.user}" ""\n')
+    config = tmp_path / "pgbouncer.ini"
+    config.write_text(
+        "[databases]\n"
+        f"* = host={pg_server.host} port={pg_server.port}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {tmp_path / 'users.txt'}\npool_mode = transaction\n"
+        # It refuses to run as root: it drops to the database's system user instead.
+        + ("user = postgres\n" if os.geteuid() == 0 else "")
+    )
+    for path in (tmp_path, config, tmp_path / "users.txt"):
+        path.chmod(0o755)
+    url = make_conninfo(database_url, host="127.0.0.1", port=port)
+    proc = subprocess.Popen([binary, str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                psycopg.connect(url, connect_timeout=1).close()
+                break
+            except psycopg.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # polling the pooler's readiness: it announces nothing else
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_transaction_mode_pgbouncer_in_front_fails_listen(pgbouncer: str) -> None:
+    report = doctor(pgbouncer)
+    listen = report["listen"]
+    assert listen.status is Status.FAIL
+    assert "did not arrive within 1s" in listen.summary or "pooler" in listen.summary
+    assert "PgBouncer" in listen.summary
+    # Every other check still reads the database through the pooler.
+    assert report["indexes"].status is Status.OK
+    assert report["migrations"].status is Status.OK
 
 
 def test_unknown_and_pending_migrations_fail(database_url: str) -> None:
@@ -240,7 +299,7 @@ def test_a_schema_that_drifted_fails_the_schema_check(database_url: str) -> None
 
 def test_the_doctor_session_cannot_write(database_url: str) -> None:
     with (
-        psycopg.connect(read_only(database_url), autocommit=True) as conn,
+        connect_read_only(database_url) as conn,
         pytest.raises(psycopg.errors.ReadOnlySqlTransaction),
     ):
         conn.execute("DELETE FROM job_items")

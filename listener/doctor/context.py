@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from listener.settings import Settings
 from listener.sqlfiles import queries
@@ -18,15 +18,18 @@ APPLICATION_NAME = "listener-doctor"
 LIVE_SECONDS = 15.0
 
 
-def read_only(conninfo: str) -> str:
-    """The conninfo with every transaction read-only: the doctor cannot change the database,
-    whatever a check runs (the server refuses any write)."""
-    options = conninfo_to_dict(conninfo).get("options") or ""
-    return make_conninfo(
-        conninfo,
-        options=f"{options} -c default_transaction_read_only=on".strip(),
-        application_name=APPLICATION_NAME,
-    )
+def named(conninfo: str) -> str:
+    return make_conninfo(conninfo, application_name=APPLICATION_NAME)
+
+
+def connect_read_only(conninfo: str) -> psycopg.Connection[tuple[Any, ...]]:
+    """The doctor's session: every statement in a `BEGIN READ ONLY` transaction, so the server
+    refuses any write whatever a check runs. (A transaction attribute, not a startup option: a
+    PgBouncer in front refuses or drops startup options, and the doctor must still diagnose it.)
+    """
+    conn = psycopg.connect(named(conninfo), connect_timeout=10)
+    conn.read_only = True
+    return conn
 
 
 @dataclass
@@ -61,7 +64,8 @@ class Context:
         self.api_processes = api_processes
 
     def rows(self, block: str, **params: Any) -> list[tuple[Any, ...]]:
-        return self.conn.execute(queries("doctor")[block], params or None).fetchall()
+        with self.conn.transaction():
+            return self.conn.execute(queries("doctor")[block], params or None).fetchall()
 
     def one(self, block: str, **params: Any) -> tuple[Any, ...] | None:
         rows = self.rows(block, **params)
@@ -69,9 +73,7 @@ class Context:
 
     @functools.cached_property
     def heartbeats(self) -> list[Heartbeat]:
-        if self.one("has_tracking_table") is None:
-            return []
-        if self.conn.execute("SELECT to_regclass('worker_heartbeats')").fetchone() == (None,):
+        if self.one("has_heartbeats") == (False,):
             return []
         return [
             Heartbeat(str(r[0]), str(r[1]), int(r[2]), float(r[3]), bool(r[4]), r[5] or {})

@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 from listener.doctor.backlog import age
-from listener.doctor.context import Context, read_only
+from listener.doctor.context import Context, named
 from listener.doctor.report import Check, fail, ok, warn
 from listener.sqlfiles import queries
 
@@ -77,15 +77,17 @@ def check_listen(ctx: Context, listen_conninfo: str | None = None) -> Check:
     session connects (the same database unless a test says otherwise)."""
     channel = f"listener_doctor_{secrets.token_hex(6)}"
     payload = secrets.token_hex(8)
-    target = read_only(listen_conninfo or ctx.conninfo)
-    with psycopg.connect(target, autocommit=True) as listener:
+    # Autocommit: LISTEN takes effect at once and notifications arrive between statements. It
+    # runs nothing but pg_backend_pid() and LISTEN, which write nothing.
+    target = named(listen_conninfo or ctx.conninfo)
+    with psycopg.connect(target, autocommit=True, connect_timeout=10) as listener:
         pids = {
             listener.execute(queries("doctor")["backend_pid"]).fetchone()
             for _ in range(POOLER_TRIES)
         }
         listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         started = time.perf_counter()
-        ctx.conn.execute(queries("doctor")["notify"], {"channel": channel, "payload": payload})
+        ctx.rows("notify", channel=channel, payload=payload)  # sent when its transaction commits
         arrived = any(
             note.channel == channel and note.payload == payload
             for note in listener.notifies(timeout=PROBE_SECONDS, stop_after=1)

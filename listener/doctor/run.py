@@ -13,7 +13,7 @@ import psycopg
 
 from listener.database import database_url
 from listener.doctor import backlog, connections, fleet, schema
-from listener.doctor.context import Context, read_only
+from listener.doctor.context import Context, connect_read_only
 from listener.doctor.report import Check, exit_code, fail, render_json, render_text
 from listener.errors import DatabaseError, one_line
 from listener.settings import Settings
@@ -40,7 +40,7 @@ def run_checks(
 ) -> list[Check]:
     """Every check, in the checklist's order."""
     try:
-        conn = psycopg.connect(read_only(conninfo), autocommit=True, connect_timeout=10)
+        conn = connect_read_only(conninfo)
     except psycopg.OperationalError as error:
         raise DatabaseError(f"cannot connect to the database: {one_line(error)}") from error
     checks = _Checks()

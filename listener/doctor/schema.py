@@ -9,7 +9,7 @@ import re
 import psycopg
 
 from listener import migrate
-from listener.doctor.context import Context, read_only
+from listener.doctor.context import Context, named
 from listener.doctor.report import Check, fail, ok, warn
 from listener.errors import ListenerError, one_line
 
@@ -73,7 +73,7 @@ def check_schema_matches(ctx: Context) -> Check:
     try:
         with migrate.scratch_database(ctx.conninfo, "doctor") as target:
             migrate.load_schema_file(target)
-            diff = migrate.schema_diff(read_only(ctx.conninfo), target)
+            diff = migrate.schema_diff(named(ctx.conninfo), target)
     except (ListenerError, psycopg.Error) as error:
         return warn(
             "schema",

@@ -88,6 +88,9 @@ WHERE backend_type = 'client backend' AND datname IS NOT NULL
 GROUP BY 1
 ORDER BY 2 DESC, 1;
 
+-- has_heartbeats --
+SELECT to_regclass('worker_heartbeats') IS NOT NULL;
+
 -- heartbeats --
 -- Every heartbeat row, live or not (the caller tells them apart), newest first.
 SELECT worker_id, hostname, pid, extract(epoch FROM now() - seen_at)::float8,
