@@ -23,8 +23,8 @@ from psycopg import sql
 from listener.migrate import (
     Migration,
     MigrationRunner,
-    _connect,
-    _first_line,
+    connect,
+    first_line,
     schema_diff,
     scratch_database,
 )
@@ -134,7 +134,7 @@ def _watched(url: str, statement: str) -> StatementLocks:
 def plan_migrations(conninfo: str, output: Callable[[str], None]) -> list[MigrationPlan]:
     """The lock plan of every pending migration; the live database is only read."""
     runner = MigrationRunner(conninfo, output=lambda _line: None)
-    with _connect(conninfo, lambda _line: None) as conn:
+    with connect(conninfo, lambda _line: None) as conn:
         tracked = conn.execute("SELECT to_regclass('schema_migrations')").fetchone() != (None,)
         applied = set(runner.applied(conn)) if tracked else set()
     pending = [m for m in runner.migrations if m.name not in applied]
@@ -149,7 +149,7 @@ def plan_migrations(conninfo: str, output: Callable[[str], None]) -> list[Migrat
     with scratch_database(conninfo, "plan") as copy:
         copy_sql = schema_diff(copy, conninfo)
         if copy_sql.strip():
-            with _connect(copy, lambda _line: None) as conn:
+            with connect(copy, lambda _line: None) as conn:
                 conn.execute(copy_sql.encode())
         for migration in pending:
             plans.append(_plan_one(copy, migration))
@@ -164,7 +164,7 @@ def _plan_one(copy: str, migration: Migration) -> MigrationPlan:
     for statement in migration.up:
         measured = _in_transaction(copy, statement)
         if measured.error is None:
-            with _connect(copy, lambda _line: None) as conn:
+            with connect(copy, lambda _line: None) as conn:
                 conn.execute(statement.encode())  # on the copy: the next statement sees it
         elif not migration.transactional:
             measured = _watched(copy, statement)  # runs it on the copy as well
@@ -181,7 +181,7 @@ def describe(plan: MigrationPlan) -> list[str]:
     )
     lines = [f"{migration.path.name} ({mode})"]
     for number, measured in enumerate(plan.statements, start=1):
-        lines.append(f"  [{number}] {_first_line(measured.statement)}")
+        lines.append(f"  [{number}] {first_line(measured.statement)}")
         if measured.error:
             lines.append(f"      not measured: {measured.error.splitlines()[0]}")
         notable = {r: m for r, m in measured.locks.items() if m in EFFECTS}

@@ -54,10 +54,10 @@ class Migration:
 
 def split_statements(text: str) -> tuple[str, ...]:
     """Statements of a block, with pglast's splitter: it knows `$$` bodies and comments."""
-    return tuple(s for s in pglast.split(text, with_parser=False) if _strip_comments(s))
+    return tuple(s for s in pglast.split(text, with_parser=False) if strip_comments(s))
 
 
-def _strip_comments(statement: str) -> str:
+def strip_comments(statement: str) -> str:
     lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
     return "\n".join(lines).strip()
 
@@ -86,7 +86,7 @@ def _print(line: str) -> None:
     print(line, flush=True)  # noqa: T201 - the runner's output is for the operator's terminal
 
 
-def _connect(conninfo: str, output: Output) -> psycopg.Connection[tuple[object, ...]]:
+def connect(conninfo: str, output: Output) -> psycopg.Connection[tuple[object, ...]]:
     try:
         conn = psycopg.connect(conninfo, autocommit=True, application_name="listener-migrate")
     except psycopg.OperationalError as error:
@@ -118,7 +118,7 @@ class MigrationRunner:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
         """A session holding the advisory lock: concurrent deploys run one after the other."""
-        with _connect(self.conninfo, self.output) as conn:
+        with connect(self.conninfo, self.output) as conn:
             # Wait client-side: a session blocked in pg_advisory_lock() holds a snapshot, and the
             # other runner's CREATE INDEX CONCURRENTLY would wait for it: a deadlock.
             waited = False
@@ -170,7 +170,7 @@ class MigrationRunner:
         return undone
 
     def status(self) -> list[tuple[str, bool]]:
-        with _connect(self.conninfo, self.output) as conn:
+        with connect(self.conninfo, self.output) as conn:
             ensure_tracking_table(conn)
             applied = set(self.applied(conn))
         rows = [(m.path.name, m.name in applied) for m in self.migrations]
@@ -197,7 +197,7 @@ class MigrationRunner:
                     raise MigrationError(
                         f"{migration.path.name} failed"
                         f"{' and was rolled back' if migration.transactional else ''}: "
-                        f"{str(error).strip()}\n  in statement: {_first_line(statement)}"
+                        f"{str(error).strip()}\n  in statement: {first_line(statement)}"
                     ) from error
                 if self.after_statement is not None:
                     self.after_statement(migration, number)
@@ -210,8 +210,8 @@ _RECORD: LiteralString = "INSERT INTO schema_migrations (name) VALUES (%s)"
 _FORGET: LiteralString = "DELETE FROM schema_migrations WHERE name = %s"
 
 
-def _first_line(statement: str) -> str:
-    code = _strip_comments(statement)
+def first_line(statement: str) -> str:
+    code = strip_comments(statement)
     first = code.splitlines()[0] if code else statement
     return first + (" ..." if "\n" in code else "")
 
@@ -230,19 +230,19 @@ def ensure_tracking_table(conn: psycopg.Connection[tuple[object, ...]]) -> None:
 def scratch_database(conninfo: str, purpose: str) -> Iterator[str]:
     """A throwaway database on the same server, dropped on the way out."""
     name = f"listener_{purpose}_{secrets.token_hex(4)}"
-    with _connect(conninfo, lambda _line: None) as admin:
+    with connect(conninfo, lambda _line: None) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield psycopg.conninfo.make_conninfo(conninfo, dbname=name)
     finally:
-        with _connect(conninfo, lambda _line: None) as admin:
+        with connect(conninfo, lambda _line: None) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
 
 
 def load_schema_file(conninfo: str) -> None:
-    with _connect(conninfo, lambda _line: None) as conn:
+    with connect(conninfo, lambda _line: None) as conn:
         conn.execute(SCHEMA_FILE.read_text(encoding="utf-8").encode())
         ensure_tracking_table(conn)
 

@@ -326,3 +326,43 @@ def test_cli_json_and_exit_code(database_url: str, pg_server: Server) -> None:
     assert gone.returncode == 1
     assert gone.stderr.startswith("listener: cannot connect to the database:")
     assert len(gone.stderr.strip().splitlines()) == 1
+
+
+def add_heartbeat(conninfo: str, worker: str, connected: bool, stats: dict[str, Any]) -> None:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO worker_heartbeats (worker_id, hostname, pid, listener_connected, stats)"
+            " VALUES (%s, 'host', 1, %s, %s::jsonb)",
+            (worker, connected, json.dumps(stats)),
+        )
+
+
+def test_a_worker_whose_listener_is_down_fails_and_pool_waiting_warns(database_url: str) -> None:
+    pool = {"total": 4, "idle": 0, "waiting": 3, "max": 4}
+    add_heartbeat(database_url, "starved", True, {"pool": pool})
+    check = doctor(database_url)["workers"]
+    assert check.status is Status.WARN
+    assert "pool waiting > 0 on starved" in check.summary
+    assert "increase DB_POOL_MAX" in check.remedy
+    assert "starved: beat" in check.lines[0] and "waiting 3" in check.lines[0]
+    add_heartbeat(database_url, "deaf", False, {})
+    check = doctor(database_url)["workers"]
+    assert check.status is Status.FAIL
+    assert check.summary.startswith("2 live") and "listener disconnected on deaf" in check.summary
+
+
+def test_a_pause_after_a_429_warns_with_the_use_of_the_budget(database_url: str) -> None:
+    add_heartbeat(
+        database_url, "w1", True, {"requestsInLastMinute": 400, "rpm": 450, "tpm": 200_000}
+    )
+    execute(
+        database_url,
+        "INSERT INTO rate_limiters (name, paused_until, rate_limited_total)"
+        " VALUES ('openai', now() + interval '30 seconds', 7)",
+    )
+    settings = make_settings(OFFLINE, rate_limit_rpm=450, rate_limit_tpm=200_000)
+    check = doctor(database_url, settings)["budget"]
+    assert check.status is Status.WARN
+    assert check.summary.startswith("400/450 RPM (89%), 0/200,000 TPM (0%)")
+    assert "7 in all" in check.summary
+    assert "paused for" in check.summary

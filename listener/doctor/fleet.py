@@ -35,10 +35,12 @@ def check_workers(ctx: Context) -> Check:
         )
     lines = []
     for beat in live:
-        pool = beat.stats.get("pool") if isinstance(beat.stats.get("pool"), dict) else {}
+        pool = ", ".join(
+            f"{key} {beat.number('pool', key):.0f}" for key in ("total", "idle", "waiting", "max")
+        )
         lines.append(
             f"{beat.worker_id}: beat {beat.age:.1f}s ago, listener"
-            f" {'connected' if beat.listener_connected else 'DISCONNECTED'}, pool {pool}"
+            f" {'connected' if beat.listener_connected else 'DISCONNECTED'}; pool {pool}"
         )
     deaf = [beat.worker_id for beat in live if not beat.listener_connected]
     starved = [beat.worker_id for beat in live if beat.number("pool", "waiting") > 0]
@@ -131,8 +133,8 @@ def check_budget(ctx: Context) -> Check:
         "tokens_last_minute": tokens,
         "rate_limited_since_workers_started": recent_429,
     }
-    use = f"{requests}/{rpm or '∞'} RPM" + (f" ({requests / rpm:.0%})" if rpm else "")
-    use += f", {tokens:,}/{tpm or '∞'} TPM" + (f" ({tokens / tpm:.0%})" if tpm else "")
+    use = f"{requests:,}/{rpm:,} RPM ({requests / rpm:.0%})" if rpm else f"{requests:,} RPM"
+    use += f", {tokens:,}/{tpm:,} TPM ({tokens / tpm:.0%})" if tpm else f", {tokens:,} TPM"
     if not rpm and not tpm:
         return ok("budget", f"no budget (RATE_LIMIT_RPM=0, TPM=0): {use}", **data)
     if row is None:

@@ -29,7 +29,7 @@ def expected_indexes() -> dict[str, str]:
     text = migrate.SCHEMA_FILE.read_text(encoding="utf-8")
     found = {}
     for statement in migrate.split_statements(text):
-        code = migrate._strip_comments(statement)
+        code = migrate.strip_comments(statement)
         match = _CREATE_INDEX.match(code)
         if match:
             concurrently = code.replace("INDEX ", "INDEX CONCURRENTLY ", 1)
