@@ -271,6 +271,7 @@ def test_a_transaction_mode_pgbouncer_in_front_fails_listen(pgbouncer: str) -> N
     assert listen.status is Status.FAIL
     assert "did not arrive within 1s" in listen.summary or "pooler" in listen.summary
     assert "PgBouncer" in listen.summary
+    assert f"port {listen.data['client_port']} forwards to PostgreSQL's" in listen.summary
     # Every other check still reads the database through the pooler.
     assert report["indexes"].status is Status.OK
     assert report["migrations"].status is Status.OK

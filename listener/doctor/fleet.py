@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from listener.doctor.backlog import age
 from listener.doctor.context import Context, named
@@ -83,10 +84,13 @@ def check_listen(ctx: Context, listen_conninfo: str | None = None) -> Check:
     # runs nothing but pg_backend_pid() and LISTEN, which write nothing.
     target = named(listen_conninfo or ctx.conninfo)
     with psycopg.connect(target, autocommit=True, connect_timeout=10) as listener:
-        pids = {
+        sessions = [
             listener.execute(queries("doctor")["backend_pid"]).fetchone()
             for _ in range(POOLER_TRIES)
-        }
+        ]
+        pids = {session[0] for session in sessions if session}
+        server_port = sessions[0][1] if sessions[0] else None
+        client_port = listener.info.port
         listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         started = time.perf_counter()
         ctx.rows("notify", channel=channel, payload=payload)  # sent when its transaction commits
@@ -96,9 +100,24 @@ def check_listen(ctx: Context, listen_conninfo: str | None = None) -> Check:
         )
         elapsed = time.perf_counter() - started
     pooled = len(pids) > 1
-    data = {"delivered": arrived, "seconds": round(elapsed, 4), "pooler_suspected": pooled}
+    # Through a socket file the "port" names the socket; only TCP ports can be compared.
+    proxied = server_port is not None and not _is_socket_host(target) and server_port != client_port
+    data = {
+        "delivered": arrived,
+        "seconds": round(elapsed, 4),
+        "pooler_suspected": pooled,
+        "client_port": client_port,
+        "server_port": server_port,
+    }
+    between = (
+        f"; port {client_port} forwards to PostgreSQL's {server_port}: a pooler or proxy"
+        if proxied
+        else ""
+    )
     if arrived and not pooled:
-        return ok("listen", f"a probe notification arrived in {elapsed * 1000:.1f} ms", **data)
+        return ok(
+            "listen", f"a probe notification arrived in {elapsed * 1000:.1f} ms{between}", **data
+        )
     why = (
         "the server session changed between transactions: a pooler in transaction mode"
         " (PgBouncer) is in front, and LISTEN needs a session"
@@ -108,12 +127,17 @@ def check_listen(ctx: Context, listen_conninfo: str | None = None) -> Check:
     heard = "arrived, but " if arrived else f"did not arrive within {PROBE_SECONDS:g}s: "
     return fail(
         "listen",
-        f"a probe notification {heard}{why}",
+        f"a probe notification {heard}{why}{between}",
         "point DATABASE_URL at PostgreSQL directly (Render's internal URL), not a"
         " transaction-mode pooler: without LISTEN the worker only finds new work at each"
         " safety sweep (SWEEP_INTERVAL_SECONDS)",
         **data,
     )
+
+
+def _is_socket_host(conninfo: str) -> bool:
+    host = conninfo_to_dict(conninfo).get("host") or ""
+    return not host or str(host).startswith("/")
 
 
 def check_budget(ctx: Context) -> Check:

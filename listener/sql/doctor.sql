@@ -105,7 +105,9 @@ FROM rate_limiters
 WHERE name = %(name)s;
 
 -- backend_pid --
-SELECT pg_backend_pid();
+-- With the port the server itself listens on: a different port from the client's means a
+-- pooler or proxy in between.
+SELECT pg_backend_pid(), inet_server_port();
 
 -- notify --
 SELECT pg_notify(%(channel)s, %(payload)s);
