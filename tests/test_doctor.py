@@ -367,3 +367,19 @@ def test_a_pause_after_a_429_warns_with_the_use_of_the_budget(database_url: str)
     assert check.summary.startswith("400/450 RPM (89%), 0/200,000 TPM (0%)")
     assert "7 in all" in check.summary
     assert "paused for" in check.summary
+
+
+def test_risky_settings_warn_and_secrets_stay_masked(database_url: str) -> None:
+    settings = make_settings(
+        OFFLINE,
+        http_host="0.0.0.0",
+        rate_limit_rpm=60,
+        worker_concurrency=500,
+        openai_timeout_seconds=5,
+    )
+    check = doctor(database_url, settings, processes=1)["settings"]
+    assert check.status is Status.WARN
+    assert "HTTP_HOST 0.0.0.0 serves the stats to other machines without API_TOKEN" in check.summary
+    assert "WORKER_CONCURRENCY 500 × 1 process(es) = 500 in flight" in check.summary
+    assert "OPENAI_API_KEY=***" in check.data["settings"]
+    assert "test-key" not in json.dumps(check.data) + "".join(check.lines)
