@@ -4,8 +4,6 @@ valid (the checklist's Step 2)."""
 
 from __future__ import annotations
 
-import re
-
 import psycopg
 
 from listener import migrate
@@ -21,19 +19,19 @@ CHECKLIST_INDEXES = (
     "idx_job_items_job_id",
     "idx_job_items_product",
 )
-_CREATE_INDEX = re.compile(r"CREATE (UNIQUE )?INDEX (\w+)\s+ON", re.IGNORECASE)
-
-
 def expected_indexes() -> dict[str, str]:
-    """Each index `sql/schema.sql` creates, by name, with its statement (built CONCURRENTLY)."""
-    text = migrate.SCHEMA_FILE.read_text(encoding="utf-8")
+    """Each index `sql/schema.sql` creates, by name, with the statement that builds it without
+    blocking writes (pglast parses the file and writes the CONCURRENTLY form back)."""
+    from pglast import parse_sql
+    from pglast.ast import IndexStmt
+    from pglast.stream import RawStream
+
     found = {}
-    for statement in migrate.split_statements(text):
-        code = migrate.strip_comments(statement)
-        match = _CREATE_INDEX.match(code)
-        if match:
-            concurrently = code.replace("INDEX ", "INDEX CONCURRENTLY ", 1)
-            found[match.group(2)] = " ".join(concurrently.split()) + ";"
+    for raw in parse_sql(migrate.SCHEMA_FILE.read_text(encoding="utf-8")):
+        statement = raw.stmt
+        if isinstance(statement, IndexStmt) and statement.idxname:
+            statement.concurrent = True
+            found[str(statement.idxname)] = f"{RawStream()(statement)};"
     return found
 
 
