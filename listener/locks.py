@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -203,14 +202,3 @@ def describe(plan: MigrationPlan) -> list[str]:
     elif strongest is not None:
         lines.append(f"  → strongest on {HOT_TABLE}: {strongest} ({EFFECTS.get(strongest, '')})")
     return lines
-
-
-def as_dict(plan: MigrationPlan) -> dict[str, Any]:
-    return {
-        "migration": plan.migration.name,
-        "transactional": plan.migration.transactional,
-        "statements": [
-            {"statement": s.statement, "locks": s.locks, "how": s.how, "error": s.error}
-            for s in plan.statements
-        ],
-    }
