@@ -19,6 +19,8 @@ CHECKLIST_INDEXES = (
     "idx_job_items_job_id",
     "idx_job_items_product",
 )
+
+
 def expected_indexes() -> dict[str, str]:
     """Each index `sql/schema.sql` creates, by name, with the statement that builds it without
     blocking writes (pglast parses the file and writes the CONCURRENTLY form back)."""
