@@ -58,3 +58,10 @@ RETURNING j.id, j.job_id, j.instance_id, j.product_id,
     CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s THEN j.payload::text END,
     octet_length(j.payload::text),
     j.attempts;
+
+-- item_counts_exact --
+-- The stats' counts before issue 11 (defect 6): every open item read at each request.
+SELECT
+    (SELECT count(*) FROM job_items WHERE status = 'PENDING') AS pending,
+    (SELECT count(*) FROM job_items WHERE status = 'PENDING' AND run_after <= now()) AS ready,
+    (SELECT count(*) FROM job_items WHERE status = 'PROCESSING') AS processing;

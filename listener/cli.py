@@ -47,12 +47,20 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     url = database_url(settings)
     runner = migrate.MigrationRunner(url, output=_say)
-    if args.action == "up":
+    if args.action == "up" and args.plan:
+        from listener.locks import plan_migrations
+
+        plan_migrations(url, output=_say)
+    elif args.action == "up":
         runner.up()
     elif args.action == "down":
         runner.down(args.count)
     elif args.action == "status":
-        runner.status()
+        rows = runner.status()
+        if args.verbose and not all(applied for _name, applied in rows):
+            from listener.locks import plan_migrations
+
+            plan_migrations(url, output=_say)
     elif args.action == "diff":
         diff = migrate.diff_against_schema(url)
         _say(diff.rstrip() if diff else "-- the database matches sql/schema.sql")
@@ -81,10 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = subcommands.add_parser("migrate", help="apply, revert, inspect the schema migrations")
     actions = migrate.add_subparsers(dest="action", required=True)
-    actions.add_parser("up", help="apply every pending migration")
+    up = actions.add_parser("up", help="apply every pending migration")
+    up.add_argument(
+        "--plan",
+        action="store_true",
+        help="apply nothing: print each pending statement and the locks it takes",
+    )
     down = actions.add_parser("down", help="revert the last N migrations (default 1)")
     down.add_argument("count", nargs="?", type=int, default=1)
-    actions.add_parser("status", help="list migrations as [COMPLETED] or [PENDING]")
+    status = actions.add_parser("status", help="list migrations as [COMPLETED] or [PENDING]")
+    status.add_argument(
+        "-v", "--verbose", action="store_true", help="and the locks of each pending statement"
+    )
     actions.add_parser("diff", help="print the SQL that turns the database into sql/schema.sql")
     actions.add_parser("check", help="fail when the migrations do not reach sql/schema.sql")
     migrate.set_defaults(handler=_migrate)
@@ -101,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "settings", help="print every effective setting as NAME=value, secrets as ***"
     ).set_defaults(handler=_settings)
 
-    from listener import commands
+    from listener import commands, doctor
     from listener.demo import run as demo
     from listener.http import app as http
 
-    for module in (commands, http, demo):
+    for module in (commands, http, demo, doctor):
         module.register(subcommands)
     return parser
 

@@ -4,6 +4,11 @@ A migration is one file in `migrations/`, named `<timestamp>_<name>.sql`, holdin
 and a `-- down --` block. It runs in one transaction unless its header says
 `-- transaction: off` (needed for CREATE INDEX CONCURRENTLY and for a backfill that commits per
 batch); such a migration is written so that every statement can run again.
+
+A transactional migration is recorded in `schema_migrations` inside its own transaction: it is
+applied and recorded, or neither. A non-transactional one is recorded after its last statement;
+a runner killed before that runs it again from the top, which its idempotent statements allow
+(`tests/test_migrations.py` kills a real runner after every statement to prove it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
+from typing import LiteralString
 
 import pglast
 import psycopg
@@ -31,6 +37,10 @@ LOCK_POLL_SECONDS = 0.5
 _NON_TRANSACTIONAL = re.compile(r"^-- transaction: off\s*$", re.MULTILINE)
 
 Output = Callable[[str], None]
+# Called after each statement has run (in a transaction: before the commit) with its number, and
+# with None once the migration is complete (committed and recorded): where a test interrupts a
+# real runner.
+AfterStatement = Callable[["Migration", int | None], None]
 
 
 @dataclass(frozen=True)
@@ -44,10 +54,10 @@ class Migration:
 
 def split_statements(text: str) -> tuple[str, ...]:
     """Statements of a block, with pglast's splitter: it knows `$$` bodies and comments."""
-    return tuple(s for s in pglast.split(text, with_parser=False) if _strip_comments(s))
+    return tuple(s for s in pglast.split(text, with_parser=False) if strip_comments(s))
 
 
-def _strip_comments(statement: str) -> str:
+def strip_comments(statement: str) -> str:
     lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
     return "\n".join(lines).strip()
 
@@ -76,7 +86,7 @@ def _print(line: str) -> None:
     print(line, flush=True)  # noqa: T201 - the runner's output is for the operator's terminal
 
 
-def _connect(conninfo: str, output: Output) -> psycopg.Connection[tuple[object, ...]]:
+def connect(conninfo: str, output: Output) -> psycopg.Connection[tuple[object, ...]]:
     try:
         conn = psycopg.connect(conninfo, autocommit=True, application_name="listener-migrate")
     except psycopg.OperationalError as error:
@@ -98,15 +108,17 @@ class MigrationRunner:
         conninfo: str,
         output: Output = _print,
         migrations: list[Migration] | None = None,
+        after_statement: AfterStatement | None = None,
     ) -> None:
         self.conninfo = conninfo
         self.output = output
         self.migrations = load_migrations() if migrations is None else migrations
+        self.after_statement = after_statement
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
         """A session holding the advisory lock: concurrent deploys run one after the other."""
-        with _connect(self.conninfo, self.output) as conn:
+        with connect(self.conninfo, self.output) as conn:
             # Wait client-side: a session blocked in pg_advisory_lock() holds a snapshot, and the
             # other runner's CREATE INDEX CONCURRENTLY would wait for it: a deadlock.
             waited = False
@@ -135,8 +147,7 @@ class MigrationRunner:
                 if migration.name in applied:
                     continue
                 self.output(f"applying {migration.name}")
-                self._run(conn, migration, migration.up)
-                conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (migration.name,))
+                self._run(conn, migration, migration.up, _RECORD)
                 done.append(migration.name)
         if not done:
             self.output("nothing to apply: the database is up to date")
@@ -154,13 +165,12 @@ class MigrationRunner:
                 if migration is None:
                     raise MigrationError(f"{name} is applied but its file is missing")
                 self.output(f"reverting {name}")
-                self._run(conn, migration, migration.down)
-                conn.execute("DELETE FROM schema_migrations WHERE name = %s", (name,))
+                self._run(conn, migration, migration.down, _FORGET)
                 undone.append(name)
         return undone
 
     def status(self) -> list[tuple[str, bool]]:
-        with _connect(self.conninfo, self.output) as conn:
+        with connect(self.conninfo, self.output) as conn:
             ensure_tracking_table(conn)
             applied = set(self.applied(conn))
         rows = [(m.path.name, m.name in applied) for m in self.migrations]
@@ -173,22 +183,35 @@ class MigrationRunner:
         conn: psycopg.Connection[tuple[object, ...]],
         migration: Migration,
         statements: tuple[str, ...],
+        record: LiteralString,
     ) -> None:
+        """Run a block's statements, then `record` (the schema_migrations row's change, given the
+        migration's name): in the migration's transaction when it has one, so a crash cannot
+        leave it applied but unrecorded (or reverted but still recorded)."""
         transaction = conn.transaction() if migration.transactional else contextlib.nullcontext()
         with transaction:
-            for statement in statements:
+            for number, statement in enumerate(statements, start=1):
                 try:
                     conn.execute(statement.encode())
                 except psycopg.Error as error:
                     raise MigrationError(
                         f"{migration.path.name} failed"
                         f"{' and was rolled back' if migration.transactional else ''}: "
-                        f"{str(error).strip()}\n  in statement: {_first_line(statement)}"
+                        f"{str(error).strip()}\n  in statement: {first_line(statement)}"
                     ) from error
+                if self.after_statement is not None:
+                    self.after_statement(migration, number)
+            conn.execute(record, (migration.name,))
+        if self.after_statement is not None:
+            self.after_statement(migration, None)
 
 
-def _first_line(statement: str) -> str:
-    code = _strip_comments(statement)
+_RECORD: LiteralString = "INSERT INTO schema_migrations (name) VALUES (%s)"
+_FORGET: LiteralString = "DELETE FROM schema_migrations WHERE name = %s"
+
+
+def first_line(statement: str) -> str:
+    code = strip_comments(statement)
     first = code.splitlines()[0] if code else statement
     return first + (" ..." if "\n" in code else "")
 
@@ -207,19 +230,19 @@ def ensure_tracking_table(conn: psycopg.Connection[tuple[object, ...]]) -> None:
 def scratch_database(conninfo: str, purpose: str) -> Iterator[str]:
     """A throwaway database on the same server, dropped on the way out."""
     name = f"listener_{purpose}_{secrets.token_hex(4)}"
-    with _connect(conninfo, lambda _line: None) as admin:
+    with connect(conninfo, lambda _line: None) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield psycopg.conninfo.make_conninfo(conninfo, dbname=name)
     finally:
-        with _connect(conninfo, lambda _line: None) as admin:
+        with connect(conninfo, lambda _line: None) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
 
 
 def load_schema_file(conninfo: str) -> None:
-    with _connect(conninfo, lambda _line: None) as conn:
+    with connect(conninfo, lambda _line: None) as conn:
         conn.execute(SCHEMA_FILE.read_text(encoding="utf-8").encode())
         ensure_tracking_table(conn)
 

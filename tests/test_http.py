@@ -47,6 +47,7 @@ STATS_KEYS = {
     "rateLimitedTotal",
     "pausedUntil",
     "workers",
+    "countsEstimated",
 }
 
 
@@ -106,7 +107,8 @@ async def test_endpoints_report_the_fleet_while_a_worker_runs(database_url: str)
             assert limiter["rateLimitedTotal"] == 0
             assert limiter["pausedUntil"] is None
 
-            insert_job(database_url, "store-I", 1)  # proves the counts are live, not cached
+            assert limiter["countsEstimated"] is False
+            insert_job(database_url, "store-I", 1)
             metrics = await client.get("/metrics")
             assert metrics.status_code == 200
             assert metrics.headers["content-type"].startswith("text/plain")
@@ -236,3 +238,44 @@ async def test_a_port_in_use_is_one_clear_error() -> None:
         with pytest.raises(ListenerError, match="cannot serve HTTP"):
             async with serving(app, "127.0.0.1", taken.port):
                 pass
+
+
+async def test_counts_above_the_cap_are_the_planners_estimate(database_url: str) -> None:
+    insert_job(database_url, "store-big", 3000)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE job_items SET run_after = now() + interval '1 hour' WHERE id % 3 = 0")
+        conn.execute("ANALYZE job_items")
+    settings = make_settings("http://127.0.0.1:9")
+    pool = await open_pool(database_url, settings, name="test-http")
+    try:
+        exact = await fleet.fetch_fleet(pool, settings)
+        capped = await fleet.fetch_fleet(pool, settings, cap=100)
+    finally:
+        await pool.close()
+    assert (exact.pending, exact.ready, exact.estimated) == (3000, 2000, False)
+    assert capped.estimated
+    # The planner's estimates after ANALYZE.
+    assert 2700 <= capped.pending <= 3300
+    assert 1700 <= capped.ready <= 2300
+
+
+async def test_the_snapshot_is_shared_by_requests_and_refreshed_after_max_age(
+    database_url: str,
+) -> None:
+    settings = make_settings("http://127.0.0.1:9")
+    pool = await open_pool(database_url, settings, name="test-http")
+    now = [0.0]
+    snapshot = fleet.FleetSnapshot(pool, settings, max_age=1.0, clock=lambda: now[0])
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(snapshot.get)
+        assert snapshot.readings == 1
+        insert_job(database_url, "store-S", 4)
+        now[0] = 0.9
+        assert (await snapshot.get()).pending == 0
+        now[0] = 1.0
+        assert (await snapshot.get()).pending == 4
+        assert snapshot.readings == 2
+    finally:
+        await pool.close()

@@ -14,7 +14,7 @@ import pytest
 from listener.errors import MigrationError
 from listener.migrate import MigrationRunner, check_migrations, diff_against_schema, load_migrations
 from listener.sqlfiles import queries
-from tests.support import run_listener
+from tests.support import query, run_listener
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -197,3 +197,39 @@ def test_store_lookup_uses_the_pending_index_at_100k_rows(database_url: str) -> 
     text = json.dumps(plan[0])
     assert '"Index Name": "idx_job_items_pending"' in text
     assert "Seq Scan" not in text and '"Sort"' not in text
+
+
+def test_up_plan_prints_each_statement_and_its_locks_and_applies_nothing(
+    empty_database_url: str,
+) -> None:
+    MigrationRunner(
+        empty_database_url, output=lambda _line: None, migrations=load_migrations()[:1]
+    ).up()
+    plan = run_listener("migrate", "up", "--plan", DATABASE_URL=empty_database_url)
+    assert plan.returncode == 0, plan.stderr
+    out = plan.stdout
+    assert out.startswith(f"{len(load_migrations()) - 1} pending migration(s)")
+    # A transactional ALTER TABLE: ACCESS EXCLUSIVE on job_items, held until the commit.
+    leases = out[out.index("1730000013000_leases-retries-and-notify.sql (one transaction") :]
+    assert "job_items: AccessExclusiveLock ✗ blocks every claim" in leases
+    assert "→ ACCESS EXCLUSIVE on job_items until the migration commits" in leases
+    # A concurrent index build, watched while it ran outside a transaction.
+    indexes = out[out.index("1730000014000_claim-indexes.sql (outside a transaction") :]
+    build = indexes[indexes.index("CREATE INDEX CONCURRENTLY idx_job_items_pending") :]
+    assert (
+        build.splitlines()[1]
+        .strip()
+        .startswith("job_items: ShareUpdateExclusiveLock   claims and completions go on")
+    )
+    # Nothing was applied to the database itself.
+    applied = query(empty_database_url, "SELECT name FROM schema_migrations")
+    assert applied == [("1730000000000_baseline",)]
+    assert query(empty_database_url, "SELECT to_regclass('rate_limiters')") == [(None,)]
+    status = run_listener("migrate", "status", "-v", DATABASE_URL=empty_database_url)
+    assert "1730000013000_leases-retries-and-notify.sql [PENDING]" in status.stdout
+    assert "job_items: AccessExclusiveLock" in status.stdout
+
+
+def test_up_plan_with_nothing_pending(database_url: str) -> None:
+    plan = run_listener("migrate", "up", "--plan", DATABASE_URL=database_url)
+    assert plan.stdout.strip() == "nothing to apply: the database is up to date"

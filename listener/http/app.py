@@ -29,7 +29,7 @@ from starlette.routing import Route
 from listener.db import pool_stats
 from listener.errors import one_line
 from listener.http.auth import BearerTokenMiddleware
-from listener.http.fleet import DB_ERRORS, Fleet, count_live_workers, fetch_fleet, usage
+from listener.http.fleet import DB_ERRORS, Fleet, FleetSnapshot, count_live_workers, usage
 from listener.http.serve import EmbeddedServer, serving
 from listener.redact import redact
 from listener.settings import Settings, check_host
@@ -76,6 +76,8 @@ def rate_limiter_stats(fleet: Fleet) -> dict[str, Any]:
         "rateLimitedTotal": fleet.rate_limited_total,
         "pausedUntil": fleet.paused_until.isoformat() if fleet.paused_until else None,
         "workers": len(fleet.workers),
+        # Above 10,000 open items the counts are the planner's estimate (bounded cost).
+        "countsEstimated": fleet.estimated,
     }
 
 
@@ -122,7 +124,8 @@ class FleetCollector(Collector):
         yield _labelled(
             GaugeMetricFamily,
             "listener_items",
-            "Open items by status (ready: PENDING and due now); finished items are not counted",
+            "Open items by status (ready: PENDING and due now); finished items are not counted;"
+            " exact up to 10,000, the planner's estimate above",
             "status",
             [("pending", fleet.pending), ("ready", fleet.ready), ("processing", fleet.processing)],
         )
@@ -175,6 +178,7 @@ def build_app(
     pool: AsyncConnectionPool, settings: Settings, worker: Worker | None = None
 ) -> Starlette:
     collector = FleetCollector(pool)
+    snapshot = FleetSnapshot(pool, settings)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
 
@@ -196,14 +200,14 @@ def build_app(
 
     async def stats(request: Request) -> Response:
         try:
-            fleet = await fetch_fleet(pool, settings)
+            fleet = await snapshot.get()
         except DB_ERRORS as error:
             return _error({}, f"database unreachable: {one_line(error)}")
         return JSONResponse({"status": "ok", "rateLimiter": rate_limiter_stats(fleet)})
 
     async def metrics(request: Request) -> Response:
         try:
-            fleet: Fleet | None = await fetch_fleet(pool, settings)
+            fleet: Fleet | None = await snapshot.get()
         except DB_ERRORS as error:
             # Still answer: the pool's figures and listener_database_up 0 are what to alert on.
             logger.warning("[HTTP] /metrics without the fleet's figures: %s", one_line(error))

@@ -5,10 +5,13 @@ serving HTTP, `listener api`), so they never depend on which process answers.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, LiteralString
 
 import anyio
 import psycopg
@@ -23,6 +26,12 @@ LIVE_SECONDS = 15.0
 DB_TIMEOUT_SECONDS = 2.0
 # PoolTimeout and PoolClosed are psycopg.OperationalError; TimeoutError is anyio.fail_after's.
 DB_ERRORS = (psycopg.Error, TimeoutError)
+# Open items are counted exactly up to this many per figure (a few milliseconds of index reads);
+# beyond it the figure is the planner's estimate, so a reading costs the same at any backlog.
+EXACT_COUNT_CAP = 10_000
+# Every HTTP request of a process reads one snapshot of the fleet, refreshed at most this often:
+# any number of scrapers cost the database one reading per process per period.
+SNAPSHOT_SECONDS = 1.0
 
 
 @dataclass
@@ -49,6 +58,8 @@ class Fleet:
     paused_until: datetime | None
     rpm: int
     tpm: int
+    # True when pending/ready/processing reached EXACT_COUNT_CAP and are the planner's estimate.
+    estimated: bool = False
 
     def total(self, key: str) -> int:
         return sum(worker.number(key) for worker in self.workers)
@@ -74,17 +85,26 @@ def _limit(workers: list[LiveWorker], key: str, configured: int) -> int:
     return max(reported) if reported else configured
 
 
-async def fetch_fleet(pool: AsyncConnectionPool, settings: Settings) -> Fleet:
+async def fetch_fleet(
+    pool: AsyncConnectionPool, settings: Settings, cap: int = EXACT_COUNT_CAP
+) -> Fleet:
     """Read the fleet's figures; raises one of DB_ERRORS when the database does not answer."""
     sql = queries("fleet")
     with anyio.fail_after(DB_TIMEOUT_SECONDS):
         async with pool.connection(timeout=DB_TIMEOUT_SECONDS) as conn:
-            counts = await (await conn.execute(sql["item_counts"])).fetchone()
+            counts = await (await conn.execute(sql["item_counts"], {"cap": cap})).fetchone()
+            pending, ready, processing = counts if counts else (0, 0, 0)
+            estimated = False
+            if pending >= cap:
+                pending = await _estimate(conn, sql["pending_estimate"], cap)
+                ready = min(pending, await _estimate(conn, sql["ready_estimate"], 0))
+                estimated = True
+            if processing >= cap:
+                processing, estimated = await _estimate(conn, sql["processing_estimate"], cap), True
             cursor = await conn.execute(sql["live_workers"], {"stale_seconds": LIVE_SECONDS})
             rows = await cursor.fetchall()
             cursor = await conn.execute(sql["limiter_totals"], {"name": settings.rate_limiter_name})
             limiter = await cursor.fetchone()
-    pending, ready, processing = counts if counts else (0, 0, 0)
     workers = [
         LiveWorker(str(row[0]), bool(row[5]), row[6] if isinstance(row[6], dict) else {})
         for row in rows
@@ -98,7 +118,47 @@ async def fetch_fleet(pool: AsyncConnectionPool, settings: Settings) -> Fleet:
         paused_until=limiter[1] if limiter else None,
         rpm=_limit(workers, "rpm", settings.rate_limit_rpm),
         tpm=_limit(workers, "tpm", settings.rate_limit_tpm),
+        estimated=estimated,
     )
+
+
+async def _estimate(conn: psycopg.AsyncConnection[Any], explain: LiteralString, cap: int) -> int:
+    """The planner's row count for an EXPLAIN; never below the cap the exact count reached."""
+    row = await (await conn.execute(explain)).fetchone()
+    plan = row[0] if row else [{}]
+    rows = float(plan[0].get("Plan", {}).get("Plan Rows", 0))
+    return max(cap, math.ceil(rows))
+
+
+class FleetSnapshot:
+    """One reading of the fleet shared by every request of a process, at most SNAPSHOT_SECONDS
+    old. Concurrent requests for a stale snapshot wait for one refresh instead of each reading
+    the database; a failed refresh is not kept, so the next request tries again."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        settings: Settings,
+        max_age: float = SNAPSHOT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.max_age = max_age
+        self.clock = clock
+        self.readings = 0
+        self._fleet: Fleet | None = None
+        self._read_at = -math.inf
+        self._lock = anyio.Lock()
+
+    async def get(self) -> Fleet:
+        async with self._lock:
+            if self._fleet is None or self.clock() - self._read_at >= self.max_age:
+                self._fleet = None
+                self._fleet = await fetch_fleet(self.pool, self.settings)
+                self._read_at = self.clock()
+                self.readings += 1
+            return self._fleet
 
 
 async def count_live_workers(pool: AsyncConnectionPool) -> int:
