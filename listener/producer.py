@@ -5,8 +5,9 @@
 
 One transaction: the job row, then every item in one COPY, so a 10,000-product job costs a few
 round trips, and the trigger sends the store's one notification at commit. Given an open
-connection instead of a URL, the job joins the caller's transaction (as a savepoint), so an app
-can create it together with its own rows. Every rule the tables enforce is checked first and
+connection in a transaction instead of a URL, the job joins that transaction (as a savepoint),
+so an app creates it together with its own rows, or not at all; on an idle connection it
+commits at once (psycopg's `transaction()` rule). Every rule the tables enforce is checked first and
 refused with `InvalidJob`, naming the first bad entry by its index, before anything is written.
 
 This module is what `import listener` loads: psycopg and nothing of the worker.
