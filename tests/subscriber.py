@@ -18,7 +18,7 @@ from anyio.abc import TaskStatus
 class Heard:
     payload: dict[str, Any]
     # Read on another connection as soon as the notification arrived.
-    job_status: str
+    job_status: str | None  # None: the job was gone already (pruned)
     ended: bool
     counts: dict[str, int]
 
@@ -75,8 +75,7 @@ class Subscriber:
                     " FROM jobs j WHERE j.id = %s",
                     (payload["job_id"],),
                 )
-                row = await cursor.fetchone()
-                assert row is not None, payload
+                row = await cursor.fetchone() or (None, False, {})
                 self.heard.append(Heard(payload, row[0], row[1], dict(row[2])))
                 self.changed.set()
                 self.changed = anyio.Event()

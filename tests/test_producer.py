@@ -64,10 +64,13 @@ def test_the_job_joins_the_callers_transaction(database_url: str) -> None:
         assert counts(database_url) == (0, 0)  # not committed yet
         conn.rollback()
     assert counts(database_url) == (0, 0)
-    with psycopg.connect(database_url) as conn, pytest.raises(ZeroDivisionError):  # noqa: PT012
-        with conn.transaction():
-            enqueue(conn, "store-tx", [{"name": "a"}])
-            _ = 1 / 0  # the app fails after enqueueing: the job goes with its transaction
+    with (
+        psycopg.connect(database_url) as conn,
+        pytest.raises(ZeroDivisionError),
+        conn.transaction(),
+    ):
+        enqueue(conn, "store-tx", [{"name": "a"}])
+        _ = 1 / 0  # the app fails after enqueueing: the job goes with its transaction
     assert counts(database_url) == (0, 0)
     with psycopg.connect(database_url) as conn:
         job_id = enqueue(conn, "store-tx", [{"name": "a"}])
