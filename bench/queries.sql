@@ -69,3 +69,19 @@ GROUP BY instance_id;
 -- claim_order --
 -- The stores of the first %(n)s items claimed, in the order they were claimed.
 SELECT instance_id FROM job_items WHERE claimed_at IS NOT NULL ORDER BY claimed_at, id LIMIT %(n)s;
+
+-- enqueue_one_item --
+-- The naive producer: one INSERT per item (what a loop over products in an ORM does).
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+VALUES (%(job_id)s, %(instance_id)s, %(product_id)s, %(payload)s);
+
+-- enqueue_json_array --
+-- The producer before COPY: every item in one INSERT from a JSON array parameter.
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+SELECT %(job_id)s, %(instance_id)s,
+       coalesce(product->>'id', product->>'product_id', 'product-' || position),
+       product
+FROM jsonb_array_elements(%(products)s::jsonb) WITH ORDINALITY AS p(product, position);
+
+-- empty_jobs --
+TRUNCATE job_items, jobs;
