@@ -85,3 +85,20 @@ FROM jsonb_array_elements(%(products)s::jsonb) WITH ORDINALITY AS p(product, pos
 
 -- empty_jobs --
 TRUNCATE job_items, jobs;
+
+-- add_finished --
+-- Jobs that ended 30 days ago, with their COMPLETED items (a result each), as retention finds
+-- them: %(jobs)s jobs of %(items)s items.
+WITH new_jobs AS (
+    INSERT INTO jobs (instance_id, status, completed_at, started_at)
+    SELECT 'done-' || (n %% 100), 'COMPLETED', now() - interval '30 days',
+           now() - interval '30 days'
+    FROM generate_series(1, %(jobs)s) n
+    RETURNING id, instance_id
+)
+INSERT INTO job_items (job_id, instance_id, product_id, payload, status, result, attempts,
+                       claimed_at, completed_at)
+SELECT j.id, j.instance_id, 'p' || n, jsonb_build_object('name', 'Product ' || n),
+       'COMPLETED', jsonb_build_object('text', repeat('A fine product. ', 20)), 1,
+       now() - interval '30 days', now() - interval '30 days'
+FROM new_jobs j CROSS JOIN generate_series(1, %(items)s) n;
