@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 
-from listener import enqueue
+from listener import enqueue, lifecycle
 from listener.stub.server import StubConfig, run_stub
 from tests.subscriber import subscribed
 from tests.support import (
@@ -268,3 +269,14 @@ async def test_a_subscriber_hears_each_job_once_after_its_rows(database_url: str
         }
         assert h.counts == expected, h
     assert heard.for_job(jobs[-1])[0].payload["status"] == "CANCELLED"
+
+
+async def test_the_async_calls_for_the_http_app(database_url: str) -> None:
+    job_id = insert_job(database_url, "store-async", 2)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        answer = await lifecycle.call_async(conn, "cancel_job", {"job_id": job_id})
+        assert lifecycle.describe_cancel(answer) == (
+            f"job {job_id} cancelled: 2 pending item(s) cancelled; the job has ended"
+        )
+        with pytest.raises(lifecycle.NoSuchJob, match="no job 424242"):
+            await lifecycle.call_async(conn, "retry_job", {"job_id": 424242})
