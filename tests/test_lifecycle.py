@@ -79,15 +79,15 @@ async def test_a_job_goes_pending_processing_completed(database_url: str) -> Non
 
 
 async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url: str) -> None:
-    # Two worker processes, three items each in flight for 0.6 s; 60 items to go when the
-    # cancel commits. Another store's job runs on untouched.
+    # Two worker processes, three items each in flight for 0.6 s: the 240 items would take 24 s,
+    # so most are still to go when the cancel commits. Another store's job runs on untouched.
     async with run_stub(StubConfig(latency=0.6)) as stub, subscribed(database_url) as heard:
         procs = [
             spawn_worker(database_url, stub.base_url, WORKER_CONCURRENCY="3") for _ in range(2)
         ]
         try:
             await wait_until(lambda: all(worker_is_ready(database_url, p.pid) for p in procs))
-            doomed = insert_job(database_url, "store-doomed", 60)
+            doomed = insert_job(database_url, "store-doomed", 240)
             other = insert_job(database_url, "store-other", 6)
             await wait_until(lambda: item_counts(database_url, doomed).get("COMPLETED", 0) >= 3)
             await wait_until(lambda: item_counts(database_url, doomed).get("PROCESSING", 0) >= 1)
@@ -106,7 +106,7 @@ async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url
     assert status == "CANCELLED" and completed_at >= cancelled_at
     counts = item_counts(database_url, doomed)
     assert set(counts) == {"COMPLETED", "CANCELLED"}, counts  # none lost, none pending
-    assert sum(counts.values()) == 60
+    assert sum(counts.values()) == 240
     # None started after the cancel committed: every item done was claimed before it, kept its
     # result, and OpenAI saw exactly the items that completed (both jobs').
     late: list[tuple[datetime, datetime]] = query(

@@ -105,9 +105,24 @@ RETURNING j.id, j.job_id, j.status;
 
 -- finish_jobs --
 -- Runs after finish_items has committed, so of two workers finishing a job's last items at
--- once, the later one always sees the other's commit; the function locks the jobs first, so a
--- cancel in progress is seen too.
-SELECT listener_finish_jobs(%(job_ids)s::bigint[]);
+-- once, the later one always sees the other's commit. A cancel in progress cannot slip between:
+-- it share-locks the job's PROCESSING items, so an outcome written after its look waits for its
+-- commit, and this statement, which runs after that outcome, then sees the cancel.
+UPDATE jobs j
+SET status = CASE
+        WHEN j.status = 'CANCELLED' THEN 'CANCELLED'
+        WHEN EXISTS (SELECT 1 FROM job_items f WHERE f.job_id = j.id AND f.status = 'FAILED')
+            THEN 'COMPLETED_WITH_ERRORS'
+        ELSE 'COMPLETED'
+    END,
+    completed_at = now(),
+    updated_at = now()
+WHERE j.id = ANY(%(job_ids)s::bigint[])
+  AND j.completed_at IS NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM job_items open_item
+      WHERE open_item.job_id = j.id AND open_item.status IN ('PENDING', 'PROCESSING')
+  );
 
 -- extend_leases --
 UPDATE job_items
