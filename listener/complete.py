@@ -75,7 +75,9 @@ class Completer:
         # Until the database takes them: the items stay PROCESSING (leased) meanwhile, and an
         # outcome lands only while this worker still holds its item.
         result = await self._retrying(
-            lambda: items_db.finish(self.pool, self.worker_id, batch), f"{len(batch)} outcome(s)"
+            lambda: items_db.finish(self.pool, self.worker_id, batch),
+            f"{len(batch)} outcome(s)",
+            "their leases will expire and the items will be tried again",
         )
         if result is None:
             return
@@ -91,9 +93,15 @@ class Completer:
         # A separate statement, after the outcomes committed: of two workers finishing a job's
         # last items at once, the later one sees the other's commit. Retried on its own: the
         # outcomes are written, only the job's end is left.
-        await self._retrying(lambda: items_db.end_jobs(self.pool, jobs), f"{len(jobs)} job end(s)")
+        await self._retrying(
+            lambda: items_db.end_jobs(self.pool, jobs),
+            f"{len(jobs)} job end(s)",
+            "the reaper's sweep will close those jobs",
+        )
 
-    async def _retrying(self, write: Callable[[], Awaitable[T]], what: str) -> T | None:
+    async def _retrying(
+        self, write: Callable[[], Awaitable[T]], what: str, otherwise: str
+    ) -> T | None:
         while True:
             try:
                 done = await write()
@@ -101,10 +109,7 @@ class Completer:
             except DatabaseError as error:
                 if anyio.current_time() >= self._give_up_at:
                     logger.error(
-                        "[Worker] giving up on writing %s at exit (%s); leases will expire and "
-                        "the items will be tried again",
-                        what,
-                        error,
+                        "[Worker] giving up on writing %s at exit (%s); %s", what, error, otherwise
                     )
                     return None
                 delay = self.backoff.next()

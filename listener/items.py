@@ -149,6 +149,16 @@ async def end_jobs(pool: AsyncConnectionPool, job_ids: Sequence[int]) -> None:
         raise wrap(error, "closing finished jobs failed") from error
 
 
+async def close_stranded_jobs(pool: AsyncConnectionPool) -> int:
+    """Close jobs left open with every item finished; how many were closed."""
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(queries("items")["close_stranded_jobs"])
+    except psycopg.Error as error:
+        raise wrap(error, "closing stranded jobs failed") from error
+    return cursor.rowcount
+
+
 async def extend_leases(
     pool: AsyncConnectionPool, worker_id: str, item_ids: Sequence[int], lease_seconds: float
 ) -> None:

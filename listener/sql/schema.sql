@@ -24,6 +24,9 @@ CREATE INDEX idx_jobs_instance_id ON jobs (instance_id);
 -- Retention deletes the oldest finished jobs first.
 CREATE INDEX idx_jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
 
+-- The reaper's sweep for jobs never closed reads the open jobs only.
+CREATE INDEX idx_jobs_open ON jobs (id) WHERE completed_at IS NULL;
+
 CREATE TABLE job_items (
     id bigserial PRIMARY KEY,
     job_id bigint NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
