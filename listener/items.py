@@ -99,14 +99,15 @@ async def claim(
 
 async def finish(
     pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]
-) -> set[int]:
-    """Write a batch of outcomes, then close the jobs they finished.
+) -> tuple[set[int], list[int]]:
+    """Write a batch of outcomes; return the ids written and the jobs to look at for their end
+    (`end_jobs`, once the caller has noted what was written).
 
-    Returns the ids written: an item this worker no longer holds (its lease expired and the
-    item was reaped, perhaps done elsewhere) is left as it is.
+    An item this worker no longer holds (its lease expired and the item was reaped, perhaps
+    done elsewhere) is left as it is.
     """
     if not outcomes:
-        return set()
+        return set(), []
     params = {
         "ids": [o.item_id for o in outcomes],
         "statuses": [o.status for o in outcomes],
@@ -118,17 +119,44 @@ async def finish(
         "worker_id": worker_id,
     }
     sql = queries("items")
+    requeued = [o.item_id for o in outcomes if o.status == "PENDING"]
     try:
         async with pool.connection() as conn:
-            cursor = await conn.execute(sql["finish_items"], params)
-            rows = await cursor.fetchall()
-            finished_jobs = sorted({int(job_id) for _id, job_id in rows})
-            if finished_jobs and any(o.status != "PENDING" for o in outcomes):
-                # A separate statement, after the first has committed (autocommit).
-                await conn.execute(sql["finish_jobs"], {"job_ids": finished_jobs})
+            if requeued:
+                # Rare (retries, releases): lock the jobs, then write, in one transaction, so a
+                # cancel in progress is waited for and seen (such items then end CANCELLED).
+                async with conn.transaction():
+                    await conn.execute(sql["lock_jobs_of_items"], {"ids": requeued})
+                    cursor = await conn.execute(sql["finish_items"], params)
+                    rows = await cursor.fetchall()
+            else:
+                cursor = await conn.execute(sql["finish_items"], params)
+                rows = await cursor.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
-    return {int(item_id) for item_id, _job_id in rows}
+    ended = sorted({int(job_id) for _id, job_id, status in rows if status != "PENDING"})
+    return {int(item_id) for item_id, _job_id, _status in rows}, ended
+
+
+async def end_jobs(pool: AsyncConnectionPool, job_ids: Sequence[int]) -> None:
+    """Close the jobs of `job_ids` that have no open item left (after their outcomes commit)."""
+    if not job_ids:
+        return
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(queries("items")["finish_jobs"], {"job_ids": list(job_ids)})
+    except psycopg.Error as error:
+        raise wrap(error, "closing finished jobs failed") from error
+
+
+async def close_stranded_jobs(pool: AsyncConnectionPool) -> int:
+    """Close jobs left open with every item finished; how many were closed."""
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(queries("items")["close_stranded_jobs"])
+    except psycopg.Error as error:
+        raise wrap(error, "closing stranded jobs failed") from error
+    return cursor.rowcount
 
 
 async def extend_leases(
@@ -146,15 +174,21 @@ async def extend_leases(
 
 async def reap_expired(pool: AsyncConnectionPool, max_attempts: int) -> list[tuple[int, str, str]]:
     """Return (item id, store, new status) of every item whose lease had expired."""
+    sql = queries("items")
     try:
         async with pool.connection() as conn:
-            cursor = await conn.execute(
-                queries("items")["reap_expired"], {"max_attempts": max_attempts}
-            )
-            rows = await cursor.fetchall()
-            failed_jobs = sorted({int(r[1]) for r in rows if r[3] == "FAILED"})
-            if failed_jobs:
-                await conn.execute(queries("items")["finish_jobs"], {"job_ids": failed_jobs})
+            async with conn.transaction():
+                cursor = await conn.execute(sql["lock_jobs_of_expired"])
+                job_ids = [int(row[0]) for row in await cursor.fetchall()]
+                if not job_ids:
+                    return []
+                cursor = await conn.execute(
+                    sql["reap_expired"], {"max_attempts": max_attempts, "job_ids": job_ids}
+                )
+                rows = await cursor.fetchall()
+            ended = sorted({int(r[1]) for r in rows if r[3] != "PENDING"})
+            if ended:
+                await conn.execute(sql["finish_jobs"], {"job_ids": ended})
     except psycopg.Error as error:
         raise wrap(error, "reaping expired leases failed") from error
     return [(int(r[0]), str(r[2]), str(r[3])) for r in rows]

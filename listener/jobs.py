@@ -1,9 +1,9 @@
-"""Submitting jobs and reading their progress: what `enqueue` and `status` run."""
+"""Sample and file products for `enqueue`, and the progress `status` reads (creating a job is
+`listener.producer`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,28 +39,6 @@ def read_products(path: Path) -> list[Any]:
     if not isinstance(data, list):
         raise ListenerError(f"{path} must hold a JSON array of products")
     return data
-
-
-def enqueue(conninfo: str, store: str, products: Sequence[Any]) -> int:
-    """Create a job and its items in one transaction; return the job id.
-
-    Items that are not objects are kept: the worker fails them with a clear reason.
-    """
-    if not store.strip():
-        raise ListenerError("a store id is required")
-    sql = queries("jobs")
-    try:
-        with psycopg.connect(conninfo) as conn, conn.transaction():
-            row = conn.execute(sql["create_job"], {"instance_id": store}).fetchone()
-            assert row is not None
-            job_id = int(row[0])
-            conn.execute(
-                sql["create_items"],
-                {"job_id": job_id, "instance_id": store, "products": json.dumps(list(products))},
-            )
-    except psycopg.Error as error:
-        raise wrap(error, "enqueue failed") from error
-    return job_id
 
 
 def _fetch(conninfo: str, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:

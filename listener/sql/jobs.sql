@@ -1,22 +1,22 @@
 -- Jobs as a client submits them, and their progress.
 
 -- create_job --
+-- %(priority)s (-100..100) is checked and passed by the producer API; jobs.priority arrives
+-- with the store-policy migration, and then this becomes
+-- INSERT INTO jobs (instance_id, priority) VALUES (%(instance_id)s, %(priority)s).
 INSERT INTO jobs (instance_id) VALUES (%(instance_id)s) RETURNING id;
 
--- create_items --
--- One statement for the whole job: the trigger sends one notification for it.
-INSERT INTO job_items (job_id, instance_id, product_id, payload)
-SELECT %(job_id)s, %(instance_id)s,
-       coalesce(product->>'id', product->>'product_id', 'product-' || position),
-       product
-FROM jsonb_array_elements(%(products)s::jsonb) WITH ORDINALITY AS p(product, position);
+-- copy_items --
+-- Every item of the job in one COPY: one statement, so the trigger sends one notification.
+COPY job_items (job_id, instance_id, product_id, payload) FROM STDIN;
 
 -- job_progress --
 SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
        count(i.id) FILTER (WHERE i.status = 'PENDING') AS pending,
        count(i.id) FILTER (WHERE i.status = 'PROCESSING') AS processing,
        count(i.id) FILTER (WHERE i.status = 'COMPLETED') AS completed,
-       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed
+       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed,
+       count(i.id) FILTER (WHERE i.status = 'CANCELLED') AS cancelled
 FROM jobs j LEFT JOIN job_items i ON i.job_id = j.id
 WHERE j.id = %(job_id)s
 GROUP BY j.id;
@@ -26,7 +26,8 @@ SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
        count(i.id) FILTER (WHERE i.status = 'PENDING') AS pending,
        count(i.id) FILTER (WHERE i.status = 'PROCESSING') AS processing,
        count(i.id) FILTER (WHERE i.status = 'COMPLETED') AS completed,
-       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed
+       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed,
+       count(i.id) FILTER (WHERE i.status = 'CANCELLED') AS cancelled
 FROM (SELECT * FROM jobs ORDER BY id DESC LIMIT %(limit)s) j
 LEFT JOIN job_items i ON i.job_id = j.id
 GROUP BY j.id, j.instance_id, j.status, j.created_at, j.completed_at
