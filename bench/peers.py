@@ -169,7 +169,9 @@ async def _procrastinate_defer(url: str, keys: list[str]) -> None:
 class PeerProcess:
     """`python -m bench.peer_workers` with its stdout read line by line on a thread."""
 
-    def __init__(self, system: str, url: str, concurrency: int | None) -> None:
+    def __init__(
+        self, system: str, url: str, concurrency: int | None, **settings: str
+    ) -> None:
         command = [sys.executable, "-m", "bench.peer_workers", system, url]
         if concurrency is not None:
             command += ["--concurrency", str(concurrency)]
@@ -180,6 +182,7 @@ class PeerProcess:
             "RATE_LIMIT_RPM": "0",
             "RATE_LIMIT_TPM": "0",
             "LOG_LEVEL": "WARNING",
+            **settings,
         }
         self.process = subprocess.Popen(
             command,
