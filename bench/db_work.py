@@ -17,6 +17,7 @@ The harness's own polls are tagged and taken off.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -24,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,6 @@ from bench.common import (
     console,
     markdown_table,
     new_figure,
-    parse_args,
     publish,
     save_figure,
     table,
@@ -104,6 +104,22 @@ def database(admin: str, name: str, system: str) -> Iterator[str]:
     yield url
 
 
+BY_STATEMENT = """
+SELECT calls, regexp_replace(left(query, 300), '\\s+', ' ', 'g')
+FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+WHERE d.datname = %s AND s.query NOT LIKE '%%bench-poll%%'
+ORDER BY calls DESC
+LIMIT 8
+"""
+
+
+def by_statement(admin: str, name: str, items: int) -> list[tuple[float, str]]:
+    """The statements run most, per item: where the round trips go."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        rows = conn.execute(BY_STATEMENT, (name,)).fetchall()
+    return [(calls / max(1, items), query[:120]) for calls, query in rows]
+
+
 def counters(admin: str, name: str) -> list[int]:
     with psycopg.connect(admin, autocommit=True) as conn:
         row = conn.execute(READ_COUNTERS, (name,)).fetchone()
@@ -111,7 +127,9 @@ def counters(admin: str, name: str) -> list[int]:
     return [int(value) for value in row]
 
 
-def measure(admin: str, url: str, system: str, wait: Any, **settings: str) -> dict[str, Any]:
+def measure(
+    admin: str, url: str, system: str, wait: Any, source: str | None = None, **settings: str
+) -> dict[str, Any]:
     """Counters around one worker process, per item it completed; `wait(url)` returns the polls
     it made once the phase is over."""
     name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
@@ -121,7 +139,7 @@ def measure(admin: str, url: str, system: str, wait: Any, **settings: str) -> di
     time.sleep(1.1)  # pg_stat_database is flushed by idle backends at most once a second
     before = counters(admin, str(name))
     started = time.monotonic()
-    proc = PeerProcess(system, url, None, **settings)
+    proc = PeerProcess(system, url, None, source, **settings)
     try:
         proc.wait_for("ready", 60)
         polls = wait(url)
@@ -141,6 +159,7 @@ def measure(admin: str, url: str, system: str, wait: Any, **settings: str) -> di
         "wal_records_per_item": records / items,
         "wal_fpi_per_item": fpi / items,
         "wal_bytes_per_item": wal / items,
+        "statements": by_statement(admin, str(name), items),
     }
 
 
@@ -166,27 +185,35 @@ def for_seconds(seconds: float) -> Any:
     return wait
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict[str, Any]:
     items, paced_seconds = (5_000, 30.0) if quick else (20_000, 120.0)
+    versions = [("listener", None)] + ([("listener BEFORE", baseline)] if baseline else [])
     phases: dict[str, dict[str, Any]] = {}
     with private_server() as admin:
         with database(admin, "work_listener", "listener") as url:
-            load("listener", url, items)
-            phases["listener, saturation"] = measure(
-                admin, url, "listener", until_done("listener", items)
-            )
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(RESET["listener"])  # type: ignore[arg-type]
-                add_backlog(conn, STORES[:20], 1_000)
-            phases["listener, 450 RPM"] = measure(
-                admin, url, "listener", for_seconds(paced_seconds), RATE_LIMIT_RPM="450"
-            )
-        with database(admin, "work_pgqueuer", "pgqueuer") as url:
-            load("pgqueuer", url, items)
-            phases["pgqueuer, saturation"] = measure(
-                admin, url, "pgqueuer", until_done("pgqueuer", items)
-            )
-    return {"quick": quick, "phases": phases}
+            for label, source in versions:
+                if "saturation" not in phases_wanted:
+                    break
+                load("listener", url, items)
+                phases[f"{label}, saturation"] = measure(
+                    admin, url, "listener", until_done("listener", items), source
+                )
+            for label, source in versions:
+                if "paced" not in phases_wanted:
+                    break
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(RESET["listener"])  # type: ignore[arg-type]
+                    add_backlog(conn, STORES[:20], 1_000)
+                phases[f"{label}, 450 RPM"] = measure(
+                    admin, url, "listener", for_seconds(paced_seconds), source, RATE_LIMIT_RPM="450"
+                )
+        if "pgqueuer" in phases_wanted:
+            with database(admin, "work_pgqueuer", "pgqueuer") as url:
+                load("pgqueuer", url, items)
+                phases["pgqueuer, saturation"] = measure(
+                    admin, url, "pgqueuer", until_done("pgqueuer", items)
+                )
+    return {"quick": quick, "baseline": baseline, "phases": phases}
 
 
 def _scalar(url: str, statement: str) -> int:
@@ -223,6 +250,10 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
 
 def report(result: dict[str, Any]) -> str:
     table("Database work per completed item", HEADERS, rows(result))
+    for phase, p in result["phases"].items():
+        console.print(
+            f"[dim]{phase}: " + "; ".join(f"{n:.2f} {q[:60]}" for n, q in p["statements"])
+        )
     return markdown_table(HEADERS, rows(result)) + "\n"
 
 
@@ -237,10 +268,21 @@ def plot(result: dict[str, Any]) -> None:
     save_figure(fig, NAME)
 
 
-def main(quick: bool) -> dict[str, Any]:
-    return publish(NAME, run(quick), report, plot)
+PHASES = ("saturation", "paced", "pgqueuer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="5,000 items; 30 s at 450 RPM")
+    parser.add_argument("--baseline", metavar="DIR", help="another `listener`, as in bench.peers")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=PHASES)
+    args = parser.parse_args()
+    console.print("[dim]starting a PostgreSQL server of this run's own[/dim]")
+    timed(
+        lambda quick: publish(NAME, run(quick, args.baseline, args.phases), report, plot),
+        args.quick,
+    )
 
 
 if __name__ == "__main__":
-    console.print("[dim]starting a PostgreSQL server of this run's own[/dim]")
-    timed(main, parse_args(__doc__).quick)
+    main()

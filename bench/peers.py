@@ -14,6 +14,7 @@ inserted, commit returned -> handler started (same host, same clock). Then liste
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import os
@@ -25,7 +26,9 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -38,7 +41,6 @@ from bench.common import (
     markdown_table,
     ms,
     new_figure,
-    parse_args,
     publish,
     save_figure,
     scratch_database,
@@ -53,6 +55,7 @@ NAME = "peers"
 SYSTEMS = ("listener", "pgqueuer", "procrastinate")
 STORES = [f"store-{n:03d}" for n in range(100)]
 FAIR_STORES = [f"fair-{n}" for n in range(10)]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,15 @@ class Config:
     processes: int
     concurrency: int | None  # None: the system's default
     label: str
+    source: str | None = None  # another checkout's listener (--baseline): before and after
+
+
+def baseline_configs(source: str) -> list[Config]:
+    """listener at its defaults as it was in `source`, for before/after in the same run."""
+    return [
+        Config("listener", 1, None, "listener BEFORE, defaults, 1 process", source),
+        Config("listener", 2, None, "listener BEFORE, defaults, 2 processes", source),
+    ]
 
 
 CONFIGS = [
@@ -134,17 +146,19 @@ def scalar(url: str, statement: str) -> Any:
     return row[0] if row else None
 
 
-def load(system: str, url: str, jobs: int) -> None:
+def load(system: str, url: str, jobs: int, reset: bool = True, analyze: bool = True) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(RESET[system])  # type: ignore[arg-type]
-        if system == "listener":
+        if reset:
+            conn.execute(RESET[system])  # type: ignore[arg-type]
+        if system == "listener" and jobs:
             add_backlog(conn, STORES, jobs // len(STORES))
-    if system == "pgqueuer":
+    if system == "pgqueuer" and jobs:
         asyncio.run(_pgqueuer_enqueue(url, [b"x"] * jobs))
-    elif system == "procrastinate":
+    elif system == "procrastinate" and jobs:
         asyncio.run(_procrastinate_defer(url, ["x"] * jobs))
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("ANALYZE")
+    if analyze:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ANALYZE")
 
 
 async def _pgqueuer_enqueue(url: str, payloads: list[bytes | None]) -> None:
@@ -170,7 +184,12 @@ class PeerProcess:
     """`python -m bench.peer_workers` with its stdout read line by line on a thread."""
 
     def __init__(
-        self, system: str, url: str, concurrency: int | None, **settings: str
+        self,
+        system: str,
+        url: str,
+        concurrency: int | None,
+        source: str | None = None,
+        **settings: str,
     ) -> None:
         command = [sys.executable, "-m", "bench.peer_workers", system, url]
         if concurrency is not None:
@@ -184,10 +203,16 @@ class PeerProcess:
             "LOG_LEVEL": "WARNING",
             **settings,
         }
+        # `python -m` puts the working directory first on sys.path: run in `source` so its
+        # `listener` package is the one imported, and find this checkout's `bench` after it.
+        cwd = ROOT
+        if source is not None:
+            cwd = Path(source)
+            env["PYTHONPATH"] = str(ROOT)
         self.process = subprocess.Popen(
             command,
             env={**os.environ, **env},
-            cwd=ROOT,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -237,17 +262,27 @@ class PeerProcess:
             self.process.wait()
 
 
-def throughput(config: Config, url: str, jobs: int) -> float:
-    load(config.system, url, jobs)
-    procs = [PeerProcess(config.system, url, config.concurrency) for _ in range(config.processes)]
+def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
+    """Jobs per second, and CPU per 1,000 jobs of the worker processes and of their database
+    sessions (robust where the wall clock is not: the machine is shared)."""
+    load(config.system, url, 0)
+    procs = [
+        PeerProcess(config.system, url, config.concurrency, config.source)
+        for _ in range(config.processes)
+    ]
     try:
         for proc in procs:
             proc.wait_for("ready", 60)
+        before = cpu_seconds([p.process.pid for p in procs]), backend_cpu(url)
+        load(config.system, url, jobs, reset=False, analyze=False)
         deadline = time.monotonic() + 600
         while scalar(url, DONE[config.system]) < jobs:
             if time.monotonic() > deadline or any(p.process.poll() is not None for p in procs):
                 raise RuntimeError(f"{config.label}: the backlog did not drain")
             time.sleep(0.1)
+        worker_cpu = cpu_seconds([p.process.pid for p in procs]) - before[0]
+        sessions = backend_cpu(url)
+        db_cpu = sum(cpu - before[1].get(pid, 0.0) for pid, cpu in sessions.items())
         for proc in procs:
             proc.drain()
     finally:
@@ -255,7 +290,30 @@ def throughput(config: Config, url: str, jobs: int) -> float:
             proc.stop()
     first = min(p.first for p in procs if p.first is not None)
     last = float(scalar(url, LAST_DONE[config.system]))
-    return jobs / (last - first)
+    return {
+        "rate": jobs / (last - first),
+        "worker_cpu_ms_per_1k": worker_cpu * 1e6 / jobs,
+        "db_cpu_ms_per_1k": db_cpu * 1e6 / jobs,
+    }
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of these processes so far (Linux /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone: a session that ended (its CPU is lost to the count)
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def backend_cpu(url: str) -> dict[int, float]:
+    """CPU so far of each session on this database but the asking one."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        pids = [int(pid) for (pid,) in conn.execute(sql("queries")["other_sessions"])]
+    return {pid: cpu_seconds([pid]) for pid in pids}
 
 
 # -- idle pickup ------------------------------------------------------------------------------
@@ -276,10 +334,10 @@ async def _insert_probe(
     return time.time()
 
 
-def idle_pickup(system: str, url: str, trials: int) -> list[float]:
+def idle_pickup(system: str, url: str, trials: int, source: str | None = None) -> list[float]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(RESET[system])  # type: ignore[arg-type]
-    proc = PeerProcess(system, url, None)
+    proc = PeerProcess(system, url, None, source)
 
     async def go() -> list[float]:
         waits = []
@@ -340,9 +398,20 @@ def fairness(url: str, jobs: int) -> dict[str, Any]:
 # -- the run ----------------------------------------------------------------------------------
 
 
-def run(quick: bool) -> dict[str, Any]:
-    jobs, reps, trials = (5_000, 1, 20) if quick else (20_000, 3, 100)
-    rates: dict[str, list[float]] = defaultdict(list)
+def run(
+    quick: bool,
+    baseline: str | None = None,
+    systems: Sequence[str] = SYSTEMS,
+    reps: int | None = None,
+) -> dict[str, Any]:
+    jobs, default_reps, trials = (5_000, 1, 20) if quick else (20_000, 3, 100)
+    reps = reps or default_reps
+    configs = [c for c in CONFIGS if c.system in systems]
+    configs += baseline_configs(baseline) if baseline else []
+    idle_runs = [(system, system, None) for system in systems]
+    if baseline:
+        idle_runs.append(("listener BEFORE", "listener", baseline))
+    rates: dict[str, list[dict[str, float]]] = defaultdict(list)
     idle: dict[str, list[float]] = defaultdict(list)
     fair: list[dict[str, Any]] = []
     with (
@@ -352,23 +421,33 @@ def run(quick: bool) -> dict[str, Any]:
     ):
         urls = {"listener": listener_url, "pgqueuer": pgqueuer_url}
         urls["procrastinate"] = procrastinate_url
-        for system, url in urls.items():
-            install(system, url)
+        for system in set(systems):
+            install(system, urls[system])
         for rep in range(reps):
-            order = CONFIGS[rep % len(CONFIGS) :] + CONFIGS[: rep % len(CONFIGS)]
+            order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
             for config in order:
                 rate = throughput(config, urls[config.system], jobs)
                 rates[config.label].append(rate)
-                console.print(f"rep {rep + 1}: {config.label}: {rate:,.0f} jobs/s")
-            for system in SYSTEMS[rep % 3 :] + SYSTEMS[: rep % 3]:
-                idle[system] += idle_pickup(system, urls[system], trials // reps)
+                console.print(
+                    f"rep {rep + 1}: {config.label}: {rate['rate']:,.0f} jobs/s, CPU per 1,000: "
+                    f"worker {rate['worker_cpu_ms_per_1k']:,.0f} ms, "
+                    f"database {rate['db_cpu_ms_per_1k']:,.0f} ms"
+                )
+            for name, system, source in idle_runs[rep % 3 :] + idle_runs[: rep % 3]:
+                idle[name] += idle_pickup(system, urls[system], trials // reps, source)
             fair.append(fairness(listener_url, jobs))
     return {
         "quick": quick,
+        "baseline": baseline,
         "jobs": jobs,
         "repetitions": reps,
         "throughput": {
-            label: {"runs": runs, "median": statistics.median(runs)}
+            label: {
+                "runs": [r["rate"] for r in runs],
+                "median": statistics.median(r["rate"] for r in runs),
+                "worker_cpu_ms_per_1k": statistics.median(r["worker_cpu_ms_per_1k"] for r in runs),
+                "db_cpu_ms_per_1k": statistics.median(r["db_cpu_ms_per_1k"] for r in runs),
+            }
             for label, runs in rates.items()
         },
         "idle_pickup": {system: summary(waits) for system, waits in idle.items()},
@@ -382,13 +461,16 @@ def run(quick: bool) -> dict[str, Any]:
 
 def rows(result: dict[str, Any]) -> list[list[str]]:
     through = result["throughput"]
-    base = through[CONFIGS[3].label]["median"]  # pgqueuer, defaults, 1 process
+    # pgqueuer at its defaults, 1 process; listener's own first row when pgqueuer did not run
+    base = through.get(CONFIGS[3].label, next(iter(through.values())))["median"]
     return [
         [
             label,
             f"{entry['median']:,.0f}",
             " / ".join(f"{r:,.0f}" for r in entry["runs"]),
             f"{entry['median'] / base:.2f}x",
+            f"{entry['worker_cpu_ms_per_1k']:,.0f} ms",
+            f"{entry['db_cpu_ms_per_1k']:,.0f} ms",
         ]
         for label, entry in through.items()
     ]
@@ -400,7 +482,14 @@ def idle_rows(result: dict[str, Any]) -> list[list[str]]:
 
 
 def report(result: dict[str, Any]) -> str:
-    headers = ["configuration", "jobs/s (median)", "each run", "vs pgqueuer 1 process"]
+    headers = [
+        "configuration",
+        "jobs/s (median)",
+        "each run",
+        "vs pgqueuer 1 process",
+        "worker CPU / 1,000 jobs",
+        "database CPU / 1,000 jobs",
+    ]
     title = f"Peers: {result['jobs']:,} no-op jobs, {result['repetitions']} interleaved run(s)"
     table(title, headers, rows(result))
     idle_headers = ["system", "idle pickup p50", "p99", "trials"]
@@ -432,9 +521,27 @@ def plot(result: dict[str, Any]) -> None:
     save_figure(fig, NAME)
 
 
-def main(quick: bool) -> dict[str, Any]:
-    return publish(NAME, run(quick), report, plot)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="5,000 jobs, 1 run, 20 trials")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="a directory holding another version's `listener` package (e.g. `git archive "
+        "<commit> listener | tar -x -C DIR`): its worker runs too, for before/after",
+    )
+    parser.add_argument(
+        "--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS, help="default: all three"
+    )
+    parser.add_argument("--reps", type=int, help="repetitions (default: 1 quick, 3 full)")
+    args = parser.parse_args()
+    timed(
+        lambda quick: publish(
+            NAME, run(quick, args.baseline, args.systems, args.reps), report, plot
+        ),
+        args.quick,
+    )
 
 
 if __name__ == "__main__":
-    timed(main, parse_args(__doc__).quick)
+    main()
