@@ -1,0 +1,99 @@
+"""What keeps the database work per item low: which commits skip the WAL flush (and which must
+not), and claims that serve every worker about to ask in one statement."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+
+from listener import assembly
+from listener.generate import Generation
+from listener.items import ClaimedItem
+from listener.sqlfiles import queries
+from tests.support import insert_job, make_settings, status_counts, wait_until
+
+CLAIM = {
+    "stores": ["store-a"],
+    "limits": [2],
+    "worker_id": "w1",
+    "lease_seconds": 60,
+    "max_payload_bytes": 65_536,
+}
+
+
+def _sync_commit_after(conn: psycopg.Connection[Any], block: str, sql: str, **params: Any) -> str:
+    """`synchronous_commit` in force when this statement's transaction commits."""
+    with conn.transaction():
+        conn.execute(queries(sql)[block], params)
+        row = conn.execute("SHOW synchronous_commit").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_only_lease_work_commits_without_waiting_for_the_wal_flush(database_url: str) -> None:
+    insert_job(database_url, "store-a", 3)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # A claim, a lease renewal, a heartbeat: losing one in a crash only loses a lease.
+        assert _sync_commit_after(conn, "claim", "items", **CLAIM) == "off"
+        claimed = [
+            int(r[0]) for r in conn.execute("SELECT id FROM job_items WHERE claimed_by = 'w1'")
+        ]
+        assert len(claimed) == 2
+        leases = {"ids": claimed, "worker_id": "w1", "lease_seconds": 60}
+        assert _sync_commit_after(conn, "extend_leases", "items", **leases) == "off"
+        beat = {
+            "worker_id": "w1",
+            "hostname": "h",
+            "pid": 1,
+            "listener_connected": True,
+            "stats": json.dumps({}),
+        }
+        assert _sync_commit_after(conn, "upsert_heartbeat", "heartbeat", **beat) == "off"
+        # The setting is the transaction's alone: the session is back to its default.
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        # An outcome is what the client waits for: it keeps the flush.
+        outcome = {
+            "ids": claimed[:1],
+            "statuses": ["COMPLETED"],
+            "results": [json.dumps({"text": "ok"})],
+            "errors": [None],
+            "delays": [0.0],
+            "refunds": [False],
+            "attempts": [1],
+            "worker_id": "w1",
+        }
+        assert _sync_commit_after(conn, "finish_items", "items", **outcome) == "on"
+        done = conn.execute("SELECT count(*) FROM job_items WHERE status = 'COMPLETED'")
+        assert done.fetchone() == (1,)
+
+
+class InstantHandler:
+    """No OpenAI call at all: the worker's own pace is all that is left."""
+
+    def estimate_tokens(self) -> int:
+        return 0
+
+    async def __call__(self, item: ClaimedItem) -> Generation:
+        return Generation(result={"text": "ok"}, total_tokens=0)
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.anyio
+async def test_a_busy_worker_claims_for_all_its_workers_at_once(database_url: str) -> None:
+    # 16 workers, each back for its next item a few event-loop turns after the last: the
+    # claimer waits for them, so a claim serves about all 16 (without the wait, about 6).
+    settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=16)
+    for n in range(20):
+        insert_job(database_url, f"store-{n}", 100)
+    async with assembly.running_worker(
+        settings, database_url, InstantHandler(), name="test-worker"
+    ) as worker:
+        await wait_until(lambda: status_counts(database_url).get("COMPLETED") == 2000, 120)
+        claims, items = worker.dispatcher.claims, worker.dispatcher.claimed_items
+    assert items >= 2000
+    assert items / claims >= 10, f"{items} item(s) in {claims} claim(s)"
