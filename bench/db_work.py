@@ -58,7 +58,7 @@ WHERE d.datname = %s
 
 
 @contextlib.contextmanager
-def private_server() -> Iterator[str]:
+def private_server(max_connections: int = 50) -> Iterator[str]:
     """A throwaway PostgreSQL with pg_stat_statements; its admin URL."""
     bindir = Path(subprocess.check_output(["pg_config", "--bindir"], text=True).strip())
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -77,7 +77,7 @@ def private_server() -> Iterator[str]:
     )
     options = (
         f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
-        "-c shared_preload_libraries=pg_stat_statements -c max_connections=50"
+        f"-c shared_preload_libraries=pg_stat_statements -c max_connections={max_connections}"
     )
     log = root / "server.log"
     pg_ctl = [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data)]

@@ -1,9 +1,11 @@
 """What keeps the database work per item low: which commits skip the WAL flush (and which must
-not), and claims that serve every worker about to ask in one statement."""
+not: outcomes, and a 429's pause), and claims that serve every worker about to ask in one
+statement."""
 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -33,7 +35,9 @@ def _sync_commit_after(conn: psycopg.Connection[Any], block: str, sql: str, **pa
     return str(row[0])
 
 
-def test_only_lease_work_commits_without_waiting_for_the_wal_flush(database_url: str) -> None:
+def test_leases_and_the_limiter_commit_unflushed_outcomes_and_pauses_flushed(
+    database_url: str,
+) -> None:
     insert_job(database_url, "store-a", 3)
     with psycopg.connect(database_url, autocommit=True) as conn:
         # A claim, a lease renewal, a heartbeat: losing one in a crash only loses a lease.
@@ -52,6 +56,14 @@ def test_only_lease_work_commits_without_waiting_for_the_wal_flush(database_url:
             "stats": json.dumps({}),
         }
         assert _sync_commit_after(conn, "upsert_heartbeat", "heartbeat", **beat) == "off"
+        # The limiter's row: every process queues on its lock, held until the commit returns.
+        step = timedelta(milliseconds=2)
+        reserve = {"name": "openai", "request_advance": step, "token_advance": step}
+        assert (
+            _sync_commit_after(conn, "reserve", "limiter", settle=timedelta(0), **reserve) == "off"
+        )
+        pause = {"name": "openai", "duration": step, "rate_limited": 1}
+        assert _sync_commit_after(conn, "pause", "limiter", **pause) == "on"
         # The setting is the transaction's alone: the session is back to its default.
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
         # An outcome is what the client waits for: it keeps the flush.
