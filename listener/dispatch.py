@@ -227,6 +227,12 @@ class Dispatcher:
         wanted = min(self._live_waiters(), self.claim_batch_size)
         stores = self.ring.take(min(wanted, len(self.ring)))
         quotas = split_quota(stores, wanted, self.max_per_instance)
+        # When a claim wants more items than the ring has stores, the ring hands out all of
+        # them in the same order each time, and the first would always get the extra items:
+        # the extras move one store on with every claim.
+        if quotas:
+            shift = self.claims % len(quotas)
+            quotas = quotas[len(quotas) - shift :] + quotas[: len(quotas) - shift]
         try:
             items = await claim(
                 self.pool,

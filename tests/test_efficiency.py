@@ -15,7 +15,9 @@ from listener import assembly
 from listener.generate import Generation
 from listener.items import ClaimedItem
 from listener.sqlfiles import queries
-from tests.support import insert_job, make_settings, status_counts, wait_until
+from tests.support import insert_job, make_settings, query, status_counts, wait_until
+
+pytestmark = pytest.mark.anyio
 
 CLAIM = {
     "stores": ["store-a"],
@@ -95,7 +97,6 @@ class InstantHandler:
         return None
 
 
-@pytest.mark.anyio
 async def test_a_busy_worker_claims_for_all_its_workers_at_once(database_url: str) -> None:
     # 16 workers, each back for its next item a few event-loop turns after the last: the
     # claimer waits for them, so a claim serves about all 16 (without the wait, about 6).
@@ -109,3 +110,23 @@ async def test_a_busy_worker_claims_for_all_its_workers_at_once(database_url: st
         claims, items = worker.dispatcher.claims, worker.dispatcher.claimed_items
     assert items >= 2000
     assert items / claims >= 10, f"{items} item(s) in {claims} claim(s)"
+
+
+async def test_stores_share_evenly_when_claims_want_more_items_than_there_are_stores(
+    database_url: str,
+) -> None:
+    # 16 workers, 10 stores: a claim takes 2 items of 6 stores and 1 of 4. Which stores get 2
+    # must change from claim to claim, or the same 6 get twice the others' share.
+    settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=16)
+    for n in range(10):
+        insert_job(database_url, f"store-{n}", 300)
+    async with assembly.running_worker(settings, database_url, InstantHandler(), name="test"):
+        await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) >= 1000, 120)
+    done = dict(
+        query(
+            database_url,
+            "SELECT instance_id, count(*) FROM job_items WHERE status = 'COMPLETED' GROUP BY 1",
+        )
+    )
+    assert len(done) == 10
+    assert max(done.values()) <= 1.25 * min(done.values()), done
