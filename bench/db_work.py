@@ -1,4 +1,4 @@
-"""7. Database work per completed item: transactions, statements and WAL, at saturation and at
+"""8. Database work per completed item: transactions, statements and WAL, at saturation and at
 450 RPM, for listener at its defaults (and pgqueuer at saturation, for scale).
 
 The figures are deltas of `pg_stat_database` (this database's commits and rollbacks),
@@ -12,7 +12,7 @@ on a free port, and removes it at the end. Its settings are the server's default
 Each phase: the backlog loaded, `CHECKPOINT` (so full-page images do not depend on where the
 last one fell), counters reset and read, the worker process started, the items done, the
 worker stopped (its backends' statistics are flushed when they exit), the counters read again.
-The harness's own polls are tagged and taken off.
+The harness's own polls are tagged (`bench-poll`) and taken off.
 """
 
 from __future__ import annotations
@@ -39,22 +39,14 @@ from bench.common import (
     new_figure,
     publish,
     save_figure,
+    sql,
     table,
     timed,
 )
-from bench.peers import DONE, RESET, STORES, PeerProcess, install, load
+from bench.peers import STORES, PeerProcess, block, install, load, scalar
 from listener.migrate import MigrationRunner
 
 NAME = "db_work"
-POLL_TAG = "/* bench-poll */ "
-READ_COUNTERS = """
-SELECT d.xact_commit + d.xact_rollback,
-       (SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s
-        WHERE s.dbid = d.datid AND s.query NOT LIKE '%%bench-poll%%'),
-       w.wal_records, w.wal_fpi, w.wal_bytes
-FROM pg_stat_database d, pg_stat_wal w
-WHERE d.datname = %s
-"""
 
 
 @contextlib.contextmanager
@@ -104,25 +96,16 @@ def database(admin: str, name: str, system: str) -> Iterator[str]:
     yield url
 
 
-BY_STATEMENT = """
-SELECT calls, regexp_replace(left(query, 300), '\\s+', ' ', 'g')
-FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
-WHERE d.datname = %s AND s.query NOT LIKE '%%bench-poll%%'
-ORDER BY calls DESC
-LIMIT 8
-"""
-
-
 def by_statement(admin: str, name: str, items: int) -> list[tuple[float, str]]:
     """The statements run most, per item: where the round trips go."""
     with psycopg.connect(admin, autocommit=True) as conn:
-        rows = conn.execute(BY_STATEMENT, (name,)).fetchall()
+        rows = conn.execute(sql("peers")["by_statement"], {"dbname": name}).fetchall()
     return [(calls / max(1, items), query[:120]) for calls, query in rows]
 
 
 def counters(admin: str, name: str) -> list[int]:
     with psycopg.connect(admin, autocommit=True) as conn:
-        row = conn.execute(READ_COUNTERS, (name,)).fetchone()
+        row = conn.execute(sql("peers")["counters"], {"dbname": name}).fetchone()
     assert row is not None
     return [int(value) for value in row]
 
@@ -150,7 +133,7 @@ def measure(
     after = counters(admin, str(name))
     xacts, statements, records, fpi, wal = (b - a for a, b in zip(before, after, strict=True))
     xacts -= polls
-    items = _scalar(url, DONE[system])
+    items = int(scalar(url, block("done", system)))
     return {
         "items": items,
         "seconds": seconds,
@@ -169,7 +152,7 @@ def until_done(system: str, items: int) -> Any:
         with psycopg.connect(url, autocommit=True) as conn:
             while True:
                 polls += 1
-                row = conn.execute(POLL_TAG + DONE[system]).fetchone()  # type: ignore[operator]
+                row = conn.execute(block("done", system)).fetchone()
                 if row and row[0] >= items:
                     return polls
                 time.sleep(0.2)
@@ -202,7 +185,7 @@ def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict
                 if "paced" not in phases_wanted:
                     break
                 with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute(RESET["listener"])  # type: ignore[arg-type]
+                    conn.execute(block("reset", "listener"))
                     add_backlog(conn, STORES[:20], 1_000)
                 phases[f"{label}, 450 RPM"] = measure(
                     admin, url, "listener", for_seconds(paced_seconds), source, RATE_LIMIT_RPM="450"
@@ -214,12 +197,6 @@ def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict
                     admin, url, "pgqueuer", until_done("pgqueuer", items)
                 )
     return {"quick": quick, "baseline": baseline, "phases": phases}
-
-
-def _scalar(url: str, statement: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute(statement).fetchone()  # type: ignore[arg-type]
-    return int(row[0]) if row else 0
 
 
 HEADERS = [

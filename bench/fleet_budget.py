@@ -1,4 +1,4 @@
-"""8. The biggest accounts: 8 worker processes sharing one budget of 30,000 RPM through the one
+"""9. The biggest accounts: 8 worker processes sharing one budget of 30,000 RPM through the one
 `rate_limiters` row, with the instant handler (this 2-core machine cannot drive 500 requests a
 second of 0.3 s answers through a stub as well), then the budget raised until the fleet stops
 using it: where the single limiter row saturates.
@@ -27,6 +27,7 @@ from bench.common import (
     new_figure,
     publish,
     save_figure,
+    sql,
     table,
     timed,
 )
@@ -37,13 +38,6 @@ NAME = "fleet_budget"
 PROCESSES = 8
 STORES = [f"store-{n:03d}" for n in range(200)]
 WARM_UP = 5.0
-
-STARTS = "SELECT extract(epoch FROM claimed_at)::float8 FROM job_items WHERE claimed_at >= to_timestamp(%s) AND claimed_at < to_timestamp(%s)"  # noqa: E501
-LIMITER_STATEMENTS = """
-SELECT coalesce(sum(calls), 0), coalesce(sum(total_exec_time), 0)
-FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
-WHERE d.datname = %s AND s.query LIKE '%%INSERT INTO rate_limiters%%'
-"""
 
 
 def busiest(starts: list[float], width: float) -> int:
@@ -77,14 +71,15 @@ def one_budget(admin: str, url: str, rpm: int, seconds: float) -> dict[str, Any]
         time.sleep(seconds)
         cpu_after = backend_cpu(url)
         with psycopg.connect(admin, autocommit=True) as conn:
-            row = conn.execute(LIMITER_STATEMENTS, ("fleet",)).fetchone()
+            row = conn.execute(sql("peers")["limiter_statements"], {"dbname": "fleet"}).fetchone()
         assert row is not None
         reserves, reserve_ms = int(row[0]), float(row[1])
     finally:
         for proc in procs:
             proc.stop()
     with psycopg.connect(url, autocommit=True) as conn:
-        starts = [float(r[0]) for r in conn.execute(STARTS, (start, start + seconds))]
+        window = {"start": start, "stop": start + seconds}
+        starts = [float(r[0]) for r in conn.execute(sql("peers")["starts_between"], window)]
     db_cpu = sum(cpu - cpu_before.get(pid, 0.0) for pid, cpu in cpu_after.items())
     width = 60.0 if seconds >= 60 else 10.0
     return {

@@ -1,4 +1,4 @@
-"""6. Peers side by side: listener, pgqueuer and procrastinate on the same PostgreSQL, the same
+"""7. Peers side by side: listener, pgqueuer and procrastinate on the same PostgreSQL, the same
 no-op jobs, interleaved, 3 repetitions; ratios against pgqueuer at its defaults.
 
 Each system runs on its own scratch database of the same server, as worker processes of its own
@@ -120,24 +120,9 @@ async def _noop(key: str) -> None:
     return None
 
 
-RESET = {
-    "listener": "TRUNCATE job_items, jobs, worker_heartbeats, rate_limiters",
-    "pgqueuer": "TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics",
-    "procrastinate": "TRUNCATE procrastinate_jobs CASCADE",
-}
-DONE = {
-    "listener": "SELECT count(*) FROM job_items WHERE status = 'COMPLETED'",
-    "pgqueuer": "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'",
-    "procrastinate": "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'",
-}
-# When the last job's completion was written, on the database's clock (Unix seconds).
-LAST_DONE = {
-    "listener": "SELECT extract(epoch FROM max(completed_at))::float8 FROM job_items",
-    "pgqueuer": "SELECT extract(epoch FROM max(created))::float8 FROM pgqueuer_log "
-    "WHERE status = 'successful'",
-    "procrastinate": "SELECT extract(epoch FROM max(at))::float8 FROM procrastinate_events "
-    "WHERE type = 'succeeded'",
-}
+def block(kind: str, system: str) -> str:
+    """`reset`, `done` or `last_done` of one system, from `bench/peers.sql`."""
+    return sql("peers")[f"{kind}_{system}"]
 
 
 def scalar(url: str, statement: str) -> Any:
@@ -149,7 +134,7 @@ def scalar(url: str, statement: str) -> Any:
 def load(system: str, url: str, jobs: int, reset: bool = True, analyze: bool = True) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         if reset:
-            conn.execute(RESET[system])  # type: ignore[arg-type]
+            conn.execute(block("reset", system))
         if system == "listener" and jobs:
             add_backlog(conn, STORES, jobs // len(STORES))
     if system == "pgqueuer" and jobs:
@@ -276,7 +261,7 @@ def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
         before = cpu_seconds([p.process.pid for p in procs]), backend_cpu(url)
         load(config.system, url, jobs, reset=False, analyze=False)
         deadline = time.monotonic() + 600
-        while scalar(url, DONE[config.system]) < jobs:
+        while scalar(url, block("done", config.system)) < jobs:
             if time.monotonic() > deadline or any(p.process.poll() is not None for p in procs):
                 raise RuntimeError(f"{config.label}: the backlog did not drain")
             time.sleep(0.1)
@@ -289,7 +274,7 @@ def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
         for proc in procs:
             proc.stop()
     first = min(p.first for p in procs if p.first is not None)
-    last = float(scalar(url, LAST_DONE[config.system]))
+    last = float(scalar(url, block("last_done", config.system)))
     return {
         "rate": jobs / (last - first),
         "worker_cpu_ms_per_1k": worker_cpu * 1e6 / jobs,
@@ -312,7 +297,7 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 def backend_cpu(url: str) -> dict[int, float]:
     """CPU so far of each session on this database but the asking one."""
     with psycopg.connect(url, autocommit=True) as conn:
-        pids = [int(pid) for (pid,) in conn.execute(sql("queries")["other_sessions"])]
+        pids = [int(pid) for (pid,) in conn.execute(sql("peers")["other_sessions"])]
     return {pid: cpu_seconds([pid]) for pid in pids}
 
 
@@ -336,7 +321,7 @@ async def _insert_probe(
 
 def idle_pickup(system: str, url: str, trials: int, source: str | None = None) -> list[float]:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(RESET[system])  # type: ignore[arg-type]
+        conn.execute(block("reset", system))
     proc = PeerProcess(system, url, None, source)
 
     async def go() -> list[float]:
@@ -371,20 +356,18 @@ def fairness(url: str, jobs: int) -> dict[str, Any]:
     """10 stores' backlog at the defaults: Jain's index of their completions in each second
     while every store still had work."""
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(RESET["listener"])  # type: ignore[arg-type]
+        conn.execute(block("reset", "listener"))
         add_backlog(conn, FAIR_STORES, jobs // len(FAIR_STORES))
         conn.execute("ANALYZE")
     proc = PeerProcess("listener", url, None)
     try:
         proc.wait_for("ready", 60)
-        while scalar(url, DONE["listener"]) < jobs:
+        while scalar(url, block("done", "listener")) < jobs:
             time.sleep(0.1)
     finally:
         proc.stop()
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT instance_id, extract(epoch FROM completed_at)::float8 FROM job_items"
-        ).fetchall()
+        rows = conn.execute(sql("peers")["completions_per_store"]).fetchall()
     per_second: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FAIR_STORES, 0))
     last_of: dict[str, float] = {}
     for store, at in rows:

@@ -69,8 +69,3 @@ GROUP BY instance_id;
 -- claim_order --
 -- The stores of the first %(n)s items claimed, in the order they were claimed.
 SELECT instance_id FROM job_items WHERE claimed_at IS NOT NULL ORDER BY claimed_at, id LIMIT %(n)s;
-
--- other_sessions --
--- The sessions on this database but this one (a worker's pool and LISTEN connections).
-SELECT pid FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend';
