@@ -1,7 +1,7 @@
 """6. Enqueue throughput: a 10,000-product job written by the producer API (`listener.enqueue`,
 one COPY) against one INSERT per item, `executemany` (psycopg pipelines it), the JSON-array
 INSERT the producer used before, and the batch enqueue of two PostgreSQL queues, pgqueuer and
-procrastinate, measured here on the same database (`pip install -e '.[bench-peers]'`; they are
+procrastinate, measured here on the same database (`pip install -e '.[peers]'`; they are
 skipped when not installed).
 
 Each method writes the same 10,000 products (about 200 bytes of JSON each), in one transaction,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 from psycopg_pool import AsyncConnectionPool
 
 from listener.errors import DatabaseError
@@ -24,6 +25,11 @@ from listener.ring import ReadyRing
 logger = logging.getLogger(__name__)
 
 MAX_STORE_LINES = 10
+# At most this many event-loop turns spent gathering the workers about to ask for an item.
+GATHER_TURNS = 32
+# A worker on its way passes several turns (its wake-up, the slot gate): one turn without a new
+# waiter does not mean nobody is coming.
+QUIET_TURNS = 3
 
 
 @dataclass
@@ -99,6 +105,7 @@ class Dispatcher:
         self._wakeups: list[tuple[float, str]] = []
         self._wakeup_changed = anyio.Event()
         self._single_claims: list[ClaimedItem] = []
+        self._backlogged = False  # the last claim found every store's quota of items
 
     # -- fed by the listener --------------------------------------------------------------
 
@@ -163,6 +170,8 @@ class Dispatcher:
                 if self.stopping or not len(self.ring):
                     self._answer_all()
                     break
+                if self._backlogged:
+                    await self._gather_waiters()
                 await self._claim_once()
 
     async def run_wakeups(self) -> None:
@@ -188,6 +197,22 @@ class Dispatcher:
 
     # -- internals ------------------------------------------------------------------------
 
+    async def _gather_waiters(self) -> None:
+        """Let workers a few steps from asking (just done with an item, passing the slot gate)
+        join this claim: one statement then serves them all instead of a few each. Stops after
+        QUIET_TURNS turns of the event loop that bring nobody new, so a lone waiter (a paced
+        worker) pays a few turns, microseconds. Only while the last claim got every quota it
+        asked: after a short one (an idle process woken by a notification), the first waiter's
+        item must not wait for every idle worker to pass the slot gate."""
+        seen, quiet = self._live_waiters(), 0
+        for _ in range(GATHER_TURNS):
+            await anyio.lowlevel.checkpoint()
+            now = self._live_waiters()
+            quiet = quiet + 1 if now == seen else 0
+            if quiet == QUIET_TURNS or now >= self.claim_batch_size:
+                return
+            seen = now
+
     def _live_waiters(self) -> int:
         while self._waiters and self._waiters[0].answered:
             self._waiters.popleft()
@@ -210,6 +235,12 @@ class Dispatcher:
         wanted = min(self._live_waiters(), self.claim_batch_size)
         stores = self.ring.take(min(wanted, len(self.ring)))
         quotas = split_quota(stores, wanted, self.max_per_instance)
+        # When a claim wants more items than the ring has stores, the ring hands out all of
+        # them in the same order each time, and the first would always get the extra items:
+        # the extras move one store on with every claim.
+        if quotas:
+            shift = self.claims % len(quotas)
+            quotas = quotas[len(quotas) - shift :] + quotas[: len(quotas) - shift]
         try:
             items = await claim(
                 self.pool,
@@ -224,6 +255,7 @@ class Dispatcher:
             self._answer_all()  # their limiter slots are lost; no item is
             await anyio.sleep(1.0)
             return
+        self._backlogged = bool(items) and len(items) == sum(quotas)
         got = Counter(item.instance_id for item in items)
         for store, quota in zip(stores, quotas, strict=True):
             if got[store] < quota:

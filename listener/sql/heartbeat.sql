@@ -1,8 +1,13 @@
 -- Each worker process's heartbeat row: liveness and the counters behind the fleet's figures.
 
 -- upsert_heartbeat --
+-- Its commit does not wait for the WAL flush: a beat lost in a crash is replaced by the next.
+WITH unflushed AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true)
+)
 INSERT INTO worker_heartbeats (worker_id, hostname, pid, listener_connected, stats)
-VALUES (%(worker_id)s, %(hostname)s, %(pid)s, %(listener_connected)s, %(stats)s::jsonb)
+SELECT %(worker_id)s, %(hostname)s, %(pid)s, %(listener_connected)s, %(stats)s::jsonb
+FROM unflushed
 ON CONFLICT (worker_id) DO UPDATE
 SET seen_at = now(),
     listener_connected = EXCLUDED.listener_connected,

@@ -3,9 +3,15 @@
 -- claim --
 -- One statement for every store of this turn: each LATERAL reads the head of one store's
 -- range of idx_job_items_pending, so the cost is (stores x limit), never the backlog.
-WITH picked AS (
+-- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
+-- alone): a claim lost in a crash only means its lease never existed and the item is PENDING
+-- again, which is what a crash does to it anyway. Outcomes keep the flush.
+WITH unflushed AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true)
+), picked AS (
     SELECT item.id
-    FROM unnest(%(stores)s::text[], %(limits)s::int[]) AS store(instance_id, quota)
+    FROM unflushed,
+        unnest(%(stores)s::text[], %(limits)s::int[]) AS store(instance_id, quota)
     CROSS JOIN LATERAL (
         SELECT j.id
         FROM job_items j
@@ -160,9 +166,14 @@ FROM done
 WHERE j.id = done.id AND j.xmin = done.seen;
 
 -- extend_leases --
+-- Unflushed like the claim: a renewal lost in a crash only shortens a lease.
+WITH unflushed AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true)
+)
 UPDATE job_items
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING' AND claimed_by = %(worker_id)s;
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING' AND claimed_by = %(worker_id)s
+  AND EXISTS (SELECT FROM unflushed);
 
 -- lock_jobs_of_expired --
 -- The reaper's first statement (see lock_jobs_of_items): the jobs of the items it may reap.

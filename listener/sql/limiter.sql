@@ -10,7 +10,14 @@
 -- the database picks the start. %(settle)s carries the token corrections settled since this
 -- process's last statement; the start's greatest() already clamps that refund at now.
 -- The returned `now` lets the caller sleep (slot - now), immune to clock skew between hosts.
-WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now)
+-- Its commit does not wait for the WAL flush: every process's reservations queue on this one
+-- row's lock, which a flushed commit holds until the disk answers, so the fleet's grants per
+-- second would be bounded by 1 / flush latency (bench.fleet_budget). A crash of the database
+-- can lose the last reservations (at most wal_writer_delay x 3 of them); its restart takes
+-- longer than those slots lasted, and a 429 would pause the fleet anyway.
+WITH c AS MATERIALIZED (
+    SELECT clock_timestamp() AS now, set_config('synchronous_commit', 'off', true)
+)
 INSERT INTO rate_limiters AS r (name, request_tat, token_tat, paused_until, updated_at)
 SELECT %(name)s, c.now + %(request_advance)s, c.now + %(token_advance)s, c.now, c.now
 FROM c

@@ -1,0 +1,265 @@
+"""8. Database work per completed item: transactions, statements and WAL, at saturation and at
+450 RPM, for listener at its defaults (and pgqueuer at saturation, for scale).
+
+The figures are deltas of `pg_stat_database` (this database's commits and rollbacks),
+`pg_stat_statements` (statements executed: each is one round trip unless pipelined) and
+`pg_stat_wal` (WAL records, full-page images, bytes), so they must not include anybody
+else's work: the run starts a PostgreSQL server of its own (the machine's PostgreSQL binaries,
+`pg_config --bindir`, as the `postgres` user when run as root) with pg_stat_statements loaded,
+on a free port, and removes it at the end. Its settings are the server's defaults
+(`synchronous_commit = on`, `fsync = on`).
+
+Each phase: the backlog loaded, `CHECKPOINT` (so full-page images do not depend on where the
+last one fell), counters reset and read, the worker process started, the items done, the
+worker stopped (its backends' statistics are flushed when they exit), the counters read again.
+The harness's own polls are tagged (`bench-poll`) and taken off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from bench.common import (
+    add_backlog,
+    console,
+    markdown_table,
+    new_figure,
+    publish,
+    save_figure,
+    sql,
+    table,
+    timed,
+)
+from bench.peers import STORES, PeerProcess, block, install, load, scalar
+from listener.migrate import MigrationRunner
+
+NAME = "db_work"
+
+
+@contextlib.contextmanager
+def private_server(max_connections: int = 50) -> Iterator[str]:
+    """A throwaway PostgreSQL with pg_stat_statements; its admin URL."""
+    bindir = Path(subprocess.check_output(["pg_config", "--bindir"], text=True).strip())
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(tempfile.mkdtemp(prefix="listener-db-work-"))
+    data = root / "data"
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
+    subprocess.run(
+        [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
+        check=True,
+        **quiet,
+    )
+    options = (
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
+        f"-c shared_preload_libraries=pg_stat_statements -c max_connections={max_connections}"
+    )
+    log = root / "server.log"
+    pg_ctl = [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data)]
+    subprocess.run([*pg_ctl, "-o", options, "-l", str(log), "-w", "start"], check=True, **quiet)
+    try:
+        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION pg_stat_statements")
+        yield admin
+    finally:
+        subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], check=False, **quiet)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def database(admin: str, name: str, system: str) -> Iterator[str]:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(admin, dbname=name)
+    if system == "listener":
+        MigrationRunner(url, output=lambda _line: None).up()
+    else:
+        install(system, url)
+    yield url
+
+
+def by_statement(admin: str, name: str, items: int) -> list[tuple[float, str]]:
+    """The statements run most, per item: where the round trips go."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        rows = conn.execute(sql("peers")["by_statement"], {"dbname": name}).fetchall()
+    return [(calls / max(1, items), query[:120]) for calls, query in rows]
+
+
+def counters(admin: str, name: str) -> list[int]:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        row = conn.execute(sql("peers")["counters"], {"dbname": name}).fetchone()
+    assert row is not None
+    return [int(value) for value in row]
+
+
+def measure(
+    admin: str, url: str, system: str, wait: Any, source: str | None = None, **settings: str
+) -> dict[str, Any]:
+    """Counters around one worker process, per item it completed; `wait(url)` returns the polls
+    it made once the phase is over."""
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+        conn.execute("SELECT pg_stat_statements_reset()")
+    time.sleep(1.1)  # pg_stat_database is flushed by idle backends at most once a second
+    before = counters(admin, str(name))
+    started = time.monotonic()
+    proc = PeerProcess(system, url, None, source, **settings)
+    try:
+        proc.wait_for("ready", 60)
+        polls = wait(url)
+    finally:
+        proc.stop()
+    seconds = time.monotonic() - started
+    time.sleep(1.1)
+    after = counters(admin, str(name))
+    xacts, statements, records, fpi, wal = (b - a for a, b in zip(before, after, strict=True))
+    xacts -= polls
+    items = int(scalar(url, block("done", system)))
+    return {
+        "items": items,
+        "seconds": seconds,
+        "transactions_per_item": xacts / items,
+        "statements_per_item": statements / items,
+        "wal_records_per_item": records / items,
+        "wal_fpi_per_item": fpi / items,
+        "wal_bytes_per_item": wal / items,
+        "statements": by_statement(admin, str(name), items),
+    }
+
+
+def until_done(system: str, items: int) -> Any:
+    def wait(url: str) -> int:
+        polls = 0
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                polls += 1
+                row = conn.execute(block("done", system)).fetchone()
+                if row and row[0] >= items:
+                    return polls
+                time.sleep(0.2)
+
+    return wait
+
+
+def for_seconds(seconds: float) -> Any:
+    def wait(url: str) -> int:
+        time.sleep(seconds)
+        return 0
+
+    return wait
+
+
+def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict[str, Any]:
+    items, paced_seconds = (5_000, 30.0) if quick else (20_000, 120.0)
+    versions = [("listener", None)] + ([("listener BEFORE", baseline)] if baseline else [])
+    phases: dict[str, dict[str, Any]] = {}
+    with private_server() as admin:
+        with database(admin, "work_listener", "listener") as url:
+            for label, source in versions:
+                if "saturation" not in phases_wanted:
+                    break
+                load("listener", url, items)
+                phases[f"{label}, saturation"] = measure(
+                    admin, url, "listener", until_done("listener", items), source
+                )
+            for label, source in versions:
+                if "paced" not in phases_wanted:
+                    break
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(block("reset", "listener"))
+                    add_backlog(conn, STORES[:20], 1_000)
+                phases[f"{label}, 450 RPM"] = measure(
+                    admin, url, "listener", for_seconds(paced_seconds), source, RATE_LIMIT_RPM="450"
+                )
+        if "pgqueuer" in phases_wanted:
+            with database(admin, "work_pgqueuer", "pgqueuer") as url:
+                load("pgqueuer", url, items)
+                phases["pgqueuer, saturation"] = measure(
+                    admin, url, "pgqueuer", until_done("pgqueuer", items)
+                )
+    return {"quick": quick, "baseline": baseline, "phases": phases}
+
+
+HEADERS = [
+    "phase",
+    "items",
+    "transactions/item",
+    "statements/item",
+    "WAL records/item",
+    "FPI/item",
+    "WAL bytes/item",
+]
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            phase,
+            f"{p['items']:,}",
+            f"{p['transactions_per_item']:.2f}",
+            f"{p['statements_per_item']:.2f}",
+            f"{p['wal_records_per_item']:.2f}",
+            f"{p['wal_fpi_per_item']:.3f}",
+            f"{p['wal_bytes_per_item']:,.0f}",
+        ]
+        for phase, p in result["phases"].items()
+    ]
+
+
+def report(result: dict[str, Any]) -> str:
+    table("Database work per completed item", HEADERS, rows(result))
+    for phase, p in result["phases"].items():
+        console.print(
+            f"[dim]{phase}: " + "; ".join(f"{n:.2f} {q[:60]}" for n, q in p["statements"])
+        )
+    return markdown_table(HEADERS, rows(result)) + "\n"
+
+
+def plot(result: dict[str, Any]) -> None:
+    fig, ax = new_figure(8, 4)
+    phases = list(result["phases"])
+    values = [result["phases"][p]["wal_bytes_per_item"] for p in phases]
+    bars = ax.bar(phases, values, color="C0")
+    ax.bar_label(bars, fmt="{:,.0f}", fontsize=8)
+    ax.set_ylabel("WAL bytes per completed item")
+    ax.set_title("Database work per item")
+    save_figure(fig, NAME)
+
+
+PHASES = ("saturation", "paced", "pgqueuer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="5,000 items; 30 s at 450 RPM")
+    parser.add_argument("--baseline", metavar="DIR", help="another `listener`, as in bench.peers")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=PHASES)
+    args = parser.parse_args()
+    console.print("[dim]starting a PostgreSQL server of this run's own[/dim]")
+    timed(
+        lambda quick: publish(NAME, run(quick, args.baseline, args.phases), report, plot),
+        args.quick,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,536 @@
+"""7. Peers side by side: listener, pgqueuer and procrastinate on the same PostgreSQL, the same
+no-op jobs, interleaved, 3 repetitions; ratios against pgqueuer at its defaults.
+
+Each system runs on its own scratch database of the same server, as worker processes of its own
+(`python -m bench.peer_workers`). Per repetition, in a rotating order, for each configuration:
+the backlog is loaded (20,000 jobs; listener's spread over 100 stores), the worker processes
+start, and throughput is jobs / (last completion committed - first job started): start-up is
+left out, the last write is in. Then the idle pickup: one process with nothing to do, one job
+inserted, commit returned -> handler started (same host, same clock). Then listener alone: a
+10-store backlog, Jain's index of the stores' completions in each full second.
+
+`pip install -e '.[peers]'` installs the pinned peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import queue
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.common import (
+    ROOT,
+    add_backlog,
+    console,
+    jain,
+    markdown_table,
+    ms,
+    new_figure,
+    publish,
+    save_figure,
+    scratch_database,
+    sql,
+    summary,
+    table,
+    timed,
+)
+from bench.peer_workers import PGQUEUER_ENTRYPOINT, PROCRASTINATE_TASK
+
+NAME = "peers"
+SYSTEMS = ("listener", "pgqueuer", "procrastinate")
+STORES = [f"store-{n:03d}" for n in range(100)]
+FAIR_STORES = [f"fair-{n}" for n in range(10)]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Config:
+    system: str
+    processes: int
+    concurrency: int | None  # None: the system's default
+    label: str
+    source: str | None = None  # another checkout's listener (--baseline): before and after
+
+
+def baseline_configs(source: str) -> list[Config]:
+    """listener at its defaults as it was in `source`, for before/after in the same run."""
+    return [
+        Config("listener", 1, None, "listener BEFORE, defaults, 1 process", source),
+        Config("listener", 2, None, "listener BEFORE, defaults, 2 processes", source),
+    ]
+
+
+CONFIGS = [
+    Config("listener", 1, None, "listener, defaults (concurrency 16), 1 process"),
+    Config("listener", 2, None, "listener, defaults (concurrency 16), 2 processes"),
+    Config("listener", 1, 64, "listener, concurrency 64, 1 process"),
+    Config("pgqueuer", 1, None, "pgqueuer 1.6.0, defaults, 1 process"),
+    Config("pgqueuer", 2, None, "pgqueuer 1.6.0, defaults, 2 processes"),
+    Config("procrastinate", 1, None, "procrastinate 3.10.0, concurrency 10, 1 process"),
+]
+
+
+# -- each system's tables ---------------------------------------------------------------------
+
+
+def install(system: str, url: str) -> None:
+    """listener's schema comes with the scratch database; the peers install theirs."""
+    if system == "pgqueuer":
+        from pgqueuer import Queries
+
+        async def go() -> None:
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                await Queries.from_psycopg_connection(conn).install()
+
+        asyncio.run(go())
+    elif system == "procrastinate":
+        app = _procrastinate_app(url)
+
+        async def go_app() -> None:
+            async with app.open_async():
+                await app.schema_manager.apply_schema_async()
+
+        asyncio.run(go_app())
+
+
+def _procrastinate_app(url: str) -> Any:
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+    app.task(name=PROCRASTINATE_TASK)(_noop)
+    return app
+
+
+async def _noop(key: str) -> None:
+    return None
+
+
+def block(kind: str, system: str) -> str:
+    """`reset`, `done` or `last_done` of one system, from `bench/peers.sql`."""
+    return sql("peers")[f"{kind}_{system}"]
+
+
+def scalar(url: str, statement: str) -> Any:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(statement).fetchone()  # type: ignore[arg-type]
+    return row[0] if row else None
+
+
+def load(system: str, url: str, jobs: int, reset: bool = True, analyze: bool = True) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        if reset:
+            conn.execute(block("reset", system))
+        if system == "listener" and jobs:
+            add_backlog(conn, STORES, jobs // len(STORES))
+    if system == "pgqueuer" and jobs:
+        asyncio.run(_pgqueuer_enqueue(url, [b"x"] * jobs))
+    elif system == "procrastinate" and jobs:
+        asyncio.run(_procrastinate_defer(url, ["x"] * jobs))
+    if analyze:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ANALYZE")
+
+
+async def _pgqueuer_enqueue(url: str, payloads: list[bytes | None]) -> None:
+    from pgqueuer import Queries
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        entrypoints = [PGQUEUER_ENTRYPOINT] * len(payloads)
+        await Queries.from_psycopg_connection(conn).enqueue(
+            entrypoints, payloads, [0] * len(payloads)
+        )
+
+
+async def _procrastinate_defer(url: str, keys: list[str]) -> None:
+    app = _procrastinate_app(url)
+    async with app.open_async():
+        await app.tasks[PROCRASTINATE_TASK].batch_defer_async(*({"key": k} for k in keys))
+
+
+# -- worker processes -------------------------------------------------------------------------
+
+
+class PeerProcess:
+    """`python -m bench.peer_workers` with its stdout read line by line on a thread."""
+
+    def __init__(
+        self,
+        system: str,
+        url: str,
+        concurrency: int | None,
+        source: str | None = None,
+        **settings: str,
+    ) -> None:
+        command = [sys.executable, "-m", "bench.peer_workers", system, url]
+        if concurrency is not None:
+            command += ["--concurrency", str(concurrency)]
+        env = {
+            "DATABASE_URL": url,
+            "OPENAI_API_KEY": "bench-key",
+            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",  # the no-op handler never calls it
+            "RATE_LIMIT_RPM": "0",
+            "RATE_LIMIT_TPM": "0",
+            "LOG_LEVEL": "WARNING",
+            **settings,
+        }
+        # `python -m` puts the working directory first on sys.path: run in `source` so its
+        # `listener` package is the one imported, and find this checkout's `bench` after it.
+        cwd = ROOT
+        if source is not None:
+            cwd = Path(source)
+            env["PYTHONPATH"] = str(ROOT)
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.first: float | None = None
+        self.probes: dict[str, float] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.strip())
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"no {prefix!r} line in {timeout} s") from None
+            self._note(line)
+            if line.startswith(prefix):
+                return line
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self._note(self.lines.get_nowait())
+            except queue.Empty:
+                return
+
+    def _note(self, line: str) -> None:
+        words = line.split()
+        if words and words[0] == "first" and self.first is None:
+            self.first = float(words[1])
+        elif words and words[0] == "probe":
+            self.probes[words[1]] = float(words[2])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
+    """Jobs per second, and CPU per 1,000 jobs of the worker processes and of their database
+    sessions (robust where the wall clock is not: the machine is shared)."""
+    load(config.system, url, 0)
+    procs = [
+        PeerProcess(config.system, url, config.concurrency, config.source)
+        for _ in range(config.processes)
+    ]
+    try:
+        for proc in procs:
+            proc.wait_for("ready", 60)
+        before = cpu_seconds([p.process.pid for p in procs]), backend_cpu(url)
+        load(config.system, url, jobs, reset=False, analyze=False)
+        deadline = time.monotonic() + 600
+        while scalar(url, block("done", config.system)) < jobs:
+            if time.monotonic() > deadline or any(p.process.poll() is not None for p in procs):
+                raise RuntimeError(f"{config.label}: the backlog did not drain")
+            time.sleep(0.1)
+        worker_cpu = cpu_seconds([p.process.pid for p in procs]) - before[0]
+        sessions = backend_cpu(url)
+        db_cpu = sum(cpu - before[1].get(pid, 0.0) for pid, cpu in sessions.items())
+        for proc in procs:
+            proc.drain()
+    finally:
+        for proc in procs:
+            proc.stop()
+    first = min(p.first for p in procs if p.first is not None)
+    last = float(scalar(url, block("last_done", config.system)))
+    return {
+        "rate": jobs / (last - first),
+        "worker_cpu_ms_per_1k": worker_cpu * 1e6 / jobs,
+        "db_cpu_ms_per_1k": db_cpu * 1e6 / jobs,
+    }
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of these processes so far (Linux /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone: a session that ended (its CPU is lost to the count)
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def backend_cpu(url: str) -> dict[int, float]:
+    """CPU so far of each session on this database but the asking one."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        pids = [int(pid) for (pid,) in conn.execute(sql("peers")["other_sessions"])]
+    return {pid: cpu_seconds([pid]) for pid in pids}
+
+
+# -- idle pickup ------------------------------------------------------------------------------
+
+
+async def _insert_probe(
+    system: str, conn: psycopg.AsyncConnection[Any], app: Any, key: str
+) -> float:
+    """One job, as each system's clients enqueue it; the time its commit returned."""
+    if system == "listener":
+        await conn.execute(sql("queries")["add_backlog"], {"stores": [key], "counts": [1]})
+    elif system == "pgqueuer":
+        from pgqueuer import Queries
+
+        await Queries.from_psycopg_connection(conn).enqueue(PGQUEUER_ENTRYPOINT, key.encode())
+    else:
+        await app.tasks[PROCRASTINATE_TASK].defer_async(key=key)
+    return time.time()
+
+
+def idle_pickup(system: str, url: str, trials: int, source: str | None = None) -> list[float]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(block("reset", system))
+    proc = PeerProcess(system, url, None, source)
+
+    async def go() -> list[float]:
+        waits = []
+        app = _procrastinate_app(url)
+        async with (
+            await psycopg.AsyncConnection.connect(url, autocommit=True) as conn,
+            app.open_async(),
+        ):
+            # Ready is when a first job goes through: each system's own start-up is not timed.
+            await _insert_probe(system, conn, app, "probe-warmup")
+            await asyncio.to_thread(proc.wait_for, "probe probe-warmup", 60)
+            for trial in range(trials):
+                await asyncio.sleep(random.uniform(0.05, 0.2))
+                key = f"probe-{trial}"
+                committed = await _insert_probe(system, conn, app, key)
+                await asyncio.to_thread(proc.wait_for, f"probe {key} ", 30)
+                waits.append(proc.probes[key] - committed)
+        return waits
+
+    try:
+        proc.wait_for("ready", 60)
+        return asyncio.run(go())
+    finally:
+        proc.stop()
+
+
+# -- fairness at full speed (listener) --------------------------------------------------------
+
+
+def fairness(url: str, jobs: int) -> dict[str, Any]:
+    """10 stores' backlog at the defaults: Jain's index of their completions in each second
+    while every store still had work."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(block("reset", "listener"))
+        add_backlog(conn, FAIR_STORES, jobs // len(FAIR_STORES))
+        conn.execute("ANALYZE")
+    proc = PeerProcess("listener", url, None)
+    try:
+        proc.wait_for("ready", 60)
+        while scalar(url, block("done", "listener")) < jobs:
+            time.sleep(0.1)
+    finally:
+        proc.stop()
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(sql("peers")["completions_per_store"]).fetchall()
+    per_second: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FAIR_STORES, 0))
+    last_of: dict[str, float] = {}
+    for store, at in rows:
+        per_second[int(at)][store] += 1
+        last_of[store] = max(last_of.get(store, 0.0), at)
+    start, stop = min(per_second), int(min(last_of.values()))  # full seconds, all stores busy
+    seconds = [list(per_second[s].values()) for s in range(start + 1, stop)]
+    worst = min(seconds, key=jain, default=[])
+    return {
+        "seconds": len(seconds),
+        "min_jain": jain(worst) if worst else math.nan,
+        "items_in_worst_second": sum(worst),
+    }
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def run(
+    quick: bool,
+    baseline: str | None = None,
+    systems: Sequence[str] = SYSTEMS,
+    reps: int | None = None,
+) -> dict[str, Any]:
+    jobs, default_reps, trials = (5_000, 1, 20) if quick else (20_000, 3, 100)
+    reps = reps or default_reps
+    configs = [c for c in CONFIGS if c.system in systems]
+    configs += baseline_configs(baseline) if baseline else []
+    idle_runs = [(system, system, None) for system in systems]
+    if baseline:
+        idle_runs.append(("listener BEFORE", "listener", baseline))
+    rates: dict[str, list[dict[str, float]]] = defaultdict(list)
+    idle: dict[str, list[float]] = defaultdict(list)
+    fair: list[dict[str, Any]] = []
+    with (
+        scratch_database("peers_listener") as listener_url,
+        scratch_database("peers_pgqueuer") as pgqueuer_url,
+        scratch_database("peers_procrastinate") as procrastinate_url,
+    ):
+        urls = {"listener": listener_url, "pgqueuer": pgqueuer_url}
+        urls["procrastinate"] = procrastinate_url
+        for system in set(systems):
+            install(system, urls[system])
+        for rep in range(reps):
+            order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
+            for config in order:
+                rate = throughput(config, urls[config.system], jobs)
+                rates[config.label].append(rate)
+                console.print(
+                    f"rep {rep + 1}: {config.label}: {rate['rate']:,.0f} jobs/s, CPU per 1,000: "
+                    f"worker {rate['worker_cpu_ms_per_1k']:,.0f} ms, "
+                    f"database {rate['db_cpu_ms_per_1k']:,.0f} ms"
+                )
+            for name, system, source in idle_runs[rep % 3 :] + idle_runs[: rep % 3]:
+                idle[name] += idle_pickup(system, urls[system], trials // reps, source)
+            fair.append(fairness(listener_url, jobs))
+    return {
+        "quick": quick,
+        "baseline": baseline,
+        "jobs": jobs,
+        "repetitions": reps,
+        "throughput": {
+            label: {
+                "runs": [r["rate"] for r in runs],
+                "median": statistics.median(r["rate"] for r in runs),
+                "worker_cpu_ms_per_1k": statistics.median(r["worker_cpu_ms_per_1k"] for r in runs),
+                "db_cpu_ms_per_1k": statistics.median(r["db_cpu_ms_per_1k"] for r in runs),
+            }
+            for label, runs in rates.items()
+        },
+        "idle_pickup": {system: summary(waits) for system, waits in idle.items()},
+        "fairness": {
+            "runs": fair,
+            **min(fair, key=lambda f: f["min_jain"]),
+            "seconds": sum(f["seconds"] for f in fair),
+        },
+    }
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    through = result["throughput"]
+    # pgqueuer at its defaults, 1 process; listener's own first row when pgqueuer did not run
+    base = through.get(CONFIGS[3].label, next(iter(through.values())))["median"]
+    return [
+        [
+            label,
+            f"{entry['median']:,.0f}",
+            " / ".join(f"{r:,.0f}" for r in entry["runs"]),
+            f"{entry['median'] / base:.2f}x",
+            f"{entry['worker_cpu_ms_per_1k']:,.0f} ms",
+            f"{entry['db_cpu_ms_per_1k']:,.0f} ms",
+        ]
+        for label, entry in through.items()
+    ]
+
+
+def idle_rows(result: dict[str, Any]) -> list[list[str]]:
+    idle = result["idle_pickup"]
+    return [[s, ms(v["p50"]), ms(v["p99"]), str(v["n"])] for s, v in idle.items()]
+
+
+def report(result: dict[str, Any]) -> str:
+    headers = [
+        "configuration",
+        "jobs/s (median)",
+        "each run",
+        "vs pgqueuer 1 process",
+        "worker CPU / 1,000 jobs",
+        "database CPU / 1,000 jobs",
+    ]
+    title = f"Peers: {result['jobs']:,} no-op jobs, {result['repetitions']} interleaved run(s)"
+    table(title, headers, rows(result))
+    idle_headers = ["system", "idle pickup p50", "p99", "trials"]
+    table("Idle pickup: insert committed -> handler started", idle_headers, idle_rows(result))
+    fair = result["fairness"]
+    line = (
+        f"listener at its defaults, 10-store backlog: lowest Jain's index over "
+        f"{fair['seconds']} full second(s) = {fair['min_jain']:.4f} "
+        f"({fair['items_in_worst_second']} items in that second)"
+    )
+    console.print(line)
+    return (
+        markdown_table(headers, rows(result))
+        + "\n\n"
+        + markdown_table(idle_headers, idle_rows(result))
+        + f"\n\n{line}\n"
+    )
+
+
+def plot(result: dict[str, Any]) -> None:
+    fig, ax = new_figure(9, 4.5)
+    labels = [label.replace(", ", "\n", 1) for label in result["throughput"]]
+    values = [entry["median"] for entry in result["throughput"].values()]
+    colors = ["C0" if label.startswith("listener") else "C7" for label in labels]
+    bars = ax.bar(labels, values, color=colors)
+    ax.bar_label(bars, fmt="{:,.0f}", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_ylabel("no-op jobs per second")
+    ax.set_title(f"Peers side by side, {result['jobs']:,} jobs, median of {result['repetitions']}")
+    save_figure(fig, NAME)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="5,000 jobs, 1 run, 20 trials")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="a directory holding another version's `listener` package (e.g. `git archive "
+        "<commit> listener | tar -x -C DIR`): its worker runs too, for before/after",
+    )
+    parser.add_argument(
+        "--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS, help="default: all three"
+    )
+    parser.add_argument("--reps", type=int, help="repetitions (default: 1 quick, 3 full)")
+    args = parser.parse_args()
+    timed(
+        lambda quick: publish(
+            NAME, run(quick, args.baseline, args.systems, args.reps), report, plot
+        ),
+        args.quick,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""What keeps the database work per item low: which commits skip the WAL flush (and which must
+not: outcomes, and a 429's pause), and claims that serve every worker about to ask in one
+statement."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from listener import assembly
+from listener.generate import Generation
+from listener.items import ClaimedItem
+from listener.sqlfiles import queries
+from tests.support import insert_job, make_settings, query, status_counts, wait_until
+
+pytestmark = pytest.mark.anyio
+
+CLAIM = {
+    "stores": ["store-a"],
+    "limits": [2],
+    "worker_id": "w1",
+    "lease_seconds": 60,
+    "max_payload_bytes": 65_536,
+}
+
+
+def _sync_commit_after(conn: psycopg.Connection[Any], block: str, sql: str, **params: Any) -> str:
+    """`synchronous_commit` in force when this statement's transaction commits."""
+    with conn.transaction():
+        conn.execute(queries(sql)[block], params)
+        row = conn.execute("SHOW synchronous_commit").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_leases_and_the_limiter_commit_unflushed_outcomes_and_pauses_flushed(
+    database_url: str,
+) -> None:
+    insert_job(database_url, "store-a", 3)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # A claim, a lease renewal, a heartbeat: losing one in a crash only loses a lease.
+        assert _sync_commit_after(conn, "claim", "items", **CLAIM) == "off"
+        claimed = [
+            int(r[0]) for r in conn.execute("SELECT id FROM job_items WHERE claimed_by = 'w1'")
+        ]
+        assert len(claimed) == 2
+        leases = {"ids": claimed, "worker_id": "w1", "lease_seconds": 60}
+        assert _sync_commit_after(conn, "extend_leases", "items", **leases) == "off"
+        beat = {
+            "worker_id": "w1",
+            "hostname": "h",
+            "pid": 1,
+            "listener_connected": True,
+            "stats": json.dumps({}),
+        }
+        assert _sync_commit_after(conn, "upsert_heartbeat", "heartbeat", **beat) == "off"
+        # The limiter's row: every process queues on its lock, held until the commit returns.
+        step = timedelta(milliseconds=2)
+        reserve = {"name": "openai", "request_advance": step, "token_advance": step}
+        assert (
+            _sync_commit_after(conn, "reserve", "limiter", settle=timedelta(0), **reserve) == "off"
+        )
+        pause = {"name": "openai", "duration": step, "rate_limited": 1}
+        assert _sync_commit_after(conn, "pause", "limiter", **pause) == "on"
+        # The setting is the transaction's alone: the session is back to its default.
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        # An outcome is what the client waits for: it keeps the flush.
+        outcome = {
+            "ids": claimed[:1],
+            "statuses": ["COMPLETED"],
+            "results": [json.dumps({"text": "ok"})],
+            "errors": [None],
+            "delays": [0.0],
+            "refunds": [False],
+            "attempts": [1],
+            "worker_id": "w1",
+        }
+        assert _sync_commit_after(conn, "finish_items", "items", **outcome) == "on"
+        done = conn.execute("SELECT count(*) FROM job_items WHERE status = 'COMPLETED'")
+        assert done.fetchone() == (1,)
+
+
+class InstantHandler:
+    """No OpenAI call at all: the worker's own pace is all that is left."""
+
+    def estimate_tokens(self) -> int:
+        return 0
+
+    async def __call__(self, item: ClaimedItem) -> Generation:
+        return Generation(result={"text": "ok"}, total_tokens=0)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_busy_worker_claims_for_all_its_workers_at_once(database_url: str) -> None:
+    # 16 workers, each back for its next item a few event-loop turns after the last: the
+    # claimer waits for them, so a claim serves about all 16 (without the wait, about 6).
+    settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=16)
+    for n in range(20):
+        insert_job(database_url, f"store-{n}", 100)
+    async with assembly.running_worker(
+        settings, database_url, InstantHandler(), name="test-worker"
+    ) as worker:
+        await wait_until(lambda: status_counts(database_url).get("COMPLETED") == 2000, 120)
+        claims, items = worker.dispatcher.claims, worker.dispatcher.claimed_items
+    assert items >= 2000
+    assert items / claims >= 10, f"{items} item(s) in {claims} claim(s)"
+
+
+async def test_stores_share_evenly_when_claims_want_more_items_than_there_are_stores(
+    database_url: str,
+) -> None:
+    # 16 workers, 10 stores: a claim takes 2 items of 6 stores and 1 of 4. Which stores get 2
+    # must change from claim to claim, or the same 6 get twice the others' share.
+    settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=16)
+    for n in range(10):
+        insert_job(database_url, f"store-{n}", 300)
+    async with assembly.running_worker(settings, database_url, InstantHandler(), name="test"):
+        await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) >= 1000, 120)
+    done = dict(
+        query(
+            database_url,
+            "SELECT instance_id, count(*) FROM job_items WHERE status = 'COMPLETED' GROUP BY 1",
+        )
+    )
+    assert len(done) == 10
+    assert max(done.values()) <= 1.25 * min(done.values()), done
