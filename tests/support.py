@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,19 @@ from listener.worker import Worker
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def insert_job(
+async def insert_job(
     conninfo: str, store: str, count: int, payload: Callable[[int], Any] | None = None
 ) -> int:
     """What a client does: one job, its items in one statement; returns the job id."""
     make = payload or (lambda n: {"name": f"Product {n} of {store}", "price": n})
-    with psycopg.connect(conninfo) as conn:
-        row = conn.execute(
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cursor = await conn.execute(
             "INSERT INTO jobs (instance_id) VALUES (%s) RETURNING id", (store,)
-        ).fetchone()
+        )
+        row = await cursor.fetchone()
         assert row is not None
         job_id = int(row[0])
-        conn.execute(
+        await conn.execute(
             "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
             " SELECT %s, %s, 'p' || n, (%s::jsonb)->(n - 1)"
             " FROM generate_series(1, %s) n",
@@ -46,24 +47,51 @@ def insert_job(
     return job_id
 
 
-def query(conninfo: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    with psycopg.connect(conninfo) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+# Async: the tests run the worker and the stub on their own event loop, where a blocking call
+# would stall both for its whole round trip (jitter every timing-sensitive test would feel).
+async def query(conninfo: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cursor = await conn.execute(sql, params)
+        return await cursor.fetchall() if cursor.description else []
 
 
-def status_counts(conninfo: str) -> dict[str, int]:
-    return dict(query(conninfo, "SELECT status, count(*) FROM job_items GROUP BY status"))
+def query_blocking(conninfo: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """`query` for plain (not async) tests, which run no event loop to stall."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+async def status_counts(conninfo: str) -> dict[str, int]:
+    return dict(await query(conninfo, "SELECT status, count(*) FROM job_items GROUP BY status"))
 
 
 async def wait_until(
-    condition: Callable[[], bool], deadline: float = 30.0, every: float = 0.05
+    condition: Callable[[], bool | Awaitable[bool]], deadline: float = 30.0, every: float = 0.05
 ) -> None:
     """Wait for a condition on the outside world (the database, another process), which no
     in-process event can announce; `deadline` bounds the wait so a broken worker fails the test.
+    The condition may be a coroutine function (a query), awaited on each round.
     """
     with anyio.fail_after(deadline):
-        while not condition():  # noqa: ASYNC110 - the state lives in another process
+        while True:
+            met = condition()
+            if not isinstance(met, bool):
+                met = await met
+            if met:
+                return
             await anyio.sleep(every)
+
+
+async def wait_for_counts(
+    conninfo: str, condition: Callable[[dict[str, int]], bool], deadline: float = 30.0
+) -> None:
+    """Wait until the items' counts per status satisfy `condition`."""
+
+    async def met() -> bool:
+        return condition(await status_counts(conninfo))
+
+    await wait_until(met, deadline)
 
 
 def make_settings(base_url: str, **overrides: Any) -> Settings:
@@ -76,6 +104,8 @@ def make_settings(base_url: str, **overrides: Any) -> Settings:
         "sweep_interval_seconds": 300,
         "retry_base_seconds": 0.05,
         "retry_cap_seconds": 0.2,
+        # Short, so the tests' two-second leases pass the lease/lock check (LEASE_SECONDS).
+        "db_lock_timeout_seconds": 1,
         "openai_timeout_seconds": 5,
         "shutdown_grace_seconds": 5,
     }
@@ -118,6 +148,7 @@ def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[s
         "WORKER_CONCURRENCY": "4",
         "RETRY_BASE_SECONDS": "0.05",
         "RETRY_CAP_SECONDS": "0.2",
+        "DB_LOCK_TIMEOUT_SECONDS": "1",
         "LOG_LEVEL": "INFO",
         **env,
     }
@@ -131,9 +162,18 @@ def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[s
     )
 
 
-def worker_is_ready(conninfo: str, pid: int) -> bool:
+async def worker_is_ready(conninfo: str, pid: int) -> bool:
     """A worker process beats once it has LISTENed and built its ring."""
-    return bool(query(conninfo, "SELECT 1 FROM worker_heartbeats WHERE pid = %s", (pid,)))
+    return bool(await query(conninfo, "SELECT 1 FROM worker_heartbeats WHERE pid = %s", (pid,)))
+
+
+async def workers_are_ready(conninfo: str, procs: Sequence[subprocess.Popen[str]]) -> bool:
+    rows = await query(
+        conninfo,
+        "SELECT count(DISTINCT pid) FROM worker_heartbeats WHERE pid = ANY(%s)",
+        ([p.pid for p in procs],),
+    )
+    return int(rows[0][0]) == len(procs)
 
 
 def settings_from_env() -> Settings:
@@ -182,20 +222,19 @@ CREATE TRIGGER audit_item_write AFTER UPDATE ON job_items
 """
 
 
-def install_write_audit(conninfo: str) -> None:
-    with psycopg.connect(conninfo) as conn:
-        conn.execute(_AUDIT)
+async def install_write_audit(conninfo: str) -> None:
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute(_AUDIT)
 
 
-def outcome_writes(conninfo: str) -> Counter[int]:
+async def outcome_writes(conninfo: str) -> Counter[int]:
     """How many times each item's final outcome was written (items never finished: absent)."""
-    return Counter(
-        dict(query(conninfo, "SELECT item_id, count(*) FROM item_writes GROUP BY item_id"))
-    )
+    rows = await query(conninfo, "SELECT item_id, count(*) FROM item_writes GROUP BY item_id")
+    return Counter(dict(rows))
 
 
-def item_ids(conninfo: str) -> set[int]:
-    return {int(row[0]) for row in query(conninfo, "SELECT id FROM job_items")}
+async def item_ids(conninfo: str) -> set[int]:
+    return {int(row[0]) for row in await query(conninfo, "SELECT id FROM job_items")}
 
 
 async def read_lines_until(

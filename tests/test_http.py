@@ -25,7 +25,7 @@ from tests.support import (
     insert_job,
     query,
     running_worker,
-    status_counts,
+    wait_for_counts,
     wait_until,
 )
 from tests.support import make_settings as make_settings
@@ -58,8 +58,8 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
-def heartbeat_requests(conninfo: str) -> int:
-    rows = query(
+async def heartbeat_requests(conninfo: str) -> int:
+    rows = await query(
         conninfo,
         "SELECT coalesce(sum((stats->>'requestsInLastMinute')::int), 0) FROM worker_heartbeats",
     )
@@ -77,9 +77,13 @@ async def test_endpoints_report_the_fleet_while_a_worker_runs(database_url: str)
             serving(http.build_app(worker.pool, settings, worker), "127.0.0.1", 0) as server,
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
         ):
-            insert_job(database_url, "store-H", 5)
-            await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) == 5)
-            await wait_until(lambda: heartbeat_requests(database_url) >= 5)
+            await insert_job(database_url, "store-H", 5)
+            await wait_for_counts(database_url, lambda c: c.get("COMPLETED", 0) == 5)
+
+            async def beats_show_the_requests() -> bool:
+                return await heartbeat_requests(database_url) >= 5
+
+            await wait_until(beats_show_the_requests)
 
             health = await client.get("/health")
             assert health.status_code == 200
@@ -106,7 +110,7 @@ async def test_endpoints_report_the_fleet_while_a_worker_runs(database_url: str)
             assert limiter["rateLimitedTotal"] == 0
             assert limiter["pausedUntil"] is None
 
-            insert_job(database_url, "store-I", 1)  # proves the counts are live, not cached
+            await insert_job(database_url, "store-I", 1)  # proves the counts are live, not cached
             metrics = await client.get("/metrics")
             assert metrics.status_code == 200
             assert metrics.headers["content-type"].startswith("text/plain")

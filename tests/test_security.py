@@ -24,7 +24,7 @@ from tests.support import (
     make_settings,
     run_listener,
     spawn_worker,
-    status_counts,
+    wait_for_counts,
     wait_until,
     worker_is_ready,
 )
@@ -222,8 +222,8 @@ async def test_no_secret_reaches_logs_http_errors_or_settings_output(
         )
         try:
             await wait_until(lambda: worker_is_ready(database_url, worker.pid))
-            insert_job(database_url, "store-secrets", 3)
-            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 3})
+            await insert_job(database_url, "store-secrets", 3)
+            await wait_for_counts(database_url, lambda c: c == {"COMPLETED": 3})
             bearer = {"Authorization": f"Bearer {TOKEN}"}
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 for path in ("/health", "/metrics", "/api/rate-limiter/stats"):
