@@ -140,5 +140,10 @@ async def log_pool_stats(pool: AsyncConnectionPool, interval: float) -> None:
 
 
 def wrap(error: psycopg.Error, doing: str) -> DatabaseError:
-    """The one place psycopg errors become ours."""
-    return DatabaseError(f"{doing}: {str(error).strip() or type(error).__name__}")
+    """The one place psycopg errors become ours, on one line.
+
+    A server's error is its primary message: the rest of psycopg's text is the statement's
+    `LINE 8: FROM job_items j` and a caret on lines of their own, and a DETAIL may quote a whole
+    row (a payload). A client's error (a connection lost) has no such parts: all of it, joined.
+    """
+    return DatabaseError(f"{doing}: {error.diag.message_primary or one_line(error)}")
