@@ -167,7 +167,9 @@ class Settings(BaseSettings):
         return value
 
 
-SECRET_FIELDS = frozenset({"openai_api_key", "database_url", "api_token"})
+# Fields whose value may hold a secret: a settings error never repeats them (OPENAI_BASE_URL may
+# carry a proxy's credentials).
+SECRET_FIELDS = frozenset({"openai_api_key", "database_url", "api_token", "openai_base_url"})
 
 # A token short enough to guess is no protection; 16 characters is the floor, 32+ is better.
 MIN_API_TOKEN_LENGTH = 16

@@ -17,7 +17,7 @@ BAD_VALUES = {
     "db_lock_timeout_seconds": "0",
     "db_statement_timeout_seconds": "forever",
     "openai_api_key": " sk-with-a-space",
-    "openai_base_url": "api.openai.com/v1",
+    "openai_base_url": "gateway:hunter3@api.openai.com/v1",
     "openai_model": "",
     "openai_timeout_seconds": "0",
     "openai_max_tokens": "lots",
@@ -44,6 +44,7 @@ BAD_VALUES = {
 SECRETS = {
     "database_url": "hunter2",
     "openai_api_key": "sk-with-a-space",
+    "openai_base_url": "hunter3",
     "api_token": "tiny-T0ken",
 }
 
