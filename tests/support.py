@@ -128,6 +128,22 @@ class RecordingGenerator(Generator):
         return await super().__call__(item)
 
 
+def starts_at_arrival(worker: Worker, handler: RecordingGenerator, store: str) -> list[int]:
+    """Filled in with how many items had started when `store`'s first notification reached the
+    worker: an order judged from there does not depend on how long the notification took to come
+    (which a loaded machine stretches), only on what the worker did once it knew."""
+    seen: list[int] = []
+    notify = worker.listener.on_notify
+
+    def noting(payload: str) -> None:
+        if payload == store and not seen:
+            seen.append(len(handler.starts))
+        notify(payload)
+
+    worker.listener.on_notify = noting
+    return seen
+
+
 def running_worker(
     conninfo: str, settings: Settings, handler: Generator | None = None
 ) -> AbstractAsyncContextManager[Worker]:

@@ -222,10 +222,11 @@ async def test_openai_misbehaving_in_every_way_never_stalls_the_worker(database_
         stub.state.release_hung()
     assert stub.state.errors_injected_total == 12 + 12 + 4 + 6
     assert worker.counters.rate_limited == 12
-    # 5xx, timeouts and malformed answers used an attempt each; the 429s used none.
-    assert worker.counters.retried == 12 + 4 + 6
+    # 5xx, timeouts and malformed answers used an attempt each; the 429s used none. A loaded
+    # machine may let a healthy call outlast the 0.5 s timeout too: at least these, then.
+    assert worker.counters.retried >= 12 + 4 + 6
     ((attempts,),) = await query(database_url, "SELECT sum(attempts - 1) FROM job_items")
-    assert attempts == 12 + 4 + 6
+    assert attempts == worker.counters.retried
     await assert_each_outcome_written_once(database_url)
 
 
@@ -298,12 +299,15 @@ async def test_overlapping_deploys_lose_nothing_and_do_nothing_twice(database_ur
             new = spawn_worker(database_url, stub.base_url)
             procs.append(new)
             await wait_until(lambda: worker_is_ready(database_url, new.pid))
+            # Work the old one cannot finish before its SIGTERM lands, however slowly the new
+            # one started: so the new one surely takes over some.
+            await insert_job(database_url, "store-late", 40)
             old.send_signal(signal.SIGTERM)
             old_output = await communicate(old, 40)
-            await wait_until(lambda: completed_exactly(database_url, 300), deadline=90)
+            await wait_until(lambda: completed_exactly(database_url, 340), deadline=90)
         finally:
             outputs = await stop(procs)
-        assert stub.state.completed_total == 300  # each item sent to OpenAI exactly once
+        assert stub.state.completed_total == 340  # each item sent to OpenAI exactly once
     assert old.returncode == 0, old_output
     assert procs[1].returncode == 0, outputs[1]
     assert "[Worker] SIGTERM received" in old_output

