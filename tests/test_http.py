@@ -9,7 +9,6 @@ from typing import Any, cast
 
 import anyio
 import httpx
-import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -179,8 +178,9 @@ async def test_endpoints_report_a_database_that_is_gone(
     # Once the pool's connection is gone, each request waits this long for a new one.
     monkeypatch.setattr(fleet, "DB_TIMEOUT_SECONDS", 0.3)
     name = f"listener_http_gone_{os.getpid()}"
-    with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
+    await query(
+        pg_server.conninfo("postgres"), f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"'
+    )
     settings = make_settings("http://127.0.0.1:9/v1", db_pool_min=1)
     pool = await open_pool(pg_server.conninfo(name), settings, name="test-http")
     try:
@@ -190,8 +190,7 @@ async def test_endpoints_report_a_database_that_is_gone(
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
         ):
             assert (await client.get("/health")).json()["workers"] == 0
-            with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            await query(pg_server.conninfo("postgres"), f'DROP DATABASE "{name}" WITH (FORCE)')
 
             health = await client.get("/health")
             assert health.status_code == 503
@@ -211,8 +210,9 @@ async def test_endpoints_report_a_database_that_is_gone(
             assert ("listener_db_pool_connections", (("state", "total"),)) in samples
     finally:
         await pool.close()
-        with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await query(
+            pg_server.conninfo("postgres"), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+        )
 
 
 async def test_api_command_serves_health_and_exits_0_on_sigterm(
