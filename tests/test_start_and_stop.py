@@ -11,15 +11,21 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from random import Random
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
+from listener.complete import Completer
+from listener.db import open_pool
+from listener.items import Outcome
 from listener.stub.server import StubConfig, run_stub
 from tests.support import (
     communicate,
     insert_job,
+    make_settings,
     query,
     read_lines_until,
     spawn_worker,
@@ -147,3 +153,23 @@ async def test_a_claim_that_returns_after_sigterm_gives_its_items_back(database_
     assert await status_counts(database_url) == {"PENDING": 3}
     held = "SELECT max(attempts), count(claimed_by), count(lease_expires_at) FROM job_items"
     assert await query(database_url, held) == [(0, 0, 0)]
+
+
+async def test_an_outcome_after_the_completer_closed_is_left_to_its_lease(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only a claim that outlives the shutdown's give-up can come back so late: logged, left to
+    # the item's lease, and no ClosedResourceError takes the worker's exit down with it.
+    settings = make_settings("http://127.0.0.1:9/v1")
+    pool = await open_pool(database_url, settings, name="test-completer")
+    try:
+        completer = Completer(pool, "worker-x", lambda _written, _superseded: None, Random(1))
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(completer.run, done)
+            completer.close(give_up_after=1.0)
+            completer.emit(Outcome(item_id=7, status="PENDING", refund=True))
+        assert done.is_set()
+    finally:
+        await pool.close()
+    assert "item 7 came back after the outcomes were closed" in caplog.text
