@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -76,7 +77,7 @@ async def wait_until(
     with anyio.fail_after(deadline):
         while True:
             met = condition()
-            if not isinstance(met, bool):
+            if inspect.isawaitable(met):
                 met = await met
             if met:
                 return
