@@ -85,14 +85,18 @@ async def wait_until(
 
 
 async def wait_for_counts(
-    conninfo: str, condition: Callable[[dict[str, int]], bool], deadline: float = 30.0
+    conninfo: str,
+    condition: Callable[[dict[str, int]], bool],
+    deadline: float = 30.0,
+    every: float = 0.05,
 ) -> None:
-    """Wait until the items' counts per status satisfy `condition`."""
+    """Wait until the items' counts per status satisfy `condition` (over a large table, poll
+    less often: each count reads the whole table, CPU the worker under test needs)."""
 
     async def met() -> bool:
         return condition(await status_counts(conninfo))
 
-    await wait_until(met, deadline)
+    await wait_until(met, deadline, every)
 
 
 def make_settings(base_url: str, **overrides: Any) -> Settings:

@@ -71,7 +71,7 @@ async def test_a_hundred_thousand_stores_at_once_keep_the_ring_bounded_and_each_
             "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
             " SELECT id, instance_id, 'p1', '{\"name\": \"Flood\"}' FROM jobs",
         )
-        await wait_until(lambda: worker.listener.notifications >= STORES, deadline=120)
+        await wait_until(lambda: worker.listener.notifications >= STORES, deadline=300)
         assert len(ring) <= STORES
         # Every store announced three more times, all at once: nothing new to hold. (One
         # transaction each: Postgres folds identical notifications within a transaction.)
@@ -81,7 +81,7 @@ async def test_a_hundred_thousand_stores_at_once_keep_the_ring_bounded_and_each_
                 "SELECT pg_notify('job_items_ready', 'flood-' || n) FROM generate_series(1, %s) n",
                 (STORES,),
             )
-        await wait_until(lambda: worker.listener.notifications >= 4 * STORES, deadline=120)
+        await wait_until(lambda: worker.listener.notifications >= 4 * STORES, deadline=300)
         held = len(worker.held)
         assert held <= settings.worker_concurrency
         # Every store with work is in the ring, once: only those just claimed may have left.
@@ -89,7 +89,10 @@ async def test_a_hundred_thousand_stores_at_once_keep_the_ring_bounded_and_each_
         assert ring_entries(ring) <= 2 * len(ring) + 1
         rss_growth = peak_rss_mib() - rss_before
         handler.gate.set()
-        await wait_for_counts(database_url, lambda c: c == {"COMPLETED": STORES}, deadline=180)
+        # A bound against a hang, not a speed target: generous for a machine shared with others.
+        await wait_for_counts(
+            database_url, lambda c: c == {"COMPLETED": STORES}, deadline=400, every=1.0
+        )
         assert not len(ring) or all(store.startswith("flood-") for store in ring)
     assert len(handler.served) == STORES
     assert set(handler.served.values()) == {1}
