@@ -45,7 +45,16 @@ class Completer:
 
     def emit(self, outcome: Outcome) -> None:
         """Never blocks: a worker finishing its item must not wait on the database."""
-        self._send.send_nowait(outcome)
+        try:
+            self._send.send_nowait(outcome)
+        except anyio.ClosedResourceError:
+            # Only past `close`'s give-up (a claim that outlived it): like the outcomes given
+            # up on there, this item is left to its lease, and the worker still exits cleanly.
+            logger.error(
+                "[Worker] item %d came back after the outcomes were closed; its lease will "
+                "expire and the item will be tried again",
+                outcome.item_id,
+            )
 
     def close(self, give_up_after: float) -> None:
         """No more outcomes: `run` writes what is left, then returns.

@@ -6,7 +6,7 @@ import logging
 
 import anyio
 import psycopg
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from listener.backoff import Backoff
@@ -31,12 +31,33 @@ def with_options(conninfo: str, application_name: str) -> str:
     return make_conninfo(conninfo, application_name=application_name, **KEEPALIVES)
 
 
+def with_timeouts(conninfo: str, settings: Settings) -> str:
+    """The conninfo with DB_LOCK_TIMEOUT_SECONDS and DB_STATEMENT_TIMEOUT_SECONDS for every
+    session opened with it.
+
+    In the startup packet's `options`, after any the URL sets (ours win over the same names):
+    no extra round trip per connection, and nothing to reset when a connection is reused.
+    """
+    ours = " ".join(
+        f"-c {name}={max(1, round(seconds * 1000))}"
+        for name, seconds in (
+            ("lock_timeout", settings.db_lock_timeout_seconds),
+            ("statement_timeout", settings.db_statement_timeout_seconds),
+        )
+    )
+    theirs = conninfo_to_dict(conninfo).get("options")
+    return make_conninfo(conninfo, options=f"{theirs} {ours}" if theirs else ours)
+
+
 async def open_pool(
     conninfo: str, settings: Settings, name: str = "listener"
 ) -> AsyncConnectionPool:
-    """Open the pool; it reconnects by itself, with backoff, when the database restarts."""
+    """Open the pool; it reconnects by itself, with backoff, when the database restarts.
+
+    Its sessions carry the lock and statement timeouts (`with_timeouts`).
+    """
     pool = AsyncConnectionPool(
-        with_options(conninfo, name),
+        with_options(with_timeouts(conninfo, settings), name),
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         kwargs={"autocommit": True},
@@ -119,5 +140,10 @@ async def log_pool_stats(pool: AsyncConnectionPool, interval: float) -> None:
 
 
 def wrap(error: psycopg.Error, doing: str) -> DatabaseError:
-    """The one place psycopg errors become ours."""
-    return DatabaseError(f"{doing}: {str(error).strip() or type(error).__name__}")
+    """The one place psycopg errors become ours, on one line.
+
+    A server's error is its primary message: the rest of psycopg's text is the statement's
+    `LINE 8: FROM job_items j` and a caret on lines of their own, and a DETAIL may quote a whole
+    row (a payload). A client's error (a connection lost) has no such parts: all of it, joined.
+    """
+    return DatabaseError(f"{doing}: {error.diag.message_primary or one_line(error)}")

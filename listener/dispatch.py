@@ -106,6 +106,10 @@ class Dispatcher:
         self._wakeup_changed = anyio.Event()
         self._single_claims: list[ClaimedItem] = []
         self._backlogged = False  # the last claim found every store's quota of items
+        # Set while no claim is on its way: one sent before `stop()` still returns its items,
+        # and they must be handed back (`on_orphan`) before the worker closes its completer.
+        self._claim_settled = anyio.Event()
+        self._claim_settled.set()
 
     # -- fed by the listener --------------------------------------------------------------
 
@@ -160,6 +164,10 @@ class Dispatcher:
         self._work.set()
         self._demand.set()
 
+    async def claims_settled(self) -> None:
+        """Return once no claim is on its way (after `stop()`, none starts again)."""
+        await self._claim_settled.wait()
+
     # -- tasks ----------------------------------------------------------------------------
 
     async def run_claimer(self) -> None:
@@ -172,7 +180,11 @@ class Dispatcher:
                     break
                 if self._backlogged:
                     await self._gather_waiters()
-                await self._claim_once()
+                self._claim_settled = anyio.Event()
+                try:
+                    await self._claim_once()
+                finally:
+                    self._claim_settled.set()
 
     async def run_wakeups(self) -> None:
         while True:

@@ -2,9 +2,10 @@
 
 Our own messages never include a secret on purpose; this is the net under them, for a library's
 error that echoes its input (libpq quotes a malformed DATABASE_URL, password and all) or a debug
-line nobody reviewed. The settings' secret values (every SecretStr field, and the password inside
-DATABASE_URL) are remembered once loaded; the logging filter and the CLI's error printer replace
-any of them with `***`.
+line nobody reviewed. The settings' secret values (every SecretStr field, the password inside
+DATABASE_URL, the credentials inside OPENAI_BASE_URL) and PGPASSWORD from the environment are
+remembered once loaded; the logging filter and the CLI's error printer replace any of them
+with `***`.
 
 Everything but `remember`'s one global and the excepthook is pure: strings in, strings out.
 """
@@ -12,10 +13,11 @@ Everything but `remember`'s one global and the excepthook is pure: strings in, s
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from urllib.parse import quote, unquote
 
@@ -36,6 +38,16 @@ _URL_PASSWORD_LOOSE = re.compile(r"://[^:@]*:(.*)@")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
 # The key/value form: `password=secret` or `password = 'with \' quotes'` (maybe unterminated).
 _KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
+
+# libpq takes the password from here when DATABASE_URL has none: just as secret, never a setting.
+ENV_SECRETS = ("PGPASSWORD",)
+# An HTTP URL's credentials (OPENAI_BASE_URL through a proxy or a gateway): the password of its
+# user info, or a user alone (then a token), and query parameters named like a key or a token.
+_HTTP_USERINFO = re.compile(r"^(\s*https?://)([^@/?#]*)(@)", re.IGNORECASE)
+_CREDENTIAL_PARAM = re.compile(
+    r"([?&](?:[^=&#]*(?:key|token|secret|password|passwd|signature|sig|auth)[^=&#]*)=)([^&#]*)",
+    re.IGNORECASE,
+)
 
 
 class Redactor:
@@ -85,8 +97,30 @@ def database_passwords(url: str) -> set[str]:
     return {value for value in found if value}
 
 
-def secret_values(settings: Settings) -> set[str]:
-    """Every secret the settings hold, also as it would look percent-encoded in a URL."""
+def url_credentials(url: str) -> set[str]:
+    """The credentials inside an HTTP URL, as written and decoded (see `_HTTP_USERINFO`)."""
+    written: list[str] = []
+    if match := _HTTP_USERINFO.match(url):
+        user, colon, password = match[2].partition(":")
+        written.append(password if colon else user)
+    written += [match[2] for match in _CREDENTIAL_PARAM.finditer(url)]
+    return {variant for value in written for variant in (value, unquote(value)) if variant}
+
+
+def mask_url_credentials(url: str) -> str:
+    """The HTTP URL with its credentials replaced by `***` (host and path help operators)."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        user, colon, _password = match[2].partition(":")
+        return f"{match[1]}{user}:{MASK}{match[3]}" if colon else f"{match[1]}{MASK}{match[3]}"
+
+    masked = _HTTP_USERINFO.sub(userinfo, url)
+    return _CREDENTIAL_PARAM.sub(rf"\1{MASK}", masked)
+
+
+def secret_values(settings: Settings, environ: Mapping[str, str] | None = None) -> set[str]:
+    """Every secret the settings (and `environ`'s ENV_SECRETS) hold, also as it would look
+    percent-encoded in a URL."""
     values: set[str] = set()
     for name in type(settings).model_fields:
         value = getattr(settings, name)
@@ -94,6 +128,10 @@ def secret_values(settings: Settings) -> set[str]:
             values.add(value.get_secret_value())
     if settings.database_url:
         values |= database_passwords(settings.database_url)
+    if settings.openai_base_url:
+        values |= url_credentials(settings.openai_base_url)
+    env = environ or {}
+    values |= {env[name] for name in ENV_SECRETS if env.get(name)}
     return {variant for value in values for variant in (value, quote(value, safe=""))}
 
 
@@ -119,6 +157,8 @@ def settings_lines(settings: Settings) -> list[str]:
             shown = MASK
         elif name == "database_url":
             shown = mask_database_url(str(value))
+        elif name == "openai_base_url":
+            shown = mask_url_credentials(str(value))
         elif name in SECRET_FIELDS:
             shown = MASK
         else:
@@ -131,10 +171,11 @@ def settings_lines(settings: Settings) -> list[str]:
 _active = Redactor()
 
 
-def remember(settings: Settings) -> None:
-    """Mask these settings' secrets from now on, in `redact` and the logging filter."""
+def remember(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Mask these settings' secrets, and the environment's (`os.environ` unless given), from now
+    on, in `redact` and the logging filter."""
     global _active
-    _active = Redactor(secret_values(settings))
+    _active = Redactor(secret_values(settings, os.environ if environ is None else environ))
 
 
 def redact(text: str) -> str:

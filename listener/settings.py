@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     # A worker waits on HTTP, not on the database: a few connections serve many workers.
     db_pool_max: int = Field(default=4, ge=1, le=1000)
     db_pool_min: int = Field(default=1, ge=0, le=1000)
+    # Every session of the worker and `listener api` (not `migrate`'s) gives up on a lock after
+    # DB_LOCK_TIMEOUT_SECONDS and on any statement after DB_STATEMENT_TIMEOUT_SECONDS: a
+    # migration holding a table makes claims fail and retry instead of hanging for its length.
+    # Whole milliseconds reach PostgreSQL, where 0 would mean "no limit": hence the floor.
+    db_lock_timeout_seconds: float = Field(default=5.0, ge=0.001, le=3600)
+    db_statement_timeout_seconds: float = Field(default=30.0, ge=0.001, le=3600)
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
@@ -108,11 +114,46 @@ class Settings(BaseSettings):
             raise ValueError("is empty or has spaces around it")
         return value
 
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often a worker renews its leases: a few times per lease, at least every 5 s."""
+        return max(0.5, min(5.0, self.lease_seconds / 3))
+
     @model_validator(mode="after")
-    def _pool_bounds(self) -> Settings:
+    def _relations(self) -> Settings:
+        # Each value may be fine alone and the pair still fail later (a backoff whose base
+        # exceeds its cap raises on the first retry): refused at start, both names in one line.
         if self.db_pool_min > self.db_pool_max:
             raise ValueError(
                 f"DB_POOL_MIN ({self.db_pool_min}) is larger than DB_POOL_MAX ({self.db_pool_max})"
+            )
+        if self.retry_base_seconds > self.retry_cap_seconds:
+            raise ValueError(
+                f"RETRY_BASE_SECONDS ({self.retry_base_seconds:g}) is larger than "
+                f"RETRY_CAP_SECONDS ({self.retry_cap_seconds:g})"
+            )
+        if self.max_per_instance > self.claim_batch_size:
+            raise ValueError(
+                f"MAX_PER_INSTANCE ({self.max_per_instance}) is larger than CLAIM_BATCH_SIZE "
+                f"({self.claim_batch_size}): no claim holds that many items"
+            )
+        if self.db_lock_timeout_seconds > self.db_statement_timeout_seconds:
+            raise ValueError(
+                f"DB_LOCK_TIMEOUT_SECONDS ({self.db_lock_timeout_seconds:g}) is larger than "
+                f"DB_STATEMENT_TIMEOUT_SECONDS ({self.db_statement_timeout_seconds:g}): the "
+                "statement would be cancelled before its lock wait ends"
+            )
+        if self.lease_seconds <= self.heartbeat_seconds + self.db_lock_timeout_seconds:
+            raise ValueError(
+                f"LEASE_SECONDS ({self.lease_seconds:g}) is too short for DB_LOCK_TIMEOUT_SECONDS "
+                f"({self.db_lock_timeout_seconds:g}): a heartbeat (every "
+                f"{self.heartbeat_seconds:.2g} s) held up by a lock that long would let the "
+                "leases of a live worker expire"
+            )
+        if 0 < self.rate_limit_tpm < self.openai_max_tokens:
+            raise ValueError(
+                f"OPENAI_MAX_TOKENS ({self.openai_max_tokens}) is larger than RATE_LIMIT_TPM "
+                f"({self.rate_limit_tpm}): one request could need more than a minute's budget"
             )
         return self
 
@@ -129,7 +170,9 @@ class Settings(BaseSettings):
         return value
 
 
-SECRET_FIELDS = frozenset({"openai_api_key", "database_url", "api_token"})
+# Fields whose value may hold a secret: a settings error never repeats them (OPENAI_BASE_URL may
+# carry a proxy's credentials).
+SECRET_FIELDS = frozenset({"openai_api_key", "database_url", "api_token", "openai_base_url"})
 
 # A token short enough to guess is no protection; 16 characters is the floor, 32+ is better.
 MIN_API_TOKEN_LENGTH = 16

@@ -27,7 +27,7 @@ from listener import items as items_db
 from listener import retention
 from listener.backoff import Backoff, retry_delay
 from listener.complete import Completer
-from listener.db import log_pool_stats, pool_stats, wrap
+from listener.db import log_pool_stats, pool_stats, with_timeouts, wrap
 from listener.dispatch import Dispatcher
 from listener.errors import (
     AuthenticationFailed,
@@ -106,6 +106,8 @@ class Worker:
         self._slot_gate = anyio.Semaphore(SLOT_SEEKERS)
         self._backoff = Backoff(base=0.2, cap=10.0, rng=self._rng)
         self._workers_scope: anyio.CancelScope | None = None
+        # The start-up (LISTEN, the ring, the first count): a `stop()` that comes meanwhile ends it.
+        self._startup = anyio.CancelScope()
         self._services: anyio.abc.TaskGroup | None = None
         self.completer = Completer(pool, self.worker_id, self._on_written, self._rng)
         self.dispatcher = Dispatcher(
@@ -119,7 +121,7 @@ class Worker:
             on_orphan=lambda item: self._emit(Outcome.release(item)),
         )
         self.listener = Listener(
-            conninfo,
+            with_timeouts(conninfo, settings),
             on_notify=self.dispatcher.notify,
             on_rebuild=self.dispatcher.rebuild,
             sweep_interval=settings.sweep_interval_seconds,
@@ -128,42 +130,55 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until `stop()`; ready (LISTEN and ring built) when `task_status` is reported."""
+        """Run until `stop()`; ready (LISTEN and ring built) when `task_status` is reported.
+
+        Whatever ends it (`stop()` during the start-up too, an error, a cancellation), the
+        claimer finishes its claim first, then the completer writes every outcome it was given
+        and closes: nothing it was handed is left PROCESSING, and `run` always returns.
+        """
         logger.info("[Worker] Starting background job worker...")
         async with anyio.create_task_group() as services:
             self._services = services
-            await services.start(self.listener.run)
-            services.start_soon(self.dispatcher.run_claimer)
-            services.start_soon(self.dispatcher.run_wakeups)
-            services.start_soon(self.dispatcher.run_claim_log)
             completer_done = anyio.Event()
+            # Started first and closed in the `finally` below, whatever happens in between: the
+            # completer is shielded, so a task group waiting on it would otherwise never end.
             services.start_soon(self.completer.run, completer_done)
-            services.start_soon(self._heartbeat_loop)
-            services.start_soon(self._reap_loop)
-            services.start_soon(
-                log_pool_stats, self.pool, self.settings.pool_stats_interval_seconds
-            )
-            if self.settings.retention_days:
-                services.start_soon(
-                    retention.run_retention,
-                    self.pool.connection,
-                    self.settings.retention_days,
-                    RETENTION_INTERVAL,
-                    # Processes of a fleet started together do not all try at once.
-                    self._rng.uniform(*RETENTION_FIRST_DELAY),
-                )
-            pending = await items_db.count_pending(self.pool)
-            logger.info("[Worker] ✅ Initialized with %d pending item(s)", pending)
-            task_status.started()
             try:
-                async with anyio.create_task_group() as workers:
-                    self._workers_scope = workers.cancel_scope
-                    for _ in range(self.settings.worker_concurrency):
-                        workers.start_soon(self._work_loop)
+                with self._startup:
+                    await services.start(self.listener.run)
+                    services.start_soon(self.dispatcher.run_claimer)
+                    services.start_soon(self.dispatcher.run_wakeups)
+                    services.start_soon(self.dispatcher.run_claim_log)
+                    services.start_soon(self._heartbeat_loop)
+                    services.start_soon(self._reap_loop)
+                    services.start_soon(
+                        log_pool_stats, self.pool, self.settings.pool_stats_interval_seconds
+                    )
+                    if self.settings.retention_days:
+                        services.start_soon(
+                            retention.run_retention,
+                            self.pool.connection,
+                            self.settings.retention_days,
+                            RETENTION_INTERVAL,
+                            # Processes of a fleet started together do not all try at once.
+                            self._rng.uniform(*RETENTION_FIRST_DELAY),
+                        )
+                    await self._log_pending()
+                if not self._stopping:
+                    task_status.started()
+                    async with anyio.create_task_group() as workers:
+                        self._workers_scope = workers.cancel_scope
+                        for _ in range(self.settings.worker_concurrency):
+                            workers.start_soon(self._work_loop)
             finally:
-                # Every worker has stopped (or `run` itself is being cancelled): the shielded
-                # completer writes what they left, then ends, so the task group can exit.
-                self.completer.close(give_up_after=max(5.0, self.settings.shutdown_grace_seconds))
+                # Every worker has stopped (or `run` itself is failing or being cancelled). A
+                # claim still on its way hands its items back through the completer, so the
+                # completer stays open until the claimer is done; then it writes what is left.
+                give_up_after = max(5.0, self.settings.shutdown_grace_seconds)
+                self.dispatcher.stop()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(give_up_after):
+                    await self.dispatcher.claims_settled()
+                self.completer.close(give_up_after=give_up_after)
             await completer_done.wait()
             await self._forget_heartbeat()
             services.cancel_scope.cancel()
@@ -175,6 +190,16 @@ class Worker:
             self.counters.released,
             self.counters.superseded,
         )
+
+    async def _log_pending(self) -> None:
+        # The checklist's start-up line, nothing more: the ring is built already, so a database
+        # that fails this one count (a failover under way) must not keep the worker from working.
+        try:
+            pending = await items_db.count_pending(self.pool)
+        except DatabaseError as error:
+            logger.warning("[Worker] could not count the pending items at start: %s", error)
+            return
+        logger.info("[Worker] ✅ Initialized with %d pending item(s)", pending)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop claiming; in-flight items get `grace` seconds, then go back to PENDING."""
@@ -188,6 +213,7 @@ class Worker:
             grace,
         )
         self.dispatcher.stop()
+        self._startup.cancel()
         for scope in list(self._idle_scopes):
             scope.cancel()
         if self._services is not None:
@@ -328,7 +354,7 @@ class Worker:
                 self.dispatcher.wake_later(outcome.instance_id, outcome.delay)
 
     def heartbeat_interval(self) -> float:
-        return max(0.5, min(5.0, self.settings.lease_seconds / 3))
+        return self.settings.heartbeat_seconds
 
     async def _heartbeat_loop(self) -> None:
         while True:

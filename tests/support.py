@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,20 +25,25 @@ from listener.settings import Settings, load_settings
 from listener.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every deadline a test gives (a wait, a process's exit) is a bound against a hang, sized for an
+# idle machine; it is stretched this much, so a machine shared with other work (a CI runner, two
+# cores running several suites) is slow, not failing. Speed is measured in bench/, never here.
+SLACK = 3.0
 
 
-def insert_job(
+async def insert_job(
     conninfo: str, store: str, count: int, payload: Callable[[int], Any] | None = None
 ) -> int:
     """What a client does: one job, its items in one statement; returns the job id."""
     make = payload or (lambda n: {"name": f"Product {n} of {store}", "price": n})
-    with psycopg.connect(conninfo) as conn:
-        row = conn.execute(
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cursor = await conn.execute(
             "INSERT INTO jobs (instance_id) VALUES (%s) RETURNING id", (store,)
-        ).fetchone()
+        )
+        row = await cursor.fetchone()
         assert row is not None
         job_id = int(row[0])
-        conn.execute(
+        await conn.execute(
             "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
             " SELECT %s, %s, 'p' || n, (%s::jsonb)->(n - 1)"
             " FROM generate_series(1, %s) n",
@@ -46,24 +52,62 @@ def insert_job(
     return job_id
 
 
-def query(conninfo: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    with psycopg.connect(conninfo) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+def insert_job_blocking(
+    conninfo: str, store: str, count: int, payload: Callable[[int], Any] | None = None
+) -> int:
+    """`insert_job` for plain (not async) tests, which run no event loop to stall."""
+    return anyio.run(insert_job, conninfo, store, count, payload)
 
 
-def status_counts(conninfo: str) -> dict[str, int]:
-    return dict(query(conninfo, "SELECT status, count(*) FROM job_items GROUP BY status"))
+# Async: the tests run the worker and the stub on their own event loop, where a blocking call
+# would stall both for its whole round trip (jitter every timing-sensitive test would feel).
+async def query(conninfo: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cursor = await conn.execute(sql, params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+def query_blocking(conninfo: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """`query` for plain (not async) tests, which run no event loop to stall."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+async def status_counts(conninfo: str) -> dict[str, int]:
+    return dict(await query(conninfo, "SELECT status, count(*) FROM job_items GROUP BY status"))
 
 
 async def wait_until(
-    condition: Callable[[], bool], deadline: float = 30.0, every: float = 0.05
+    condition: Callable[[], bool | Awaitable[bool]], deadline: float = 30.0, every: float = 0.05
 ) -> None:
     """Wait for a condition on the outside world (the database, another process), which no
     in-process event can announce; `deadline` bounds the wait so a broken worker fails the test.
+    The condition may be a coroutine function (a query), awaited on each round.
     """
-    with anyio.fail_after(deadline):
-        while not condition():  # noqa: ASYNC110 - the state lives in another process
+    with anyio.fail_after(deadline * SLACK):
+        while True:
+            met = condition()
+            if inspect.isawaitable(met):
+                met = await met
+            if met:
+                return
             await anyio.sleep(every)
+
+
+async def wait_for_counts(
+    conninfo: str,
+    condition: Callable[[dict[str, int]], bool],
+    deadline: float = 30.0,
+    every: float = 0.05,
+) -> None:
+    """Wait until the items' counts per status satisfy `condition` (over a large table, poll
+    less often: each count reads the whole table, CPU the worker under test needs)."""
+
+    async def met() -> bool:
+        return condition(await status_counts(conninfo))
+
+    await wait_until(met, deadline, every)
 
 
 def make_settings(base_url: str, **overrides: Any) -> Settings:
@@ -76,6 +120,8 @@ def make_settings(base_url: str, **overrides: Any) -> Settings:
         "sweep_interval_seconds": 300,
         "retry_base_seconds": 0.05,
         "retry_cap_seconds": 0.2,
+        # Short, so the tests' two-second leases pass the lease/lock check (LEASE_SECONDS).
+        "db_lock_timeout_seconds": 1,
         "openai_timeout_seconds": 5,
         "shutdown_grace_seconds": 5,
     }
@@ -98,6 +144,22 @@ class RecordingGenerator(Generator):
         return await super().__call__(item)
 
 
+def starts_at_arrival(worker: Worker, handler: RecordingGenerator, store: str) -> list[int]:
+    """Filled in with how many items had started when `store`'s first notification reached the
+    worker: an order judged from there does not depend on how long the notification took to come
+    (which a loaded machine stretches), only on what the worker did once it knew."""
+    seen: list[int] = []
+    notify = worker.listener.on_notify
+
+    def noting(payload: str) -> None:
+        if payload == store and not seen:
+            seen.append(len(handler.starts))
+        notify(payload)
+
+    worker.listener.on_notify = noting
+    return seen
+
+
 def running_worker(
     conninfo: str, settings: Settings, handler: Generator | None = None
 ) -> AbstractAsyncContextManager[Worker]:
@@ -118,6 +180,7 @@ def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[s
         "WORKER_CONCURRENCY": "4",
         "RETRY_BASE_SECONDS": "0.05",
         "RETRY_CAP_SECONDS": "0.2",
+        "DB_LOCK_TIMEOUT_SECONDS": "1",
         "LOG_LEVEL": "INFO",
         **env,
     }
@@ -131,9 +194,18 @@ def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[s
     )
 
 
-def worker_is_ready(conninfo: str, pid: int) -> bool:
+async def worker_is_ready(conninfo: str, pid: int) -> bool:
     """A worker process beats once it has LISTENed and built its ring."""
-    return bool(query(conninfo, "SELECT 1 FROM worker_heartbeats WHERE pid = %s", (pid,)))
+    return bool(await query(conninfo, "SELECT 1 FROM worker_heartbeats WHERE pid = %s", (pid,)))
+
+
+async def workers_are_ready(conninfo: str, procs: Sequence[subprocess.Popen[str]]) -> bool:
+    rows = await query(
+        conninfo,
+        "SELECT count(DISTINCT pid) FROM worker_heartbeats WHERE pid = ANY(%s)",
+        ([p.pid for p in procs],),
+    )
+    return int(rows[0][0]) == len(procs)
 
 
 def settings_from_env() -> Settings:
@@ -142,7 +214,7 @@ def settings_from_env() -> Settings:
 
 async def communicate(proc: subprocess.Popen[str], seconds: float) -> str:
     """Wait for a process's exit in a thread: the stub serving it runs on this event loop."""
-    output, _ = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=seconds))
+    output, _ = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=seconds * SLACK))
     return str(output)
 
 
@@ -182,20 +254,19 @@ CREATE TRIGGER audit_item_write AFTER UPDATE ON job_items
 """
 
 
-def install_write_audit(conninfo: str) -> None:
-    with psycopg.connect(conninfo) as conn:
-        conn.execute(_AUDIT)
+async def install_write_audit(conninfo: str) -> None:
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute(_AUDIT)
 
 
-def outcome_writes(conninfo: str) -> Counter[int]:
+async def outcome_writes(conninfo: str) -> Counter[int]:
     """How many times each item's final outcome was written (items never finished: absent)."""
-    return Counter(
-        dict(query(conninfo, "SELECT item_id, count(*) FROM item_writes GROUP BY item_id"))
-    )
+    rows = await query(conninfo, "SELECT item_id, count(*) FROM item_writes GROUP BY item_id")
+    return Counter(dict(rows))
 
 
-def item_ids(conninfo: str) -> set[int]:
-    return {int(row[0]) for row in query(conninfo, "SELECT id FROM job_items")}
+async def item_ids(conninfo: str) -> set[int]:
+    return {int(row[0]) for row in await query(conninfo, "SELECT id FROM job_items")}
 
 
 async def read_lines_until(
@@ -204,7 +275,7 @@ async def read_lines_until(
     """A process's output lines, read as they come, until `done(lines)` holds."""
     assert proc.stdout is not None
     lines: list[str] = []
-    with anyio.fail_after(deadline):
+    with anyio.fail_after(deadline * SLACK):
         while not done(lines):
             line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
             if not line:

@@ -15,10 +15,10 @@ from tests.support import (
     insert_job,
     make_settings,
     query,
+    query_blocking,
     run_listener,
     running_worker,
-    status_counts,
-    wait_until,
+    wait_for_counts,
 )
 
 pytestmark = pytest.mark.anyio
@@ -54,15 +54,18 @@ ODD_NAMES = [
 HOSTILE = "'; DROP TABLE jobs; --[/red] [bold]"
 
 
-def insert_items(conninfo: str, store: str, rows: list[tuple[str, str, tuple[str, ...]]]) -> None:
+async def insert_items(
+    conninfo: str, store: str, rows: list[tuple[str, str, tuple[str, ...]]]
+) -> None:
     """One job of (product_id, payload as SQL, its parameters) items, as any client would."""
-    with psycopg.connect(conninfo) as conn:
-        job = conn.execute(
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cursor = await conn.execute(
             "INSERT INTO jobs (instance_id) VALUES (%s) RETURNING id", (store,)
-        ).fetchone()
+        )
+        job = await cursor.fetchone()
         assert job is not None
         for product_id, expression, params in rows:
-            conn.execute(
+            await conn.execute(
                 # The test's own SQL expressions; the values still travel as parameters.
                 "INSERT INTO job_items (job_id, instance_id, product_id, payload)"  # noqa: S608
                 f" VALUES (%s, %s, %s, {expression})",
@@ -83,22 +86,19 @@ async def test_each_bad_payload_fails_alone_with_its_reason_and_the_rest_complet
     async with run_stub(StubConfig()) as stub:
         settings = make_settings(stub.base_url, worker_concurrency=4, max_attempts=3)
         async with running_worker(database_url, settings):
-            insert_items(database_url, "store-mixed", mixed)
-            insert_job(database_url, "store-fine", 5)
+            await insert_items(database_url, "store-mixed", mixed)
+            await insert_job(database_url, "store-fine", 5)
             total = len(BAD_PAYLOADS) + len(ODD_NAMES) + 5
-            await wait_until(
-                lambda: (
-                    status_counts(database_url).get("COMPLETED", 0)
-                    + status_counts(database_url).get("FAILED", 0)
-                    == total
-                ),
+            await wait_for_counts(
+                database_url,
+                lambda c: c.get("COMPLETED", 0) + c.get("FAILED", 0) == total,
                 deadline=60,
             )
         # The bad items never reached OpenAI: no request was spent on them.
         assert stub.state.requests_total == len(ODD_NAMES) + 5
     items = {
         row[0]: row[1:]
-        for row in query(
+        for row in await query(
             database_url,
             "SELECT product_id, status, attempts, error, result->>'text', payload->>'name'"
             " FROM job_items WHERE instance_id = 'store-mixed'",
@@ -113,7 +113,7 @@ async def test_each_bad_payload_fails_alone_with_its_reason_and_the_rest_complet
         assert (status, attempts, error) == ("COMPLETED", 1, None), product_id
         # The model's text is stored as the data it is: whatever it quotes comes back intact.
         assert name[:60].strip(" .!?\"'") in text, (name[:60], text[:200])
-    jobs = dict(query(database_url, "SELECT instance_id, status FROM jobs"))
+    jobs = dict(await query(database_url, "SELECT instance_id, status FROM jobs"))
     assert jobs == {"store-mixed": "COMPLETED_WITH_ERRORS", "store-fine": "COMPLETED"}
 
 
@@ -148,8 +148,8 @@ def test_input_the_tables_cannot_hold_is_refused_at_insert_with_a_clear_error(
             (job[0], store, product_id, payload),
         )
     # Nothing half-written: the refused job's transaction rolled back as a whole.
-    assert query(database_url, "SELECT count(*) FROM jobs") == [(0,)]
-    assert query(database_url, "SELECT count(*) FROM job_items") == [(0,)]
+    assert query_blocking(database_url, "SELECT count(*) FROM jobs") == [(0,)]
+    assert query_blocking(database_url, "SELECT count(*) FROM job_items") == [(0,)]
 
 
 def test_the_item_constraint_holds_even_when_its_job_is_fine(database_url: str) -> None:
@@ -183,14 +183,18 @@ async def test_hostile_strings_through_the_cli_are_data(database_url: str, tmp_p
         run_stub(StubConfig()) as stub,
         running_worker(database_url, make_settings(stub.base_url)),
     ):
-        await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 2})
-    rows = query(database_url, "SELECT instance_id, product_id, payload->>'name' FROM job_items")
+        await wait_for_counts(database_url, lambda c: c == {"COMPLETED": 2})
+    rows = await query(
+        database_url, "SELECT instance_id, product_id, payload->>'name' FROM job_items"
+    )
     assert sorted(rows) == sorted(
         [(HOSTILE, HOSTILE, HOSTILE), (HOSTILE, "p2", "Robert'); DROP TABLE job_items; --")]
     )
-    assert query(database_url, "SELECT instance_id, status FROM jobs") == [(HOSTILE, "COMPLETED")]
+    assert await query(database_url, "SELECT instance_id, status FROM jobs") == [
+        (HOSTILE, "COMPLETED")
+    ]
     # The store and product ids are shown as text, not read as the terminal's markup.
-    (job_id,) = query(database_url, "SELECT id FROM jobs")[0]
+    ((job_id,),) = await query(database_url, "SELECT id FROM jobs")
     status = run_listener("status", str(job_id), DATABASE_URL=database_url, COLUMNS="200")
     assert status.returncode == 0, status.stderr
     assert HOSTILE in status.stdout
@@ -207,4 +211,4 @@ def test_a_store_id_too_long_for_the_table_is_one_clear_line_from_enqueue(
     assert enqueued.stderr == (
         "listener: the store id is 300 bytes, over the limit of 255 (jobs_instance_id_valid)\n"
     )
-    assert query(database_url, "SELECT count(*) FROM jobs") == [(0,)]
+    assert query_blocking(database_url, "SELECT count(*) FROM jobs") == [(0,)]

@@ -19,7 +19,7 @@ from tests.support import (
     communicate,
     run_listener,
     spawn_worker,
-    status_counts,
+    wait_for_counts,
     wait_until,
     worker_is_ready,
 )
@@ -55,7 +55,7 @@ async def test_enqueue_then_worker_completes_the_job_and_status_reports_it(
         worker = spawn_worker(database_url, stub.base_url)
         try:
             await wait_until(lambda: worker_is_ready(database_url, worker.pid))
-            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 5})
+            await wait_for_counts(database_url, lambda c: c == {"COMPLETED": 5})
         finally:
             worker.send_signal(signal.SIGTERM)
             output = await communicate(worker, 30)

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from listener.demo.setup import describe_url
 from listener.demo.store import STORES, plan
-from tests.support import UNSET, query
+from tests.support import (
+    UNSET,
+    query_blocking,
+)
 
 # Not ours to inherit: the demo must choose the stub and (in one test) the embedded database.
 
@@ -58,9 +61,9 @@ def test_with_database_url_every_store_starts_and_the_demo_cleans_up(
     assert_every_store_started(result.stdout)
     assert "Summary" in result.stdout
     # Someone's real database: the demo's jobs, its limiter row and its heartbeat are gone.
-    assert query(database_url, "SELECT count(*) FROM jobs") == [(0,)]
-    assert query(database_url, "SELECT count(*) FROM rate_limiters") == [(0,)]
-    assert query(database_url, "SELECT count(*) FROM worker_heartbeats") == [(0,)]
+    assert query_blocking(database_url, "SELECT count(*) FROM jobs") == [(0,)]
+    assert query_blocking(database_url, "SELECT count(*) FROM rate_limiters") == [(0,)]
+    assert query_blocking(database_url, "SELECT count(*) FROM worker_heartbeats") == [(0,)]
 
 
 def test_without_database_url_the_embedded_server_runs_and_stops(tmp_path: Path) -> None:

@@ -27,10 +27,11 @@ from listener.stub.server import StubConfig, run_stub
 from tests.conftest import Server
 from tests.support import (
     insert_job,
+    insert_job_blocking,
     make_settings,
     run_listener,
     running_worker,
-    status_counts,
+    wait_for_counts,
     wait_until,
 )
 
@@ -63,10 +64,10 @@ async def test_a_healthy_deployment_passes_every_check(database_url: str) -> Non
     async with run_stub(StubConfig()) as stub:
         settings = make_settings(stub.base_url, rate_limit_rpm=6000, rate_limit_tpm=10_000_000)
         async with running_worker(database_url, settings):
-            insert_job(database_url, "store-A", 5)
+            await insert_job(database_url, "store-A", 5)
             await wait_until(lambda: live_heartbeats(database_url))
-            await wait_until(lambda: status_counts(database_url).get("COMPLETED") == 5)
-            insert_job(database_url, "store-B", 3)  # a backlog for the claim's plan
+            await wait_for_counts(database_url, lambda counts: counts.get("COMPLETED") == 5)
+            await insert_job(database_url, "store-B", 3)  # a backlog for the claim's plan
             execute(
                 database_url,
                 "UPDATE job_items SET run_after = now() + interval '1 hour'"
@@ -102,7 +103,7 @@ def test_a_missing_index_fails_with_how_to_create_it(database_url: str) -> None:
 def test_an_invalid_index_left_by_an_interrupted_concurrent_build_fails(
     database_url: str,
 ) -> None:
-    insert_job(database_url, "store-A", 3)
+    insert_job_blocking(database_url, "store-A", 3)
     # A real failed CREATE INDEX CONCURRENTLY: the duplicates abort it after the catalog entry
     # is made, leaving the INVALID index that `\di` still lists.
     execute(database_url, "DROP INDEX idx_job_items_status_id")
@@ -119,7 +120,7 @@ def test_an_invalid_index_left_by_an_interrupted_concurrent_build_fails(
 
 
 def test_null_instance_ids_without_the_constraint_fail(database_url: str) -> None:
-    insert_job(database_url, "store-A", 3)
+    insert_job_blocking(database_url, "store-A", 3)
     execute(
         database_url,
         "ALTER TABLE job_items ALTER COLUMN instance_id DROP NOT NULL",
@@ -179,7 +180,7 @@ def test_no_live_worker_fails(database_url: str) -> None:
 
 
 def test_items_whose_worker_died_holding_them_fail(database_url: str) -> None:
-    insert_job(database_url, "store-A", 4)
+    insert_job_blocking(database_url, "store-A", 4)
     settings = make_settings(OFFLINE, lease_seconds=2)
     with psycopg.connect(database_url, autocommit=True) as conn:
         # The worker's own claim, then its death: its heartbeat stops, its leases run out.

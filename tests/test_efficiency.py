@@ -15,7 +15,13 @@ from listener import assembly
 from listener.generate import Generation
 from listener.items import ClaimedItem
 from listener.sqlfiles import queries
-from tests.support import insert_job, make_settings, query, status_counts, wait_until
+from tests.support import (
+    insert_job,
+    insert_job_blocking,
+    make_settings,
+    query,
+    wait_for_counts,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -40,7 +46,7 @@ def _sync_commit_after(conn: psycopg.Connection[Any], block: str, sql: str, **pa
 def test_leases_and_the_limiter_commit_unflushed_outcomes_and_pauses_flushed(
     database_url: str,
 ) -> None:
-    insert_job(database_url, "store-a", 3)
+    insert_job_blocking(database_url, "store-a", 3)
     with psycopg.connect(database_url, autocommit=True) as conn:
         # A claim, a lease renewal, a heartbeat: losing one in a crash only loses a lease.
         assert _sync_commit_after(conn, "claim", "items", **CLAIM) == "off"
@@ -102,11 +108,11 @@ async def test_a_busy_worker_claims_for_all_its_workers_at_once(database_url: st
     # claimer waits for them, so a claim serves about all 16 (without the wait, about 6).
     settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=16)
     for n in range(20):
-        insert_job(database_url, f"store-{n}", 100)
+        await insert_job(database_url, f"store-{n}", 100)
     async with assembly.running_worker(
         settings, database_url, InstantHandler(), name="test-worker"
     ) as worker:
-        await wait_until(lambda: status_counts(database_url).get("COMPLETED") == 2000, 120)
+        await wait_for_counts(database_url, lambda counts: counts.get("COMPLETED") == 2000, 120)
         claims, items = worker.dispatcher.claims, worker.dispatcher.claimed_items
     assert items >= 2000
     assert items / claims >= 10, f"{items} item(s) in {claims} claim(s)"
@@ -119,11 +125,11 @@ async def test_stores_share_evenly_when_claims_want_more_items_than_there_are_st
     # must change from claim to claim, or the same 6 get twice the others' share.
     settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=16)
     for n in range(10):
-        insert_job(database_url, f"store-{n}", 300)
+        await insert_job(database_url, f"store-{n}", 300)
     async with assembly.running_worker(settings, database_url, InstantHandler(), name="test"):
-        await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) >= 1000, 120)
+        await wait_for_counts(database_url, lambda counts: counts.get("COMPLETED", 0) >= 1000, 120)
     done = dict(
-        query(
+        await query(
             database_url,
             "SELECT instance_id, count(*) FROM job_items WHERE status = 'COMPLETED' GROUP BY 1",
         )

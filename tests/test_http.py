@@ -25,7 +25,7 @@ from tests.support import (
     insert_job,
     query,
     running_worker,
-    status_counts,
+    wait_for_counts,
     wait_until,
 )
 from tests.support import make_settings as make_settings
@@ -59,12 +59,14 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
-def heartbeat_requests(conninfo: str) -> int:
-    rows = query(
+async def heartbeat_counts(conninfo: str) -> tuple[int, int]:
+    """Requests in the last minute and items completed, as the fleet's heartbeats say."""
+    rows = await query(
         conninfo,
-        "SELECT coalesce(sum((stats->>'requestsInLastMinute')::int), 0) FROM worker_heartbeats",
+        "SELECT coalesce(sum((stats->>'requestsInLastMinute')::int), 0),"
+        " coalesce(sum((stats->>'completed')::int), 0) FROM worker_heartbeats",
     )
-    return int(rows[0][0])
+    return int(rows[0][0]), int(rows[0][1])
 
 
 async def test_endpoints_report_the_fleet_while_a_worker_runs(database_url: str) -> None:
@@ -78,9 +80,14 @@ async def test_endpoints_report_the_fleet_while_a_worker_runs(database_url: str)
             serving(http.build_app(worker.pool, settings, worker), "127.0.0.1", 0) as server,
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
         ):
-            insert_job(database_url, "store-H", 5)
-            await wait_until(lambda: status_counts(database_url).get("COMPLETED", 0) == 5)
-            await wait_until(lambda: heartbeat_requests(database_url) >= 5)
+            await insert_job(database_url, "store-H", 5)
+            await wait_for_counts(database_url, lambda c: c.get("COMPLETED", 0) == 5)
+
+            # The rows are written before the worker counts them, and a beat may fall between.
+            async def beats_show_the_work() -> bool:
+                return min(await heartbeat_counts(database_url)) >= 5
+
+            await wait_until(beats_show_the_work)
 
             health = await client.get("/health")
             assert health.status_code == 200
@@ -108,7 +115,7 @@ async def test_endpoints_report_the_fleet_while_a_worker_runs(database_url: str)
             assert limiter["pausedUntil"] is None
 
             assert limiter["countsEstimated"] is False
-            insert_job(database_url, "store-I", 1)
+            await insert_job(database_url, "store-I", 1)
             metrics = await client.get("/metrics")
             assert metrics.status_code == 200
             assert metrics.headers["content-type"].startswith("text/plain")
@@ -177,8 +184,9 @@ async def test_endpoints_report_a_database_that_is_gone(
     # Once the pool's connection is gone, each request waits this long for a new one.
     monkeypatch.setattr(fleet, "DB_TIMEOUT_SECONDS", 0.3)
     name = f"listener_http_gone_{os.getpid()}"
-    with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
+    await query(
+        pg_server.conninfo("postgres"), f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"'
+    )
     settings = make_settings("http://127.0.0.1:9/v1", db_pool_min=1)
     pool = await open_pool(pg_server.conninfo(name), settings, name="test-http")
     try:
@@ -188,8 +196,7 @@ async def test_endpoints_report_a_database_that_is_gone(
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
         ):
             assert (await client.get("/health")).json()["workers"] == 0
-            with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            await query(pg_server.conninfo("postgres"), f'DROP DATABASE "{name}" WITH (FORCE)')
 
             health = await client.get("/health")
             assert health.status_code == 503
@@ -209,8 +216,9 @@ async def test_endpoints_report_a_database_that_is_gone(
             assert ("listener_db_pool_connections", (("state", "total"),)) in samples
     finally:
         await pool.close()
-        with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await query(
+            pg_server.conninfo("postgres"), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+        )
 
 
 async def test_api_command_serves_health_and_exits_0_on_sigterm(
@@ -241,7 +249,7 @@ async def test_a_port_in_use_is_one_clear_error() -> None:
 
 
 async def test_counts_above_the_cap_are_the_planners_estimate(database_url: str) -> None:
-    insert_job(database_url, "store-big", 3000)
+    await insert_job(database_url, "store-big", 3000)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE job_items SET run_after = now() + interval '1 hour' WHERE id % 3 = 0")
         conn.execute("ANALYZE job_items")
@@ -271,7 +279,7 @@ async def test_the_snapshot_is_shared_by_requests_and_refreshed_after_max_age(
             for _ in range(20):
                 tg.start_soon(snapshot.get)
         assert snapshot.readings == 1
-        insert_job(database_url, "store-S", 4)
+        await insert_job(database_url, "store-S", 4)
         now[0] = 0.9
         assert (await snapshot.get()).pending == 0
         now[0] = 1.0

@@ -22,18 +22,19 @@ from tests.support import (
     insert_job,
     make_settings,
     query,
+    query_blocking,
     run_listener,
     running_worker,
     spawn_worker,
     wait_until,
-    worker_is_ready,
+    workers_are_ready,
 )
 
 pytestmark = pytest.mark.anyio
 
 
 def job_row(conninfo: str, job_id: int) -> tuple[Any, ...]:
-    rows = query(
+    rows = query_blocking(
         conninfo,
         "SELECT status, started_at, completed_at, cancelled_at FROM jobs WHERE id = %s",
         (job_id,),
@@ -43,7 +44,7 @@ def job_row(conninfo: str, job_id: int) -> tuple[Any, ...]:
 
 def item_counts(conninfo: str, job_id: int) -> dict[str, int]:
     return dict(
-        query(
+        query_blocking(
             conninfo,
             "SELECT status, count(*) FROM job_items WHERE job_id = %s GROUP BY status",
             (job_id,),
@@ -89,9 +90,9 @@ async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url
             spawn_worker(database_url, stub.base_url, WORKER_CONCURRENCY="3") for _ in range(2)
         ]
         try:
-            await wait_until(lambda: all(worker_is_ready(database_url, p.pid) for p in procs))
-            doomed = insert_job(database_url, "store-doomed", 240)
-            other = insert_job(database_url, "store-other", 6)
+            await wait_until(lambda: workers_are_ready(database_url, procs))
+            doomed = await insert_job(database_url, "store-doomed", 240)
+            other = await insert_job(database_url, "store-other", 6)
             await wait_until(lambda: item_counts(database_url, doomed).get("COMPLETED", 0) >= 3)
             await wait_until(lambda: item_counts(database_url, doomed).get("PROCESSING", 0) >= 1)
             cancelled = await cli("cancel", str(doomed), conninfo=database_url)
@@ -112,14 +113,14 @@ async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url
     assert sum(counts.values()) == 240
     # None started after the cancel committed: every item done was claimed before it, kept its
     # result, and OpenAI saw exactly the items that completed (both jobs').
-    late: list[tuple[datetime, datetime]] = query(
+    late: list[tuple[datetime, datetime]] = await query(
         database_url,
         "SELECT claimed_at, %s::timestamptz FROM job_items WHERE job_id = %s"
         " AND status = 'COMPLETED' AND (claimed_at > %s OR result IS NULL)",
         (cancelled_at, doomed, cancelled_at),
     )
     assert late == []
-    assert query(
+    assert await query(
         database_url,
         "SELECT count(*) FROM job_items WHERE job_id = %s AND status = 'CANCELLED'"
         " AND claimed_at IS NOT NULL",
@@ -151,9 +152,9 @@ async def test_an_in_flight_item_that_fails_after_the_cancel_is_not_retried(
             stub.base_url, worker_concurrency=2, openai_timeout_seconds=1.5, max_attempts=5
         )
         async with running_worker(database_url, settings):
-            job_id = insert_job(database_url, "store-hang", 8)
+            job_id = await insert_job(database_url, "store-hang", 8)
             await wait_until(lambda: item_counts(database_url, job_id).get("PROCESSING") == 2)
-            answer = query(database_url, "SELECT listener_cancel_job(%s)", (job_id,))[0][0]
+            answer = (await query(database_url, "SELECT listener_cancel_job(%s)", (job_id,)))[0][0]
             assert answer["changed"] and answer["in_flight"] == 2 and answer["cancelled"] == 6
             await heard.wait_for(1)
     assert item_counts(database_url, job_id) == {"CANCELLED": 8}
@@ -173,9 +174,9 @@ async def test_cancel_and_retry_name_a_missing_job_in_one_line(database_url: str
 
 async def test_cancel_a_store_cancels_its_unfinished_jobs_only(database_url: str) -> None:
     async with subscribed(database_url) as heard:
-        first = insert_job(database_url, "store-gone", 3)
-        second = insert_job(database_url, "store-gone", 4)
-        kept = insert_job(database_url, "store-kept", 2)
+        first = await insert_job(database_url, "store-gone", 3)
+        second = await insert_job(database_url, "store-gone", 4)
+        kept = await insert_job(database_url, "store-kept", 2)
         result = await cli("cancel", "--store", "store-gone", conninfo=database_url)
         assert result.returncode == 0, result.stderr
         assert result.stdout == (
@@ -199,11 +200,11 @@ async def test_retry_after_failures_redoes_the_failed_items(database_url: str) -
         stub.state.config.fail_next_status.extend([400, 400])  # a 400 fails an item at once
         settings = make_settings(stub.base_url, worker_concurrency=1)
         async with running_worker(database_url, settings):
-            job_id = insert_job(database_url, "store-retry", 5)
+            job_id = await insert_job(database_url, "store-retry", 5)
             await heard.wait_for(1)
             assert heard.heard[0].payload["status"] == "COMPLETED_WITH_ERRORS"
             assert (heard.heard[0].payload["failed"], heard.heard[0].payload["completed"]) == (2, 3)
-            errors = query(
+            errors = await query(
                 database_url,
                 "SELECT id, error, attempts FROM job_items WHERE job_id = %s AND status = 'FAILED'",
                 (job_id,),
@@ -219,7 +220,7 @@ async def test_retry_after_failures_redoes_the_failed_items(database_url: str) -
     assert heard.heard[1].payload["completed"] == 5
     assert job_row(database_url, job_id)[0] == "COMPLETED"
     for item_id, error, attempts in errors:
-        ((status, now_attempts, history),) = query(
+        ((status, now_attempts, history),) = await query(
             database_url,
             "SELECT status, attempts, error_history FROM job_items WHERE id = %s",
             (item_id,),
@@ -232,9 +233,9 @@ async def test_retry_after_failures_redoes_the_failed_items(database_url: str) -
 
 
 async def test_retry_a_store_puts_back_every_failed_item(database_url: str) -> None:
-    first = insert_job(database_url, "store-r", 2)
-    second = insert_job(database_url, "store-r", 2)
-    query(
+    first = await insert_job(database_url, "store-r", 2)
+    second = await insert_job(database_url, "store-r", 2)
+    await query(
         database_url,
         "UPDATE job_items SET status = 'FAILED', error = 'boom', completed_at = now()"
         " WHERE job_id IN (%s, %s) AND product_id = 'p1' RETURNING id",
@@ -244,17 +245,17 @@ async def test_retry_a_store_puts_back_every_failed_item(database_url: str) -> N
     assert result.returncode == 0, result.stderr
     assert result.stdout == "store store-r: 2 FAILED item(s) of 2 job(s) back to PENDING\n"
     assert item_counts(database_url, first) == {"PENDING": 2}
-    assert query(database_url, "SELECT DISTINCT status FROM jobs") == [("PROCESSING",)]
+    assert await query(database_url, "SELECT DISTINCT status FROM jobs") == [("PROCESSING",)]
 
 
 async def test_a_subscriber_hears_each_job_once_after_its_rows(database_url: str) -> None:
     async with run_stub(StubConfig(latency=0.02)) as stub, subscribed(database_url) as heard:
         settings = make_settings(stub.base_url, worker_concurrency=4)
         async with running_worker(database_url, settings):
-            jobs = [insert_job(database_url, f"store-{n % 3}", 1 + n % 4) for n in range(12)]
+            jobs = [await insert_job(database_url, f"store-{n % 3}", 1 + n % 4) for n in range(12)]
             # One more, cancelled before any worker could take all of it.
-            jobs.append(insert_job(database_url, "store-x", 200))
-            query(database_url, "SELECT listener_cancel_job(%s)", (jobs[-1],))
+            jobs.append(await insert_job(database_url, "store-x", 200))
+            await query(database_url, "SELECT listener_cancel_job(%s)", (jobs[-1],))
             await heard.wait_for(len(jobs))
             await heard.flush(database_url)  # a duplicate would have come before this
     assert sorted(h.payload["job_id"] for h in heard.heard) == sorted(jobs)
@@ -275,7 +276,7 @@ async def test_a_subscriber_hears_each_job_once_after_its_rows(database_url: str
 
 
 async def test_the_async_calls_for_the_http_app(database_url: str) -> None:
-    job_id = insert_job(database_url, "store-async", 2)
+    job_id = await insert_job(database_url, "store-async", 2)
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         answer = await lifecycle.call_async(conn, "cancel_job", {"job_id": job_id})
         assert lifecycle.describe_cancel(answer) == (
@@ -286,15 +287,17 @@ async def test_the_async_calls_for_the_http_app(database_url: str) -> None:
 
 
 def wait_for_lock(conninfo: str, pid: int) -> bool:
-    rows = query(conninfo, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+    rows = query_blocking(
+        conninfo, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+    )
     return rows == [("Lock",)]
 
 
 async def test_a_stale_look_does_not_close_a_job_a_retry_reopened(database_url: str) -> None:
     # The last in-flight item has just finished (one FAILED, one COMPLETED) and its worker's
     # "is the job done?" starts while a retry of the job is committing: it must not close it.
-    job_id = insert_job(database_url, "store-race", 2)
-    query(
+    job_id = await insert_job(database_url, "store-race", 2)
+    await query(
         database_url,
         "UPDATE job_items SET status = CASE WHEN product_id = 'p1' THEN 'FAILED'"
         " ELSE 'COMPLETED' END, completed_at = now() WHERE job_id = %s RETURNING id",
@@ -318,9 +321,9 @@ async def test_a_stale_look_does_not_close_a_job_a_retry_reopened(database_url: 
 
 
 async def test_the_reapers_sweep_closes_a_job_left_open(database_url: str) -> None:
-    job_id = insert_job(database_url, "store-stranded", 2)
-    open_job = insert_job(database_url, "store-stranded", 2)
-    query(
+    job_id = await insert_job(database_url, "store-stranded", 2)
+    open_job = await insert_job(database_url, "store-stranded", 2)
+    await query(
         database_url,
         "UPDATE job_items SET status = 'COMPLETED', completed_at = now()"
         " WHERE job_id = %s RETURNING id",

@@ -15,7 +15,6 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
@@ -38,6 +37,9 @@ from listener.limiter.gcra import (
     token_interval,
 )
 from listener.settings import Settings
+from tests.support import (
+    query,
+)
 
 SECOND = 1_000_000
 
@@ -303,14 +305,13 @@ async def open_pool(url: str) -> AsyncIterator[AsyncConnectionPool]:
         await pool.close()
 
 
-def limiter_row(url: str) -> tuple[Any, ...]:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT (extract(epoch FROM request_tat) * 1e6)::bigint,"
-            " (extract(epoch FROM paused_until) * 1e6)::bigint, rate_limited_total"
-            " FROM rate_limiters WHERE name = 'openai'"
-        ).fetchone()
-    assert row is not None
+async def limiter_row(url: str) -> tuple[Any, ...]:
+    (row,) = await query(
+        url,
+        "SELECT (extract(epoch FROM request_tat) * 1e6)::bigint,"
+        " (extract(epoch FROM paused_until) * 1e6)::bigint, rate_limited_total"
+        " FROM rate_limiters WHERE name = 'openai'",
+    )
     return row
 
 
@@ -333,7 +334,7 @@ async def test_two_processes_share_one_schedule(database_url: str) -> None:
     slots = sorted(g.slot_us for grants in results.values() for g in grants)
     assert len(set(slots)) == 20
     assert_spaced(slots, 100_000)
-    assert limiter_row(database_url)[0] == slots[-1] + 100_000
+    assert (await limiter_row(database_url))[0] == slots[-1] + 100_000
 
 
 @pytest.mark.anyio
@@ -344,7 +345,7 @@ async def test_a_pause_reaches_the_other_process(database_url: str) -> None:
         first = await a.acquire(0)
         await a.pause(0.3, rate_limited=True)
         await a.pause(0.1, rate_limited=False)  # shorter: changes nothing but is recorded
-        _, paused_until, rate_limited_total = limiter_row(database_url)
+        _, paused_until, rate_limited_total = await limiter_row(database_url)
         assert paused_until >= first.slot_us + 300_000
         assert rate_limited_total == 1
         assert a.snapshot().rate_limited_total == 1
@@ -383,7 +384,7 @@ async def test_the_sql_does_the_core_arithmetic(database_url: str) -> None:
         # comparison and its slots must equal the core's to the microsecond. White-box: the
         # reservations are made without sleeping to them.
         await limiter.pause(300, rate_limited=False)
-        start = limiter_row(database_url)[1]
+        start = (await limiter_row(database_url))[1]
         state = GcraState(start, start, start)
         for _ in range(30):
             tokens = [rng.randint(0, 3_000) for _ in range(rng.randint(1, 5))]

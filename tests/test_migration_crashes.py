@@ -20,7 +20,7 @@ from listener.migrate import (
     scratch_database,
 )
 from tests.conftest import Server
-from tests.support import query
+from tests.support import query_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "migrate_then_die.py"
@@ -57,7 +57,9 @@ def test_up_killed_after_any_step_is_finished_by_the_next_up(
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     name, number = STEPS[kill_after - 1]
     migration = next(m for m in load_migrations() if m.name == name)
-    recorded = {row[0] for row in query(empty_database_url, "SELECT name FROM schema_migrations")}
+    recorded = {
+        row[0] for row in query_blocking(empty_database_url, "SELECT name FROM schema_migrations")
+    }
     # Killed before its commit, a transactional migration left nothing behind, not even its row.
     if migration.transactional and number is not None:
         assert name not in recorded
@@ -66,6 +68,8 @@ def test_up_killed_after_any_step_is_finished_by_the_next_up(
 
     MigrationRunner(empty_database_url, output=lambda _line: None).up()
 
-    names = [row[0] for row in query(empty_database_url, "SELECT name FROM schema_migrations")]
+    names = [
+        row[0] for row in query_blocking(empty_database_url, "SELECT name FROM schema_migrations")
+    ]
     assert sorted(names) == [m.name for m in load_migrations()]
     assert schema_diff(empty_database_url, schema_target) == "", (name, number)

@@ -14,7 +14,10 @@ import pytest
 from listener.errors import MigrationError
 from listener.migrate import MigrationRunner, check_migrations, diff_against_schema, load_migrations
 from listener.sqlfiles import queries
-from tests.support import query, run_listener
+from tests.support import (
+    query_blocking,
+    run_listener,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,9 +228,9 @@ def test_up_plan_prints_each_statement_and_its_locks_and_applies_nothing(
         .startswith("job_items: ShareUpdateExclusiveLock   claims and completions go on")
     )
     # Nothing was applied to the database itself.
-    applied = query(empty_database_url, "SELECT name FROM schema_migrations")
+    applied = query_blocking(empty_database_url, "SELECT name FROM schema_migrations")
     assert applied == [("1730000000000_baseline",)]
-    assert query(empty_database_url, "SELECT to_regclass('rate_limiters')") == [(None,)]
+    assert query_blocking(empty_database_url, "SELECT to_regclass('rate_limiters')") == [(None,)]
     status = run_listener("migrate", "status", "-v", DATABASE_URL=empty_database_url)
     assert "1730000013000_leases-retries-and-notify.sql [PENDING]" in status.stdout
     assert "job_items: AccessExclusiveLock" in status.stdout

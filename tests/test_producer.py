@@ -13,13 +13,17 @@ import pytest
 
 import listener
 from listener import InvalidJob, enqueue, enqueue_async
-from tests.support import ROOT, query, run_listener
+from tests.support import (
+    ROOT,
+    query_blocking,
+    run_listener,
+)
 
 pytestmark = pytest.mark.anyio
 
 
 def counts(conninfo: str) -> tuple[int, int]:
-    ((jobs, items),) = query(
+    ((jobs, items),) = query_blocking(
         conninfo, "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM job_items)"
     )
     return jobs, items
@@ -35,7 +39,7 @@ def test_a_10000_product_job_in_one_call_and_one_notification(database_url: str)
         notes = list(listen.notifies(timeout=1.0, stop_after=2))
     assert [n.payload for n in notes] == ["store-big"]  # one for the whole job
     assert counts(database_url) == (1, 10_000)
-    rows = query(
+    rows = query_blocking(
         database_url,
         "SELECT product_id, payload, instance_id, status FROM job_items WHERE job_id = %s"
         " ORDER BY id LIMIT 2",
@@ -51,7 +55,7 @@ def test_product_ids_come_from_id_or_product_id_or_the_position(database_url: st
     job_id = enqueue(
         database_url, "s", [{"id": 7, "name": "a"}, {"product_id": "x", "name": "b"}, {"name": "c"}]
     )
-    ids = query(
+    ids = query_blocking(
         database_url, "SELECT product_id FROM job_items WHERE job_id = %s ORDER BY id", (job_id,)
     )
     assert ids == [("7",), ("x",), ("product-3",)]
@@ -74,7 +78,7 @@ def test_the_job_joins_the_callers_transaction(database_url: str) -> None:
     assert counts(database_url) == (0, 0)
     with psycopg.connect(database_url) as conn:
         job_id = enqueue(conn, "store-tx", [{"name": "a"}])
-    assert query(database_url, "SELECT id FROM jobs") == [(job_id,)]
+    assert query_blocking(database_url, "SELECT id FROM jobs") == [(job_id,)]
 
 
 async def test_enqueue_async(database_url: str) -> None:
@@ -128,7 +132,7 @@ def test_bad_input_is_refused_before_anything_is_written(
 
 def test_a_literal_backslash_u0000_is_data_not_a_nul(database_url: str) -> None:
     enqueue(database_url, "s", [{"name": "C:\\u0000 is a path"}])
-    assert query(database_url, "SELECT payload->>'name' FROM job_items") == [
+    assert query_blocking(database_url, "SELECT payload->>'name' FROM job_items") == [
         ("C:\\u0000 is a path",)
     ]
 

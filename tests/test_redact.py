@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
 from listener import redact
-from listener.errors import ConfigurationError
+from listener.errors import ConfigurationError, ListenerError
 from listener.http.auth import presented_token, token_matches
 from listener.redact import (
     MASK,
@@ -18,14 +19,18 @@ from listener.redact import (
     Redactor,
     database_passwords,
     mask_database_url,
+    mask_url_credentials,
     secret_values,
     settings_lines,
+    url_credentials,
 )
 from listener.settings import check_host, load_settings
 
 DB_PASSWORD = "S3cretDbPass"
 KEY = "sk-live-Zq9xW3vK7mN2pL5r"
 TOKEN = "tok-Hb4Jd8Ls2Pq6Wv9Xy3Zk"
+PROXY_PASSWORD = "Pr0xyPa55w0rd"
+PG_ENV_PASSWORD = "EnvPgPa55"
 
 
 def test_the_redactor_masks_every_occurrence_longest_secret_first() -> None:
@@ -84,6 +89,65 @@ def test_database_passwords_as_parsed_and_as_written(url: str, expected: set[str
 )
 def test_mask_database_url_keeps_everything_but_the_password(url: str, masked: str) -> None:
     assert mask_database_url(url) == masked
+
+
+@pytest.mark.parametrize(
+    ("url", "credentials", "masked"),
+    [
+        (
+            f"https://gateway:{PROXY_PASSWORD}@proxy.example/v1",
+            {PROXY_PASSWORD},
+            f"https://gateway:{MASK}@proxy.example/v1",
+        ),
+        (
+            "https://p%40ss%3Aword@proxy/v1",
+            {"p%40ss%3Aword", "p@ss:word"},
+            f"https://{MASK}@proxy/v1",
+        ),
+        (
+            f"https://gw.example/openai/v1?api-key={KEY}&region=eu&access_token={TOKEN}",
+            {KEY, TOKEN},
+            f"https://gw.example/openai/v1?api-key={MASK}&region=eu&access_token={MASK}",
+        ),
+        ("http://127.0.0.1:8001/v1", set(), "http://127.0.0.1:8001/v1"),
+        ("https://api.openai.com/v1?region=eu", set(), "https://api.openai.com/v1?region=eu"),
+    ],
+)
+def test_credentials_inside_an_http_url_are_found_and_masked(
+    url: str, credentials: set[str], masked: str
+) -> None:
+    assert url_credentials(url) == credentials
+    assert mask_url_credentials(url) == masked
+
+
+def test_the_environment_s_pgpassword_and_the_base_url_s_credentials_are_secrets() -> None:
+    settings = load_settings(openai_base_url=f"https://gateway:{PROXY_PASSWORD}@proxy/v1")
+    environ = {"PGPASSWORD": PG_ENV_PASSWORD, "HOME": "/home/listener"}
+    assert {PROXY_PASSWORD, PG_ENV_PASSWORD} <= secret_values(settings, environ)
+    assert "/home/listener" not in secret_values(settings, environ)
+    assert PG_ENV_PASSWORD not in secret_values(settings)  # the environment only when given
+    lines = settings_lines(settings)
+    assert f"OPENAI_BASE_URL=https://gateway:{MASK}@proxy/v1" in lines
+    assert PROXY_PASSWORD not in "\n".join(lines)
+
+
+def test_the_cli_masks_pgpassword_and_the_base_url_s_credentials(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from listener import cli
+
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    monkeypatch.setattr(redact, "_active", Redactor())  # what `main` remembers is undone after
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setenv("PGPASSWORD", PG_ENV_PASSWORD)
+    monkeypatch.setenv("OPENAI_BASE_URL", f"https://gateway:{PROXY_PASSWORD}@proxy/v1")
+    assert cli.main(["settings"]) == 0
+    out = capsys.readouterr().out
+    assert f"OPENAI_BASE_URL=https://gateway:{MASK}@proxy/v1" in out.splitlines()
+    assert PROXY_PASSWORD not in out
+    # From now on every log line and error line of the process masks both.
+    cli._fail(ListenerError(f"auth failed for {PG_ENV_PASSWORD} via {PROXY_PASSWORD}"))
+    assert capsys.readouterr().err == f"listener: auth failed for {MASK} via {MASK}\n"
 
 
 def test_secret_values_and_settings_lines_hide_every_secret() -> None:

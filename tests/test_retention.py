@@ -17,7 +17,8 @@ from tests.subscriber import subscribed
 from tests.support import (
     communicate,
     insert_job,
-    query,
+    insert_job_blocking,
+    query_blocking,
     run_listener,
     spawn_worker,
     wait_until,
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.anyio
 
 def finish(conninfo: str, job_id: int, days_ago: float, status: str = "COMPLETED") -> None:
     """A job that ended `days_ago` days ago."""
-    query(
+    query_blocking(
         conninfo,
         "WITH items AS (UPDATE job_items SET status = %s,"
         "  completed_at = now() - make_interval(days => %s) WHERE job_id = %s RETURNING 1)"
@@ -47,7 +48,7 @@ def finish(conninfo: str, job_id: int, days_ago: float, status: str = "COMPLETED
 
 
 def remaining(conninfo: str) -> list[tuple[int, int]]:
-    return query(
+    return query_blocking(
         conninfo,
         "SELECT j.id, count(i.id) FROM jobs j LEFT JOIN job_items i ON i.job_id = j.id"
         " GROUP BY j.id ORDER BY j.id",
@@ -64,15 +65,15 @@ def test_ages() -> None:
 
 
 def test_prune_deletes_only_finished_jobs_past_the_cutoff(database_url: str) -> None:
-    old = insert_job(database_url, "s", 2500)  # more than one batch of items
-    old_failed = insert_job(database_url, "s", 3)
-    recent = insert_job(database_url, "s", 3)
-    running = insert_job(database_url, "s", 3)
+    old = insert_job_blocking(database_url, "s", 2500)  # more than one batch of items
+    old_failed = insert_job_blocking(database_url, "s", 3)
+    recent = insert_job_blocking(database_url, "s", 3)
+    running = insert_job_blocking(database_url, "s", 3)
     finish(database_url, old, days_ago=10)
     finish(database_url, old_failed, days_ago=30, status="COMPLETED_WITH_ERRORS")
     finish(database_url, recent, days_ago=2)
     # Unfinished, with items long done: its items stay until the job ends.
-    query(
+    query_blocking(
         database_url,
         "UPDATE job_items SET status = 'COMPLETED', completed_at = now() - interval '90 days'"
         " WHERE job_id = %s AND product_id <> 'p1' RETURNING id",
@@ -97,7 +98,7 @@ def test_prune_refuses_a_bad_age_in_one_line(database_url: str) -> None:
 
 
 async def test_one_process_prunes_at_a_time(database_url: str) -> None:
-    job = insert_job(database_url, "s", 2)
+    job = await insert_job(database_url, "s", 2)
     finish(database_url, job, days_ago=30)
     with psycopg.connect(database_url) as holder:
         holder.execute("SELECT pg_advisory_xact_lock(%s)", (retention.ADVISORY_LOCK_KEY,))
@@ -113,8 +114,8 @@ async def test_one_process_prunes_at_a_time(database_url: str) -> None:
 
 
 async def test_the_workers_retention_service_prunes_old_jobs(database_url: str) -> None:
-    old = insert_job(database_url, "s", 3)
-    kept = insert_job(database_url, "s", 3)
+    old = await insert_job(database_url, "s", 3)
+    kept = await insert_job(database_url, "s", 3)
     finish(database_url, old, days_ago=15)
     finish(database_url, kept, days_ago=13)
     async with (
@@ -135,7 +136,7 @@ async def test_prune_under_a_running_worker_loses_no_unfinished_item(database_ur
         proc = spawn_worker(database_url, stub.base_url, WORKER_CONCURRENCY="4")
         try:
             await wait_until(lambda: worker_is_ready(database_url, proc.pid))
-            jobs = [insert_job(database_url, f"store-{n % 5}", 8) for n in range(30)]
+            jobs = [await insert_job(database_url, f"store-{n % 5}", 8) for n in range(30)]
             pruned = retention.Pruned()
             async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
                 while len(heard.heard) < len(jobs):

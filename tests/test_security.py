@@ -24,7 +24,7 @@ from tests.support import (
     make_settings,
     run_listener,
     spawn_worker,
-    status_counts,
+    wait_for_counts,
     wait_until,
     worker_is_ready,
 )
@@ -34,6 +34,8 @@ pytestmark = pytest.mark.anyio
 DB_PASSWORD = "S3cretDbPass"
 KEY = "sk-live-Zq9xW3vK7mN2pL5r"
 TOKEN = "tok-Hb4Jd8Ls2Pq6Wv9Xy3Zk"
+PROXY_PASSWORD = "Pr0xyPa55w0rd"
+PG_ENV_PASSWORD = "EnvPgPa55"
 NO_ADDRESS = "http://127.0.0.1:9/v1"  # OpenAI never called: no item is enqueued
 
 needs_proc = pytest.mark.skipif(
@@ -213,17 +215,23 @@ async def test_no_secret_reaches_logs_http_errors_or_settings_output(
 ) -> None:
     port = free_tcp_port
     secret_url = _with_password(database_url, DB_PASSWORD)
-    secrets = {"DATABASE_URL": secret_url, "OPENAI_API_KEY": KEY, "API_TOKEN": TOKEN}
     seen: list[str] = []
     # The stub insists on the key: the worker really sends it, and still never prints it.
     async with run_stub(StubConfig(required_api_key=KEY)) as stub:
+        # libpq's own password variable too (trust authentication never asks for it).
+        secrets = {
+            "DATABASE_URL": secret_url,
+            "OPENAI_API_KEY": KEY,
+            "API_TOKEN": TOKEN,
+            "PGPASSWORD": PG_ENV_PASSWORD,
+        }
         worker = spawn_worker(
             secret_url, stub.base_url, **secrets, PORT=str(port), LOG_LEVEL="DEBUG"
         )
         try:
             await wait_until(lambda: worker_is_ready(database_url, worker.pid))
-            insert_job(database_url, "store-secrets", 3)
-            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 3})
+            await insert_job(database_url, "store-secrets", 3)
+            await wait_for_counts(database_url, lambda c: c == {"COMPLETED": 3})
             bearer = {"Authorization": f"Bearer {TOKEN}"}
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 for path in ("/health", "/metrics", "/api/rate-limiter/stats"):
@@ -260,5 +268,28 @@ async def test_no_secret_reaches_logs_http_errors_or_settings_output(
             seen += [failed.stdout, failed.stderr]
 
     everything = "\n".join(seen)
-    for secret in (DB_PASSWORD, KEY, TOKEN):
+    for secret in (DB_PASSWORD, KEY, TOKEN, PG_ENV_PASSWORD):
         assert secret not in everything
+
+
+async def test_a_gateway_s_credentials_in_openai_base_url_are_never_printed(
+    database_url: str,
+) -> None:
+    # An OpenAI-compatible gateway reached with credentials in its URL (httpx sends them as
+    # basic authentication): its request lines and `listener settings` show the URL, masked.
+    async with run_stub(StubConfig()) as stub:
+        proxied = stub.base_url.replace("://", f"://gateway:{PROXY_PASSWORD}@", 1)
+        worker = spawn_worker(database_url, proxied, LOG_LEVEL="DEBUG")
+        try:
+            await wait_until(lambda: worker_is_ready(database_url, worker.pid))
+            await insert_job(database_url, "store-gateway", 2)
+            await wait_for_counts(database_url, lambda c: c == {"COMPLETED": 2})
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            output = await communicate(worker, 30)
+    assert worker.returncode == 0, output
+    masked = proxied.replace(PROXY_PASSWORD, "***")
+    assert f"POST {masked}/chat/completions" in output  # it did print the URL
+    shown = run_listener("settings", OPENAI_BASE_URL=proxied)
+    assert f"OPENAI_BASE_URL={masked}" in shown.stdout.splitlines()
+    assert PROXY_PASSWORD not in output + shown.stdout + shown.stderr

@@ -14,8 +14,10 @@ BAD_VALUES = {
     "database_url": "postgresql://app:hunter2@db:port/app",
     "db_pool_max": "0",
     "db_pool_min": "-1",
+    "db_lock_timeout_seconds": "0",
+    "db_statement_timeout_seconds": "forever",
     "openai_api_key": " sk-with-a-space",
-    "openai_base_url": "api.openai.com/v1",
+    "openai_base_url": "gateway:hunter3@api.openai.com/v1",
     "openai_model": "",
     "openai_timeout_seconds": "0",
     "openai_max_tokens": "lots",
@@ -43,6 +45,7 @@ BAD_VALUES = {
 SECRETS = {
     "database_url": "hunter2",
     "openai_api_key": "sk-with-a-space",
+    "openai_base_url": "hunter3",
     "api_token": "tiny-T0ken",
 }
 
@@ -73,14 +76,69 @@ def test_a_bad_value_stops_the_program_with_one_line_naming_the_setting(
         assert SECRETS[name] not in err
 
 
-def test_pool_bounds_that_contradict_each_other(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+# Settings that are each valid alone and wrong together: every pair used to pass the start-up
+# check and fail later (a backoff with base > cap raised on the first retryable error).
+CONTRADICTIONS = {
+    "pool": (
+        {"DB_POOL_MIN": "8", "DB_POOL_MAX": "4"},
+        "DB_POOL_MIN (8) is larger than DB_POOL_MAX (4)",
+    ),
+    "retry": (
+        {"RETRY_BASE_SECONDS": "10", "RETRY_CAP_SECONDS": "5"},
+        "RETRY_BASE_SECONDS (10) is larger than RETRY_CAP_SECONDS (5)",
+    ),
+    "claim": (
+        {"MAX_PER_INSTANCE": "50", "CLAIM_BATCH_SIZE": "20"},
+        "MAX_PER_INSTANCE (50) is larger than CLAIM_BATCH_SIZE (20)",
+    ),
+    "timeouts": (
+        {"DB_LOCK_TIMEOUT_SECONDS": "60", "DB_STATEMENT_TIMEOUT_SECONDS": "10"},
+        "DB_LOCK_TIMEOUT_SECONDS (60) is larger than DB_STATEMENT_TIMEOUT_SECONDS (10)",
+    ),
+    "lease": (
+        {"LEASE_SECONDS": "6", "DB_LOCK_TIMEOUT_SECONDS": "5"},
+        "LEASE_SECONDS (6) is too short for DB_LOCK_TIMEOUT_SECONDS (5)",
+    ),
+    "tokens": (
+        {"OPENAI_MAX_TOKENS": "4000", "RATE_LIMIT_TPM": "1000"},
+        "OPENAI_MAX_TOKENS (4000) is larger than RATE_LIMIT_TPM (1000)",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["worker", "settings"])
+@pytest.mark.parametrize("case", sorted(CONTRADICTIONS))
+def test_settings_that_contradict_each_other_stop_the_program_naming_both(
+    case: str, command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("DB_POOL_MIN", "8")
-    monkeypatch.setenv("DB_POOL_MAX", "4")
-    assert main(["worker"]) == EXIT_CONFIG
-    err = capsys.readouterr().err
-    assert err == "listener: invalid settings: DB_POOL_MIN (8) is larger than DB_POOL_MAX (4)\n"
+    values, message = CONTRADICTIONS[case]
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert main([command]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"listener: invalid settings: {message}"), err
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"RETRY_BASE_SECONDS": "5", "RETRY_CAP_SECONDS": "5"},
+        {"MAX_PER_INSTANCE": "20", "CLAIM_BATCH_SIZE": "20"},
+        {"LEASE_SECONDS": "2", "DB_LOCK_TIMEOUT_SECONDS": "1"},
+        {"OPENAI_MAX_TOKENS": "4000", "RATE_LIMIT_TPM": "0"},
+    ],
+)
+def test_settings_at_the_edge_of_a_relation_are_accepted(
+    values: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert main(["settings"]) == 0
+    shown = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    for name, value in values.items():
+        assert float(shown[name]) == float(value)
 
 
 @pytest.mark.parametrize(
