@@ -142,6 +142,8 @@ class Dashboard:
         self.settings = settings
         self.sessions = Sessions(settings.api_token)
         self.snapshot = snapshot or SharedSnapshot(pool, settings)
+        # Live fragments served, against the snapshot's readings: the sharing, made visible.
+        self.live_served = 0
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -203,6 +205,7 @@ class Dashboard:
 
     async def live(self, request: Request) -> Response:
         snapshot = await self.snapshot.get()
+        self.live_served += 1
         return _compressed(request, _html("live.html", **self._context(request, snapshot)))
 
     # -- sign-in ----------------------------------------------------------------------------
