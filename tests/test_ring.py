@@ -10,7 +10,7 @@ from listener.ring import ReadyRing
 
 def _entries(ring: ReadyRing) -> int:
     # White-box: total deque entries, live ones plus tombstones.
-    return len(ring._fresh) + len(ring._round_robin)
+    return ring.entries()
 
 
 def _ring_with(*stores: str) -> ReadyRing:
@@ -205,7 +205,7 @@ def test_bounded_memory_notify_spam() -> None:
         ring.notify(stores[i % 10])
     assert len(ring) == 10
     assert _entries(ring) == 10
-    assert len(ring._served_this_turn) <= 10
+    assert len(ring._owed) <= 10
 
 
 def test_bounded_memory_drop_renotify_churn() -> None:
@@ -219,7 +219,7 @@ def test_bounded_memory_drop_renotify_churn() -> None:
         ring.notify(store)
         assert _entries(ring) <= 2 * len(ring) + 1
     assert len(ring._live) == 10
-    assert len(ring._served_this_turn) <= 10
+    assert len(ring._owed) <= 10
 
 
 def test_random_operations_keep_invariants() -> None:
