@@ -16,7 +16,7 @@ from typing import Any, Final, Literal
 import psycopg
 
 from listener.db import wrap
-from listener.errors import ListenerError
+from listener.errors import UsageError
 from listener.sqlfiles import queries
 
 CHANNEL = "stores_changed"
@@ -96,13 +96,33 @@ async def read_some(conn: psycopg.AsyncConnection[Any], stores: list[str]) -> li
 # -- the operator's side (`listener store …`) ----------------------------------------------
 
 
-class PolicyError(ListenerError):
-    """A value the stores table would refuse, named in one line."""
+def parse_int(field: str, text: str, low: int, high: int) -> int:
+    """An integer argument in [low, high], or one line naming the field: "1.5", "x", "1e9"."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"invalid {field} {text!r}: must be an integer from {low} to {high}"
+        ) from None
+    return check_range(field, value, low, high)
+
+
+def parse_cap(field: str, text: str, high: int) -> int | None:
+    """A cap argument: a positive integer, or "none" to remove the cap."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"invalid {field} {text!r}: must be an integer from 1 to {high}, or none"
+        ) from None
+    return check_range(field, value, 1, high)
 
 
 def check_range(field: str, value: int, low: int, high: int) -> int:
     if not low <= value <= high:
-        raise PolicyError(f"invalid {field} {value}: must be an integer from {low} to {high}")
+        raise UsageError(f"invalid {field} {value}: must be an integer from {low} to {high}")
     return value
 
 
