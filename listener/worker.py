@@ -122,6 +122,7 @@ class Worker:
             on_notify=self.dispatcher.notify,
             on_rebuild=self.dispatcher.rebuild,
             sweep_interval=settings.sweep_interval_seconds,
+            on_store_changed=self.dispatcher.store_changed,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -134,6 +135,7 @@ class Worker:
             await services.start(self.listener.run)
             services.start_soon(self.dispatcher.run_claimer)
             services.start_soon(self.dispatcher.run_wakeups)
+            services.start_soon(self.dispatcher.run_policy_reload)
             services.start_soon(self.dispatcher.run_claim_log)
             completer_done = anyio.Event()
             services.start_soon(self.completer.run, completer_done)

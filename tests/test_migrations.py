@@ -111,15 +111,18 @@ def test_down_one_reverts_only_the_last(database_url: str) -> None:
     runner = MigrationRunner(database_url, output=lambda _l: None)
     assert runner.down() == [load_migrations()[-1].name]
     diff = diff_against_schema(database_url)
-    assert "job_items_product_id_length" in diff
-    assert "idx_job_items_pending" not in diff
+    # Only the index by priority and due time is undone; the stores table stays.
+    assert "CREATE INDEX idx_job_items_pending" in diff
+    assert "priority DESC, run_after" in diff
+    assert "stores" not in diff
 
 
 def test_check_is_clean_and_sees_a_missing_migration(database_url: str) -> None:
     assert check_migrations(database_url) == ""
-    incomplete = check_migrations(database_url, migrations=load_migrations()[:-2])
+    incomplete = check_migrations(database_url, migrations=load_migrations()[:-3])
     assert "idx_job_items_pending" in incomplete
     assert "job_items_instance_id_valid" in incomplete
+    assert '"public"."stores"' in incomplete
 
 
 def test_failing_migration_rolls_back_and_names_file_and_statement(
@@ -197,3 +200,65 @@ def test_store_lookup_uses_the_pending_index_at_100k_rows(database_url: str) -> 
     text = json.dumps(plan[0])
     assert '"Index Name": "idx_job_items_pending"' in text
     assert "Seq Scan" not in text and '"Sort"' not in text
+
+
+def test_store_policy_migrations_keep_every_item_and_go_down_cleanly(
+    empty_database_url: str,
+) -> None:
+    migrations = load_migrations()
+    policy = [m.name for m in migrations].index("1730000016000_store-policy")
+    before = MigrationRunner(
+        empty_database_url, migrations=migrations[:policy], output=lambda _l: None
+    )
+    before.up()
+    with psycopg.connect(empty_database_url) as conn:
+        conn.execute(
+            "INSERT INTO jobs (instance_id) SELECT 'store-' || n FROM generate_series(1, 20) n"
+        )
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+            " SELECT j.id, j.instance_id, 'p' || n, '{}'::jsonb"
+            " FROM jobs j CROSS JOIN generate_series(1, 500) n"
+        )
+    runner = MigrationRunner(empty_database_url, output=lambda _l: None)
+    assert runner.up() == [m.name for m in migrations[policy:]]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        # Old rows read priority 0 from the catalog (no rewrite); the table's constraints hold.
+        assert conn.execute(
+            "SELECT count(*), min(priority), max(priority) FROM job_items"
+        ).fetchone() == (10_000, 0, 0)
+        validated = conn.execute(
+            "SELECT conname, convalidated FROM pg_constraint"
+            " WHERE conname IN ('jobs_priority_range', 'job_items_priority_range')"
+            " ORDER BY conname"
+        ).fetchall()
+        assert validated == [("job_items_priority_range", True), ("jobs_priority_range", True)]
+        # A producer that leaves the priority out gets its job's.
+        job = conn.execute(
+            "INSERT INTO jobs (instance_id, priority) VALUES ('x', 7) RETURNING id"
+        ).fetchone()
+        assert job is not None
+        conn.execute("INSERT INTO job_items (job_id, instance_id) VALUES (%s, 'x')", job)
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, priority) VALUES (%s, 'x', -2)", job
+        )
+        assert conn.execute(
+            "SELECT priority FROM job_items WHERE instance_id = 'x' ORDER BY id"
+        ).fetchall() == [(7,), (-2,)]
+        conn.execute("INSERT INTO stores (instance_id, weight) VALUES ('store-1', 4)")
+    assert len(runner.down(2)) == 2
+    with psycopg.connect(empty_database_url) as conn:
+        columns = conn.execute(
+            "SELECT table_name FROM information_schema.columns WHERE column_name = 'priority'"
+        ).fetchall()
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE tablename IN ('stores', 'store_throttles')"
+        ).fetchall()
+        assert conn.execute("SELECT count(*) FROM job_items").fetchone() == (10_002,)
+        index = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_job_items_pending'"
+        ).fetchone()
+    assert columns == [] and tables == []
+    assert index is not None and "(instance_id, id) WHERE" in index[0]
+    runner.up()
+    assert diff_against_schema(empty_database_url) == ""

@@ -1,12 +1,13 @@
 -- Jobs as a client submits them, and their progress.
 
 -- create_job --
-INSERT INTO jobs (instance_id) VALUES (%(instance_id)s) RETURNING id;
+INSERT INTO jobs (instance_id, priority) VALUES (%(instance_id)s, %(priority)s) RETURNING id;
 
 -- create_items --
--- One statement for the whole job: the trigger sends one notification for it.
-INSERT INTO job_items (job_id, instance_id, product_id, payload)
-SELECT %(job_id)s, %(instance_id)s,
+-- One statement for the whole job: the trigger sends one notification for it. The job's
+-- priority is given, so no item needs the trigger's lookup of its job.
+INSERT INTO job_items (job_id, instance_id, priority, product_id, payload)
+SELECT %(job_id)s, %(instance_id)s, %(priority)s,
        coalesce(product->>'id', product->>'product_id', 'product-' || position),
        product
 FROM jsonb_array_elements(%(products)s::jsonb) WITH ORDINALITY AS p(product, position);
