@@ -1,5 +1,5 @@
-"""Commands beyond `migrate` and `stub-openai`: worker, enqueue, status (`api` and `demo` are
-registered from `http/app.py` and `demo/run.py`)."""
+"""Commands beyond `migrate` and `stub-openai`: worker, enqueue, status, cancel, retry, prune
+(`api` and `demo` are registered from `http/app.py` and `demo/run.py`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import argparse
 import logging
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import psycopg
 from anyio.abc import TaskStatus
 
 from listener.database import resolve_database
@@ -101,6 +103,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
     from listener import jobs
     from listener.policy import PRIORITY_RANGE, parse_int
+    from listener.producer import enqueue
 
     priority = parse_int("priority", args.priority, *PRIORITY_RANGE)
     products = (
@@ -108,9 +111,66 @@ def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
         if args.file
         else jobs.sample_products(args.products, args.store)
     )
-    job_id = jobs.enqueue(resolve_database(settings), args.store, products, priority)
+    job_id = enqueue(resolve_database(settings), args.store, products, priority=priority)
     _say(str(job_id))
     return 0
+
+
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from listener import lifecycle
+
+    url = resolve_database(settings)
+    if args.store is not None:
+        answer = lifecycle.cancel_store(url, args.store)
+    else:
+        answer = lifecycle.cancel_job(url, args.job_id)
+    _say(lifecycle.describe_cancel(answer))
+    return 0
+
+
+def _retry(args: argparse.Namespace, settings: Settings) -> int:
+    from listener import lifecycle
+
+    url = resolve_database(settings)
+    if args.store is not None:
+        answer = lifecycle.retry_store(url, args.store)
+    else:
+        answer = lifecycle.retry_job(url, args.job_id)
+    _say(lifecycle.describe_retry(answer))
+    return 0
+
+
+def _prune(args: argparse.Namespace, settings: Settings) -> int:
+    from listener import retention
+
+    try:
+        older_than = retention.parse_age(args.age)
+    except ValueError as error:
+        raise ConfigurationError(f"invalid --older-than: {error}") from None
+    url = resolve_database(settings)
+
+    async def run() -> str:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            if args.dry_run:
+                jobs, items = await retention.preview(conn, older_than)
+                return (
+                    f"would delete {jobs} job(s) and {items} item(s) finished over {args.age} ago"
+                )
+            pruned = await retention.prune(lambda: nullcontext(conn), older_than)
+        if pruned.busy and not pruned.batches:
+            raise ListenerError("another process is pruning right now; try again later")
+        return (
+            f"deleted {pruned.jobs} job(s) and {pruned.items} item(s) finished over {args.age} ago"
+        )
+
+    _say(anyio.run(run))
+    return 0
+
+
+def _target(parser: argparse.ArgumentParser, what: str) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("job_id", nargs="?", type=int, help=f"the job to {what}")
+    target.add_argument("--store", help=f"{what} every job of this store (instance_id)")
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
@@ -124,7 +184,16 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     # store id is shown as it is instead of crashing the command (and control codes are dropped).
     url = resolve_database(settings)
     console = Console()
-    headers = ("job", "store", "status", "pending", "processing", "completed", "failed")
+    headers = (
+        "job",
+        "store",
+        "status",
+        "pending",
+        "processing",
+        "completed",
+        "failed",
+        "cancelled",
+    )
     table = Table(*headers, title="Jobs")
     if args.job_id is not None:
         row = jobs.job_progress(url, args.job_id)
@@ -248,6 +317,23 @@ def register(commands: Any) -> None:
     for action, text in (("pause", "start none of its items"), ("resume", "start them again")):
         actions.add_parser(action, help=text).add_argument("store")
     store.set_defaults(handler=_store)
+
+    cancel = commands.add_parser(
+        "cancel", help="cancel a job (or a store's jobs): pending items now, in-flight ones finish"
+    )
+    _target(cancel, "cancel")
+    cancel.set_defaults(handler=_cancel)
+
+    retry = commands.add_parser("retry", help="put a job's (or a store's) FAILED items back")
+    _target(retry, "retry")
+    retry.set_defaults(handler=_retry)
+
+    prune = commands.add_parser("prune", help="delete finished jobs and their items")
+    prune.add_argument(
+        "--older-than", dest="age", required=True, help="finished over this long ago: 7d, 12h, 30m"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    prune.set_defaults(handler=_prune)
 
     status = commands.add_parser("status", help="job progress and the backlog per store")
     status.add_argument("job_id", nargs="?", type=int)

@@ -148,17 +148,25 @@ async def finish(
         "worker_id": worker_id,
     }
     sql = queries("items")
+    requeued = [o.item_id for o in outcomes if o.status == "PENDING"]
     try:
         async with pool.connection() as conn:
-            cursor = await conn.execute(sql["finish_items"], params)
-            rows = await cursor.fetchall()
-            finished_jobs = sorted({int(job_id) for _id, job_id in rows})
-            if finished_jobs and any(o.status != "PENDING" for o in outcomes):
+            if requeued:
+                # Rare (retries, releases): lock the jobs, then write, in one transaction.
+                async with conn.transaction():
+                    await conn.execute(sql["lock_jobs_of_items"], {"ids": requeued})
+                    cursor = await conn.execute(sql["finish_items"], params)
+                    rows = await cursor.fetchall()
+            else:
+                cursor = await conn.execute(sql["finish_items"], params)
+                rows = await cursor.fetchall()
+            ended = sorted({int(job_id) for _id, job_id, status in rows if status != "PENDING"})
+            if ended:
                 # A separate statement, after the first has committed (autocommit).
-                await conn.execute(sql["finish_jobs"], {"job_ids": finished_jobs})
+                await conn.execute(sql["finish_jobs"], {"job_ids": ended})
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
-    return {int(item_id) for item_id, _job_id in rows}
+    return {int(item_id) for item_id, _job_id, _status in rows}
 
 
 async def extend_leases(
@@ -176,15 +184,21 @@ async def extend_leases(
 
 async def reap_expired(pool: AsyncConnectionPool, max_attempts: int) -> list[tuple[int, str, str]]:
     """Return (item id, store, new status) of every item whose lease had expired."""
+    sql = queries("items")
     try:
         async with pool.connection() as conn:
-            cursor = await conn.execute(
-                queries("items")["reap_expired"], {"max_attempts": max_attempts}
-            )
-            rows = await cursor.fetchall()
-            failed_jobs = sorted({int(r[1]) for r in rows if r[3] == "FAILED"})
-            if failed_jobs:
-                await conn.execute(queries("items")["finish_jobs"], {"job_ids": failed_jobs})
+            async with conn.transaction():
+                cursor = await conn.execute(sql["lock_jobs_of_expired"])
+                job_ids = [int(row[0]) for row in await cursor.fetchall()]
+                if not job_ids:
+                    return []
+                cursor = await conn.execute(
+                    sql["reap_expired"], {"max_attempts": max_attempts, "job_ids": job_ids}
+                )
+                rows = await cursor.fetchall()
+            ended = sorted({int(r[1]) for r in rows if r[3] != "PENDING"})
+            if ended:
+                await conn.execute(sql["finish_jobs"], {"job_ids": ended})
     except psycopg.Error as error:
         raise wrap(error, "reaping expired leases failed") from error
     return [(int(r[0]), str(r[2]), str(r[3])) for r in rows]

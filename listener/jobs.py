@@ -1,9 +1,9 @@
-"""Submitting jobs and reading their progress: what `enqueue` and `status` run."""
+"""Sample and file products for `enqueue`, and the progress `status` reads (creating a job is
+`listener.producer`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,6 @@ import psycopg
 
 from listener.db import wrap
 from listener.errors import ListenerError
-from listener.policy import PRIORITY_RANGE, check_range
 from listener.sqlfiles import queries
 
 CATEGORIES = ("Home", "Outdoor", "Kitchen", "Toys", "Fashion", "Garden")
@@ -40,37 +39,6 @@ def read_products(path: Path) -> list[Any]:
     if not isinstance(data, list):
         raise ListenerError(f"{path} must hold a JSON array of products")
     return data
-
-
-def enqueue(conninfo: str, store: str, products: Sequence[Any], priority: int = 0) -> int:
-    """Create a job and its items in one transaction; return the job id.
-
-    Items that are not objects are kept: the worker fails them with a clear reason.
-    `priority` (-100 to 100, higher first) orders the store's own items only.
-    """
-    if not store.strip():
-        raise ListenerError("a store id is required")
-    check_range("priority", priority, *PRIORITY_RANGE)
-    sql = queries("jobs")
-    try:
-        with psycopg.connect(conninfo) as conn, conn.transaction():
-            row = conn.execute(
-                sql["create_job"], {"instance_id": store, "priority": priority}
-            ).fetchone()
-            assert row is not None
-            job_id = int(row[0])
-            conn.execute(
-                sql["create_items"],
-                {
-                    "job_id": job_id,
-                    "instance_id": store,
-                    "priority": priority,
-                    "products": json.dumps(list(products)),
-                },
-            )
-    except psycopg.Error as error:
-        raise wrap(error, "enqueue failed") from error
-    return job_id
 
 
 def _fetch(conninfo: str, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:

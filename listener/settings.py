@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     pool_stats_interval_seconds: float = Field(default=60.0, gt=0)
+    # Finished jobs (and their items) older than this are deleted by the fleet; 0 keeps them.
+    # 450 items a minute is 650,000 rows a day.
+    retention_days: int = Field(default=14, ge=0, le=36_500)
 
     port: int | None = Field(default=None, ge=1, le=65535)
     # Loopback unless told otherwise: the stats and metrics are for the operator, and a

@@ -25,6 +25,7 @@ from anyio.abc import TaskStatus
 from psycopg_pool import AsyncConnectionPool
 
 from listener import items as items_db
+from listener import retention
 from listener.backoff import Backoff, retry_delay
 from listener.complete import Completer
 from listener.db import log_pool_stats, pool_stats, wrap
@@ -53,6 +54,10 @@ MAX_RATE_LIMITED_RETRIES = 10
 # seekers keep the budget busy; letting every idle worker reserve a slot would spend the budget
 # ahead on work that may not exist, and a store arriving next would queue behind those slots.
 SLOT_SEEKERS = 2
+# Retention runs every few minutes (a few thousand rows each time at 450 items a minute), the
+# first time soon after start; the advisory lock keeps it to one process of the fleet.
+RETENTION_INTERVAL = 300.0
+RETENTION_FIRST_DELAY = (5.0, 60.0)
 
 
 class ItemHandler(Protocol):
@@ -144,6 +149,15 @@ class Worker:
             services.start_soon(
                 log_pool_stats, self.pool, self.settings.pool_stats_interval_seconds
             )
+            if self.settings.retention_days:
+                services.start_soon(
+                    retention.run_retention,
+                    self.pool.connection,
+                    self.settings.retention_days,
+                    RETENTION_INTERVAL,
+                    # Processes of a fleet started together do not all try at once.
+                    self._rng.uniform(*RETENTION_FIRST_DELAY),
+                )
             pending = await items_db.count_pending(self.pool)
             logger.info("[Worker] ✅ Initialized with %d pending item(s)", pending)
             task_status.started()

@@ -204,5 +204,7 @@ def test_a_store_id_too_long_for_the_table_is_one_clear_line_from_enqueue(
     )
     assert enqueued.returncode == 1
     assert enqueued.stderr.count("\n") == 1, enqueued.stderr
-    assert 'violates check constraint "jobs_instance_id_valid"' in enqueued.stderr
+    assert enqueued.stderr == (
+        "listener: the store id is 300 bytes, over the limit of 255 (jobs_instance_id_valid)\n"
+    )
     assert query(database_url, "SELECT count(*) FROM jobs") == [(0,)]

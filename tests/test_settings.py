@@ -34,6 +34,7 @@ BAD_VALUES = {
     "sweep_interval_seconds": "0",
     "shutdown_grace_seconds": "-5",
     "pool_stats_interval_seconds": "never",
+    "retention_days": "-1",
     "port": "70000",
     "http_host": "",
     "api_token": "tiny-T0ken",
@@ -92,3 +93,19 @@ def test_pool_bounds_that_contradict_each_other(
 )
 def test_good_database_urls_are_accepted(url: str) -> None:
     assert Settings(database_url=url).database_url == url
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5"])
+def test_a_bad_retention_stops_the_program(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RETENTION_DAYS", value)
+    assert main(["worker"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith("listener: invalid setting RETENTION_DAYS: "), err
+    assert err.count("\n") == 1
+
+
+def test_retention_of_zero_keeps_everything() -> None:
+    assert Settings(retention_days=0).retention_days == 0
+    assert Settings().retention_days == 14

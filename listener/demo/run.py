@@ -44,6 +44,7 @@ from listener.demo.view import (
 from listener.errors import ListenerError
 from listener.generate import Generation, Generator
 from listener.items import ClaimedItem
+from listener.producer import enqueue
 from listener.settings import Settings
 from listener.sqlfiles import queries
 
@@ -71,7 +72,7 @@ class TimedGenerator(Generator):
 
 
 def _enqueue(conninfo: str, store: Store) -> tuple[int, float]:
-    job_id = jobs.enqueue(conninfo, store.name, jobs.sample_products(store.products, store.name))
+    job_id = enqueue(conninfo, store.name, jobs.sample_products(store.products, store.name))
     return job_id, time.monotonic()
 
 
@@ -114,7 +115,7 @@ class Demo:
     async def arrivals(self, conninfo: str) -> None:
         for store in self.stores:
             await anyio.sleep(max(0.0, store.arrives_after - self.elapsed()))
-            # jobs.enqueue is sync psycopg: a thread keeps the worker and the view running.
+            # enqueue is sync psycopg: a thread keeps the worker and the view running.
             store.job_id, store.committed = await anyio.to_thread.run_sync(
                 _enqueue, conninfo, store
             )

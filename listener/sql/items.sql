@@ -106,15 +106,37 @@ SELECT instance_id,
 FROM heads
 GROUP BY instance_id;
 
+-- lock_jobs_of_items --
+-- Before outcomes that return items to PENDING: the jobs' rows, in id order, so a cancel in
+-- progress is waited for and the next statement sees it (then those items end CANCELLED).
+SELECT id FROM jobs
+WHERE id IN (SELECT job_id FROM job_items WHERE id = ANY(%(ids)s::bigint[]))
+ORDER BY id
+FOR SHARE;
+
 -- finish_items --
 -- Write a batch of outcomes in one statement. An outcome only lands while this worker still
--- holds the item: one whose lease was reaped and re-claimed elsewhere is left alone.
-WITH finished AS (
+-- holds the item: one whose lease was reaped and re-claimed elsewhere is left alone. An item
+-- that would go back to PENDING in a cancelled job ends CANCELLED instead: nothing of a job
+-- starts after its cancel.
+WITH outcome AS (
+    SELECT o.*,
+        CASE WHEN o.status = 'PENDING' THEN EXISTS (
+            SELECT 1 FROM job_items i JOIN jobs c ON c.id = i.job_id
+            WHERE i.id = o.id AND c.status = 'CANCELLED'
+        ) ELSE false END AS cancelled
+    FROM unnest(
+        %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
+        %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
+    ) AS o(id, status, result, error, delay, refund, attempt)
+),
+finished AS (
 UPDATE job_items j
-SET status = outcome.status,
+SET status = CASE WHEN outcome.cancelled THEN 'CANCELLED' ELSE outcome.status END,
     result = coalesce(outcome.result, j.result),
     error = outcome.error,
-    completed_at = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE now() END,
+    completed_at = CASE WHEN outcome.status = 'PENDING' AND NOT outcome.cancelled
+        THEN NULL ELSE now() END,
     -- A retry waits out its backoff; a release (delay 0) keeps its place in its store's line.
     run_after = CASE WHEN outcome.status = 'PENDING' AND outcome.delay > 0
         THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
@@ -124,15 +146,12 @@ SET status = outcome.status,
     claimed_by = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE j.claimed_by END,
     lease_expires_at = NULL,
     updated_at = now()
-FROM unnest(
-    %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
-    %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
-) AS outcome(id, status, result, error, delay, refund, attempt)
+FROM outcome
 -- The claim's attempt number fences it too: a worker frozen past its lease (a stopped VM, a
 -- long GC) that wakes up after its item was reaped and claimed again cannot overwrite it.
 WHERE j.id = outcome.id AND j.status = 'PROCESSING' AND j.claimed_by = %(worker_id)s
   AND j.attempts = outcome.attempt
-RETURNING j.id, j.job_id, j.instance_id
+RETURNING j.id, j.job_id, j.instance_id, j.status
 ),
 room AS MATERIALIZED (
     -- A store held at its max_in_flight has room again: every process may look at it now.
@@ -145,46 +164,56 @@ room AS MATERIALIZED (
           WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND p.run_after <= now()
       )
 )
-SELECT id, job_id FROM finished
+SELECT id, job_id, status FROM finished
 WHERE (SELECT count(*) FROM room) >= 0;
 
 -- finish_jobs --
 -- Runs after finish_items has committed, so of two workers finishing a job's last items at
--- once, the later one always sees the other's commit.
-UPDATE jobs
-SET status = CASE WHEN EXISTS (
-        SELECT 1 FROM job_items f WHERE f.job_id = jobs.id AND f.status = 'FAILED'
-    ) THEN 'COMPLETED_WITH_ERRORS' ELSE 'COMPLETED' END,
-    completed_at = now(),
-    updated_at = now()
-WHERE id = ANY(%(job_ids)s::bigint[])
-  AND completed_at IS NULL
-  AND NOT EXISTS (
-      SELECT 1 FROM job_items open_item
-      WHERE open_item.job_id = jobs.id AND open_item.status IN ('PENDING', 'PROCESSING')
-  );
+-- once, the later one always sees the other's commit; the function locks the jobs first, so a
+-- cancel in progress is seen too.
+SELECT listener_finish_jobs(%(job_ids)s::bigint[]);
 
 -- extend_leases --
 UPDATE job_items
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING' AND claimed_by = %(worker_id)s;
 
+-- lock_jobs_of_expired --
+-- The reaper's first statement (see lock_jobs_of_items): the jobs of the items it may reap.
+SELECT id FROM jobs
+WHERE id IN (
+    SELECT job_id FROM job_items
+    WHERE status = 'PROCESSING' AND lease_expires_at < now()
+    ORDER BY id
+    LIMIT 1000
+)
+ORDER BY id
+FOR SHARE;
+
 -- reap_expired --
 -- Items whose worker stopped renewing their lease (killed, frozen, cut off): back to PENDING
--- (the UPDATE trigger notifies every listener), or FAILED once they have used every attempt.
+-- (the UPDATE trigger notifies every listener), or FAILED once they have used every attempt,
+-- or CANCELLED when their job was cancelled. Only items of the jobs locked just before.
 UPDATE job_items j
-SET status = CASE WHEN j.attempts >= %(max_attempts)s THEN 'FAILED' ELSE 'PENDING' END,
-    error = CASE WHEN j.attempts >= %(max_attempts)s
+SET status = CASE
+        WHEN c.status = 'CANCELLED' THEN 'CANCELLED'
+        WHEN j.attempts >= %(max_attempts)s THEN 'FAILED'
+        ELSE 'PENDING' END,
+    error = CASE WHEN j.attempts >= %(max_attempts)s AND c.status <> 'CANCELLED'
         THEN 'lease expired on each of ' || j.attempts || ' attempt(s): the item may crash its worker'
         ELSE j.error END,
-    completed_at = CASE WHEN j.attempts >= %(max_attempts)s THEN now() ELSE NULL END,
+    completed_at = CASE WHEN j.attempts >= %(max_attempts)s OR c.status = 'CANCELLED'
+        THEN now() ELSE NULL END,
     -- Back in its place in its store's line (run_after was due when it was claimed).
     claimed_by = NULL,
     lease_expires_at = NULL,
     updated_at = now()
-WHERE j.id IN (
+FROM jobs c
+WHERE c.id = j.job_id
+  AND j.id IN (
     SELECT id FROM job_items
     WHERE status = 'PROCESSING' AND lease_expires_at < now()
+      AND job_id = ANY(%(job_ids)s::bigint[])
     ORDER BY id
     LIMIT 1000
     FOR UPDATE SKIP LOCKED

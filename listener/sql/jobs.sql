@@ -3,21 +3,18 @@
 -- create_job --
 INSERT INTO jobs (instance_id, priority) VALUES (%(instance_id)s, %(priority)s) RETURNING id;
 
--- create_items --
--- One statement for the whole job: the trigger sends one notification for it. The job's
--- priority is given, so no item needs the trigger's lookup of its job.
-INSERT INTO job_items (job_id, instance_id, priority, product_id, payload)
-SELECT %(job_id)s, %(instance_id)s, %(priority)s,
-       coalesce(product->>'id', product->>'product_id', 'product-' || position),
-       product
-FROM jsonb_array_elements(%(products)s::jsonb) WITH ORDINALITY AS p(product, position);
+-- copy_items --
+-- Every item of the job in one COPY: one statement, so the trigger sends one notification.
+-- Each item takes its job's priority (job_items_fill_priority).
+COPY job_items (job_id, instance_id, product_id, payload) FROM STDIN;
 
 -- job_progress --
 SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
        count(i.id) FILTER (WHERE i.status = 'PENDING') AS pending,
        count(i.id) FILTER (WHERE i.status = 'PROCESSING') AS processing,
        count(i.id) FILTER (WHERE i.status = 'COMPLETED') AS completed,
-       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed
+       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed,
+       count(i.id) FILTER (WHERE i.status = 'CANCELLED') AS cancelled
 FROM jobs j LEFT JOIN job_items i ON i.job_id = j.id
 WHERE j.id = %(job_id)s
 GROUP BY j.id;
@@ -27,7 +24,8 @@ SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
        count(i.id) FILTER (WHERE i.status = 'PENDING') AS pending,
        count(i.id) FILTER (WHERE i.status = 'PROCESSING') AS processing,
        count(i.id) FILTER (WHERE i.status = 'COMPLETED') AS completed,
-       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed
+       count(i.id) FILTER (WHERE i.status = 'FAILED') AS failed,
+       count(i.id) FILTER (WHERE i.status = 'CANCELLED') AS cancelled
 FROM (SELECT * FROM jobs ORDER BY id DESC LIMIT %(limit)s) j
 LEFT JOIN job_items i ON i.job_id = j.id
 GROUP BY j.id, j.instance_id, j.status, j.created_at, j.completed_at

@@ -1,0 +1,229 @@
+"""The producer API: a Python app creates a job and its items with one call.
+
+    from listener import enqueue
+    job_id = enqueue(DATABASE_URL, "store-42", products, priority=10)
+
+One transaction: the job row, then every item in one COPY, so a 10,000-product job costs a few
+round trips, and the trigger sends the store's one notification at commit. Given an open
+connection in a transaction instead of a URL, the job joins that transaction (as a savepoint),
+so an app creates it together with its own rows, or not at all; on an idle connection it
+commits at once (psycopg's `transaction()` rule). Every rule the tables enforce is checked first and
+refused with `InvalidJob`, naming the first bad entry by its index, before anything is written.
+
+This module is what `import listener` loads: psycopg and nothing of the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from listener.errors import DatabaseError, ListenerError
+from listener.sqlfiles import queries
+
+# The tables' CHECKs (sql/schema.sql): keep them in step.
+MAX_STORE_BYTES = 255  # jobs_instance_id_valid, job_items_instance_id_valid
+MAX_PRODUCT_ID_BYTES = 1024  # job_items_product_id_length
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+
+# `\u0000` in JSON text that is not an escaped backslash followed by "u0000": jsonb refuses it.
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class InvalidJob(ListenerError):
+    """The job breaks a rule of the tables; nothing was written."""
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    store: str
+    priority: int
+    items: list[tuple[str, str]]  # (product id, payload as JSON text)
+
+
+def _has_control_character(text: str) -> bool:
+    return any(unicodedata.category(char) == "Cc" for char in text)
+
+
+def check_store(store: object) -> str:
+    if not isinstance(store, str):
+        raise InvalidJob(f"the store id must be a string, got {type(store).__name__}")
+    if not store.strip():
+        raise InvalidJob("the store id is empty or blank (jobs_instance_id_valid)")
+    size = len(store.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_STORE_BYTES:
+        raise InvalidJob(
+            f"the store id is {size} bytes, over the limit of {MAX_STORE_BYTES} "
+            "(jobs_instance_id_valid)"
+        )
+    if _has_control_character(store):
+        raise InvalidJob("the store id holds a control character (jobs_instance_id_valid)")
+    _check_text(store, "the store id")
+    return store
+
+
+def _check_text(text: str, what: str) -> None:
+    if "\x00" in text:
+        raise InvalidJob(f"{what} holds a NUL character, which PostgreSQL text cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidJob(f"{what} holds a lone surrogate, which is not valid UTF-8") from None
+
+
+def check_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidJob(f"priority must be an integer, got {type(priority).__name__}")
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidJob(f"priority {priority} is outside {MIN_PRIORITY}..{MAX_PRIORITY}")
+    return priority
+
+
+def _product_id(product: dict[str, Any], index: int) -> str:
+    value = product.get("id", product.get("product_id"))
+    if value is None:
+        return f"product-{index + 1}"
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidJob(
+            f"products[{index}]: the product id must be a string or an integer, "
+            f"got {type(value).__name__}"
+        )
+    text = str(value)
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_PRODUCT_ID_BYTES:
+        raise InvalidJob(
+            f"products[{index}]: the product id is {size} bytes, over the limit of "
+            f"{MAX_PRODUCT_ID_BYTES} (job_items_product_id_length)"
+        )
+    _check_text(text, f"products[{index}]: the product id")
+    return text
+
+
+def _payload(product: dict[str, Any], index: int) -> str:
+    try:
+        text = json.dumps(product, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as error:
+        raise InvalidJob(f"products[{index}] cannot be written as JSON: {error}") from None
+    if _JSON_NUL.search(text):
+        raise InvalidJob(f"products[{index}] holds a NUL character (\\u0000), which jsonb refuses")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidJob(
+            f"products[{index}] holds a lone surrogate, which is not valid UTF-8"
+        ) from None
+    return text
+
+
+def prepare(store: object, products: object, priority: object = 0) -> PreparedJob:
+    """Check a job as the tables would, without writing anything."""
+    checked_store = check_store(store)
+    checked_priority = check_priority(priority)
+    if isinstance(products, str | bytes | dict) or not isinstance(products, Sequence):
+        raise InvalidJob(f"products must be a list of JSON objects, got {type(products).__name__}")
+    if not products:
+        raise InvalidJob("products is empty: a job needs at least one product")
+    items = []
+    for index, product in enumerate(products):
+        if not isinstance(product, dict):
+            raise InvalidJob(
+                f"products[{index}] is {_kind(product)}, not a JSON object with the product's data"
+            )
+        items.append((_product_id(product, index), _payload(product, index)))
+    return PreparedJob(checked_store, checked_priority, items)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return f"a {type(value).__name__}"
+
+
+def _job_params(job: PreparedJob) -> dict[str, Any]:
+    return {"instance_id": job.store, "priority": job.priority}
+
+
+def _database_error(error: psycopg.Error) -> DatabaseError:
+    from listener.db import wrap  # the worker's module: loaded only when something failed
+
+    return wrap(error, "enqueue failed")
+
+
+def enqueue(
+    target: str | psycopg.Connection[Any],
+    store: str,
+    products: Sequence[dict[str, Any]],
+    *,
+    priority: int = 0,
+) -> int:
+    """Create a job with one item per product; return the job id.
+
+    `target` is a connection string, or an open connection whose transaction the job joins.
+    """
+    job = prepare(store, products, priority)
+    sql = queries("jobs")
+    try:
+        if isinstance(target, str):
+            with psycopg.connect(target) as conn:
+                return _write(conn, job, sql)
+        return _write(target, job, sql)
+    except psycopg.Error as error:
+        raise _database_error(error) from error
+
+
+def _write(conn: psycopg.Connection[Any], job: PreparedJob, sql: dict[str, str]) -> int:
+    with conn.transaction():
+        row = conn.execute(sql["create_job"], _job_params(job)).fetchone()
+        assert row is not None
+        job_id = int(row[0])
+        with conn.cursor().copy(sql["copy_items"]) as copy:
+            for product_id, payload in job.items:
+                copy.write_row((job_id, job.store, product_id, payload))
+    return job_id
+
+
+async def enqueue_async(
+    target: str | psycopg.AsyncConnection[Any],
+    store: str,
+    products: Sequence[dict[str, Any]],
+    *,
+    priority: int = 0,
+) -> int:
+    """`enqueue` for asyncio and trio apps (psycopg's async connection)."""
+    job = prepare(store, products, priority)
+    sql = queries("jobs")
+    try:
+        if isinstance(target, str):
+            async with await psycopg.AsyncConnection.connect(target) as conn:
+                return await _write_async(conn, job, sql)
+        return await _write_async(target, job, sql)
+    except psycopg.Error as error:
+        raise _database_error(error) from error
+
+
+async def _write_async(
+    conn: psycopg.AsyncConnection[Any], job: PreparedJob, sql: dict[str, str]
+) -> int:
+    async with conn.transaction():
+        cursor = await conn.execute(sql["create_job"], _job_params(job))
+        row = await cursor.fetchone()
+        assert row is not None
+        job_id = int(row[0])
+        async with conn.cursor().copy(sql["copy_items"]) as copy:
+            for product_id, payload in job.items:
+                await copy.write_row((job_id, job.store, product_id, payload))
+    return job_id

@@ -1,0 +1,270 @@
+"""The job lifecycle against real PostgreSQL, real worker processes and the real stub: status,
+cancel, retry and the `job_finished` notification."""
+
+from __future__ import annotations
+
+import signal
+from datetime import datetime
+from typing import Any
+
+import anyio
+import pytest
+
+from listener import enqueue
+from listener.stub.server import StubConfig, run_stub
+from tests.subscriber import subscribed
+from tests.support import (
+    communicate,
+    insert_job,
+    make_settings,
+    query,
+    run_listener,
+    running_worker,
+    spawn_worker,
+    wait_until,
+    worker_is_ready,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def job_row(conninfo: str, job_id: int) -> tuple[Any, ...]:
+    rows = query(
+        conninfo,
+        "SELECT status, started_at, completed_at, cancelled_at FROM jobs WHERE id = %s",
+        (job_id,),
+    )
+    return rows[0]
+
+
+def item_counts(conninfo: str, job_id: int) -> dict[str, int]:
+    return dict(
+        query(
+            conninfo,
+            "SELECT status, count(*) FROM job_items WHERE job_id = %s GROUP BY status",
+            (job_id,),
+        )
+    )
+
+
+async def cli(*args: str, conninfo: str) -> Any:
+    """`listener ARGS` in a thread: the stub serving the workers runs on this event loop."""
+    return await anyio.to_thread.run_sync(lambda: run_listener(*args, DATABASE_URL=conninfo))
+
+
+async def test_a_job_goes_pending_processing_completed(database_url: str) -> None:
+    products = [{"id": f"p{n}", "name": f"Product {n}"} for n in range(6)]
+    job_id = enqueue(database_url, "store-life", products)
+    assert job_row(database_url, job_id)[:3] == ("PENDING", None, None)
+    async with run_stub(StubConfig(latency=0.3)) as stub, subscribed(database_url) as heard:
+        settings = make_settings(stub.base_url, worker_concurrency=2)
+        async with running_worker(database_url, settings):
+            await wait_until(lambda: job_row(database_url, job_id)[0] != "PENDING")
+            status, started_at, completed_at, _ = job_row(database_url, job_id)
+            assert status == "PROCESSING" and started_at is not None and completed_at is None
+            await heard.wait_for(1)
+    status, started_at, completed_at, cancelled_at = job_row(database_url, job_id)
+    assert status == "COMPLETED" and cancelled_at is None
+    assert started_at <= completed_at
+    (finished,) = heard.for_job(job_id)
+    assert finished.payload == {
+        "job_id": job_id,
+        "instance_id": "store-life",
+        "status": "COMPLETED",
+        "completed": 6,
+        "failed": 0,
+        "cancelled": 0,
+    }
+
+
+async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url: str) -> None:
+    # Two worker processes, three items each in flight for 0.6 s; 60 items to go when the
+    # cancel commits. Another store's job runs on untouched.
+    async with run_stub(StubConfig(latency=0.6)) as stub, subscribed(database_url) as heard:
+        procs = [
+            spawn_worker(database_url, stub.base_url, WORKER_CONCURRENCY="3") for _ in range(2)
+        ]
+        try:
+            await wait_until(lambda: all(worker_is_ready(database_url, p.pid) for p in procs))
+            doomed = insert_job(database_url, "store-doomed", 60)
+            other = insert_job(database_url, "store-other", 6)
+            await wait_until(lambda: item_counts(database_url, doomed).get("COMPLETED", 0) >= 3)
+            await wait_until(lambda: item_counts(database_url, doomed).get("PROCESSING", 0) >= 1)
+            cancelled = await cli("cancel", str(doomed), conninfo=database_url)
+            assert cancelled.returncode == 0, cancelled.stderr
+            assert cancelled.stdout.startswith(f"job {doomed} cancelled: "), cancelled.stdout
+            assert "in flight will finish" in cancelled.stdout
+            await heard.wait_for(2)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            outputs = [await communicate(p, 30) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+
+    status, _started, completed_at, cancelled_at = job_row(database_url, doomed)
+    assert status == "CANCELLED" and completed_at >= cancelled_at
+    counts = item_counts(database_url, doomed)
+    assert set(counts) == {"COMPLETED", "CANCELLED"}, counts  # none lost, none pending
+    assert sum(counts.values()) == 60
+    # None started after the cancel committed: every item done was claimed before it, kept its
+    # result, and OpenAI saw exactly the items that completed (both jobs').
+    late: list[tuple[datetime, datetime]] = query(
+        database_url,
+        "SELECT claimed_at, %s::timestamptz FROM job_items WHERE job_id = %s"
+        " AND status = 'COMPLETED' AND (claimed_at > %s OR result IS NULL)",
+        (cancelled_at, doomed, cancelled_at),
+    )
+    assert late == []
+    assert query(
+        database_url,
+        "SELECT count(*) FROM job_items WHERE job_id = %s AND status = 'CANCELLED'"
+        " AND claimed_at IS NOT NULL",
+        (doomed,),
+    ) == [(0,)]
+    assert stub.state.requests_total == counts["COMPLETED"] + 6
+    assert item_counts(database_url, other) == {"COMPLETED": 6}
+    (finished,) = heard.for_job(doomed)
+    assert finished.payload["status"] == "CANCELLED"
+    assert finished.payload["completed"] == counts["COMPLETED"]
+    assert finished.payload["cancelled"] == counts["CANCELLED"]
+    assert (finished.job_status, finished.ended) == ("CANCELLED", True)
+    assert len(heard.for_job(other)) == 1
+
+    again = await cli("cancel", str(doomed), conninfo=database_url)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == f"job {doomed} had already ended (CANCELLED): nothing changed\n"
+    assert item_counts(database_url, doomed) == counts
+
+
+async def test_an_in_flight_item_that_fails_after_the_cancel_is_not_retried(
+    database_url: str,
+) -> None:
+    # Both first requests hang past the client's timeout: their retry would put them back to
+    # PENDING, but their job was cancelled meanwhile, so they end CANCELLED and never restart.
+    config = StubConfig(timeout_next=2, hang_seconds=30)
+    async with run_stub(config) as stub, subscribed(database_url) as heard:
+        settings = make_settings(
+            stub.base_url, worker_concurrency=2, openai_timeout_seconds=1.5, max_attempts=5
+        )
+        async with running_worker(database_url, settings):
+            job_id = insert_job(database_url, "store-hang", 8)
+            await wait_until(lambda: item_counts(database_url, job_id).get("PROCESSING") == 2)
+            answer = query(database_url, "SELECT listener_cancel_job(%s)", (job_id,))[0][0]
+            assert answer["changed"] and answer["in_flight"] == 2 and answer["cancelled"] == 6
+            await heard.wait_for(1)
+    assert item_counts(database_url, job_id) == {"CANCELLED": 8}
+    assert stub.state.requests_total == 2
+    assert heard.heard[0].payload["status"] == "CANCELLED"
+    assert heard.heard[0].payload["cancelled"] == 8
+
+
+async def test_cancel_and_retry_name_a_missing_job_in_one_line(database_url: str) -> None:
+    for command in ("cancel", "retry"):
+        result = await cli(command, "424242", conninfo=database_url)
+        assert result.returncode == 1
+        assert result.stderr == "listener: no job 424242\n"
+    usage = await cli("cancel", conninfo=database_url)
+    assert usage.returncode == 2
+
+
+async def test_cancel_a_store_cancels_its_unfinished_jobs_only(database_url: str) -> None:
+    async with subscribed(database_url) as heard:
+        first = insert_job(database_url, "store-gone", 3)
+        second = insert_job(database_url, "store-gone", 4)
+        kept = insert_job(database_url, "store-kept", 2)
+        result = await cli("cancel", "--store", "store-gone", conninfo=database_url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == (
+            "store store-gone: 2 job(s) cancelled, 7 pending item(s) cancelled, "
+            "0 in flight will finish\n"
+        )
+        await heard.wait_for(2)
+    assert {h.payload["job_id"] for h in heard.heard} == {first, second}
+    assert all(h.ended and h.job_status == "CANCELLED" for h in heard.heard)
+    assert job_row(database_url, kept)[0] == "PENDING"
+    assert item_counts(database_url, kept) == {"PENDING": 2}
+    again = await cli("cancel", "--store", "store-gone", conninfo=database_url)
+    assert again.stdout == "store store-gone: no unfinished job, nothing changed\n"
+    # A finished, cancelled job is not reopened by a retry.
+    retried = await cli("retry", str(first), conninfo=database_url)
+    assert retried.stdout == f"job {first} was cancelled: nothing retried\n"
+
+
+async def test_retry_after_failures_redoes_the_failed_items(database_url: str) -> None:
+    async with run_stub(StubConfig()) as stub, subscribed(database_url) as heard:
+        stub.state.config.fail_next_status.extend([400, 400])  # a 400 fails an item at once
+        settings = make_settings(stub.base_url, worker_concurrency=1)
+        async with running_worker(database_url, settings):
+            job_id = insert_job(database_url, "store-retry", 5)
+            await heard.wait_for(1)
+            assert heard.heard[0].payload["status"] == "COMPLETED_WITH_ERRORS"
+            assert (heard.heard[0].payload["failed"], heard.heard[0].payload["completed"]) == (2, 3)
+            errors = query(
+                database_url,
+                "SELECT id, error, attempts FROM job_items WHERE job_id = %s AND status = 'FAILED'",
+                (job_id,),
+            )
+            result = await cli("retry", str(job_id), conninfo=database_url)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == (
+                f"job {job_id}: 2 FAILED item(s) back to PENDING, the job is PROCESSING\n"
+            )
+            # Served again like any store with work: the retry's NOTIFY wakes the worker.
+            await heard.wait_for(2)
+    assert heard.heard[1].payload["status"] == "COMPLETED"
+    assert heard.heard[1].payload["completed"] == 5
+    assert job_row(database_url, job_id)[0] == "COMPLETED"
+    for item_id, error, attempts in errors:
+        ((status, now_attempts, history),) = query(
+            database_url,
+            "SELECT status, attempts, error_history FROM job_items WHERE id = %s",
+            (item_id,),
+        )
+        assert (status, now_attempts) == ("COMPLETED", 1)
+        assert len(history) == 1
+        assert history[0]["error"] == error and history[0]["attempts"] == attempts
+    nothing = await cli("retry", str(job_id), conninfo=database_url)
+    assert nothing.stdout == f"job {job_id} has no FAILED item (COMPLETED): nothing changed\n"
+
+
+async def test_retry_a_store_puts_back_every_failed_item(database_url: str) -> None:
+    first = insert_job(database_url, "store-r", 2)
+    second = insert_job(database_url, "store-r", 2)
+    query(
+        database_url,
+        "UPDATE job_items SET status = 'FAILED', error = 'boom', completed_at = now()"
+        " WHERE job_id IN (%s, %s) AND product_id = 'p1' RETURNING id",
+        (first, second),
+    )
+    result = await cli("retry", "--store", "store-r", conninfo=database_url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "store store-r: 2 FAILED item(s) of 2 job(s) back to PENDING\n"
+    assert item_counts(database_url, first) == {"PENDING": 2}
+    assert query(database_url, "SELECT DISTINCT status FROM jobs") == [("PROCESSING",)]
+
+
+async def test_a_subscriber_hears_each_job_once_after_its_rows(database_url: str) -> None:
+    async with run_stub(StubConfig(latency=0.02)) as stub, subscribed(database_url) as heard:
+        settings = make_settings(stub.base_url, worker_concurrency=4)
+        async with running_worker(database_url, settings):
+            jobs = [insert_job(database_url, f"store-{n % 3}", 1 + n % 4) for n in range(12)]
+            # One more, cancelled before any worker could take all of it.
+            jobs.append(insert_job(database_url, "store-x", 200))
+            query(database_url, "SELECT listener_cancel_job(%s)", (jobs[-1],))
+            await heard.wait_for(len(jobs))
+            await heard.flush(database_url)  # a duplicate would have come before this
+    assert sorted(h.payload["job_id"] for h in heard.heard) == sorted(jobs)
+    for h in heard.heard:
+        # The rows were there, final, and agreeing with the payload when it arrived.
+        assert h.ended and h.job_status == h.payload["status"]
+        expected = {
+            status: h.payload[key]
+            for status, key in (
+                ("COMPLETED", "completed"),
+                ("FAILED", "failed"),
+                ("CANCELLED", "cancelled"),
+            )
+            if h.payload[key]
+        }
+        assert h.counts == expected, h
+    assert heard.for_job(jobs[-1])[0].payload["status"] == "CANCELLED"
