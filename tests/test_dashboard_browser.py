@@ -3,6 +3,8 @@ against the real HTTP app, a real worker, the real PostgreSQL and the OpenAI stu
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -199,3 +201,91 @@ def backends_named(conninfo: str, name: str) -> bool:
         conninfo, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
     )
     return bool(rows[0][0])
+
+
+def started_items(conninfo: str, store: str) -> set[int]:
+    rows = query(
+        conninfo,
+        "SELECT id FROM job_items WHERE instance_id = %s AND status <> 'PENDING'",
+        (store,),
+    )
+    return {int(row[0]) for row in rows}
+
+
+def processing(conninfo: str, store: str) -> int:
+    rows = query(
+        conninfo,
+        "SELECT count(*) FROM job_items WHERE instance_id = %s AND status = 'PROCESSING'",
+        (store,),
+    )
+    return int(rows[0][0])
+
+
+async def test_the_pause_button_pauses_a_store(database_url: str, chromium_path: str) -> None:
+    async with run_stub(StubConfig(latency=0.3)) as stub:
+        settings = make_settings(
+            stub.base_url, api_token=TOKEN, worker_concurrency=2, lease_seconds=2
+        )
+        insert_job(database_url, "store-pause", 40)
+        async with (
+            running_worker(database_url, settings) as worker,
+            dashboard_server(worker.pool, settings, worker) as (base, _),
+            chromium(chromium_path) as browser,
+        ):
+            page = await browser.new_page()
+            page.on("dialog", lambda dialog: dialog.accept())  # the confirmation: yes
+            await sign_in(page, base)
+            row = page.locator("tr[data-store='store-pause']")
+            await row.get_by_role("button", name="Pause").click(timeout=WAIT_MS)
+            await expect(page.get_by_role("status")).to_have_text("store store-pause paused")
+            paused = query(
+                database_url, "SELECT paused FROM stores WHERE instance_id = 'store-pause'"
+            )
+            assert paused == [(True,)]
+            await expect(row.locator("td.why")).to_contain_text(
+                "paused: `listener store resume store-pause`", timeout=WAIT_MS
+            )
+            await expect(row.get_by_role("button", name="Resume")).to_be_visible()
+
+            # What was in flight at the pause finishes; after that nothing of it starts, while
+            # another store's job runs from start to end.
+            await wait_until(lambda: processing(database_url, "store-pause") == 0)
+            started = started_items(database_url, "store-pause")
+            assert len(started) < 40
+            other = insert_job(database_url, "store-other", 6)
+            await wait_until(
+                lambda: query(database_url, "SELECT status FROM jobs WHERE id = %s", (other,))
+                == [("COMPLETED",)]
+            )
+            assert started_items(database_url, "store-pause") == started
+
+
+async def test_why_waiting_for_a_capped_store(database_url: str, chromium_path: str) -> None:
+    async with run_stub(StubConfig(latency=2.0)) as stub:
+        settings = make_settings(stub.base_url, api_token=TOKEN, worker_concurrency=4)
+        query(
+            database_url,
+            "INSERT INTO stores (instance_id, max_in_flight) VALUES ('store-capped', 1)"
+            " RETURNING instance_id",
+        )
+        insert_job(database_url, "store-capped", 5)
+        async with (
+            running_worker(database_url, settings) as worker,
+            dashboard_server(worker.pool, settings, worker) as (base, _),
+            chromium(chromium_path) as browser,
+        ):
+            page = await browser.new_page()
+            await sign_in(page, base)
+            row = page.locator("tr[data-store='store-capped']")
+            await expect(row.locator("td.why")).to_contain_text(
+                "at its cap: 1 of at most 1 item(s) in flight", timeout=WAIT_MS
+            )
+            await expect(row).to_contain_text("≤1 in flight")
+            await expect(row.locator("td.why")).to_contain_text(
+                f"1 item(s) held by worker {worker_name()}"
+            )
+
+
+def worker_name() -> str:
+    """How the page names a worker of this process: its host and pid."""
+    return f"{socket.gethostname()} pid {os.getpid()}"

@@ -290,14 +290,18 @@ class Dashboard:
             async with self.pool.connection(timeout=DB_TIMEOUT_SECONDS) as conn:
                 cursor = await conn.execute(queries("dashboard")[block], {field: value})
                 row = await cursor.fetchone() if cursor.description else None
+        except psycopg.errors.NoDataFound:
+            return f"{what}: not {done}: there is no such job"
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as error:
             logger.warning("[Dashboard] %s: %s", block, one_line(error))
             return f"{what}: not {done}: the database lacks this feature (listener migrate up?)"
         except DB_ERRORS as error:
             logger.warning("[Dashboard] %s failed: %s", block, one_line(error))
             return redact(f"{what}: not {done}: {one_line(error)}")
-        if row is not None and row[0] is False:
-            return f"{what}: nothing to do (not found, or already {done})"
+        # The lifecycle's functions answer {"changed": false, ...} when there was nothing to do.
+        if row is not None and isinstance(row[0], dict) and row[0].get("changed") is False:
+            status = row[0].get("status", "")
+            return f"{what}: nothing to do (it is {status})" if status else f"{what}: unchanged"
         logger.info("[Dashboard] %s %s from the dashboard", what, done)
         self.snapshot.taken = float("-inf")  # the next page load shows the change
         return f"{what} {done}"

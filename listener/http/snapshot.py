@@ -78,6 +78,8 @@ class StoreRow:
     budget_share: float
     weight_share: float
     holds: list[Hold]
+    latest_job: int | None
+    start_latency: float | None
 
     def reasons(self, situation: Situation) -> list[str]:
         """Why its items wait; computed for the rows a page shows, not for every store."""
@@ -159,6 +161,8 @@ class Census:
     """The slow tier: every store with PENDING items."""
 
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    # store -> (its newest job, seconds its first item waited to start or None)
+    latest_jobs: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     taken: float = float("-inf")
     duration: float = 0.0
 
@@ -275,12 +279,21 @@ class SharedSnapshot:
         started = self.clock()
         row = await (await conn.execute(sql["features"])).fetchone()
         self.features = Features(*(bool(v) for v in row)) if row else Features()
+        latest: dict[str, tuple[int, float | None]] = {}
         async with conn.transaction():
             await conn.execute(sql["census_serial"])
             cursor = await conn.execute(sql["store_backlog"])
             rows = await cursor.fetchall()
+            if self.features.cancel:  # the job lifecycle's started_at is there
+                cursor = await conn.execute(
+                    sql["latest_jobs"], {"stores": [str(r[0]) for r in rows]}
+                )
+                latest = {
+                    str(r[0]): (int(r[1]), float(r[2]) if r[2] is not None else None)
+                    for r in await cursor.fetchall()
+                }
         done = self.clock()
-        self.census = Census(rows, done, done - started)
+        self.census = Census(rows, latest, done, done - started)
         self.census_runs += 1
 
     async def _policies(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, Policy]:
@@ -294,6 +307,7 @@ class SharedSnapshot:
                 rpm_limit=r[2],
                 max_in_flight=r[3],
                 paused=bool(r[4]),
+                rpm_next=r[5],
             )
             for r in await cursor.fetchall()
         }
@@ -360,6 +374,7 @@ class SharedSnapshot:
         for store in names:
             row = census.get(store)
             policy = policies.get(store, DEFAULT_POLICY)
+            latest = self.census.latest_jobs.get(store)
             backlog, ready = (_int(row[1]), _int(row[2])) if row else (0, 0)
             working = row is not None or store in in_flight_by_store
             stores.append(
@@ -377,6 +392,8 @@ class SharedSnapshot:
                     else 0.0,
                     weight_share=policy.weight / active_weight if working and active_weight else 0,
                     holds=holds_by_store.get(store, []),
+                    latest_job=latest[0] if latest else None,
+                    start_latency=latest[1] if latest else None,
                 )
             )
         stores.sort(key=lambda s: (-s.backlog, -s.in_flight, s.instance_id))

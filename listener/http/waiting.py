@@ -20,6 +20,8 @@ class Policy:
     rpm_limit: int | None = None
     max_in_flight: int | None = None
     paused: bool = False
+    # Its rpm_limit's next start (the GCRA time in `store_throttles`): later than now means over.
+    rpm_next: datetime | None = None
 
 
 DEFAULT_POLICY = Policy()
@@ -110,6 +112,15 @@ def waiting_reasons(
         reasons.append(
             f"at its cap: {in_flight} of at most {policy.max_in_flight} item(s) in flight; "
             "the next starts when one finishes"
+        )
+    if (
+        policy.rpm_limit is not None
+        and policy.rpm_next is not None
+        and policy.rpm_next > situation.now
+    ):
+        reasons.append(
+            f"over its cap of {policy.rpm_limit} item(s) a minute until "
+            + when(policy.rpm_next, situation.now)
         )
     if ready == 0 and backoff_until is not None:
         reasons.append(f"in backoff after a failed try until {when(backoff_until, situation.now)}")

@@ -44,13 +44,27 @@ ORDER BY j.id DESC;
 
 -- features --
 -- What this database offers the actions: the store policy's table, the job lifecycle's functions.
-SELECT to_regclass('stores') IS NOT NULL AS stores,
+SELECT to_regclass('store_throttles') IS NOT NULL AS stores,
     to_regprocedure('listener_cancel_job(bigint)') IS NOT NULL AS cancel,
     to_regprocedure('listener_retry_job(bigint)') IS NOT NULL AS retry;
 
 -- store_policies --
--- The store policy's rows (no row: the defaults); one per store that has one.
-SELECT instance_id, weight, rpm_limit, max_in_flight, paused FROM stores;
+-- The store policy's rows (no row: the defaults), and when an rpm_limit lets the next item go.
+SELECT s.instance_id, s.weight, s.rpm_limit, s.max_in_flight, s.paused, t.rpm_tat
+FROM stores s
+LEFT JOIN store_throttles t ON t.instance_id = s.instance_id;
+
+-- latest_jobs --
+-- Each store's newest job and how long its first item waited to start (the job lifecycle's
+-- started_at): one probe of the store's jobs per store with work.
+SELECT s.instance_id, j.id, extract(epoch FROM j.started_at - j.created_at)::float8
+FROM unnest(%(stores)s::text[]) AS s(instance_id)
+CROSS JOIN LATERAL (
+    SELECT id, created_at, started_at FROM jobs
+    WHERE jobs.instance_id = s.instance_id
+    ORDER BY id DESC
+    LIMIT 1
+) AS j;
 
 -- census_serial --
 -- The census runs on one core: a parallel plan would take the cores the worker runs on.
