@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import httpx
@@ -299,10 +300,11 @@ async def test_actions_need_the_csrf_token_and_confirm(database_url: str) -> Non
         )
         assert statuses == [("CANCELLED",)]
         again = await client.post("/dashboard/actions/cancel", data={**form, "csrf": csrf})
-        assert "nothing to do" in again.headers["location"]
+        said = unquote(again.headers["location"])
+        assert said == f"/?flash=job {job_id}: nothing to do (it is CANCELLED)"
         missing = {"job_id": "999999", "confirmed": "yes", "csrf": csrf}
         gone = await client.post("/dashboard/actions/cancel", data=missing)
-        assert "no%20such%20job" in gone.headers["location"]
+        assert unquote(gone.headers["location"]).endswith("not cancelled: there is no such job")
 
 
 @pytest.mark.anyio
@@ -322,3 +324,37 @@ async def test_pages_asking_at_once_share_one_reading(database_url: str) -> None
             for _ in range(50):
                 tg.start_soon(fetch)
         assert dashboard.snapshot.refreshes == before + 1
+
+
+@pytest.mark.anyio
+async def test_retry_pause_and_resume_act_on_the_database(database_url: str) -> None:
+    job_id = insert_job(database_url, "store-retry", 2)
+    query(
+        database_url,
+        "UPDATE job_items SET status = 'FAILED', error = 'boom', completed_at = now()"
+        " WHERE job_id = %s RETURNING id",
+        (job_id,),
+    )
+    query(database_url, "SELECT listener_finish_jobs(ARRAY[%s]::bigint[])", (job_id,))
+    async with client_of(database_url, api_token=TOKEN) as (client, _):
+        await client.post("/login", data={"token": TOKEN})
+        csrf = csrf_of((await client.get("/")).text)
+        assert f'data-confirm="Retry the 2 failed item(s) of job {job_id}?"' in (
+            await client.get("/dashboard/live")
+        ).text
+        retry = {"job_id": str(job_id), "confirmed": "yes", "csrf": csrf}
+        done = await client.post("/dashboard/actions/retry", data=retry)
+        assert unquote(done.headers["location"]) == f"/?flash=job {job_id} retried"
+        assert query(
+            database_url, "SELECT status, attempts FROM job_items WHERE job_id = %s", (job_id,)
+        ) == [("PENDING", 0), ("PENDING", 0)]
+
+        store = {"instance_id": "store-retry", "confirmed": "yes", "csrf": csrf}
+        await client.post("/dashboard/actions/pause", data=store)
+        rows = query(database_url, "SELECT paused FROM stores WHERE instance_id = 'store-retry'")
+        assert rows == [(True,)]
+        page = (await client.get("/dashboard/live")).text
+        assert "paused: `listener store resume store-retry`" in page
+        await client.post("/dashboard/actions/resume", data=store)
+        rows = query(database_url, "SELECT paused FROM stores WHERE instance_id = 'store-retry'")
+        assert rows == [(False,)]
