@@ -72,14 +72,8 @@ def _html(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     return HTMLResponse(body, status_code=status_code, headers=SECURITY_HEADERS)
 
 
-def _compressed(request: Request, response: HTMLResponse) -> Response:
-    """The live fragment gzipped when the browser takes it (every browser does): its table rows
-    repeat the same markup, so it shrinks about tenfold, and it goes out every second per page."""
-    if "gzip" not in request.headers.get("accept-encoding", "") or len(response.body) < 1024:
-        return response
-    body = gzip.compress(bytes(response.body), compresslevel=5)
-    headers = {**SECURITY_HEADERS, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
-    return Response(body, response.status_code, headers, media_type="text/html")
+# Views of one snapshot kept rendered; more distinct searches than this are rendered each time.
+MAX_FRAGMENTS = 64
 
 
 def _own_origin(request: Request) -> str:
@@ -144,6 +138,10 @@ class Dashboard:
         self.snapshot = snapshot or SharedSnapshot(pool, settings)
         # Live fragments served, against the snapshot's readings: the sharing, made visible.
         self.live_served = 0
+        # Rendered fragments of the current snapshot by view (search, page, sort), gzipped too:
+        # fifty pages on the same view cost one rendering, not fifty.
+        self.fragments: dict[tuple[str, int, str], tuple[bytes, bytes]] = {}
+        self.fragments_of = -1
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -206,7 +204,23 @@ class Dashboard:
     async def live(self, request: Request) -> Response:
         snapshot = await self.snapshot.get()
         self.live_served += 1
-        return _compressed(request, _html("live.html", **self._context(request, snapshot)))
+        if self.fragments_of != self.snapshot.generation:
+            self.fragments = {}
+            self.fragments_of = self.snapshot.generation
+        params = request.query_params
+        key = (params.get("q", ""), _int_param(params.get("page"), 1), params.get("sort", ""))
+        rendered = self.fragments.get(key)
+        if rendered is None:
+            # No CSRF token in the shared fragment: the page's script adds its own on submit.
+            context = {**self._context(request, snapshot), "csrf": ""}
+            body = _ENV.get_template("live.html").render(**context).encode()
+            rendered = (body, gzip.compress(body, compresslevel=5))
+            if len(self.fragments) < MAX_FRAGMENTS:
+                self.fragments[key] = rendered
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            headers = {**SECURITY_HEADERS, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+            return Response(rendered[1], 200, headers, media_type="text/html")
+        return Response(rendered[0], 200, SECURITY_HEADERS, media_type="text/html")
 
     # -- sign-in ----------------------------------------------------------------------------
 

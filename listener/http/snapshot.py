@@ -208,6 +208,8 @@ class SharedSnapshot:
         # What the page's 50-tabs test and the benchmark count: readings of the database.
         self.refreshes = 0
         self.census_runs = 0
+        # Bumped with each successful reading: what the pages' rendered fragments are keyed by.
+        self.generation = 0
 
     async def get(self) -> Snapshot | None:
         """The snapshot, read again first when it is older than the period; None only before
@@ -221,6 +223,7 @@ class SharedSnapshot:
             started = self.clock()
             try:
                 self.current = await self._read(started)
+                self.generation += 1
             except DB_ERRORS as error:
                 reason = redact(f"database unreachable: {one_line(error)}")
                 logger.warning("[Dashboard] %s", reason)

@@ -56,13 +56,15 @@ LEFT JOIN store_throttles t ON t.instance_id = s.instance_id;
 
 -- latest_jobs --
 -- Each store's newest job and how long its first item waited to start (the job lifecycle's
--- started_at): one probe of the store's jobs per store with work.
+-- started_at): the store's jobs through idx_jobs_instance_id, per store with work. `id + 0`
+-- keeps the planner off walking jobs_pkey backwards in search of each store's newest job
+-- (18 s at 10,000 stores and 100,000 jobs, against 0.2 s this way).
 SELECT s.instance_id, j.id, extract(epoch FROM j.started_at - j.created_at)::float8
 FROM unnest(%(stores)s::text[]) AS s(instance_id)
 CROSS JOIN LATERAL (
     SELECT id, created_at, started_at FROM jobs
     WHERE jobs.instance_id = s.instance_id
-    ORDER BY id DESC
+    ORDER BY id + 0 DESC
     LIMIT 1
 ) AS j;
 

@@ -45,6 +45,10 @@
     var question = form.getAttribute && form.getAttribute("data-confirm");
     if (!question) { return; }
     if (!window.confirm(question)) { event.preventDefault(); return; }
+    // The live fragment is shared by every page: the session's CSRF token comes from the page.
+    if (form.elements.csrf && !form.elements.csrf.value) {
+      form.elements.csrf.value = live.getAttribute("data-csrf") || "";
+    }
     var confirmed = document.createElement("input");
     confirmed.type = "hidden"; confirmed.name = "confirmed"; confirmed.value = "yes";
     form.appendChild(confirmed);
