@@ -58,7 +58,7 @@ def scene(url: str) -> None:
         conn.execute(
             "UPDATE job_items SET status = 'FAILED', completed_at = now(), attempts = 5,"
             " error = 'gave up after 5 attempt(s): OpenAI request timed out'"
-            " WHERE job_id = %s AND id % 3 = 0",
+            " WHERE job_id = %s AND id %% 3 = 0",
             (failed,),
         )
         conn.execute(
