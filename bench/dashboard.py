@@ -186,7 +186,6 @@ def run(quick: bool) -> dict[str, Any]:
             "store_backlog": _explain(url, "store_backlog", {}),
             "latest_jobs": _explain(url, "latest_jobs", {"stores": stores}),
         }
-        console.print(explained)
         measured = anyio.run(_measure, url, quick)
     return {
         "stores": STORES,

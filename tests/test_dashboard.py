@@ -19,9 +19,9 @@ from pydantic import SecretStr
 from listener.db import open_pool
 from listener.http import app as http
 from listener.http.dashboard import Dashboard
+from listener.http.figures import Census, Features, StoreRow, assemble
 from listener.http.serve import serving
 from listener.http.session import MAX_AGE_SECONDS, Sessions, same_origin
-from listener.http.snapshot import StoreRow
 from listener.http.view import PAGE_SIZE, chart_bars, progress_segments, store_page
 from listener.http.waiting import Hold, Policy, Situation, holds_in_words, waiting_reasons
 from listener.throughput import MINUTES, Throughput
@@ -361,3 +361,46 @@ async def test_retry_pause_and_resume_act_on_the_database(database_url: str) -> 
         await client.post("/dashboard/actions/resume", data=store)
         rows = query(database_url, "SELECT paused FROM stores WHERE instance_id = 'store-retry'")
         assert rows == [(False,)]
+
+
+def test_assemble_shares_weights_and_reasons_from_one_reading() -> None:
+    minute = int(NOW.timestamp() // 60)
+    stats = {
+        "inFlight": 1,
+        "pool": {"total": 2, "idle": 1, "waiting": 0, "max": 4},
+        "rpm": 450,
+        "finishedPerMinute": {str(minute): 30, str(minute - 2): 12, "junk": 1},
+        "finishedLastMinuteByStore": {"a": 30, "b": 10},
+    }
+    workers = [("w1", "host-a", 12, NOW, 0.4, True, stats)]
+    in_flight = [(1, 10, "a", "w1", NOW, NOW + timedelta(seconds=50))]
+    jobs = [(10, "a", "PROCESSING", NOW - timedelta(minutes=2), None, 3, 1, 4, 0, 0, None, 3)]
+    census = Census(
+        rows=[("a", 3, 3, None, 90.0), ("b", 5, 0, NOW + timedelta(minutes=1), 30.0)],
+        latest_jobs={"a": (10, 0.25)},
+    )
+    policies = {"b": Policy(weight=3), "c": Policy(paused=True)}
+    snapshot = assemble(
+        (NOW, 2, None), workers, in_flight, jobs, policies, census, Features(stores=True),
+        (0, 0), 0.004, 1.5,
+    )
+    by_id = {s.instance_id: s for s in snapshot.stores}
+    assert [s.instance_id for s in snapshot.stores] == ["b", "a", "c"]  # by backlog
+    assert (by_id["a"].in_flight, by_id["a"].last_minute, by_id["a"].start_latency) == (1, 30, 0.25)
+    assert by_id["a"].budget_share == 0.75 and by_id["b"].budget_share == 0.25
+    assert by_id["a"].weight_share == 0.25 and by_id["b"].weight_share == 0.75
+    assert by_id["c"].weight_share == 0  # paused, no work: a policy row shown, no share
+    assert by_id["b"].reasons(snapshot.situation) == [
+        "in backoff after a failed try until 00:31:00 UTC (in 1 min)"
+    ]
+    assert by_id["a"].reasons(snapshot.situation)[-1] == (
+        "1 item(s) held by worker host-a pid 12, lease ends 00:30:50 UTC (in 50 s)"
+    )
+    fleet = snapshot.fleet
+    assert fleet.per_minute[-1] == 30 and fleet.per_minute[-3] == 12 and sum(fleet.per_minute) == 42
+    assert (fleet.pending, fleet.ready, fleet.in_flight, fleet.stores_with_work) == (8, 3, 1, 2)
+    assert (fleet.rpm_limit, fleet.tpm_limit, fleet.rate_limited_total) == (450, 0, 2)
+    assert fleet.oldest_pending_age == 90.0
+    job = snapshot.jobs[0]
+    assert job.duration == 120 and job.total == 8
+    assert job.reasons[-1].startswith("1 item(s) held by worker host-a pid 12")

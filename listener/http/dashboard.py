@@ -24,9 +24,10 @@ from starlette.staticfiles import StaticFiles
 
 from listener.errors import one_line
 from listener.http.auth import session_cookie, token_matches
+from listener.http.figures import Snapshot
 from listener.http.fleet import DB_ERRORS, DB_TIMEOUT_SECONDS
 from listener.http.session import COOKIE, MAX_AGE_SECONDS, Sessions, same_origin
-from listener.http.snapshot import REFRESH_SECONDS, SharedSnapshot, Snapshot
+from listener.http.snapshot import REFRESH_SECONDS, SharedSnapshot
 from listener.http.view import age, chart_bars, percent, progress_segments, store_page
 from listener.redact import redact
 from listener.settings import Settings
@@ -159,7 +160,9 @@ class Dashboard:
     def _nonce(self, request: Request) -> str | None:
         return self.sessions.verify(session_cookie(request.scope))
 
-    def _context(self, request: Request, snapshot: Snapshot | None) -> dict[str, Any]:
+    def _context(
+        self, request: Request, snapshot: Snapshot | None, csrf: str = ""
+    ) -> dict[str, Any]:
         params = request.query_params
         page = None
         if snapshot is not None:
@@ -169,36 +172,32 @@ class Dashboard:
                 _int_param(params.get("page"), 1),
                 params.get("sort", "backlog"),
             )
-        nonce = self._nonce(request)
         return {
             "snapshot": snapshot,
             "stores": page,
             "chart": chart_bars(snapshot.fleet.per_minute, snapshot.now) if snapshot else None,
             "segments": progress_segments,
-            "csrf": self.sessions.csrf_token(nonce) if nonce else "",
+            "csrf": csrf,
             "signed_in": self.sessions.requires_sign_in,
             "refresh_ms": int(REFRESH_SECONDS * 1000),
         }
 
     async def page(self, request: Request) -> Response:
         snapshot = await self.snapshot.get()
+        nonce = self._nonce(request)
+        new_session = None
+        if nonce is None and not self.sessions.requires_sign_in:
+            # No API_TOKEN: hand out a session on the first visit, so actions carry a CSRF token.
+            new_session = self.sessions.issue()
+            nonce = self.sessions.verify(new_session)
+        csrf = self.sessions.csrf_token(nonce) if nonce else ""
         response = _html(
             "dashboard.html",
-            **self._context(request, snapshot),
+            **self._context(request, snapshot, csrf),
             flash=request.query_params.get("flash", ""),
         )
-        if self._nonce(request) is None and not self.sessions.requires_sign_in:
-            # No API_TOKEN: hand out a session on the first visit, so actions carry a CSRF token.
-            value = self.sessions.issue()
-            _set_session(response, request, value)
-            nonce = self.sessions.verify(value)
-            assert nonce is not None
-            response = _html(
-                "dashboard.html",
-                **{**self._context(request, snapshot), "csrf": self.sessions.csrf_token(nonce)},
-                flash=request.query_params.get("flash", ""),
-            )
-            _set_session(response, request, value)
+        if new_session is not None:
+            _set_session(response, request, new_session)
         return response
 
     async def live(self, request: Request) -> Response:
@@ -212,7 +211,7 @@ class Dashboard:
         rendered = self.fragments.get(key)
         if rendered is None:
             # No CSRF token in the shared fragment: the page's script adds its own on submit.
-            context = {**self._context(request, snapshot), "csrf": ""}
+            context = self._context(request, snapshot)
             body = _ENV.get_template("live.html").render(**context).encode()
             rendered = (body, gzip.compress(body, compresslevel=5))
             if len(self.fragments) < MAX_FRAGMENTS:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from listener.http.snapshot import StoreRow
+from listener.http.figures import StoreRow
 
 PAGE_SIZE = 50
 SORTS = {
