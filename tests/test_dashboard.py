@@ -5,6 +5,7 @@ throughput, sessions, paging), and the HTTP ones over real HTTP against the real
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,7 @@ from pydantic import SecretStr
 from listener.db import open_pool
 from listener.http import app as http
 from listener.http.dashboard import Dashboard
-from listener.http.figures import Census, Features, StoreRow, assemble
+from listener.http.figures import Census, Features, Stores, assemble
 from listener.http.serve import serving
 from listener.http.session import MAX_AGE_SECONDS, Sessions, same_origin
 from listener.http.view import PAGE_SIZE, chart_bars, progress_segments, store_page
@@ -164,19 +165,18 @@ def test_chart_and_progress_geometry() -> None:
     assert progress_segments({}) == []
 
 
-def _store(name: str, backlog: int) -> StoreRow:
-    return StoreRow(name, backlog, backlog, None, None, 0, 0, Policy(), 0, 0, [], None, None)
-
-
 def test_ten_thousand_stores_are_searched_sorted_and_paged() -> None:
-    stores = [_store(f"store-{n:05}", 10_000 - n) for n in range(10_000)]
+    census = Census(rows=[(f"store-{n:05}", 10_000 - n, 1, None, float(n)) for n in range(10_000)])
+    stores = Stores(census, census.order, Counter({"store-09999": 3}), Counter(), {}, {}, 10_000)
     first = store_page(stores, "", 1, "backlog")
     assert (first.matching, first.pages, len(first.rows)) == (10_000, 200, PAGE_SIZE)
-    assert first.rows[0].instance_id == "store-00000"
+    assert first.rows[0].instance_id == "store-00000" and first.rows[0].backlog == 10_000
     last = store_page(stores, "", 999, "backlog")  # past the end: the last page
     assert last.page == 200 and last.rows[-1].instance_id == "store-09999"
     found = store_page(stores, "STORE-0999", 1, "store")  # any case, a substring
     assert [s.instance_id for s in found.rows] == [f"store-0999{n}" for n in range(10)]
+    assert store_page(stores, "", 1, "in_flight").rows[0].instance_id == "store-09999"
+    assert store_page(stores, "", 1, "oldest").rows[0].oldest_age == 9999.0
     assert store_page(stores, "", 1, "nonsense").sort == "backlog"
 
 
@@ -384,8 +384,8 @@ def test_assemble_shares_weights_and_reasons_from_one_reading() -> None:
         (NOW, 2, None), workers, in_flight, jobs, policies, census, Features(stores=True),
         (0, 0), 0.004, 1.5,
     )
-    by_id = {s.instance_id: s for s in snapshot.stores}
-    assert [s.instance_id for s in snapshot.stores] == ["b", "a", "c"]  # by backlog
+    assert snapshot.stores.order == ["b", "a", "c"]  # by backlog, then a policy alone
+    by_id = {s: snapshot.stores.row(s) for s in snapshot.stores.order}
     assert (by_id["a"].in_flight, by_id["a"].last_minute, by_id["a"].start_latency) == (1, 30, 0.25)
     assert by_id["a"].budget_share == 0.75 and by_id["b"].budget_share == 0.25
     assert by_id["a"].weight_share == 0.25 and by_id["b"].weight_share == 0.75

@@ -7,6 +7,7 @@ Pure: rows in (the reading's and the census's), plain values out; `snapshot.py` 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -123,7 +124,7 @@ class Features:
 class Snapshot:
     now: datetime
     fleet: FleetRow
-    stores: list[StoreRow]
+    stores: Stores
     jobs: list[JobRow]
     workers: list[WorkerRow]
     timings: Timings
@@ -134,13 +135,78 @@ class Snapshot:
 
 @dataclass
 class Census:
-    """The slow tier: every store with PENDING items."""
+    """The slow tier: every store with PENDING items, and what follows from them alone (worked
+    out once per census, not at every refresh: 10,000 stores are a lot of Python a second)."""
 
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     # store -> (its newest job, seconds its first item waited to start or None)
     latest_jobs: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     taken: float = float("-inf")
     duration: float = 0.0
+
+    def __post_init__(self) -> None:
+        # (instance_id, backlog, ready, backoff_until, oldest_age) by store
+        self.of: dict[str, tuple[Any, ...]] = {str(r[0]): r for r in self.rows}
+        self.order = sorted(self.of, key=lambda store: (-_int(self.of[store][1]), store))
+        self.pending = sum(_int(r[1]) for r in self.rows)
+        self.ready = sum(_int(r[2]) for r in self.rows)
+        self.ready_stores = sum(1 for r in self.rows if _int(r[2]) > 0)
+        ages = [float(r[4]) for r in self.rows if r[4] is not None]
+        self.oldest_age = max(ages, default=None)
+
+
+@dataclass
+class Stores:
+    """Every store the page can list (with work, or with a policy of its own), as lookups; a
+    `StoreRow` is built only for the rows a page shows."""
+
+    census: Census
+    order: list[str]
+    in_flight: Counter[str]
+    last_minute: Counter[str]
+    policies: dict[str, Policy]
+    holds: dict[str, list[Hold]]
+    active_weight: int
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def backlog(self, store: str) -> int:
+        row = self.census.of.get(store)
+        return _int(row[1]) if row else 0
+
+    def sort_key(self, sort: str) -> Callable[[str], tuple[Any, ...]]:
+        if sort == "in_flight":
+            return lambda s: (-self.in_flight[s], -self.backlog(s), s)
+        if sort == "last_minute":
+            return lambda s: (-self.last_minute[s], -self.backlog(s), s)
+        if sort == "oldest":
+            return lambda s: (-float((self.census.of.get(s) or (0,) * 5)[4] or 0.0), s)
+        return lambda s: (s,)
+
+    def row(self, store: str) -> StoreRow:
+        row = self.census.of.get(store)
+        policy = self.policies.get(store, DEFAULT_POLICY)
+        latest = self.census.latest_jobs.get(store)
+        finished = sum(self.last_minute.values())
+        working = row is not None or store in self.in_flight
+        return StoreRow(
+            instance_id=store,
+            backlog=_int(row[1]) if row else 0,
+            ready=_int(row[2]) if row else 0,
+            backoff_until=row[3] if row else None,
+            oldest_age=float(row[4]) if row and row[4] is not None else None,
+            in_flight=self.in_flight[store],
+            last_minute=self.last_minute[store],
+            policy=policy,
+            budget_share=self.last_minute[store] / finished if finished else 0.0,
+            weight_share=(
+                policy.weight / self.active_weight if working and self.active_weight else 0.0
+            ),
+            holds=self.holds.get(store, []),
+            latest_job=latest[0] if latest else None,
+            start_latency=latest[1] if latest else None,
+        )
 
 
 def _int(value: Any) -> int:
@@ -206,57 +272,44 @@ def assemble(
         by_store = s.get("finishedLastMinuteByStore")
         if isinstance(by_store, dict):
             last_minute.update({str(k): _int(v) for k, v in by_store.items()})
-    backlog_of = {str(r[0]): r for r in census.rows}
-    ready_stores = sum(1 for r in census.rows if _int(r[2]) > 0)
     situation = Situation(
         now=now,
         live_workers=len(workers),
         budget_paused_until=paused_until,
-        ready_stores=ready_stores,
+        ready_stores=census.ready_stores,
         worker_names={w.worker_id: w.name for w in workers},
     )
-    names = set(backlog_of) | set(in_flight_by_store) | {
-        store for store, policy in policies.items() if policy != DEFAULT_POLICY
-    }
-    active_weight = sum(
-        policies.get(s, DEFAULT_POLICY).weight
-        for s in names
-        if s in backlog_of or s in in_flight_by_store
+    # Stores with items in flight but none pending, and stores with only a policy, after those
+    # with a backlog; a handful, unlike the census's thousands.
+    idle_in_flight = [s for s in in_flight_by_store if s not in census.of]
+    policy_only = [
+        s
+        for s, policy in policies.items()
+        if policy != DEFAULT_POLICY and s not in census.of and s not in in_flight_by_store
+    ]
+    extra = sorted(idle_in_flight, key=lambda s: (-in_flight_by_store[s], s)) + sorted(policy_only)
+    working = len(census.of) + len(idle_in_flight)
+    # Every working store weighs 1 unless its policy says more: only policy rows need a look.
+    active_weight = working + sum(
+        policy.weight - 1
+        for s, policy in policies.items()
+        if s in census.of or s in in_flight_by_store
     )
-    finished_last_minute = sum(last_minute.values())
     holds_by_store: dict[str, list[Hold]] = {}
     for hold in holds:
         holds_by_store.setdefault(hold.instance_id, []).append(hold)
-    stores = []
-    for store in names:
-        row = backlog_of.get(store)
-        policy = policies.get(store, DEFAULT_POLICY)
-        latest = census.latest_jobs.get(store)
-        backlog, ready = (_int(row[1]), _int(row[2])) if row else (0, 0)
-        working = row is not None or store in in_flight_by_store
-        stores.append(
-            StoreRow(
-                instance_id=store,
-                backlog=backlog,
-                ready=ready,
-                backoff_until=row[3] if row else None,
-                oldest_age=float(row[4]) if row and row[4] is not None else None,
-                in_flight=in_flight_by_store[store],
-                last_minute=last_minute[store],
-                policy=policy,
-                budget_share=last_minute[store] / finished_last_minute
-                if finished_last_minute
-                else 0.0,
-                weight_share=policy.weight / active_weight if working and active_weight else 0,
-                holds=holds_by_store.get(store, []),
-                latest_job=latest[0] if latest else None,
-                start_latency=latest[1] if latest else None,
-            )
-        )
-    stores.sort(key=lambda s: (-s.backlog, -s.in_flight, s.instance_id))
+    stores = Stores(
+        census=census,
+        order=census.order + extra,
+        in_flight=in_flight_by_store,
+        last_minute=last_minute,
+        policies=policies,
+        holds=holds_by_store,
+        active_weight=active_weight,
+    )
+    finished_last_minute = sum(last_minute.values())
     jobs = [job_row(row, situation, holds, policies) for row in job_rows]
     per_minute = _minutes(stats, now)
-    oldest = [s.oldest_age for s in stores if s.oldest_age is not None]
     fleet = FleetRow(
         items_last_minute=finished_last_minute,
         per_minute=per_minute,
@@ -272,11 +325,11 @@ def assemble(
         ),
         paused_until=paused_until,
         rate_limited_total=_int(limiter[1]),
-        pending=sum(s.backlog for s in stores),
-        ready=sum(s.ready for s in stores),
+        pending=census.pending,
+        ready=census.ready,
         in_flight=len(holds),
-        stores_with_work=sum(1 for s in stores if s.backlog or s.in_flight),
-        oldest_pending_age=max(oldest, default=None),
+        stores_with_work=working,
+        oldest_pending_age=census.oldest_age,
     )
     timings = Timings(
         live_ms=live_seconds * 1000,

@@ -10,16 +10,10 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from listener.http.figures import StoreRow
+from listener.http.figures import StoreRow, Stores
 
 PAGE_SIZE = 50
-SORTS = {
-    "backlog": lambda s: (-s.backlog, -s.in_flight, s.instance_id),
-    "in_flight": lambda s: (-s.in_flight, -s.backlog, s.instance_id),
-    "last_minute": lambda s: (-s.last_minute, -s.backlog, s.instance_id),
-    "oldest": lambda s: (-(s.oldest_age or 0.0), s.instance_id),
-    "store": lambda s: (s.instance_id,),
-}
+SORTS = ("backlog", "in_flight", "last_minute", "oldest", "store")
 STATUS_ORDER = ("COMPLETED", "FAILED", "CANCELLED", "PROCESSING", "PENDING")
 
 
@@ -33,17 +27,19 @@ class StorePage:
     query: str
 
 
-def store_page(stores: list[StoreRow], query: str, page: int, sort: str) -> StorePage:
-    """One page of the stores matching `query` (a substring of the store id, any case)."""
+def store_page(stores: Stores, query: str, page: int, sort: str) -> StorePage:
+    """One page of the stores matching `query` (a substring of the store id, any case); rows
+    are built for that page only."""
     sort = sort if sort in SORTS else "backlog"
     needle = query.strip().casefold()
-    matching = [s for s in stores if needle in s.instance_id.casefold()] if needle else stores
+    matching = [s for s in stores.order if needle in s.casefold()] if needle else stores.order
     if sort != "backlog":  # the snapshot keeps them by backlog already
-        matching = sorted(matching, key=SORTS[sort])
+        matching = sorted(matching, key=stores.sort_key(sort))
     pages = max(1, math.ceil(len(matching) / PAGE_SIZE))
     page = min(max(1, page), pages)
     start = (page - 1) * PAGE_SIZE
-    return StorePage(matching[start : start + PAGE_SIZE], len(matching), page, pages, sort, query)
+    rows = [stores.row(s) for s in matching[start : start + PAGE_SIZE]]
+    return StorePage(rows, len(matching), page, pages, sort, query)
 
 
 @dataclass(frozen=True)
