@@ -4,7 +4,8 @@ Every open page polls; each poll reads the snapshot held in memory, and only whe
 than the refresh period does one caller (behind a lock) read the database again while the others
 wait for that reading. The census (every store's backlog) walks the whole backlog, so it runs on
 a slower, adaptive period: at least the refresh period, and at least `CENSUS_DUTY` times its own
-duration (about 0.3 s at 1 M pending rows: every ~10 s there; at every refresh on a small queue).
+duration (0.5 to 3 s at 1 M pending rows on two cores, quiet to busy: every 15 to 60 s there;
+at every refresh on a small queue).
 """
 
 from __future__ import annotations
