@@ -108,6 +108,7 @@ class Dispatcher:
         self._earliest_wakeup: dict[str, float] = {}
         self._wakeup_changed = anyio.Event()
         self._single_claims: list[ClaimedItem] = []
+        self._claiming = anyio.Lock()
 
     # -- fed by the listener --------------------------------------------------------------
 
@@ -192,6 +193,13 @@ class Dispatcher:
             raise
         return waiter.item
 
+    async def quiesce(self) -> None:
+        """Stopped: wait for a claim still on its way, so that what it brings back reaches the
+        completer (released) before the completer closes."""
+        self.stop()
+        async with self._claiming:
+            pass
+
     def stop(self) -> None:
         self.stopping = True
         self._answer_all()
@@ -208,7 +216,8 @@ class Dispatcher:
                 if self.stopping or not len(self.ring):
                     self._answer_all()
                     break
-                await self._claim_once()
+                async with self._claiming:
+                    await self._claim_once()
 
     async def run_wakeups(self) -> None:
         while True:

@@ -149,6 +149,10 @@ class Worker:
                     for _ in range(self.settings.worker_concurrency):
                         workers.start_soon(self._work_loop)
             finally:
+                # A claim on its way when the workers stopped releases its items through the
+                # completer: let it land first (bounded: the database may be gone).
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self.dispatcher.quiesce()
                 # Every worker has stopped (or `run` itself is being cancelled): the shielded
                 # completer writes what they left, then ends, so the task group can exit.
                 self.completer.close(give_up_after=max(5.0, self.settings.shutdown_grace_seconds))

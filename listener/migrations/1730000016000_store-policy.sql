@@ -126,8 +126,9 @@ BEGIN
         IF granted > 0 THEN
             INSERT INTO store_throttles AS t (instance_id, rpm_tat) VALUES (store, tat)
             ON CONFLICT (instance_id) DO UPDATE SET rpm_tat = excluded.rpm_tat;
-        ELSE
-            retry_in := extract(epoch FROM tat - started);
+        END IF;
+        IF granted < room THEN
+            retry_in := greatest(0, extract(epoch FROM tat - started));
         END IF;
     END IF;
 END;

@@ -201,7 +201,8 @@ CREATE TRIGGER stores_notify_changed
 -- of lateness. Any rpm_limit + 1 consecutive starts then span at least 60 s (no sliding 60 s
 -- window ever holds more than rpm_limit), while a store served a little late (waiting for a
 -- budget slot) still gets rpm_limit x 60 / (60 + tolerance) a minute, not less each time.
--- retry_in: seconds until the rpm cap allows the next item (NULL: wait for a notification).
+-- retry_in: seconds until the rpm cap allows the next item, when it held some back (NULL: only
+-- a notification frees the store: resume, or room under max_in_flight).
 CREATE FUNCTION listener_claim_allowance(
     store text, wanted integer, OUT granted integer, OUT retry_in double precision
 )
@@ -246,8 +247,9 @@ BEGIN
         IF granted > 0 THEN
             INSERT INTO store_throttles AS t (instance_id, rpm_tat) VALUES (store, tat)
             ON CONFLICT (instance_id) DO UPDATE SET rpm_tat = excluded.rpm_tat;
-        ELSE
-            retry_in := extract(epoch FROM tat - started);
+        END IF;
+        IF granted < room THEN
+            retry_in := greatest(0, extract(epoch FROM tat - started));
         END IF;
     END IF;
 END;
