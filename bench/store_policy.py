@@ -86,19 +86,21 @@ def report(result: dict[str, Any]) -> str:
     parts = []
     if "claims" in result:
         b, p = result["claims"]["backoff"], result["claims"]["priorities"]
-        headers = ["case", "claim p50 ms", "claim p99 ms", "vs baseline"]
+        headers = ["case", "claim p50 ms", "claim p99 ms", "vs baseline", "buffers"]
         rows = [
             [
                 "no item in backoff",
                 _f(b["none_in_backoff"]["p50_ms"]),
                 _f(b["none_in_backoff"]["p99_ms"]),
                 "1",
+                str(b["none_in_backoff"]["buffers"]),
             ],
             [
                 "50 % of each store's items in backoff",
                 _f(b["half_in_backoff"]["p50_ms"]),
                 _f(b["half_in_backoff"]["p99_ms"]),
                 f"{b['ratio']:.2f}x",
+                str(b["half_in_backoff"]["buffers"]),
             ],
         ]
         rows += [
@@ -107,6 +109,7 @@ def report(result: dict[str, Any]) -> str:
                 _f(lvl["p50_ms"]),
                 _f(lvl["p99_ms"]),
                 f"{lvl['p50_ms'] / p['levels'][0]['p50_ms']:.2f}x",
+                str(lvl["buffers"]),
             ]
             for lvl in p["levels"]
         ]
