@@ -110,36 +110,37 @@ GROUP BY instance_id;
 -- Write a batch of outcomes in one statement. An outcome only lands while this worker still
 -- holds the item: one whose lease was reaped and re-claimed elsewhere is left alone.
 WITH finished AS (
-UPDATE job_items j
-SET status = outcome.status,
-    result = coalesce(outcome.result, j.result),
-    error = outcome.error,
-    completed_at = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE now() END,
-    -- A retry waits out its backoff; a release (delay 0) keeps its place in its store's line.
-    run_after = CASE WHEN outcome.status = 'PENDING' AND outcome.delay > 0
-        THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
-    -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
-    attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
-    -- A finished item keeps the name of the worker that did it, for the operator.
-    claimed_by = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE j.claimed_by END,
-    lease_expires_at = NULL,
-    updated_at = now()
-FROM unnest(
-    %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
-    %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
-) AS outcome(id, status, result, error, delay, refund, attempt)
--- The claim's attempt number fences it too: a worker frozen past its lease (a stopped VM, a
--- long GC) that wakes up after its item was reaped and claimed again cannot overwrite it.
-WHERE j.id = outcome.id AND j.status = 'PROCESSING' AND j.claimed_by = %(worker_id)s
-  AND j.attempts = outcome.attempt
-RETURNING j.id, j.job_id, j.instance_id
+    UPDATE job_items j
+    SET status = outcome.status,
+        result = coalesce(outcome.result, j.result),
+        error = outcome.error,
+        completed_at = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE now() END,
+        -- A retry waits out its backoff; a release (delay 0) keeps its place in its store's line.
+        run_after = CASE WHEN outcome.status = 'PENDING' AND outcome.delay > 0
+            THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
+        -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
+        attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+        -- A finished item keeps the name of the worker that did it, for the operator.
+        claimed_by = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE j.claimed_by END,
+        lease_expires_at = NULL,
+        updated_at = now()
+    FROM unnest(
+        %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
+        %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
+    ) AS outcome(id, status, result, error, delay, refund, attempt)
+    -- The claim's attempt number fences it too: a worker frozen past its lease (a stopped VM, a
+    -- long GC) that wakes up after its item was reaped and claimed again cannot overwrite it.
+    WHERE j.id = outcome.id AND j.status = 'PROCESSING' AND j.claimed_by = %(worker_id)s
+      AND j.attempts = outcome.attempt
+    RETURNING j.id, j.job_id, j.instance_id
 ),
 room AS MATERIALIZED (
     -- A store held at its max_in_flight has room again: every process may look at it now.
+    -- Driven from the batch's few stores (a primary-key probe each), not from `stores`.
     SELECT pg_notify('job_items_ready', s.instance_id)
-    FROM stores s
+    FROM (SELECT DISTINCT instance_id FROM finished) AS f
+    JOIN stores s ON s.instance_id = f.instance_id
     WHERE s.max_in_flight IS NOT NULL
-      AND s.instance_id IN (SELECT instance_id FROM finished)
       AND EXISTS (
           SELECT 1 FROM job_items p
           WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND p.run_after <= now()
