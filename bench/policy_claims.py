@@ -30,6 +30,7 @@ def _claim_p50(conn: psycopg.Connection[Any], stores: list[str], samples: int) -
             "worker_id": "bench-policy",
             "lease_seconds": 60,
             "max_payload_bytes": 65_536,
+            "announce": False,
         }
         with conn.transaction(force_rollback=True):
             started = time.perf_counter()

@@ -112,6 +112,7 @@ class Worker:
             max_payload_bytes=settings.max_payload_bytes,
             on_claimed=self._on_claimed,
             on_orphan=lambda item: self._emit(Outcome.release(item)),
+            announce_claims=bool(settings.rate_limit_rpm or settings.rate_limit_tpm),
         )
         self.listener = Listener(
             conninfo,
@@ -119,6 +120,7 @@ class Worker:
             on_rebuild=self.dispatcher.rebuild,
             sweep_interval=settings.sweep_interval_seconds,
             on_store_changed=self.dispatcher.store_changed,
+            on_served=self.dispatcher.served_elsewhere,
         )
 
     # -- lifecycle ------------------------------------------------------------------------

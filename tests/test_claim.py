@@ -49,6 +49,7 @@ def test_the_claim_reads_index_heads_only_at_100k_rows(
                 "worker_id": "w",
                 "lease_seconds": 60,
                 "max_payload_bytes": 65_536,
+                "announce": False,
             },
         )
     assert "Seq Scan" not in plan and "Bitmap" not in plan and '"Sort"' not in plan
@@ -76,6 +77,7 @@ def test_a_claim_takes_each_store_s_oldest_items_up_to_its_quota(database_url: s
             "worker_id": "w1",
             "lease_seconds": 60,
             "max_payload_bytes": 65_536,
+            "announce": False,
         }
         first = conn.execute(claim, params).fetchall()
         second = conn.execute(claim, {**params, "worker_id": "w2"}).fetchall()
@@ -108,6 +110,7 @@ def _claim_params(stores: list[str], limits: list[int], worker: str = "w") -> di
         "worker_id": worker,
         "lease_seconds": 60,
         "max_payload_bytes": 65_536,
+        "announce": False,
     }
 
 
@@ -280,3 +283,19 @@ def test_rpm_limit_spaces_a_store_s_items_and_says_when_the_next_is_allowed(
     assert [r for r in second if r[0] is not None] == []
     retry_in = _held_back(second)["store-1"]
     assert 0.9 < retry_in <= 60.5 / 60
+
+
+def test_a_claim_under_a_budget_tells_the_fleet_which_stores_it_served(
+    database_url: str,
+) -> None:
+    with (
+        psycopg.connect(database_url, autocommit=True) as listener,
+        psycopg.connect(database_url, autocommit=True) as conn,
+    ):
+        _load(conn, stores=2, per_store=3)
+        listener.execute("LISTEN stores_served")
+        params = _claim_params(["store-1", "store-2"], [2, 1], "w1")
+        conn.execute(queries("items")["claim"], params).fetchall()  # without: silent
+        conn.execute(queries("items")["claim"], {**params, "announce": True}).fetchall()
+        heard = sorted(n.payload for n in listener.notifies(timeout=0.5))
+    assert heard == ["w1\x1fstore-1\x1f1", "w1\x1fstore-2\x1f1"]

@@ -50,10 +50,21 @@ claimed AS (
             THEN j.payload::text END AS payload_text,
         octet_length(j.payload::text) AS payload_bytes,
         j.attempts
+),
+announced AS MATERIALIZED (
+    -- Under a budget (claims of an item or two), the fleet's other processes move the stores
+    -- served here on in their own rings: their turns stay in step, one round for the fleet.
+    SELECT pg_notify(
+        'stores_served', concat_ws(E'\x1f', %(worker_id)s, instance_id, count(*)::text)
+    )
+    FROM claimed
+    WHERE %(announce)s
+    GROUP BY instance_id
 )
 SELECT id, job_id, instance_id, product_id, payload_text, payload_bytes, attempts,
     NULL::float8 AS retry_in
 FROM claimed
+WHERE (SELECT count(*) FROM announced) >= 0
 UNION ALL
 -- One row per store its policy held back (paused, at max_in_flight, over rpm_limit): the
 -- claimer takes it out of the ring until it is due (retry_in seconds) or notified.
