@@ -325,6 +325,9 @@ class Dispatcher:
                 self.wake_later(held.instance_id, held.retry_in)
         got = Counter(item.instance_id for item in items)
         for store, quota in zip(stores, quotas, strict=True):
+            if got[store] == 0:
+                # A turn that brought nothing is not service: weights count items started.
+                self.ring.refund(store)
             if got[store] < quota:
                 self.ring.drop(store)
         self.claims += 1

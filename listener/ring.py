@@ -171,6 +171,21 @@ class ReadyRing:
         elif store in self._owed:
             self._owed[store] += step
 
+    def refund(self, store: str) -> None:
+        """The store's last turn brought nothing (its claim was refused: paused, at a cap, or
+        its items went to another process): give the turn back, so that refusals never count
+        as service and the store is not pushed behind the others for them."""
+        step = self._stride(store)
+        if store in self._passes:
+            pass_ = self._passes[store] - step
+            self._schedule(store, max(pass_, self._vtime))
+            if self._tombstones() > len(self._live):
+                self._compact()
+        elif store in self._owed:
+            self._owed[store] -= step
+            if self._owed[store] <= self._vtime:
+                del self._owed[store]
+
     # -- inspection --------------------------------------------------------------
 
     def __len__(self) -> int:

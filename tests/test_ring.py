@@ -410,3 +410,17 @@ def test_advance_of_an_unknown_store_is_ignored_and_memory_stays_bounded() -> No
         ring.advance("a")
     assert ring.snapshot() == ["b", "a"]
     assert _entries(ring) <= 2 * len(ring) + 1
+
+
+def test_a_refused_turn_is_given_back() -> None:
+    weights = {"capped": 4, "a": 1, "b": 1}
+    ring = _weighted(weights)
+    taken = [store for _ in range(12) for store in ring.take(1)]
+    assert Counter(taken) == {"capped": 8, "a": 2, "b": 2}
+    # Its next turn is refused (over its cap): refunded and dropped, then back when due.
+    assert ring.take(1) == ["capped"]
+    ring.refund("capped")
+    ring.drop("capped")
+    ring.notify("capped")
+    counts = Counter(store for _ in range(12) for store in ring.take(1))
+    assert counts == {"capped": 8, "a": 2, "b": 2}  # not pushed behind for the refusal
