@@ -1,4 +1,4 @@
-"""7. The dashboard's cost: database and server time per refresh, bytes per refresh, and what
+"""The dashboard's cost: database and server time per refresh, bytes per refresh, and what
 fifty open pages cost, at 10,000 stores with 1,000,000 PENDING items (--quick: 100,000).
 
 Every query behind the shared snapshot is timed with EXPLAIN (ANALYZE, BUFFERS); a refresh is

@@ -80,6 +80,7 @@ class Dispatcher:
         on_claimed: Callable[[list[ClaimedItem]], None],
         on_orphan: Callable[[ClaimedItem], None],
         clock: Callable[[], float] = anyio.current_time,
+        announce_claims: bool = False,
     ) -> None:
         self.pool = pool
         self.worker_id = worker_id
@@ -90,6 +91,9 @@ class Dispatcher:
         self.on_claimed = on_claimed
         self.on_orphan = on_orphan
         self.clock = clock
+        # Under a budget every claim tells the fleet which stores it served (`stores_served`),
+        # so every process's ring goes round in step with the others'.
+        self.announce_claims = announce_claims
         self.policies = StorePolicies()
         self.ring = ReadyRing(weight_of=self.policies.weight)
         # Stores their rpm_limit holds back, and until when (this process's clock): their
@@ -108,6 +112,7 @@ class Dispatcher:
         self._earliest_wakeup: dict[str, float] = {}
         self._wakeup_changed = anyio.Event()
         self._single_claims: list[ClaimedItem] = []
+        self._claiming = anyio.Lock()
 
     # -- fed by the listener --------------------------------------------------------------
 
@@ -136,6 +141,13 @@ class Dispatcher:
         self.ring.replace_all(due)
         if len(self.ring):
             self._work.set()
+
+    def served_elsewhere(self, payload: str) -> None:
+        """`stores_served` from a claim: another process served the store; ours are ignored."""
+        parts = payload.split("\x1f")
+        if len(parts) != 3 or parts[0] == self.worker_id or not parts[2].isdigit():
+            return
+        self.ring.advance(parts[1], int(parts[2]))
 
     def store_changed(self, store: str) -> None:
         """`stores_changed`: re-read the store's policy (a task does it, on the pool)."""
@@ -192,6 +204,13 @@ class Dispatcher:
             raise
         return waiter.item
 
+    async def quiesce(self) -> None:
+        """Stopped: wait for a claim still on its way, so that what it brings back reaches the
+        completer (released) before the completer closes."""
+        self.stop()
+        async with self._claiming:
+            pass
+
     def stop(self) -> None:
         self.stopping = True
         self._answer_all()
@@ -208,7 +227,8 @@ class Dispatcher:
                 if self.stopping or not len(self.ring):
                     self._answer_all()
                     break
-                await self._claim_once()
+                async with self._claiming:
+                    await self._claim_once()
 
     async def run_wakeups(self) -> None:
         while True:
@@ -290,6 +310,7 @@ class Dispatcher:
                 quotas,
                 self.lease_seconds,
                 self.max_payload_bytes,
+                self.announce_claims,
             )
         except DatabaseError as error:
             logger.warning("[Worker] claim failed, retrying: %s", error)
@@ -304,6 +325,9 @@ class Dispatcher:
                 self.wake_later(held.instance_id, held.retry_in)
         got = Counter(item.instance_id for item in items)
         for store, quota in zip(stores, quotas, strict=True):
+            if got[store] == 0:
+                # A turn that brought nothing is not service: weights count items started.
+                self.ring.refund(store)
             if got[store] < quota:
                 self.ring.drop(store)
         self.claims += 1

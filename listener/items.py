@@ -104,6 +104,7 @@ async def claim(
     quotas: Sequence[int],
     lease_seconds: float,
     max_payload_bytes: int,
+    announce: bool = False,
 ) -> ClaimResult:
     # In store order: the claim locks the `stores` rows of capped stores in this order, and
     # two claims that lock in one order never deadlock.
@@ -114,6 +115,7 @@ async def claim(
         "worker_id": worker_id,
         "lease_seconds": lease_seconds,
         "max_payload_bytes": max_payload_bytes,
+        "announce": announce,
     }
     try:
         async with pool.connection() as conn:

@@ -24,6 +24,8 @@ from listener.policy import read_all
 logger = logging.getLogger(__name__)
 
 CHANNEL = "job_items_ready"
+# Another process claimed from a store: '<worker id>\x1f<store>\x1f<items>' (see the claim).
+SERVED_CHANNEL = "stores_served"
 
 # What a rebuild hands over: the store policy rows, then each store with pending items.
 Rebuild = Callable[[list[tuple[object, ...]], list[ReadyStore]], None]
@@ -37,12 +39,14 @@ class Listener:
         on_rebuild: Rebuild,
         sweep_interval: float,
         on_store_changed: Callable[[str], None] | None = None,
+        on_served: Callable[[str], None] | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self.conninfo = conninfo
         self.on_notify = on_notify
         self.on_rebuild = on_rebuild
         self.on_store_changed = on_store_changed
+        self.on_served = on_served
         self.sweep_interval = sweep_interval
         self.backoff = backoff or Backoff(base=0.1, cap=10.0, rng=random.Random())
         self.connected = False
@@ -79,6 +83,7 @@ class Listener:
         # the scan or in a notification, never in neither.
         await conn.execute(f"LISTEN {CHANNEL}")
         await conn.execute(f"LISTEN {STORES_CHANNEL}")
+        await conn.execute(f"LISTEN {SERVED_CHANNEL}")
         self.backend_pid = conn.info.backend_pid
         await self._rebuild(conn, "connected")
         self.connected = True
@@ -90,6 +95,9 @@ class Listener:
                 self.notifications += 1
                 if notify.channel == CHANNEL:
                     self.on_notify(notify.payload)
+                elif notify.channel == SERVED_CHANNEL:
+                    if self.on_served is not None:
+                        self.on_served(notify.payload)
                 elif self.on_store_changed is not None:
                     self.on_store_changed(notify.payload)
             # The safety sweep: a notification lost anywhere delays work by one interval at

@@ -148,6 +148,44 @@ class ReadyRing:
             taken.append(store)
         return taken
 
+    def advance(self, store: str, count: int = 1) -> None:
+        """Another process of the fleet served `store` `count` times: move it on as if this
+        ring had, so that every process's turns stay in step (one fleet-wide round) instead of
+        each process going round on its own. A fresh store served elsewhere is no longer new
+        here; an unknown store is ignored."""
+        if count <= 0:
+            return
+        step = count * self._stride(store)
+        if store in self._passes:
+            pass_ = self._passes[store]
+            self._vtime = max(self._vtime, pass_)
+            # Re-scheduled: the old heap entry becomes a tombstone.
+            self._schedule(store, pass_ + step)
+            if self._tombstones() > len(self._live):
+                self._compact()
+        elif store in self._live:
+            # Fresh here, served elsewhere: it takes its place in the round like a served store.
+            self._schedule(store, self._vtime + step)
+            if self._tombstones() > len(self._live):
+                self._compact()
+        elif store in self._owed:
+            self._owed[store] += step
+
+    def refund(self, store: str) -> None:
+        """The store's last turn brought nothing (its claim was refused: paused, at a cap, or
+        its items went to another process): give the turn back, so that refusals never count
+        as service and the store is not pushed behind the others for them."""
+        step = self._stride(store)
+        if store in self._passes:
+            pass_ = self._passes[store] - step
+            self._schedule(store, max(pass_, self._vtime))
+            if self._tombstones() > len(self._live):
+                self._compact()
+        elif store in self._owed:
+            self._owed[store] -= step
+            if self._owed[store] <= self._vtime:
+                del self._owed[store]
+
     # -- inspection --------------------------------------------------------------
 
     def __len__(self) -> int:

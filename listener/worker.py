@@ -121,6 +121,7 @@ class Worker:
             max_payload_bytes=settings.max_payload_bytes,
             on_claimed=self._on_claimed,
             on_orphan=lambda item: self._emit(Outcome.release(item)),
+            announce_claims=bool(settings.rate_limit_rpm or settings.rate_limit_tpm),
         )
         self.listener = Listener(
             conninfo,
@@ -128,6 +129,7 @@ class Worker:
             on_rebuild=self.dispatcher.rebuild,
             sweep_interval=settings.sweep_interval_seconds,
             on_store_changed=self.dispatcher.store_changed,
+            on_served=self.dispatcher.served_elsewhere,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -167,6 +169,10 @@ class Worker:
                     for _ in range(self.settings.worker_concurrency):
                         workers.start_soon(self._work_loop)
             finally:
+                # A claim on its way when the workers stopped releases its items through the
+                # completer: let it land first (bounded: the database may be gone).
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self.dispatcher.quiesce()
                 # Every worker has stopped (or `run` itself is being cancelled): the shielded
                 # completer writes what they left, then ends, so the task group can exit.
                 self.completer.close(give_up_after=max(5.0, self.settings.shutdown_grace_seconds))

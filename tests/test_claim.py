@@ -4,7 +4,6 @@ and its fairness rules (per-store quota, oldest first, no double claim)."""
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import psycopg
@@ -49,6 +48,7 @@ def test_the_claim_reads_index_heads_only_at_100k_rows(
                 "worker_id": "w",
                 "lease_seconds": 60,
                 "max_payload_bytes": 65_536,
+                "announce": False,
             },
         )
     assert "Seq Scan" not in plan and "Bitmap" not in plan and '"Sort"' not in plan
@@ -76,6 +76,7 @@ def test_a_claim_takes_each_store_s_oldest_items_up_to_its_quota(database_url: s
             "worker_id": "w1",
             "lease_seconds": 60,
             "max_payload_bytes": 65_536,
+            "announce": False,
         }
         first = conn.execute(claim, params).fetchall()
         second = conn.execute(claim, {**params, "worker_id": "w2"}).fetchall()
@@ -108,6 +109,7 @@ def _claim_params(stores: list[str], limits: list[int], worker: str = "w") -> di
         "worker_id": worker,
         "lease_seconds": 60,
         "max_payload_bytes": 65_536,
+        "announce": False,
     }
 
 
@@ -234,8 +236,9 @@ def test_a_paused_store_gets_nothing_and_is_named_as_held_back(database_url: str
 
 
 def test_max_in_flight_holds_across_concurrent_claims(database_url: str) -> None:
-    # Two claims of one store at once, from two sessions: the second waits for the first's
-    # commit on the store's row, then counts its items. Together: never more than the cap.
+    # Two claims of one store at once, from two sessions: the second does not queue behind the
+    # first (it takes nothing and says to look again in 50 ms); once the first has committed,
+    # the next claim counts its items. Together: never more than the cap.
     claim = queries("items")["claim"]
     with (
         psycopg.connect(database_url, autocommit=True) as setup,
@@ -245,24 +248,19 @@ def test_max_in_flight_holds_across_concurrent_claims(database_url: str) -> None
         _load(setup, stores=1, per_store=20)
         setup.execute("INSERT INTO stores (instance_id, max_in_flight) VALUES ('store-1', 3)")
         got_first = first.execute(claim, _claim_params(["store-1"], [2], "w1")).fetchall()
-        results: list[list[tuple[Any, ...]]] = []
-        waiting = threading.Thread(
-            target=lambda: results.append(
-                second.execute(claim, _claim_params(["store-1"], [5], "w2")).fetchall()
-            )
-        )
-        waiting.start()
-        waiting.join(0.5)
-        assert waiting.is_alive()  # blocked on store-1's row while the first claim is open
+        while_locked = second.execute(claim, _claim_params(["store-1"], [5], "w2")).fetchall()
+        second.commit()
         first.commit()
-        waiting.join(10)
+        after = second.execute(claim, _claim_params(["store-1"], [5], "w2")).fetchall()
         second.commit()
         processing = setup.execute(
             "SELECT count(*) FROM job_items WHERE status = 'PROCESSING'"
         ).fetchone()
     assert len([r for r in got_first if r[0] is not None]) == 2
-    assert len([r for r in results[0] if r[0] is not None]) == 1
-    assert _held_back(results[0]) == {"store-1": None}
+    assert [r for r in while_locked if r[0] is not None] == []
+    assert _held_back(while_locked) == {"store-1": 0.05}
+    assert len([r for r in after if r[0] is not None]) == 1
+    assert _held_back(after) == {"store-1": None}
     assert processing == (3,)
 
 
@@ -280,3 +278,19 @@ def test_rpm_limit_spaces_a_store_s_items_and_says_when_the_next_is_allowed(
     assert [r for r in second if r[0] is not None] == []
     retry_in = _held_back(second)["store-1"]
     assert 0.9 < retry_in <= 60.5 / 60
+
+
+def test_a_claim_under_a_budget_tells_the_fleet_which_stores_it_served(
+    database_url: str,
+) -> None:
+    with (
+        psycopg.connect(database_url, autocommit=True) as listener,
+        psycopg.connect(database_url, autocommit=True) as conn,
+    ):
+        _load(conn, stores=2, per_store=3)
+        listener.execute("LISTEN stores_served")
+        params = _claim_params(["store-1", "store-2"], [2, 1], "w1")
+        conn.execute(queries("items")["claim"], params).fetchall()  # without: silent
+        conn.execute(queries("items")["claim"], {**params, "announce": True}).fetchall()
+        heard = sorted(n.payload for n in listener.notifies(timeout=0.5))
+    assert heard == ["w1\x1fstore-1\x1f1", "w1\x1fstore-2\x1f1"]

@@ -370,3 +370,57 @@ def test_take_of_several_stops_at_a_heavy_store_s_next_turn() -> None:
     assert ring.take(2) == ["heavy"]
     counts = Counter(store for _ in range(109) for store in ring.take(2))
     assert abs(counts["heavy"] - 10 * counts["a"]) <= 10
+
+
+# -- a fleet in step ---------------------------------------------------------------------
+
+
+def test_a_store_served_elsewhere_moves_on_here_too() -> None:
+    ring = _ring_with("a", "b", "c")
+    ring.advance("a")  # another process took a's turn
+    assert ring.take(3) == ["b", "c", "a"]
+
+
+def test_a_fresh_store_served_elsewhere_is_no_longer_new_here() -> None:
+    ring = _ring_with("a", "b")
+    ring.notify("new")
+    ring.advance("new")  # another process served it first
+    assert ring.take(3) == ["a", "b", "new"]
+
+
+def test_two_rings_that_hear_of_each_other_s_turns_go_round_as_one() -> None:
+    # Two processes taking slots in turn, each telling the other what it served: together they
+    # serve each store once per round of 10 slots, as one ring would, not twice at random.
+    stores = [f"s{n}" for n in range(10)]
+    rings = [ReadyRing(stores), ReadyRing(list(reversed(stores)))]
+    served: list[str] = []
+    for slot in range(100):
+        mine, other = rings[slot % 2], rings[(slot + 1) % 2]
+        (store,) = mine.take(1)
+        other.advance(store)
+        served.append(store)
+    for start in range(10, 100, 10):
+        assert sorted(served[start : start + 10]) == stores, served[start : start + 10]
+
+
+def test_advance_of_an_unknown_store_is_ignored_and_memory_stays_bounded() -> None:
+    ring = ReadyRing(["a", "b"])
+    ring.advance("zzz")
+    for _ in range(10_000):
+        ring.advance("a")
+    assert ring.snapshot() == ["b", "a"]
+    assert _entries(ring) <= 2 * len(ring) + 1
+
+
+def test_a_refused_turn_is_given_back() -> None:
+    weights = {"capped": 4, "a": 1, "b": 1}
+    ring = _weighted(weights)
+    taken = [store for _ in range(12) for store in ring.take(1)]
+    assert Counter(taken) == {"capped": 8, "a": 2, "b": 2}
+    # Its next turn is refused (over its cap): refunded and dropped, then back when due.
+    assert ring.take(1) == ["capped"]
+    ring.refund("capped")
+    ring.drop("capped")
+    ring.notify("capped")
+    counts = Counter(store for _ in range(12) for store in ring.take(1))
+    assert counts == {"capped": 8, "a": 2, "b": 2}  # not pushed behind for the refusal

@@ -100,8 +100,15 @@ BEGIN
     granted := wanted;
     SELECT s.paused, s.rpm_limit, s.max_in_flight INTO is_paused, rpm, in_flight_cap
     FROM stores s WHERE s.instance_id = store
-    FOR UPDATE;
+    FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
+        -- Another claim holds the row this very moment: rather than queue behind it (with a
+        -- fleet in step, every process's claimer would wait in line), take nothing now and
+        -- look again shortly. No row at all: the defaults, no cap.
+        IF EXISTS (SELECT 1 FROM stores s WHERE s.instance_id = store) THEN
+            granted := 0;
+            retry_in := 0.05;
+        END IF;
         RETURN;
     END IF;
     IF is_paused THEN
@@ -126,8 +133,9 @@ BEGIN
         IF granted > 0 THEN
             INSERT INTO store_throttles AS t (instance_id, rpm_tat) VALUES (store, tat)
             ON CONFLICT (instance_id) DO UPDATE SET rpm_tat = excluded.rpm_tat;
-        ELSE
-            retry_in := extract(epoch FROM tat - started);
+        END IF;
+        IF granted < room THEN
+            retry_in := greatest(0, extract(epoch FROM tat - started));
         END IF;
     END IF;
 END;

@@ -50,10 +50,21 @@ claimed AS (
             THEN j.payload::text END AS payload_text,
         octet_length(j.payload::text) AS payload_bytes,
         j.attempts
+),
+announced AS MATERIALIZED (
+    -- Under a budget (claims of an item or two), the fleet's other processes move the stores
+    -- served here on in their own rings: their turns stay in step, one round for the fleet.
+    SELECT pg_notify(
+        'stores_served', concat_ws(E'\x1f', %(worker_id)s, instance_id, count(*)::text)
+    )
+    FROM claimed
+    WHERE %(announce)s
+    GROUP BY instance_id
 )
 SELECT id, job_id, instance_id, product_id, payload_text, payload_bytes, attempts,
     NULL::float8 AS retry_in
 FROM claimed
+WHERE (SELECT count(*) FROM announced) >= 0
 UNION ALL
 -- One row per store its policy held back (paused, at max_in_flight, over rpm_limit): the
 -- claimer takes it out of the ring until it is due (retry_in seconds) or notified.
@@ -155,10 +166,11 @@ RETURNING j.id, j.job_id, j.instance_id, j.status
 ),
 room AS MATERIALIZED (
     -- A store held at its max_in_flight has room again: every process may look at it now.
+    -- Driven from the batch's few stores (a primary-key probe each), not from `stores`.
     SELECT pg_notify('job_items_ready', s.instance_id)
-    FROM stores s
+    FROM (SELECT DISTINCT instance_id FROM finished) AS f
+    JOIN stores s ON s.instance_id = f.instance_id
     WHERE s.max_in_flight IS NOT NULL
-      AND s.instance_id IN (SELECT instance_id FROM finished)
       AND EXISTS (
           SELECT 1 FROM job_items p
           WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND p.run_after <= now()
