@@ -140,3 +140,35 @@ SELECT extract(epoch FROM max(claimed_at))::float8 FROM job_items WHERE instance
 -- first_claimed_after --
 SELECT extract(epoch FROM min(claimed_at))::float8 FROM job_items
 WHERE instance_id = %(store)s AND claimed_at > to_timestamp(%(after)s);
+-- enqueue_one_item --
+-- The naive producer: one INSERT per item (what a loop over products in an ORM does).
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+VALUES (%(job_id)s, %(instance_id)s, %(product_id)s, %(payload)s);
+
+-- enqueue_json_array --
+-- The producer before COPY: every item in one INSERT from a JSON array parameter.
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+SELECT %(job_id)s, %(instance_id)s,
+       coalesce(product->>'id', product->>'product_id', 'product-' || position),
+       product
+FROM jsonb_array_elements(%(products)s::jsonb) WITH ORDINALITY AS p(product, position);
+
+-- empty_jobs --
+TRUNCATE job_items, jobs;
+
+-- add_finished --
+-- Jobs that ended 30 days ago, with their COMPLETED items (a result each), as retention finds
+-- them: %(jobs)s jobs of %(items)s items.
+WITH new_jobs AS (
+    INSERT INTO jobs (instance_id, status, completed_at, started_at)
+    SELECT 'done-' || (n %% 100), 'COMPLETED', now() - interval '30 days',
+           now() - interval '30 days'
+    FROM generate_series(1, %(jobs)s) n
+    RETURNING id, instance_id
+)
+INSERT INTO job_items (job_id, instance_id, product_id, payload, status, result, attempts,
+                       claimed_at, completed_at)
+SELECT j.id, j.instance_id, 'p' || n, jsonb_build_object('name', 'Product ' || n),
+       'COMPLETED', jsonb_build_object('text', repeat('A fine product. ', 20)), 1,
+       now() - interval '30 days', now() - interval '30 days'
+FROM new_jobs j CROSS JOIN generate_series(1, %(items)s) n;

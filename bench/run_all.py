@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from bench import budget, capacity, claim_cost, many_stores, start_latency
+from bench import budget, capacity, claim_cost, enqueue, many_stores, retention, start_latency
 from bench.common import RESULTS, console, parse_args
 
 BENCHMARKS: list[tuple[str, str, Callable[[bool], dict[str, Any]]]] = [
@@ -17,6 +17,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[bool], dict[str, Any]]]] = [
     ("budget", "3. The budget, end to end", budget.main),
     ("capacity", "4. Raw capacity", capacity.main),
     ("many_stores", "5. Many stores", many_stores.main),
+    ("enqueue", "6. Enqueue throughput", enqueue.main),
+    ("retention", "7. Claims while pruning", retention.main),
 ]
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 from psycopg_pool import AsyncConnectionPool
@@ -23,6 +24,8 @@ from listener.items import Outcome
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 500
+
+T = TypeVar("T")
 
 
 class Completer:
@@ -71,28 +74,14 @@ class Completer:
     async def _write(self, batch: list[Outcome]) -> None:
         # Until the database takes them: the items stay PROCESSING (leased) meanwhile, and an
         # outcome lands only while this worker still holds its item.
-        while True:
-            try:
-                written = await items_db.finish(self.pool, self.worker_id, batch)
-                break
-            except DatabaseError as error:
-                if anyio.current_time() >= self._give_up_at:
-                    logger.error(
-                        "[Worker] giving up on %d outcome(s) at exit (%s); their leases will "
-                        "expire and the items will be tried again",
-                        len(batch),
-                        error,
-                    )
-                    return
-                delay = self.backoff.next()
-                logger.warning(
-                    "[Worker] writing %d outcome(s) failed, retrying in %.1fs: %s",
-                    len(batch),
-                    delay,
-                    error,
-                )
-                await anyio.sleep(delay)
-        self.backoff.reset()
+        result = await self._retrying(
+            lambda: items_db.finish(self.pool, self.worker_id, batch),
+            f"{len(batch)} outcome(s)",
+            "their leases will expire and the items will be tried again",
+        )
+        if result is None:
+            return
+        written, jobs = result
         superseded = [outcome for outcome in batch if outcome.item_id not in written]
         if superseded:
             logger.warning(
@@ -101,3 +90,32 @@ class Completer:
                 len(superseded),
             )
         self.on_written([o for o in batch if o.item_id in written], superseded)
+        # A separate statement, after the outcomes committed: of two workers finishing a job's
+        # last items at once, the later one sees the other's commit. Retried on its own: the
+        # outcomes are written, only the job's end is left.
+        await self._retrying(
+            lambda: items_db.end_jobs(self.pool, jobs),
+            f"{len(jobs)} job end(s)",
+            "the reaper's sweep will close those jobs",
+        )
+
+    async def _retrying(
+        self, write: Callable[[], Awaitable[T]], what: str, otherwise: str
+    ) -> T | None:
+        while True:
+            try:
+                done = await write()
+                break
+            except DatabaseError as error:
+                if anyio.current_time() >= self._give_up_at:
+                    logger.error(
+                        "[Worker] giving up on writing %s at exit (%s); %s", what, error, otherwise
+                    )
+                    return None
+                delay = self.backoff.next()
+                logger.warning(
+                    "[Worker] writing %s failed, retrying in %.1fs: %s", what, delay, error
+                )
+                await anyio.sleep(delay)
+        self.backoff.reset()
+        return done

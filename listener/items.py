@@ -131,14 +131,15 @@ async def claim(
 
 async def finish(
     pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]
-) -> set[int]:
-    """Write a batch of outcomes, then close the jobs they finished.
+) -> tuple[set[int], list[int]]:
+    """Write a batch of outcomes; return the ids written and the jobs to look at for their end
+    (`end_jobs`, once the caller has noted what was written).
 
-    Returns the ids written: an item this worker no longer holds (its lease expired and the
-    item was reaped, perhaps done elsewhere) is left as it is.
+    An item this worker no longer holds (its lease expired and the item was reaped, perhaps
+    done elsewhere) is left as it is.
     """
     if not outcomes:
-        return set()
+        return set(), []
     params = {
         "ids": [o.item_id for o in outcomes],
         "statuses": [o.status for o in outcomes],
@@ -154,7 +155,8 @@ async def finish(
     try:
         async with pool.connection() as conn:
             if requeued:
-                # Rare (retries, releases): lock the jobs, then write, in one transaction.
+                # Rare (retries, releases): lock the jobs, then write, in one transaction, so a
+                # cancel in progress is waited for and seen (such items then end CANCELLED).
                 async with conn.transaction():
                     await conn.execute(sql["lock_jobs_of_items"], {"ids": requeued})
                     cursor = await conn.execute(sql["finish_items"], params)
@@ -162,13 +164,31 @@ async def finish(
             else:
                 cursor = await conn.execute(sql["finish_items"], params)
                 rows = await cursor.fetchall()
-            ended = sorted({int(job_id) for _id, job_id, status in rows if status != "PENDING"})
-            if ended:
-                # A separate statement, after the first has committed (autocommit).
-                await conn.execute(sql["finish_jobs"], {"job_ids": ended})
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
-    return {int(item_id) for item_id, _job_id, _status in rows}
+    ended = sorted({int(job_id) for _id, job_id, status in rows if status != "PENDING"})
+    return {int(item_id) for item_id, _job_id, _status in rows}, ended
+
+
+async def end_jobs(pool: AsyncConnectionPool, job_ids: Sequence[int]) -> None:
+    """Close the jobs of `job_ids` that have no open item left (after their outcomes commit)."""
+    if not job_ids:
+        return
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(queries("items")["finish_jobs"], {"job_ids": list(job_ids)})
+    except psycopg.Error as error:
+        raise wrap(error, "closing finished jobs failed") from error
+
+
+async def close_stranded_jobs(pool: AsyncConnectionPool) -> int:
+    """Close jobs left open with every item finished; how many were closed."""
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(queries("items")["close_stranded_jobs"])
+    except psycopg.Error as error:
+        raise wrap(error, "closing stranded jobs failed") from error
+    return cursor.rowcount
 
 
 async def extend_leases(

@@ -34,6 +34,23 @@ def _call(conninfo: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+async def call_async(
+    conn: psycopg.AsyncConnection[Any], name: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """The same calls on an open async connection (the HTTP app's pool): `name` is
+    `cancel_job`, `cancel_store`, `retry_job` or `retry_store`."""
+    try:
+        cursor = await conn.execute(queries("lifecycle")[name], params)
+        row = await cursor.fetchone()
+    except errors.NoDataFound as error:
+        raise NoSuchJob(str(error.diag.message_primary or error)) from None
+    except psycopg.Error as error:
+        raise wrap(error, f"{name.replace('_', ' ')} failed") from error
+    assert row is not None
+    answer: dict[str, Any] = row[0]
+    return answer
+
+
 def cancel_job(conninfo: str, job_id: int) -> dict[str, Any]:
     return _call(conninfo, "cancel_job", {"job_id": job_id})
 

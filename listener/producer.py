@@ -7,8 +7,9 @@ One transaction: the job row, then every item in one COPY, so a 10,000-product j
 round trips, and the trigger sends the store's one notification at commit. Given an open
 connection in a transaction instead of a URL, the job joins that transaction (as a savepoint),
 so an app creates it together with its own rows, or not at all; on an idle connection it
-commits at once (psycopg's `transaction()` rule). Every rule the tables enforce is checked first and
-refused with `InvalidJob`, naming the first bad entry by its index, before anything is written.
+commits at once (psycopg's `transaction()` rule). Every rule the tables enforce is checked first
+and refused with `InvalidJob`, naming the first bad entry by its index, before anything is
+written.
 
 This module is what `import listener` loads: psycopg and nothing of the worker.
 """
@@ -34,6 +35,8 @@ MIN_PRIORITY, MAX_PRIORITY = -100, 100
 
 # `\u0000` in JSON text that is not an escaped backslash followed by "u0000": jsonb refuses it.
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# One encoder for every payload: json.dumps would build one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 class InvalidJob(ListenerError):
@@ -54,7 +57,7 @@ def _has_control_character(text: str) -> bool:
 def check_store(store: object) -> str:
     if not isinstance(store, str):
         raise InvalidJob(f"the store id must be a string, got {type(store).__name__}")
-    if not store.strip():
+    if not store.strip(" "):  # btrim() trims spaces only
         raise InvalidJob("the store id is empty or blank (jobs_instance_id_valid)")
     size = len(store.encode("utf-8", errors="surrogatepass"))
     if size > MAX_STORE_BYTES:
@@ -86,7 +89,9 @@ def check_priority(priority: object) -> int:
 
 
 def _product_id(product: dict[str, Any], index: int) -> str:
-    value = product.get("id", product.get("product_id"))
+    value = product.get("id")
+    if value is None:  # as the SQL's coalesce(id, product_id, position) read it
+        value = product.get("product_id")
     if value is None:
         return f"product-{index + 1}"
     if isinstance(value, bool) or not isinstance(value, str | int):
@@ -107,10 +112,11 @@ def _product_id(product: dict[str, Any], index: int) -> str:
 
 def _payload(product: dict[str, Any], index: int) -> str:
     try:
-        text = json.dumps(product, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _ENCODER.encode(product)
     except (TypeError, ValueError, RecursionError) as error:
         raise InvalidJob(f"products[{index}] cannot be written as JSON: {error}") from None
-    if _JSON_NUL.search(text):
+    # The substring test is fast; the exact (slower) test only runs when it matches.
+    if "\\u0000" in text and _JSON_NUL.search(text):
         raise InvalidJob(f"products[{index}] holds a NUL character (\\u0000), which jsonb refuses")
     try:
         text.encode("utf-8")

@@ -413,11 +413,14 @@ class Worker:
             await anyio.sleep(interval)
             try:
                 reaped = await items_db.reap_expired(self.pool, self.settings.max_attempts)
+                stranded = await items_db.close_stranded_jobs(self.pool)
                 async with self.pool.connection() as conn:
                     await conn.execute(queries("heartbeat")["forget_dead_workers"])
             except (DatabaseError, psycopg.Error) as error:
                 logger.warning("[Reaper] failed: %s", error)
                 continue
+            if stranded:
+                logger.warning("[Reaper] closed %d job(s) whose items had all finished", stranded)
             if reaped:
                 self.counters.reaped += len(reaped)
                 logger.warning(

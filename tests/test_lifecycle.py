@@ -8,9 +8,13 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 
-from listener import enqueue
+from listener import enqueue, lifecycle
+from listener import items as items_db
+from listener.db import open_pool
+from listener.sqlfiles import queries
 from listener.stub.server import StubConfig, run_stub
 from tests.subscriber import subscribed
 from tests.support import (
@@ -78,15 +82,15 @@ async def test_a_job_goes_pending_processing_completed(database_url: str) -> Non
 
 
 async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url: str) -> None:
-    # Two worker processes, three items each in flight for 0.6 s; 60 items to go when the
-    # cancel commits. Another store's job runs on untouched.
+    # Two worker processes, three items each in flight for 0.6 s: the 240 items would take 24 s,
+    # so most are still to go when the cancel commits. Another store's job runs on untouched.
     async with run_stub(StubConfig(latency=0.6)) as stub, subscribed(database_url) as heard:
         procs = [
             spawn_worker(database_url, stub.base_url, WORKER_CONCURRENCY="3") for _ in range(2)
         ]
         try:
             await wait_until(lambda: all(worker_is_ready(database_url, p.pid) for p in procs))
-            doomed = insert_job(database_url, "store-doomed", 60)
+            doomed = insert_job(database_url, "store-doomed", 240)
             other = insert_job(database_url, "store-other", 6)
             await wait_until(lambda: item_counts(database_url, doomed).get("COMPLETED", 0) >= 3)
             await wait_until(lambda: item_counts(database_url, doomed).get("PROCESSING", 0) >= 1)
@@ -105,7 +109,7 @@ async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url
     assert status == "CANCELLED" and completed_at >= cancelled_at
     counts = item_counts(database_url, doomed)
     assert set(counts) == {"COMPLETED", "CANCELLED"}, counts  # none lost, none pending
-    assert sum(counts.values()) == 60
+    assert sum(counts.values()) == 240
     # None started after the cancel committed: every item done was claimed before it, kept its
     # result, and OpenAI saw exactly the items that completed (both jobs').
     late: list[tuple[datetime, datetime]] = query(
@@ -268,3 +272,69 @@ async def test_a_subscriber_hears_each_job_once_after_its_rows(database_url: str
         }
         assert h.counts == expected, h
     assert heard.for_job(jobs[-1])[0].payload["status"] == "CANCELLED"
+
+
+async def test_the_async_calls_for_the_http_app(database_url: str) -> None:
+    job_id = insert_job(database_url, "store-async", 2)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        answer = await lifecycle.call_async(conn, "cancel_job", {"job_id": job_id})
+        assert lifecycle.describe_cancel(answer) == (
+            f"job {job_id} cancelled: 2 pending item(s) cancelled; the job has ended"
+        )
+        with pytest.raises(lifecycle.NoSuchJob, match="no job 424242"):
+            await lifecycle.call_async(conn, "retry_job", {"job_id": 424242})
+
+
+def wait_for_lock(conninfo: str, pid: int) -> bool:
+    rows = query(conninfo, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+    return rows == [("Lock",)]
+
+
+async def test_a_stale_look_does_not_close_a_job_a_retry_reopened(database_url: str) -> None:
+    # The last in-flight item has just finished (one FAILED, one COMPLETED) and its worker's
+    # "is the job done?" starts while a retry of the job is committing: it must not close it.
+    job_id = insert_job(database_url, "store-race", 2)
+    query(
+        database_url,
+        "UPDATE job_items SET status = CASE WHEN product_id = 'p1' THEN 'FAILED'"
+        " ELSE 'COMPLETED' END, completed_at = now() WHERE job_id = %s RETURNING id",
+        (job_id,),
+    )
+    with psycopg.connect(database_url) as retry, psycopg.connect(database_url) as finisher:
+        retry.execute("SELECT listener_retry_job(%s)", (job_id,))  # open, holding the job
+        pid = finisher.info.backend_pid
+        statement = queries("items")["finish_jobs"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                anyio.to_thread.run_sync,
+                lambda: finisher.execute(statement, {"job_ids": [job_id]}),
+            )
+            await wait_until(lambda: wait_for_lock(database_url, pid))
+            retry.commit()
+        finisher.commit()
+    status, _started, completed_at, _cancelled = job_row(database_url, job_id)
+    assert (status, completed_at) == ("PROCESSING", None)
+    assert item_counts(database_url, job_id) == {"PENDING": 1, "COMPLETED": 1}
+
+
+async def test_the_reapers_sweep_closes_a_job_left_open(database_url: str) -> None:
+    job_id = insert_job(database_url, "store-stranded", 2)
+    open_job = insert_job(database_url, "store-stranded", 2)
+    query(
+        database_url,
+        "UPDATE job_items SET status = 'COMPLETED', completed_at = now()"
+        " WHERE job_id = %s RETURNING id",
+        (job_id,),
+    )
+    async with subscribed(database_url) as heard:
+        settings = make_settings("http://127.0.0.1:9/v1")
+        pool = await open_pool(database_url, settings)
+        try:
+            assert await items_db.close_stranded_jobs(pool) == 1
+            assert await items_db.close_stranded_jobs(pool) == 0
+        finally:
+            await pool.close()
+        await heard.wait_for(1)
+    assert heard.heard[0].payload["job_id"] == job_id
+    assert job_row(database_url, job_id)[0] == "COMPLETED"
+    assert job_row(database_url, open_job)[0] == "PENDING"

@@ -181,9 +181,59 @@ WHERE (SELECT count(*) FROM room) >= 0;
 
 -- finish_jobs --
 -- Runs after finish_items has committed, so of two workers finishing a job's last items at
--- once, the later one always sees the other's commit; the function locks the jobs first, so a
--- cancel in progress is seen too.
-SELECT listener_finish_jobs(%(job_ids)s::bigint[]);
+-- once, the later one always sees the other's commit. A cancel in progress cannot slip between:
+-- it share-locks the job's PROCESSING items, so an outcome written after its look waits for its
+-- commit, and this statement, which runs after that outcome, then sees the cancel.
+-- Only the job row as it was looked at is closed (its xmin): a retry that reopened the job while
+-- this statement waited for its lock committed a new row version, and the stale look (no open
+-- item) must not close it.
+WITH done AS (
+    SELECT j.id, j.xmin AS seen
+    FROM jobs j
+    WHERE j.id = ANY(%(job_ids)s::bigint[])
+      AND j.completed_at IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM job_items open_item
+          WHERE open_item.job_id = j.id AND open_item.status IN ('PENDING', 'PROCESSING')
+      )
+)
+UPDATE jobs j
+SET status = CASE
+        WHEN j.status = 'CANCELLED' THEN 'CANCELLED'
+        WHEN EXISTS (SELECT 1 FROM job_items f WHERE f.job_id = j.id AND f.status = 'FAILED')
+            THEN 'COMPLETED_WITH_ERRORS'
+        ELSE 'COMPLETED'
+    END,
+    completed_at = now(),
+    updated_at = now()
+FROM done
+WHERE j.id = done.id AND j.xmin = done.seen;
+
+-- close_stranded_jobs --
+-- The reaper's sweep: jobs whose items are all finished but that were never closed (the worker
+-- that wrote their last outcome was cut off before its finish_jobs, or its look was stale).
+-- The same rule and the same guard as finish_jobs.
+WITH done AS (
+    SELECT j.id, j.xmin AS seen
+    FROM jobs j
+    WHERE j.completed_at IS NULL  -- idx_jobs_open: the open jobs only
+      AND EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id)
+      AND NOT EXISTS (
+          SELECT 1 FROM job_items open_item
+          WHERE open_item.job_id = j.id AND open_item.status IN ('PENDING', 'PROCESSING')
+      )
+)
+UPDATE jobs j
+SET status = CASE
+        WHEN j.status = 'CANCELLED' THEN 'CANCELLED'
+        WHEN EXISTS (SELECT 1 FROM job_items f WHERE f.job_id = j.id AND f.status = 'FAILED')
+            THEN 'COMPLETED_WITH_ERRORS'
+        ELSE 'COMPLETED'
+    END,
+    completed_at = now(),
+    updated_at = now()
+FROM done
+WHERE j.id = done.id AND j.xmin = done.seen;
 
 -- extend_leases --
 UPDATE job_items

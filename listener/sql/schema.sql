@@ -27,6 +27,9 @@ CREATE INDEX idx_jobs_instance_id ON jobs (instance_id);
 -- Retention deletes the oldest finished jobs first.
 CREATE INDEX idx_jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
 
+-- The reaper's sweep for jobs never closed reads the open jobs only.
+CREATE INDEX idx_jobs_open ON jobs (id) WHERE completed_at IS NULL;
+
 CREATE TABLE job_items (
     id bigserial PRIMARY KEY,
     job_id bigint NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
@@ -183,42 +186,6 @@ CREATE TRIGGER jobs_notify_finished
     FOR EACH ROW WHEN (OLD.completed_at IS NULL AND NEW.completed_at IS NOT NULL)
     EXECUTE FUNCTION jobs_notify_finished();
 
--- End the jobs of `job_ids` that have no open item. Called after the item outcomes commit.
--- The job rows are locked first and looked at again in a new snapshot: a cancel in progress
--- on one of them is waited for and then seen, so a cancel and the finishing of its last
--- in-flight item cannot both leave the ending to the other.
-CREATE FUNCTION listener_finish_jobs(job_ids bigint[]) RETURNS integer
-    LANGUAGE plpgsql AS $$
-DECLARE
-    ended integer;
-BEGIN
-    PERFORM 1 FROM jobs j
-    WHERE j.id = ANY (job_ids) AND j.completed_at IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM job_items p WHERE p.job_id = j.id AND p.status = 'PROCESSING'
-      )
-    ORDER BY j.id
-    FOR NO KEY UPDATE;
-    UPDATE jobs j
-    SET status = CASE
-            WHEN j.status = 'CANCELLED' THEN 'CANCELLED'
-            WHEN EXISTS (SELECT 1 FROM job_items f WHERE f.job_id = j.id AND f.status = 'FAILED')
-                THEN 'COMPLETED_WITH_ERRORS'
-            ELSE 'COMPLETED'
-        END,
-        completed_at = now(),
-        updated_at = now()
-    WHERE j.id = ANY (job_ids)
-      AND j.completed_at IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM job_items o
-          WHERE o.job_id = j.id AND o.status IN ('PENDING', 'PROCESSING')
-      );
-    GET DIAGNOSTICS ended = ROW_COUNT;
-    RETURN ended;
-END;
-$$;
-
 -- Cancel a job: its PENDING items become CANCELLED at once; items in flight finish and keep
 -- their result, and none goes back to PENDING (a retry or a release of one becomes CANCELLED);
 -- the job ends CANCELLED when the last of them is written. Idempotent: a finished job is left
@@ -251,6 +218,13 @@ BEGIN
     SET status = 'CANCELLED', completed_at = now(), updated_at = now()
     WHERE i.job_id = job.id AND i.status = 'PENDING';
     GET DIAGNOSTICS cancelled = ROW_COUNT;
+    -- Wait for outcomes being written now, and make later ones wait for this commit: then
+    -- either this count sees an outcome, or its writer's finish_jobs (after it) sees the cancel.
+    -- (No deadlock: an outcome that returns an item to PENDING locks the job row first, and a
+    -- final one waits for nothing this holds.)
+    PERFORM 1 FROM job_items i
+    WHERE i.job_id = job.id AND i.status = 'PROCESSING'
+    FOR SHARE;
     SELECT count(*) INTO in_flight FROM job_items i
     WHERE i.job_id = job.id AND i.status = 'PROCESSING';
     IF in_flight = 0 THEN
