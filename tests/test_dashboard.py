@@ -338,7 +338,12 @@ async def test_retry_pause_and_resume_act_on_the_database(database_url: str) -> 
         " WHERE job_id = %s RETURNING id",
         (job_id,),
     )
-    query(database_url, "SELECT listener_finish_jobs(ARRAY[%s]::bigint[])", (job_id,))
+    query(
+        database_url,
+        "UPDATE jobs SET status = 'COMPLETED_WITH_ERRORS', completed_at = now() WHERE id = %s"
+        " RETURNING id",
+        (job_id,),
+    )
     async with client_of(database_url, api_token=TOKEN) as (client, _):
         await client.post("/login", data={"token": TOKEN})
         csrf = csrf_of((await client.get("/")).text)
