@@ -231,11 +231,12 @@ def processing(conninfo: str, store: str) -> int:
 
 
 async def test_the_pause_button_pauses_a_store(database_url: str, chromium_path: str) -> None:
-    async with run_stub(StubConfig(latency=0.3)) as stub:
+    async with run_stub(StubConfig(latency=0.5)) as stub:
         settings = make_settings(
             stub.base_url, api_token=TOKEN, worker_concurrency=2, lease_seconds=2
         )
-        insert_job(database_url, "store-pause", 40)
+        # Enough work that the store is still busy when the button is clicked, however slowly.
+        insert_job(database_url, "store-pause", 400)
         async with (
             running_worker(database_url, settings) as worker,
             dashboard_server(worker.pool, settings, worker) as (base, _),
@@ -260,7 +261,7 @@ async def test_the_pause_button_pauses_a_store(database_url: str, chromium_path:
             # another store's job runs from start to end.
             await wait_until(lambda: processing(database_url, "store-pause") == 0)
             started = started_items(database_url, "store-pause")
-            assert len(started) < 40
+            assert len(started) < 400
             other = insert_job(database_url, "store-other", 6)
             await wait_until(
                 lambda: query(database_url, "SELECT status FROM jobs WHERE id = %s", (other,))

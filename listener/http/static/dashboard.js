@@ -10,6 +10,7 @@
   var period = Number(status.getAttribute("data-refresh-ms")) || 1500;
   var busy = false;
   var lastOk = Date.now();
+  var lastHtml = null;
 
   function refresh() {
     if (busy || document.hidden) { return; }
@@ -27,7 +28,8 @@
       return response.text();
     }).then(function (html) {
       if (html === null) { return; }
-      live.innerHTML = html;
+      // Unchanged figures leave the page alone: no flicker, and a button under the pointer stays.
+      if (html !== lastHtml) { live.innerHTML = html; lastHtml = html; }
       lastOk = Date.now();
       status.textContent = "live";
       status.classList.remove("stale");
