@@ -278,7 +278,8 @@ async def test_why_waiting_for_a_capped_store(database_url: str, chromium_path: 
             "INSERT INTO stores (instance_id, max_in_flight) VALUES ('store-capped', 1)"
             " RETURNING instance_id",
         )
-        insert_job(database_url, "store-capped", 5)
+        # A minute of work at one item at a time: still busy when the page looks, however slowly.
+        insert_job(database_url, "store-capped", 30)
         async with (
             running_worker(database_url, settings) as worker,
             dashboard_server(worker.pool, settings, worker) as (base, _),
