@@ -243,8 +243,8 @@ async def test_a_store_whose_items_are_all_in_backoff_waits_outside_the_ring(
             assert "later" not in worker.dispatcher.ring
             assert worker.dispatcher.claims == 0
             await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 3})
-            # Woken when due: one claim for its items, none before.
-            assert worker.dispatcher.claims <= 2
+            # Woken when due: at most a claim per item (two workers share claims), none before.
+            assert worker.dispatcher.claims <= 3
     ((early,),) = query(database_url, "SELECT count(*) FROM job_items WHERE claimed_at < run_after")
     assert early == 0
 
