@@ -70,6 +70,76 @@ GROUP BY instance_id;
 -- The stores of the first %(n)s items claimed, in the order they were claimed.
 SELECT instance_id FROM job_items WHERE claimed_at IS NOT NULL ORDER BY claimed_at, id LIMIT %(n)s;
 
+-- add_backlog_priorities --
+-- As add_backlog, with priorities in use: one item in ten at 10, one in ten at -5, the rest 0.
+WITH wanted AS (
+    SELECT * FROM unnest(%(stores)s::text[], %(counts)s::int[]) AS w(instance_id, items)
+), new_jobs AS (
+    INSERT INTO jobs (instance_id)
+    SELECT instance_id FROM wanted
+    RETURNING id, instance_id
+)
+INSERT INTO job_items (job_id, instance_id, priority, product_id, payload)
+SELECT j.id, j.instance_id, CASE n %% 10 WHEN 0 THEN 10 WHEN 1 THEN -5 ELSE 0 END, 'p' || n,
+       jsonb_build_object('name', 'Product ' || n || ' of ' || j.instance_id, 'price', n)
+FROM new_jobs j
+JOIN wanted w USING (instance_id)
+CROSS JOIN LATERAL generate_series(1, w.items) AS n
+ORDER BY j.id, n;
+
+-- backoff_half --
+-- The oldest half of each named store's PENDING items waits out a retry's backoff.
+UPDATE job_items SET run_after = now() + interval '1 hour'
+WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (PARTITION BY instance_id ORDER BY id) AS n,
+               count(*) OVER (PARTITION BY instance_id) AS total
+        FROM job_items WHERE instance_id = ANY(%(stores)s::text[]) AND status = 'PENDING'
+    ) ranked
+    WHERE n <= total / 2
+);
+
+-- add_priority_item --
+-- A click: one item at a priority, in a job of its own; returns the commit's side of the clock.
+WITH job AS (
+    INSERT INTO jobs (instance_id, priority) VALUES (%(store)s, %(priority)s) RETURNING id
+)
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+SELECT job.id, %(store)s, %(product)s, '{"name": "the product clicked"}'::jsonb FROM job
+RETURNING id;
+
+-- claimed_at --
+SELECT extract(epoch FROM claimed_at)::float8 FROM job_items WHERE id = %(id)s;
+
+-- starts --
+-- Every item claimed so far: its store and when (Unix seconds, the database's clock).
+SELECT instance_id, extract(epoch FROM claimed_at)::float8
+FROM job_items
+WHERE claimed_at IS NOT NULL
+ORDER BY claimed_at;
+
+-- set_policy --
+INSERT INTO stores AS s (instance_id, weight, rpm_limit, max_in_flight, paused)
+VALUES (%(store)s, %(weight)s, %(rpm_limit)s, %(max_in_flight)s, %(paused)s)
+ON CONFLICT (instance_id) DO UPDATE
+SET weight = excluded.weight, rpm_limit = excluded.rpm_limit,
+    max_in_flight = excluded.max_in_flight, paused = excluded.paused, updated_at = now();
+
+-- pause --
+-- Pause or resume a store; returns when (Unix seconds), just before the commit.
+UPDATE stores SET paused = %(paused)s, updated_at = now()
+WHERE instance_id = %(store)s
+RETURNING extract(epoch FROM clock_timestamp())::float8;
+
+-- in_flight --
+SELECT count(*) FROM job_items WHERE instance_id = %(store)s AND status = 'PROCESSING';
+
+-- last_claimed --
+SELECT extract(epoch FROM max(claimed_at))::float8 FROM job_items WHERE instance_id = %(store)s;
+
+-- first_claimed_after --
+SELECT extract(epoch FROM min(claimed_at))::float8 FROM job_items
+WHERE instance_id = %(store)s AND claimed_at > to_timestamp(%(after)s);
 -- enqueue_one_item --
 -- The naive producer: one INSERT per item (what a loop over products in an ORM does).
 INSERT INTO job_items (job_id, instance_id, product_id, payload)

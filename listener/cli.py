@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from listener import redact
 from listener.database import database_url
-from listener.errors import ConfigurationError, ListenerError, one_line
+from listener.errors import ConfigurationError, ListenerError, UsageError, one_line
 from listener.settings import Settings, load_settings
 
 EXIT_CONFIG = 2
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, settings)
-    except ConfigurationError as error:
+    except (ConfigurationError, UsageError) as error:
         _fail(error)
         return EXIT_CONFIG
     except ListenerError as error:
@@ -163,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         inner = unwrap(group)
         if isinstance(inner, ListenerError):
             _fail(inner)
-            return EXIT_CONFIG if isinstance(inner, ConfigurationError) else EXIT_FAILURE
+            usage = isinstance(inner, ConfigurationError | UsageError)
+            return EXIT_CONFIG if usage else EXIT_FAILURE
         raise
     except KeyboardInterrupt:
         return 130

@@ -16,7 +16,7 @@ import psycopg
 from anyio.abc import TaskStatus
 
 from listener.database import resolve_database
-from listener.errors import ConfigurationError, ListenerError
+from listener.errors import ConfigurationError, ListenerError, UsageError
 from listener.settings import Settings
 
 if TYPE_CHECKING:
@@ -102,14 +102,16 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
     from listener import jobs
+    from listener.policy import PRIORITY_RANGE, parse_int
     from listener.producer import enqueue
 
+    priority = parse_int("priority", args.priority, *PRIORITY_RANGE)
     products = (
         jobs.read_products(args.file)
         if args.file
         else jobs.sample_products(args.products, args.store)
     )
-    job_id = enqueue(resolve_database(settings), args.store, products, priority=args.priority)
+    job_id = enqueue(resolve_database(settings), args.store, products, priority=priority)
     _say(str(job_id))
     return 0
 
@@ -215,6 +217,76 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace, settings: Settings) -> int:
+    from listener import policy
+
+    if args.action == "show":
+        return _store_show(args, settings)
+    if args.action == "set":
+        weight = (
+            None
+            if args.weight is None
+            else policy.parse_int("weight", args.weight, *policy.WEIGHT_RANGE)
+        )
+        rpm: policy.Cap = (
+            policy.KEEP
+            if args.rpm is None
+            else policy.parse_cap("rpm", args.rpm, policy.MAX_RPM_LIMIT)
+        )
+        in_flight: policy.Cap = (
+            policy.KEEP
+            if args.max_in_flight is None
+            else policy.parse_cap("max-in-flight", args.max_in_flight, policy.MAX_IN_FLIGHT)
+        )
+        if weight is None and rpm == policy.KEEP and in_flight == policy.KEEP:
+            raise UsageError("store set: give at least one of --weight, --rpm, --max-in-flight")
+        policy.set_policy(
+            resolve_database(settings),
+            args.store,
+            weight=weight,
+            rpm_limit=rpm,
+            max_in_flight=in_flight,
+        )
+    else:
+        policy.set_policy(resolve_database(settings), args.store, paused=args.action == "pause")
+    # Every worker re-reads the row on the stores_changed notification its commit sends.
+    return _store_show(args, settings)
+
+
+def _store_show(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from listener import policy
+
+    rows = policy.show(resolve_database(settings), args.store)
+    headers = (
+        "store",
+        "weight",
+        "rpm",
+        "max in flight",
+        "paused",
+        "backlog",
+        "in flight",
+        "last minute",
+    )
+    table = Table(*headers, title="Stores")
+    for store, weight, rpm, in_flight_cap, paused, backlog, in_flight, last_minute in rows:
+        table.add_row(
+            Text(store),
+            str(weight),
+            "-" if rpm is None else str(rpm),
+            "-" if in_flight_cap is None else str(in_flight_cap),
+            "yes" if paused else "no",
+            str(backlog),
+            str(in_flight),
+            str(last_minute),
+        )
+    Console().print(table)
+    return 0
+
+
 def register(commands: Any) -> None:
     worker = commands.add_parser(
         "worker", help="run the worker (the Procfile's process); HTTP on PORT when set"
@@ -227,9 +299,24 @@ def register(commands: Any) -> None:
     source.add_argument("--products", type=int, help="this many generated sample products")
     source.add_argument("--file", type=Path, help="a JSON array of product objects")
     enqueue.add_argument(
-        "--priority", type=int, default=0, help="-100..100, higher first within the store"
+        "--priority", default="0", help="-100 to 100, higher first, within the store (default 0)"
     )
     enqueue.set_defaults(handler=_enqueue)
+
+    store = commands.add_parser("store", help="a store's weight, caps and pause")
+    actions = store.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="weight, caps, paused, backlog, in flight, last minute")
+    show.add_argument(
+        "store", nargs="?", help="one store (default: every store with a row or work)"
+    )
+    change = actions.add_parser("set", help="change a store's weight or caps")
+    change.add_argument("store")
+    change.add_argument("--weight", help="1 to 1000: its share of the budget against others'")
+    change.add_argument("--rpm", help="the most items it starts a minute, or none")
+    change.add_argument("--max-in-flight", help="the most items it runs at once, or none")
+    for action, text in (("pause", "start none of its items"), ("resume", "start them again")):
+        actions.add_parser(action, help=text).add_argument("store")
+    store.set_defaults(handler=_store)
 
     cancel = commands.add_parser(
         "cancel", help="cancel a job (or a store's jobs): pending items now, in-flight ones finish"

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.lowlevel
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from listener.errors import DatabaseError
-from listener.items import ClaimedItem, claim, split_quota
+from listener.items import ClaimedItem, ReadyStore, claim, split_quota
+from listener.policy import StorePolicies, read_some
 from listener.ring import ReadyRing
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class Dispatcher:
         on_claimed: Callable[[list[ClaimedItem]], None],
         on_orphan: Callable[[ClaimedItem], None],
         clock: Callable[[], float] = anyio.current_time,
+        announce_claims: bool = False,
     ) -> None:
         self.pool = pool
         self.worker_id = worker_id
@@ -94,7 +97,16 @@ class Dispatcher:
         self.on_claimed = on_claimed
         self.on_orphan = on_orphan
         self.clock = clock
-        self.ring = ReadyRing()
+        # Under a budget every claim tells the fleet which stores it served (`stores_served`),
+        # so every process's ring goes round in step with the others'.
+        self.announce_claims = announce_claims
+        self.policies = StorePolicies()
+        self.ring = ReadyRing(weight_of=self.policies.weight)
+        # Stores their rpm_limit holds back, and until when (this process's clock): their
+        # notifications are ignored until then, and a wake-up brings them back.
+        self._held_until: dict[str, float] = {}
+        self._changed: set[str] = set()
+        self._policy_changed = anyio.Event()
         self._rng = random.Random()
         self.stopping = False
         self.claims = 0
@@ -103,6 +115,7 @@ class Dispatcher:
         self._work = anyio.Event()
         self._demand = anyio.Event()
         self._wakeups: list[tuple[float, str]] = []
+        self._earliest_wakeup: dict[str, float] = {}
         self._wakeup_changed = anyio.Event()
         self._single_claims: list[ClaimedItem] = []
         self._backlogged = False  # the last claim found every store's quota of items
@@ -114,23 +127,66 @@ class Dispatcher:
     # -- fed by the listener --------------------------------------------------------------
 
     def notify(self, store: str) -> None:
+        if self._held(store):
+            return
         self.ring.notify(store)
         self._work.set()
 
-    def rebuild(self, stores: list[str]) -> None:
+    def rebuild(self, policies: list[tuple[object, ...]], stores: list[ReadyStore]) -> None:
+        """A scan of the tables: the full policy, and every store with pending items."""
+        self.policies.replace_all(policies)
+        for store in [s for s in self.ring if self.policies.paused(s)]:
+            self.ring.drop(store)
+        due: list[str] = []
+        for ready in stores:
+            if ready.due_in > 0:
+                # Only items waiting out a backoff: the store joins when the first is due.
+                self._wake_at_most(ready.instance_id, ready.due_in)
+            elif not self._held(ready.instance_id):
+                due.append(ready.instance_id)
         # The scan returns stores in index order, the same in every process: shuffled, the
         # processes of a fleet start their turns at different stores instead of all taking
         # the same store at once.
-        shuffled = list(stores)
-        self._rng.shuffle(shuffled)
-        self.ring.replace_all(shuffled)
+        self._rng.shuffle(due)
+        self.ring.replace_all(due)
         if len(self.ring):
             self._work.set()
 
+    def served_elsewhere(self, payload: str) -> None:
+        """`stores_served` from a claim: another process served the store; ours are ignored."""
+        parts = payload.split("\x1f")
+        if len(parts) != 3 or parts[0] == self.worker_id or not parts[2].isdigit():
+            return
+        self.ring.advance(parts[1], int(parts[2]))
+
+    def store_changed(self, store: str) -> None:
+        """`stores_changed`: re-read the store's policy (a task does it, on the pool)."""
+        self._changed.add(store)
+        self._policy_changed.set()
+
     def wake_later(self, store: str, delay: float) -> None:
         """A retried item becomes claimable after its backoff: look at its store again then."""
-        heapq.heappush(self._wakeups, (self.clock() + delay, store))
+        at = self.clock() + delay
+        heapq.heappush(self._wakeups, (at, store))
+        self._earliest_wakeup[store] = min(at, self._earliest_wakeup.get(store, at))
         self._wakeup_changed.set()
+
+    def _wake_at_most(self, store: str, delay: float) -> None:
+        # Each sweep finds the same stores in backoff again: one wake-up each is enough.
+        if self._earliest_wakeup.get(store, float("inf")) > self.clock() + delay:
+            self.wake_later(store, delay)
+
+    def _held(self, store: str) -> bool:
+        """Paused, or its rpm_limit allows nothing before a time still to come."""
+        if self.policies.paused(store):
+            return True
+        until = self._held_until.get(store)
+        if until is None:
+            return False
+        if until <= self.clock():
+            del self._held_until[store]
+            return False
+        return True
 
     # -- used by workers ------------------------------------------------------------------
 
@@ -196,7 +252,34 @@ class Dispatcher:
             self._wakeup_changed = anyio.Event()
             now = self.clock()
             while self._wakeups and self._wakeups[0][0] <= now:
-                self.notify(heapq.heappop(self._wakeups)[1])
+                at, store = heapq.heappop(self._wakeups)
+                if self._earliest_wakeup.get(store) == at:
+                    del self._earliest_wakeup[store]
+                self.notify(store)
+
+    async def run_policy_reload(self) -> None:
+        """Apply `stores_changed` notifications: re-read those rows, then look at the stores
+        again (a resumed store, a raised cap: in the ring within milliseconds)."""
+        while True:
+            await self._policy_changed.wait()
+            self._policy_changed = anyio.Event()
+            stores, self._changed = sorted(self._changed), set()
+            try:
+                async with self.pool.connection() as conn:
+                    rows = await read_some(conn, stores)
+            except (DatabaseError, psycopg.Error) as error:
+                logger.warning("[Worker] reading changed store policies failed: %s", error)
+                self._changed.update(stores)
+                await anyio.sleep(1.0)
+                self._policy_changed.set()
+                continue
+            self.policies.update(rows, stores)
+            for store in stores:
+                self._held_until.pop(store, None)
+                if self.policies.paused(store):
+                    self.ring.drop(store)
+                else:
+                    self.notify(store)
 
     async def run_claim_log(self, interval: float = 10.0) -> None:
         """Single-item claims (the paced, rate-limited regime) are reported as a summary."""
@@ -254,22 +337,32 @@ class Dispatcher:
             shift = self.claims % len(quotas)
             quotas = quotas[len(quotas) - shift :] + quotas[: len(quotas) - shift]
         try:
-            items = await claim(
+            result = await claim(
                 self.pool,
                 self.worker_id,
                 stores,
                 quotas,
                 self.lease_seconds,
                 self.max_payload_bytes,
+                self.announce_claims,
             )
         except DatabaseError as error:
             logger.warning("[Worker] claim failed, retrying: %s", error)
             self._answer_all()  # their limiter slots are lost; no item is
             await anyio.sleep(1.0)
             return
+        items = result.items
+        for held in result.held_back:
+            if held.retry_in is not None:
+                # Over its rpm_limit: out of the ring until the limit allows its next item.
+                self._held_until[held.instance_id] = self.clock() + held.retry_in
+                self.wake_later(held.instance_id, held.retry_in)
         self._backlogged = bool(items) and len(items) == sum(quotas)
         got = Counter(item.instance_id for item in items)
         for store, quota in zip(stores, quotas, strict=True):
+            if got[store] == 0:
+                # A turn that brought nothing is not service: weights count items started.
+                self.ring.refund(store)
             if got[store] < quota:
                 self.ring.drop(store)
         self.claims += 1

@@ -19,6 +19,10 @@ class ConfigurationError(ListenerError):
     """A setting is missing or invalid; the message names it."""
 
 
+class UsageError(ListenerError):
+    """A command's argument is invalid; the message names it (exit code 2, like a setting)."""
+
+
 class DatabaseError(ListenerError):
     """The database could not be reached or refused a statement."""
 

@@ -63,6 +63,32 @@ class Outcome:
         return cls.of(item, "PENDING", error=error, delay=delay, refund=True)
 
 
+@dataclass(frozen=True)
+class ReadyStore:
+    """A store with PENDING items, from a scan; `due_in`: seconds until its first is due."""
+
+    instance_id: str
+    due_in: float
+
+
+@dataclass(frozen=True)
+class HeldBack:
+    """A store whose policy (pause, max_in_flight, rpm_limit) held back part of its quota.
+
+    `retry_in`: seconds until its rpm_limit allows the next item; None when only a
+    notification can free it (resume, or room under max_in_flight).
+    """
+
+    instance_id: str
+    retry_in: float | None
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    items: list[ClaimedItem]
+    held_back: list[HeldBack]
+
+
 def split_quota(stores: Sequence[str], wanted: int, max_per_store: int) -> list[int]:
     """Share `wanted` items between `stores` as evenly as possible, each capped."""
     if not stores:
@@ -78,13 +104,18 @@ async def claim(
     quotas: Sequence[int],
     lease_seconds: float,
     max_payload_bytes: int,
-) -> list[ClaimedItem]:
+    announce: bool = False,
+) -> ClaimResult:
+    # In store order: the claim locks the `stores` rows of capped stores in this order, and
+    # two claims that lock in one order never deadlock.
+    ordered = sorted(zip(stores, quotas, strict=True))
     params = {
-        "stores": list(stores),
-        "limits": list(quotas),
+        "stores": [store for store, _quota in ordered],
+        "limits": [quota for _store, quota in ordered],
         "worker_id": worker_id,
         "lease_seconds": lease_seconds,
         "max_payload_bytes": max_payload_bytes,
+        "announce": announce,
     }
     try:
         async with pool.connection() as conn:
@@ -92,9 +123,10 @@ async def claim(
             rows = await cursor.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "claim failed") from error
-    items = [ClaimedItem(*row) for row in rows]
+    items = [ClaimedItem(*row[:7]) for row in rows if row[0] is not None]
     items.sort(key=lambda item: item.id)
-    return items
+    held_back = [HeldBack(str(row[2]), row[7]) for row in rows if row[0] is None]
+    return ClaimResult(items, held_back)
 
 
 async def finish(
@@ -194,11 +226,12 @@ async def reap_expired(pool: AsyncConnectionPool, max_attempts: int) -> list[tup
     return [(int(r[0]), str(r[2]), str(r[3])) for r in rows]
 
 
-async def ready_stores(conn: psycopg.AsyncConnection[Any]) -> list[str]:
-    """Stores with PENDING items, by a loose index scan (milliseconds at a million rows)."""
+async def ready_stores(conn: psycopg.AsyncConnection[Any]) -> list[ReadyStore]:
+    """Stores with PENDING items and when the first is due, by a loose index scan
+    (milliseconds at a million rows)."""
     try:
         cursor = await conn.execute(queries("items")["ready_stores"])
-        return [str(row[0]) for row in await cursor.fetchall()]
+        return [ReadyStore(str(row[0]), float(row[1])) for row in await cursor.fetchall()]
     except psycopg.Error as error:
         raise wrap(error, "listing stores with pending items failed") from error
 

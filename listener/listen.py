@@ -17,11 +17,18 @@ from anyio.abc import TaskStatus
 from listener.backoff import Backoff
 from listener.db import with_options
 from listener.errors import DatabaseError, one_line
-from listener.items import ready_stores
+from listener.items import ReadyStore, ready_stores
+from listener.policy import CHANNEL as STORES_CHANNEL
+from listener.policy import read_all
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = "job_items_ready"
+# Another process claimed from a store: '<worker id>\x1f<store>\x1f<items>' (see the claim).
+SERVED_CHANNEL = "stores_served"
+
+# What a rebuild hands over: the store policy rows, then each store with pending items.
+Rebuild = Callable[[list[tuple[object, ...]], list[ReadyStore]], None]
 
 
 class Listener:
@@ -29,13 +36,17 @@ class Listener:
         self,
         conninfo: str,
         on_notify: Callable[[str], None],
-        on_rebuild: Callable[[list[str]], None],
+        on_rebuild: Rebuild,
         sweep_interval: float,
+        on_store_changed: Callable[[str], None] | None = None,
+        on_served: Callable[[str], None] | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self.conninfo = conninfo
         self.on_notify = on_notify
         self.on_rebuild = on_rebuild
+        self.on_store_changed = on_store_changed
+        self.on_served = on_served
         self.sweep_interval = sweep_interval
         self.backoff = backoff or Backoff(base=0.1, cap=10.0, rng=random.Random())
         self.connected = False
@@ -71,6 +82,8 @@ class Listener:
         # LISTEN before the rebuild: an insert that commits between the two is then either in
         # the scan or in a notification, never in neither.
         await conn.execute(f"LISTEN {CHANNEL}")
+        await conn.execute(f"LISTEN {STORES_CHANNEL}")
+        await conn.execute(f"LISTEN {SERVED_CHANNEL}")
         self.backend_pid = conn.info.backend_pid
         await self._rebuild(conn, "connected")
         self.connected = True
@@ -80,13 +93,21 @@ class Listener:
         while True:
             async for notify in conn.notifies(timeout=self.sweep_interval):
                 self.notifications += 1
-                self.on_notify(notify.payload)
+                if notify.channel == CHANNEL:
+                    self.on_notify(notify.payload)
+                elif notify.channel == SERVED_CHANNEL:
+                    if self.on_served is not None:
+                        self.on_served(notify.payload)
+                elif self.on_store_changed is not None:
+                    self.on_store_changed(notify.payload)
             # The safety sweep: a notification lost anywhere delays work by one interval at
             # most. It also proves the connection is alive when nothing has been heard.
             await self._rebuild(conn, "sweep")
 
     async def _rebuild(self, conn: psycopg.AsyncConnection[object], why: str) -> None:
+        # Policies first: a store paused meanwhile must not enter the ring with the scan.
+        policies = await read_all(conn)
         stores = await ready_stores(conn)
-        self.on_rebuild(stores)
+        self.on_rebuild(policies, stores)
         if why != "sweep" or stores:
             logger.debug("[Listener] %s: %d store(s) with pending items", why, len(stores))

@@ -4,43 +4,62 @@ Pure data structure: no I/O, no asyncio. A NOTIFY per store feeds `notify`; the
 claimer asks `take(n)` for the next stores to claim from and calls `drop` when a
 claim came back short.
 
-Fairness model. A *turn* is one pass over the ring: every store in it is served
-at most once per turn. A store that is not in the ring and has not been served in
-the current turn is *fresh*: it is served before the round robin (fresh stores
-among themselves first come, first served), so a new store's first job does not
-wait behind everybody else's turn. A store that was served in the current turn,
-then dropped and notified again goes to the tail instead: being "new" again must
-never be a way to jump the queue. Stores found by a scan of the table (start-up, a
-reconnect, the safety sweep) are backlog, not arrivals: they join the round robin's tail.
+Fairness model: weighted turns by stride scheduling. Each store in the ring has a
+*pass*; `take` serves the store with the lowest pass (ties: first come, first served)
+and moves its pass on by `STRIDE // weight`. Over any stretch during which a set of
+stores stays busy, each is served in proportion to its weight, smoothly interleaved
+(weights 1 and 2: a b b a b b, not a a b b b b), and with equal weights this is plain
+round robin. `vtime`, the pass of the latest store served, is where the ring is now.
 
-Layout. Two deques of `(store, token)` entries, `_fresh` then `_round_robin`, and
-`_live`, the token of each store's one live entry. `drop` just forgets the token,
-leaving a tombstone in the deque (O(1) instead of O(n) removal from the middle);
-tombstones are skipped when they reach the head and compacted away once they
-outnumber live entries, so memory stays bounded by the number of distinct stores
-whatever the notify/drop rate.
+A store that is not in the ring and is not owed a later pass is *fresh*: it is served
+before everyone else (fresh stores among themselves first come, first served), so a new
+store's first job does not wait behind everybody else's turn. A store that was served,
+then dropped (its claim came back short) and notified again before the ring caught up
+with its pass goes back at that pass instead: being "new" again must never be a way to
+jump the queue, nor to get more than its weight. Stores found by a scan of the table
+(start-up, a reconnect, the safety sweep) are backlog, not arrivals: they join one
+stride behind `vtime`, as if served just now.
 
-Invariant: `_round_robin` is [stores not yet served this turn] followed by
-[stores served this turn], because only served stores are ever appended to it.
-So the head being already served means the whole ring was served: new turn.
+Layout. `_fresh`, a deque of `(store, token)`, and `_heap`, a heap of `(pass, token,
+store)`; `_live` holds the token of each store's one live entry. `drop` just forgets
+the token, leaving a tombstone (O(1) instead of removal from the middle); tombstones
+are skipped when they reach the head and compacted away once they outnumber live
+entries, so memory stays bounded by the number of distinct stores whatever the
+notify/drop rate. `_passes` is each scheduled store's pass; `_owed` keeps the pass of
+dropped stores still ahead of `vtime`.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-_Entry = tuple[str, int]
+# A weight-1 store's pass moves this far per item; integers, so passes never drift apart
+# through float rounding (weights go up to 1,000: the error is under one part in 10^9).
+STRIDE = 10**12
+
+_Fresh = tuple[str, int]
+_Scheduled = tuple[int, int, str]
+
+
+def _weight_one(_store: str) -> int:
+    return 1
 
 
 class ReadyRing:
-    """Round-robin set of stores with work; fresh stores first. See module docstring."""
+    """Weighted turns between stores with work; fresh stores first. See module docstring."""
 
-    def __init__(self, stores: Iterable[str] = ()) -> None:
-        self._fresh: deque[_Entry] = deque()
-        self._round_robin: deque[_Entry] = deque()
+    def __init__(
+        self, stores: Iterable[str] = (), weight_of: Callable[[str], int] = _weight_one
+    ) -> None:
+        self._weight_of = weight_of
+        self._fresh: deque[_Fresh] = deque()
+        self._heap: list[_Scheduled] = []
         self._live: dict[str, int] = {}
-        self._served_this_turn: set[str] = set()
+        self._passes: dict[str, int] = {}  # the pass of each live store in the heap
+        self._owed: dict[str, int] = {}
+        self._vtime = 0
         self._next_token = 0
         self.replace_all(stores)
 
@@ -50,85 +69,122 @@ class ReadyRing:
         """The store has (maybe) new work; add it unless it is already in the ring."""
         if store in self._live:
             return
-        token = self._next_token
-        self._next_token += 1
-        self._live[store] = token
-        if store in self._served_this_turn:
-            # Already had its turn: back of the line until the next turn.
-            self._round_robin.append((store, token))
+        owed = self._owed.pop(store, None)
+        if owed is not None and owed > self._vtime:
+            # Served recently: back at the pass it had, behind those it already overtook.
+            self._schedule(store, owed)
         else:
-            self._fresh.append((store, token))
+            self._fresh.append((store, self._token_for(store)))
 
     def replace_all(self, stores: Iterable[str]) -> None:
         """Merge the full set of stores with pending work, e.g. after a (re)connect.
 
-        Missing stores join the round robin at the tail, as if already served this turn:
-        a scan finds backlog, not arrivals. Were they fresh, a worker starting on a
-        database with 1,000 stores of backlog would serve all 1,000 before a store that
-        arrives a second later (only a notification makes a store fresh). Present ones
-        keep their place. Stores absent from `stores` are deliberately NOT removed: the
-        scan is a snapshot, and a NOTIFY for a job committed after it may already have
-        been applied; removing the store would lose that wake-up until the next sweep.
-        A stale entry costs one short claim, after which the claimer drops it.
+        Missing stores join one stride behind `vtime`, as if served just now: a scan finds
+        backlog, not arrivals. Were they fresh, a worker starting on a database with 1,000
+        stores of backlog would serve all 1,000 before a store that arrives a second later
+        (only a notification makes a store fresh). Present ones keep their place. Stores
+        absent from `stores` are deliberately NOT removed: the scan is a snapshot, and a
+        NOTIFY for a job committed after it may already have been applied; removing the
+        store would lose that wake-up until the next sweep. A stale entry costs one short
+        claim, after which the claimer drops it.
         """
         for store in stores:
             if store in self._live:
                 continue
-            token = self._next_token
-            self._next_token += 1
-            self._live[store] = token
-            # Served-this-turn keeps the invariant: the round robin's tail is served stores.
-            self._served_this_turn.add(store)
-            self._round_robin.append((store, token))
+            owed = self._owed.pop(store, 0)
+            self._schedule(store, max(owed, self._vtime + self._stride(store)))
 
     rebuild = replace_all
 
     def drop(self, store: str) -> None:
         """The store's claim came back short: forget it until its next notify.
 
-        It stays marked as served this turn, so a notify before the turn ends puts
-        it at the tail rather than first. Unknown stores are ignored.
+        It keeps its pass while the ring has not caught up with it, so a notify before then
+        puts it back there rather than first. Unknown stores are ignored.
         """
         if self._live.pop(store, None) is None:
             return
         if not self._live:
             # Nobody is waiting, so the pass over the ring is over: start clean.
-            # (Otherwise stale served marks would outlive the turn they belong to.)
+            # (Otherwise stale passes would outlive the turn they belong to.)
             self._fresh.clear()
-            self._round_robin.clear()
-            self._served_this_turn.clear()
-        elif self._tombstones() > len(self._live):
+            self._heap.clear()
+            self._passes.clear()
+            self._owed.clear()
+            return
+        pass_ = self._passes.pop(store, None)  # None: fresh, never served
+        if pass_ is not None and pass_ > self._vtime:
+            self._owed[store] = pass_
+        if self._tombstones() > len(self._live):
             self._compact()
 
     # -- serving -----------------------------------------------------------------
 
     def take(self, n: int) -> list[str]:
-        """The next up to `n` distinct stores to serve: fresh first, then round robin.
+        """The next up to `n` distinct stores to serve: fresh first, then lowest pass.
 
-        Each is marked served this turn and moved to the tail (it stays in the ring).
+        Each moves on by its stride and stays in the ring.
         """
         taken: list[str] = []
-        taken_set: set[str] = set()
         while len(taken) < n:
-            entry = self._pop_live(self._fresh)
-            if entry is None:
-                entry = self._pop_live(self._round_robin)
-                if entry is None:
+            fresh = self._pop_live_fresh()
+            if fresh is not None:
+                store = fresh[0]
+                self._schedule(store, self._vtime + self._stride(store))
+            else:
+                scheduled = self._pop_live_scheduled()
+                if scheduled is None:
                     break
-                store = entry[0]
-                if store in taken_set:
-                    # Went all the way round within this call: stay distinct.
-                    self._round_robin.appendleft(entry)
+                pass_, token, store = scheduled
+                if store in taken:
+                    # Its next turn comes before anyone else's: stay distinct, stop here,
+                    # and leave it exactly where it was.
+                    heapq.heappush(self._heap, scheduled)
+                    self._live[store] = token
+                    self._passes[store] = pass_
                     break
-                if store in self._served_this_turn:
-                    # Head already served => everyone was (see invariant): new turn.
-                    self._served_this_turn.clear()
-            store = entry[0]
-            self._served_this_turn.add(store)
-            self._round_robin.append(entry)
+                self._vtime = max(self._vtime, pass_)
+                self._schedule(store, pass_ + self._stride(store))
             taken.append(store)
-            taken_set.add(store)
         return taken
+
+    def advance(self, store: str, count: int = 1) -> None:
+        """Another process of the fleet served `store` `count` times: move it on as if this
+        ring had, so that every process's turns stay in step (one fleet-wide round) instead of
+        each process going round on its own. A fresh store served elsewhere is no longer new
+        here; an unknown store is ignored."""
+        if count <= 0:
+            return
+        step = count * self._stride(store)
+        if store in self._passes:
+            pass_ = self._passes[store]
+            self._vtime = max(self._vtime, pass_)
+            # Re-scheduled: the old heap entry becomes a tombstone.
+            self._schedule(store, pass_ + step)
+            if self._tombstones() > len(self._live):
+                self._compact()
+        elif store in self._live:
+            # Fresh here, served elsewhere: it takes its place in the round like a served store.
+            self._schedule(store, self._vtime + step)
+            if self._tombstones() > len(self._live):
+                self._compact()
+        elif store in self._owed:
+            self._owed[store] += step
+
+    def refund(self, store: str) -> None:
+        """The store's last turn brought nothing (its claim was refused: paused, at a cap, or
+        its items went to another process): give the turn back, so that refusals never count
+        as service and the store is not pushed behind the others for them."""
+        step = self._stride(store)
+        if store in self._passes:
+            pass_ = self._passes[store] - step
+            self._schedule(store, max(pass_, self._vtime))
+            if self._tombstones() > len(self._live):
+                self._compact()
+        elif store in self._owed:
+            self._owed[store] -= step
+            if self._owed[store] <= self._vtime:
+                del self._owed[store]
 
     # -- inspection --------------------------------------------------------------
 
@@ -142,35 +198,63 @@ class ReadyRing:
         return not self._live
 
     def __iter__(self) -> Iterator[str]:
-        """Live stores in the order `take` would serve them (ignoring turn resets)."""
-        for queue in (self._fresh, self._round_robin):
-            for store, token in queue:
-                if self._live.get(store) == token:
-                    yield store
+        """Live stores in the order `take` would serve them next (each once)."""
+        for store, token in self._fresh:
+            if self._live.get(store) == token:
+                yield store
+        for _pass, token, store in sorted(self._heap):
+            if self._live.get(store) == token:
+                yield store
 
     def snapshot(self) -> list[str]:
         """A copy of the ring in order of service, for stats and debugging."""
         return list(self)
 
+    def entries(self) -> int:
+        """Entries held, live or tombstones (memory is bounded: at most 2 x live + 1)."""
+        return len(self._fresh) + len(self._heap)
+
     # -- internals ---------------------------------------------------------------
 
-    def _is_live(self, entry: _Entry) -> bool:
-        return self._live.get(entry[0]) == entry[1]
+    def _stride(self, store: str) -> int:
+        return STRIDE // max(1, self._weight_of(store))
 
-    def _pop_live(self, queue: deque[_Entry]) -> _Entry | None:
-        """Pop the first live entry, discarding the tombstones in front of it."""
-        while queue:
-            entry = queue.popleft()
-            if self._is_live(entry):
+    def _token_for(self, store: str) -> int:
+        token = self._next_token
+        self._next_token += 1
+        self._live[store] = token
+        return token
+
+    def _schedule(self, store: str, pass_: int) -> None:
+        heapq.heappush(self._heap, (pass_, self._token_for(store), store))
+        self._passes[store] = pass_
+
+    def _pop_live_fresh(self) -> _Fresh | None:
+        while self._fresh:
+            entry = self._fresh.popleft()
+            if self._live.get(entry[0]) == entry[1]:
+                self._live.pop(entry[0])
+                return entry
+        return None
+
+    def _pop_live_scheduled(self) -> _Scheduled | None:
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            if self._live.get(entry[2]) == entry[1]:
+                self._live.pop(entry[2])
+                self._passes.pop(entry[2])
                 return entry
         return None
 
     def _tombstones(self) -> int:
-        # Every live store has exactly one entry in one of the deques.
-        return len(self._fresh) + len(self._round_robin) - len(self._live)
+        # Every live store has exactly one entry in one of the two queues.
+        return self.entries() - len(self._live)
 
     def _compact(self) -> None:
-        # O(entries), but only once tombstones outnumber live entries, so each drop
-        # pays O(1) amortised and entries never exceed 2 * live + 1.
-        self._fresh = deque(e for e in self._fresh if self._is_live(e))
-        self._round_robin = deque(e for e in self._round_robin if self._is_live(e))
+        # O(entries), but only once tombstones outnumber live entries, so each drop pays
+        # O(1) amortised and entries never exceed 2 * live + 1. Debts the ring has caught
+        # up with are forgotten here too.
+        self._fresh = deque(e for e in self._fresh if self._live.get(e[0]) == e[1])
+        self._heap = [e for e in self._heap if self._live.get(e[2]) == e[1]]
+        heapq.heapify(self._heap)
+        self._owed = {s: p for s, p in self._owed.items() if p > self._vtime}

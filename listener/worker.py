@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable
@@ -42,6 +43,7 @@ from listener.limiter import Limiter
 from listener.listen import Listener
 from listener.settings import Settings
 from listener.sqlfiles import queries
+from listener.throughput import Throughput
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ class Worker:
         self.handler = handler
         self.worker_id = worker_id or new_worker_id()
         self.counters = Counters()
+        # Finished items by minute and store, for the dashboard's chart and per-store figures.
+        self.throughput = Throughput()
         self.fatal: AuthenticationFailed | None = None
         self.held: dict[int, str] = {}  # claimed items not yet written back: id -> store
         self.running: dict[int, str] = {}  # items whose handler is running now
@@ -119,12 +123,15 @@ class Worker:
             max_payload_bytes=settings.max_payload_bytes,
             on_claimed=self._on_claimed,
             on_orphan=lambda item: self._emit(Outcome.release(item)),
+            announce_claims=bool(settings.rate_limit_rpm or settings.rate_limit_tpm),
         )
         self.listener = Listener(
             with_timeouts(conninfo, settings),
             on_notify=self.dispatcher.notify,
             on_rebuild=self.dispatcher.rebuild,
             sweep_interval=settings.sweep_interval_seconds,
+            on_store_changed=self.dispatcher.store_changed,
+            on_served=self.dispatcher.served_elsewhere,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -148,6 +155,7 @@ class Worker:
                     await services.start(self.listener.run)
                     services.start_soon(self.dispatcher.run_claimer)
                     services.start_soon(self.dispatcher.run_wakeups)
+                    services.start_soon(self.dispatcher.run_policy_reload)
                     services.start_soon(self.dispatcher.run_claim_log)
                     services.start_soon(self._heartbeat_loop)
                     services.start_soon(self._reap_loop)
@@ -339,8 +347,11 @@ class Worker:
         self.counters.superseded += len(superseded)
         for outcome in superseded:
             self.held.pop(outcome.item_id, None)
+        now = time.time()
         for outcome in batch:
             self.held.pop(outcome.item_id, None)
+            if outcome.status in ("COMPLETED", "FAILED"):
+                self.throughput.record(outcome.instance_id, now)
             if outcome.status == "COMPLETED":
                 self.counters.completed += 1
             elif outcome.status == "FAILED":
@@ -369,6 +380,7 @@ class Worker:
 
     def stats(self) -> dict[str, Any]:
         limiter = self.limiter.snapshot()
+        now = time.time()
         return {
             "requestsInLastMinute": limiter.requests_last_minute,
             "tokensInLastMinute": limiter.tokens_last_minute,
@@ -389,6 +401,8 @@ class Worker:
             "pool": pool_stats(self.pool),
             "rpm": self.settings.rate_limit_rpm,
             "tpm": self.settings.rate_limit_tpm,
+            "finishedPerMinute": self.throughput.per_minute(now),
+            "finishedLastMinuteByStore": self.throughput.by_store(now),
         }
 
     async def _beat(self) -> None:

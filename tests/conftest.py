@@ -107,3 +107,30 @@ def empty_database_url(pg_server: Server) -> Iterator[str]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# The system's Chromium (Debian's `chromium` package): Playwright's own browser download cannot
+# be fetched everywhere the tests run. `.ci/run` installs it.
+CHROMIUM = os.environ.get("LISTENER_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # Fifty tabs of one site share a few renderer processes instead of fifty.
+    "--renderer-process-limit=4",
+]
+
+
+@pytest.fixture
+def chromium_path() -> str:
+    """The browser's path; in CI its absence fails the test instead of skipping it."""
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing: .ci/run installs it (apt-get install chromium)")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")

@@ -48,6 +48,7 @@ def test_the_claim_reads_index_heads_only_at_100k_rows(
                 "worker_id": "w",
                 "lease_seconds": 60,
                 "max_payload_bytes": 65_536,
+                "announce": False,
             },
         )
     assert "Seq Scan" not in plan and "Bitmap" not in plan and '"Sort"' not in plan
@@ -75,6 +76,7 @@ def test_a_claim_takes_each_store_s_oldest_items_up_to_its_quota(database_url: s
             "worker_id": "w1",
             "lease_seconds": 60,
             "max_payload_bytes": 65_536,
+            "announce": False,
         }
         first = conn.execute(claim, params).fetchall()
         second = conn.execute(claim, {**params, "worker_id": "w2"}).fetchall()
@@ -98,3 +100,197 @@ def test_split_quota_shares_the_wanted_items_evenly_within_the_cap() -> None:
     assert split_quota(["a", "b"], 100, 20) == [20, 20]
     assert split_quota(["a"], 1, 20) == [1]
     assert split_quota([], 5, 20) == []
+
+
+def _claim_params(stores: list[str], limits: list[int], worker: str = "w") -> dict[str, Any]:
+    return {
+        "stores": stores,
+        "limits": limits,
+        "worker_id": worker,
+        "lease_seconds": 60,
+        "max_payload_bytes": 65_536,
+        "announce": False,
+    }
+
+
+def _claim_buffers(conn: psycopg.Connection[Any], params: dict[str, Any]) -> tuple[int, int]:
+    """(items claimed, shared buffers the claim touched), rolled back."""
+    with conn.transaction(force_rollback=True):
+        row = conn.execute(
+            b"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queries("items")["claim"].encode(),
+            params,
+        ).fetchone()
+    assert row is not None
+    plan = row[0][0]["Plan"]
+    return int(plan["Actual Rows"]), int(plan["Shared Hit Blocks"] + plan["Shared Read Blocks"])
+
+
+def test_items_in_backoff_at_the_head_of_a_store_are_not_read_by_the_claim(
+    database_url: str,
+) -> None:
+    # Issue 11, defect 5: the oldest 5,000 items of a store wait out a retry's backoff. The
+    # claim's index used to end in id, so each claim read past all 5,000 (and their heap rows)
+    # to reach the first due item; now due items come first in the store's range.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _load(conn, stores=2, per_store=10_000)
+        conn.execute(
+            "UPDATE job_items SET run_after = now() + interval '1 hour'"
+            " WHERE instance_id = 'store-1' AND id IN ("
+            "   SELECT id FROM job_items WHERE instance_id = 'store-1' ORDER BY id LIMIT 5000)"
+        )
+        conn.execute("VACUUM ANALYZE job_items")
+        half_in_backoff = _claim_buffers(conn, _claim_params(["store-1"], [1]))
+        none_in_backoff = _claim_buffers(conn, _claim_params(["store-2"], [1]))
+    assert half_in_backoff[0] == none_in_backoff[0] == 1
+    # The same few pages either way (the old index read about 5,000 more).
+    assert half_in_backoff[1] <= none_in_backoff[1] + 5, (half_in_backoff, none_in_backoff)
+
+
+def test_a_store_s_higher_priority_item_is_its_next_whatever_its_backlog(
+    database_url: str,
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _load(conn, stores=3, per_store=2_000)
+        job = conn.execute(
+            "INSERT INTO jobs (instance_id, priority) VALUES ('store-2', 10) RETURNING id"
+        ).fetchone()
+        assert job is not None
+        # The producer leaves the item's priority out: it takes its job's.
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id)"
+            " VALUES (%s, 'store-2', 'click')",
+            job,
+        )
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id, priority)"
+            " VALUES (%s, 'store-2', 'later', -5)",
+            job,
+        )
+        conn.execute("ANALYZE job_items")
+        params = _claim_params(["store-1", "store-2", "store-3"], [1, 1, 1])
+        plan = _plan(conn, queries("items")["claim"], params)
+        rows = conn.execute(queries("items")["claim"], params).fetchall()
+        line = conn.execute(
+            "SELECT product_id FROM job_items WHERE instance_id = 'store-2' AND status = 'PENDING'"
+            " ORDER BY priority DESC, run_after, id"
+        ).fetchall()
+    claimed = {row[2]: row[3] for row in rows}
+    # Priority orders the store's OWN line: store-2's click goes first, the others' heads
+    # (and their share of the claim) are unchanged.
+    assert claimed == {"store-1": "p1", "store-2": "click", "store-3": "p1"}
+    assert len(line) == 2001 and line[-1] == ("later",)  # -5: behind every item at 0
+    assert '"Index Name": "idx_job_items_pending"' in plan and '"Sort"' not in plan
+
+
+def test_the_rebuild_finds_stores_with_work_and_when_their_first_item_is_due(
+    database_url: str,
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _load(conn, stores=3, per_store=10)
+        conn.execute(
+            "UPDATE job_items SET run_after = now() + interval '30 seconds'"
+            " WHERE instance_id = 'store-2'"
+        )
+        conn.execute(
+            "UPDATE job_items SET priority = 5, run_after = now() + interval '60 seconds'"
+            " WHERE instance_id = 'store-3' AND product_id = 'p1'"
+        )
+        rows = dict(conn.execute(queries("items")["ready_stores"]).fetchall())
+    assert rows["store-1"] == 0 and rows["store-3"] == 0  # store-3's other items are due
+    assert 25 < rows["store-2"] <= 30
+
+
+def test_only_due_items_announce_their_store(database_url: str) -> None:
+    with (
+        psycopg.connect(database_url, autocommit=True) as listener,
+        psycopg.connect(database_url, autocommit=True) as conn,
+    ):
+        _load(conn, stores=2, per_store=3)
+        conn.execute("UPDATE job_items SET status = 'PROCESSING'")
+        listener.execute("LISTEN job_items_ready")
+        # A retry waiting out its backoff: nobody is told (its worker wakes the store later).
+        conn.execute(
+            "UPDATE job_items SET status = 'PENDING', run_after = now() + interval '5 seconds'"
+            " WHERE instance_id = 'store-1'"
+        )
+        # A release (or a reaped lease): due now, every process hears of it.
+        conn.execute("UPDATE job_items SET status = 'PENDING' WHERE instance_id = 'store-2'")
+        heard = [n.payload for n in listener.notifies(timeout=0.5)]
+    assert heard == ["store-2"]
+
+
+def _held_back(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    return {row[2]: row[7] for row in rows if row[0] is None}
+
+
+def test_a_paused_store_gets_nothing_and_is_named_as_held_back(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _load(conn, stores=2, per_store=5)
+        conn.execute("INSERT INTO stores (instance_id, paused) VALUES ('store-1', true)")
+        rows = conn.execute(
+            queries("items")["claim"], _claim_params(["store-1", "store-2"], [3, 3])
+        ).fetchall()
+    items = [row for row in rows if row[0] is not None]
+    assert {row[2] for row in items} == {"store-2"} and len(items) == 3
+    assert _held_back(rows) == {"store-1": None}
+
+
+def test_max_in_flight_holds_across_concurrent_claims(database_url: str) -> None:
+    # Two claims of one store at once, from two sessions: the second does not queue behind the
+    # first (it takes nothing and says to look again in 50 ms); once the first has committed,
+    # the next claim counts its items. Together: never more than the cap.
+    claim = queries("items")["claim"]
+    with (
+        psycopg.connect(database_url, autocommit=True) as setup,
+        psycopg.connect(database_url) as first,
+        psycopg.connect(database_url) as second,
+    ):
+        _load(setup, stores=1, per_store=20)
+        setup.execute("INSERT INTO stores (instance_id, max_in_flight) VALUES ('store-1', 3)")
+        got_first = first.execute(claim, _claim_params(["store-1"], [2], "w1")).fetchall()
+        while_locked = second.execute(claim, _claim_params(["store-1"], [5], "w2")).fetchall()
+        second.commit()
+        first.commit()
+        after = second.execute(claim, _claim_params(["store-1"], [5], "w2")).fetchall()
+        second.commit()
+        processing = setup.execute(
+            "SELECT count(*) FROM job_items WHERE status = 'PROCESSING'"
+        ).fetchone()
+    assert len([r for r in got_first if r[0] is not None]) == 2
+    assert [r for r in while_locked if r[0] is not None] == []
+    assert _held_back(while_locked) == {"store-1": 0.05}
+    assert len([r for r in after if r[0] is not None]) == 1
+    assert _held_back(after) == {"store-1": None}
+    assert processing == (3,)
+
+
+def test_rpm_limit_spaces_a_store_s_items_and_says_when_the_next_is_allowed(
+    database_url: str,
+) -> None:
+    claim = queries("items")["claim"]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _load(conn, stores=1, per_store=20)
+        conn.execute("INSERT INTO stores (instance_id, rpm_limit) VALUES ('store-1', 60)")
+        first = conn.execute(claim, _claim_params(["store-1"], [5])).fetchall()
+        second = conn.execute(claim, _claim_params(["store-1"], [5])).fetchall()
+    # At 60 a minute: one item now, the next (60 s + 0.5 s tolerance) / 60 later.
+    assert len([r for r in first if r[0] is not None]) == 1
+    assert [r for r in second if r[0] is not None] == []
+    retry_in = _held_back(second)["store-1"]
+    assert 0.9 < retry_in <= 60.5 / 60
+
+
+def test_a_claim_under_a_budget_tells_the_fleet_which_stores_it_served(
+    database_url: str,
+) -> None:
+    with (
+        psycopg.connect(database_url, autocommit=True) as listener,
+        psycopg.connect(database_url, autocommit=True) as conn,
+    ):
+        _load(conn, stores=2, per_store=3)
+        listener.execute("LISTEN stores_served")
+        params = _claim_params(["store-1", "store-2"], [2, 1], "w1")
+        conn.execute(queries("items")["claim"], params).fetchall()  # without: silent
+        conn.execute(queries("items")["claim"], {**params, "announce": True}).fetchall()
+        heard = sorted(n.payload for n in listener.notifies(timeout=0.5))
+    assert heard == ["w1\x1fstore-1\x1f1", "w1\x1fstore-2\x1f1"]

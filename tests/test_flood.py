@@ -49,7 +49,7 @@ class GatedHandler:
 
 def ring_entries(ring: object) -> int:
     """Entries the ring's queues hold, tombstones included (what its memory grows with)."""
-    return len(ring._fresh) + len(ring._round_robin)  # type: ignore[attr-defined]
+    return ring.entries()  # type: ignore[attr-defined]
 
 
 def peak_rss_mib() -> float:

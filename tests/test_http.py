@@ -151,7 +151,9 @@ async def test_serve_worker_http_serves_on_port_until_cancelled(
         assert response.status_code == 200
         assert response.json()["listener"] == "not running"
         # Loopback by default (HTTP_HOST), and the line says so.
-        serving_line = f"[HTTP] serving health, stats and metrics on port {port} (127.0.0.1; "
+        serving_line = (
+            f"[HTTP] serving the dashboard, health, stats and metrics on port {port} (127.0.0.1; "
+        )
         assert any(message.startswith(serving_line) for message in caplog.messages)
         # The socket is closed once the server task returns.
         with pytest.raises(OSError):

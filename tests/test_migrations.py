@@ -126,6 +126,7 @@ def test_check_is_clean_and_sees_a_missing_migration(database_url: str) -> None:
     incomplete = check_migrations(database_url, migrations=before)
     assert "idx_job_items_pending" in incomplete
     assert "job_items_instance_id_valid" in incomplete
+    assert '"public"."stores"' in incomplete
 
 
 def test_failing_migration_rolls_back_and_names_file_and_statement(
@@ -239,3 +240,65 @@ def test_up_plan_prints_each_statement_and_its_locks_and_applies_nothing(
 def test_up_plan_with_nothing_pending(database_url: str) -> None:
     plan = run_listener("migrate", "up", "--plan", DATABASE_URL=database_url)
     assert plan.stdout.strip() == "nothing to apply: the database is up to date"
+def test_store_policy_migrations_keep_every_item_and_go_down_cleanly(
+    empty_database_url: str,
+) -> None:
+    migrations = load_migrations()
+    policy = [m.name for m in migrations].index("1730000016000_store-policy")
+    before = MigrationRunner(
+        empty_database_url, migrations=migrations[:policy], output=lambda _l: None
+    )
+    before.up()
+    with psycopg.connect(empty_database_url) as conn:
+        conn.execute(
+            "INSERT INTO jobs (instance_id) SELECT 'store-' || n FROM generate_series(1, 20) n"
+        )
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+            " SELECT j.id, j.instance_id, 'p' || n, '{}'::jsonb"
+            " FROM jobs j CROSS JOIN generate_series(1, 500) n"
+        )
+    runner = MigrationRunner(empty_database_url, output=lambda _l: None)
+    assert runner.up() == [m.name for m in migrations[policy:]]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        # Old rows read priority 0 from the catalog (no rewrite); the table's constraints hold.
+        assert conn.execute(
+            "SELECT count(*), min(priority), max(priority) FROM job_items"
+        ).fetchone() == (10_000, 0, 0)
+        validated = conn.execute(
+            "SELECT conname, convalidated FROM pg_constraint"
+            " WHERE conname IN ('jobs_priority_range', 'job_items_priority_range')"
+            " ORDER BY conname"
+        ).fetchall()
+        assert validated == [("job_items_priority_range", True), ("jobs_priority_range", True)]
+        # A producer that leaves the priority out gets its job's.
+        job = conn.execute(
+            "INSERT INTO jobs (instance_id, priority) VALUES ('x', 7) RETURNING id"
+        ).fetchone()
+        assert job is not None
+        conn.execute("INSERT INTO job_items (job_id, instance_id) VALUES (%s, 'x')", job)
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, priority) VALUES (%s, 'x', -2)", job
+        )
+        assert conn.execute(
+            "SELECT priority FROM job_items WHERE instance_id = 'x' ORDER BY id"
+        ).fetchall() == [(7,), (-2,)]
+        conn.execute("INSERT INTO stores (instance_id, weight) VALUES ('store-1', 4)")
+    # Down to before the store policy (the migrations after it first).
+    later = len(migrations) - policy
+    assert len(runner.down(later)) == later
+    with psycopg.connect(empty_database_url) as conn:
+        columns = conn.execute(
+            "SELECT table_name FROM information_schema.columns WHERE column_name = 'priority'"
+        ).fetchall()
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE tablename IN ('stores', 'store_throttles')"
+        ).fetchall()
+        assert conn.execute("SELECT count(*) FROM job_items").fetchone() == (10_002,)
+        index = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_job_items_pending'"
+        ).fetchone()
+    assert columns == [] and tables == []
+    assert index is not None and "(instance_id, id) WHERE" in index[0]
+    runner.up()
+    assert diff_against_schema(empty_database_url) == ""

@@ -10,7 +10,7 @@ from listener.ring import ReadyRing
 
 def _entries(ring: ReadyRing) -> int:
     # White-box: total deque entries, live ones plus tombstones.
-    return len(ring._fresh) + len(ring._round_robin)
+    return ring.entries()
 
 
 def _ring_with(*stores: str) -> ReadyRing:
@@ -205,7 +205,7 @@ def test_bounded_memory_notify_spam() -> None:
         ring.notify(stores[i % 10])
     assert len(ring) == 10
     assert _entries(ring) == 10
-    assert len(ring._served_this_turn) <= 10
+    assert len(ring._owed) <= 10
 
 
 def test_bounded_memory_drop_renotify_churn() -> None:
@@ -219,7 +219,7 @@ def test_bounded_memory_drop_renotify_churn() -> None:
         ring.notify(store)
         assert _entries(ring) <= 2 * len(ring) + 1
     assert len(ring._live) == 10
-    assert len(ring._served_this_turn) <= 10
+    assert len(ring._owed) <= 10
 
 
 def test_random_operations_keep_invariants() -> None:
@@ -297,3 +297,130 @@ def test_drop_after_turn_rolled_over_makes_store_fresh() -> None:
     ring.drop("c")
     ring.notify("c")
     assert ring.take(3) == ["c", "b", "a"]
+
+
+# -- weighted turns ----------------------------------------------------------------------
+
+
+def _weighted(weights: dict[str, int]) -> ReadyRing:
+    return ReadyRing(weights, weight_of=lambda store: weights.get(store, 1))
+
+
+def test_weights_share_the_turns_in_proportion_and_interleave() -> None:
+    ring = _weighted({"a": 1, "b": 2, "c": 4})
+    served = [store for _ in range(700) for store in ring.take(1)]
+    counts = Counter(served)
+    assert counts == {"a": 100, "b": 200, "c": 400}
+    # Smooth, not in runs: the heaviest store never goes more than one take without a turn.
+    assert "c c c" not in " ".join(served) and "a a" not in " ".join(served)
+
+
+def test_weights_one_one_two_two_four_four_eight_eight() -> None:
+    weights = {f"s{i}": w for i, w in enumerate([1, 1, 2, 2, 4, 4, 8, 8])}
+    ring = _weighted(weights)
+    counts = Counter(store for _ in range(3000) for store in ring.take(1))
+    for store, weight in weights.items():
+        assert abs(counts[store] - 3000 * weight / 30) <= 1
+
+
+def test_a_store_that_runs_dry_leaves_its_share_to_the_others_at_once() -> None:
+    weights = {"heavy": 8, "a": 1, "b": 1}
+    ring = _weighted(weights)
+    for _ in range(100):
+        ring.take(1)
+    ring.drop("heavy")
+    served = Counter(store for _ in range(100) for store in ring.take(1))
+    assert served == {"a": 50, "b": 50}  # work-conserving: no slot waits for "heavy"
+
+
+def test_a_heavy_store_back_from_a_short_claim_does_not_jump_the_queue() -> None:
+    weights = {"heavy": 4, "a": 1, "b": 1}
+    ring = _weighted(weights)
+    taken = [store for _ in range(60) for store in ring.take(1)]
+    assert Counter(taken) == {"heavy": 40, "a": 10, "b": 10}
+    # A drop and a notify right away: heavy keeps its pass, it is not fresh again.
+    ring.drop("heavy")
+    ring.notify("heavy")
+    counts = Counter(store for _ in range(60) for store in ring.take(1))
+    assert counts == {"heavy": 40, "a": 10, "b": 10}
+
+
+def test_a_new_store_goes_first_whatever_the_weights() -> None:
+    ring = _weighted({"big": 1000, "small": 1})
+    for _ in range(50):
+        ring.take(1)
+    ring.notify("newcomer")
+    assert ring.take(1) == ["newcomer"]
+
+
+def test_a_weight_change_acts_from_the_next_turn() -> None:
+    weights = {"a": 1, "b": 1}
+    ring = _weighted(weights)
+    for _ in range(10):
+        ring.take(1)
+    weights["b"] = 3
+    counts = Counter(store for _ in range(400) for store in ring.take(1))
+    assert abs(counts["b"] - 300) <= 2 and abs(counts["a"] - 100) <= 2
+
+
+def test_take_of_several_stops_at_a_heavy_store_s_next_turn() -> None:
+    # Distinct stores, in pass order: heavy's next turns come before a's, so a take of two
+    # stops at heavy instead of handing a a turn out of order (which would undo the weights).
+    ring = _weighted({"heavy": 10, "a": 1})
+    assert ring.take(2) == ["heavy"]
+    counts = Counter(store for _ in range(109) for store in ring.take(2))
+    assert abs(counts["heavy"] - 10 * counts["a"]) <= 10
+
+
+# -- a fleet in step ---------------------------------------------------------------------
+
+
+def test_a_store_served_elsewhere_moves_on_here_too() -> None:
+    ring = _ring_with("a", "b", "c")
+    ring.advance("a")  # another process took a's turn
+    assert ring.take(3) == ["b", "c", "a"]
+
+
+def test_a_fresh_store_served_elsewhere_is_no_longer_new_here() -> None:
+    ring = _ring_with("a", "b")
+    ring.notify("new")
+    ring.advance("new")  # another process served it first
+    assert ring.take(3) == ["a", "b", "new"]
+
+
+def test_two_rings_that_hear_of_each_other_s_turns_go_round_as_one() -> None:
+    # Two processes taking slots in turn, each telling the other what it served: together they
+    # serve each store once per round of 10 slots, as one ring would, not twice at random.
+    stores = [f"s{n}" for n in range(10)]
+    rings = [ReadyRing(stores), ReadyRing(list(reversed(stores)))]
+    served: list[str] = []
+    for slot in range(100):
+        mine, other = rings[slot % 2], rings[(slot + 1) % 2]
+        (store,) = mine.take(1)
+        other.advance(store)
+        served.append(store)
+    for start in range(10, 100, 10):
+        assert sorted(served[start : start + 10]) == stores, served[start : start + 10]
+
+
+def test_advance_of_an_unknown_store_is_ignored_and_memory_stays_bounded() -> None:
+    ring = ReadyRing(["a", "b"])
+    ring.advance("zzz")
+    for _ in range(10_000):
+        ring.advance("a")
+    assert ring.snapshot() == ["b", "a"]
+    assert _entries(ring) <= 2 * len(ring) + 1
+
+
+def test_a_refused_turn_is_given_back() -> None:
+    weights = {"capped": 4, "a": 1, "b": 1}
+    ring = _weighted(weights)
+    taken = [store for _ in range(12) for store in ring.take(1)]
+    assert Counter(taken) == {"capped": 8, "a": 2, "b": 2}
+    # Its next turn is refused (over its cap): refunded and dropped, then back when due.
+    assert ring.take(1) == ["capped"]
+    ring.refund("capped")
+    ring.drop("capped")
+    ring.notify("capped")
+    counts = Counter(store for _ in range(12) for store in ring.take(1))
+    assert counts == {"capped": 8, "a": 2, "b": 2}  # not pushed behind for the refusal

@@ -29,7 +29,14 @@ from starlette.routing import Route
 from listener.db import pool_stats
 from listener.errors import one_line
 from listener.http.auth import BearerTokenMiddleware
-from listener.http.fleet import DB_ERRORS, Fleet, FleetSnapshot, count_live_workers, usage
+from listener.http.dashboard import Dashboard
+from listener.http.fleet import (
+    DB_ERRORS,
+    Fleet,
+    FleetSnapshot,
+    count_live_workers,
+    usage,
+)
 from listener.http.serve import EmbeddedServer, serving
 from listener.redact import redact
 from listener.settings import Settings, check_host
@@ -220,17 +227,23 @@ def build_app(
             collector.fleet = None
         return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
+    dashboard = Dashboard(pool, settings)
     middleware = []
     if settings.api_token is not None:
-        middleware.append(Middleware(BearerTokenMiddleware, token=settings.api_token))
-    return Starlette(
+        middleware.append(
+            Middleware(BearerTokenMiddleware, token=settings.api_token, sessions=dashboard.sessions)
+        )
+    app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/api/rate-limiter/stats", stats, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *dashboard.routes(),
         ],
         middleware=middleware,
     )
+    app.state.dashboard = dashboard
+    return app
 
 
 def _error(body: dict[str, Any], reason: str) -> JSONResponse:
@@ -242,7 +255,10 @@ def _announce(server: EmbeddedServer, settings: Settings) -> None:
     host = server.host
     guard = "API_TOKEN required but for /health" if settings.api_token else "no API_TOKEN"
     logger.info(
-        "[HTTP] serving health, stats and metrics on port %d (%s; %s)", server.port, host, guard
+        "[HTTP] serving the dashboard, health, stats and metrics on port %d (%s; %s)",
+        server.port,
+        host,
+        guard,
     )
     if settings.api_token is None and not _is_loopback(host):
         logger.warning(

@@ -2,67 +2,125 @@
 
 -- claim --
 -- One statement for every store of this turn: each LATERAL reads the head of one store's
--- range of idx_job_items_pending, so the cost is (stores x limit), never the backlog.
+-- range of idx_job_items_pending (priority first, then due time, then id), so the cost is
+-- (stores x limit), never the backlog nor the items waiting out a backoff. A store with caps or
+-- a pause in `stores` gets what listener_claim_allowance grants (stores arrive sorted, so two
+-- claims lock their rows in one order); a store without a row costs one primary-key probe.
 -- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
 -- alone): a claim lost in a crash only means its lease never existed and the item is PENDING
 -- again, which is what a crash does to it anyway. Outcomes keep the flush.
 WITH unflushed AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true)
-), picked AS (
+), allowance AS MATERIALIZED (
+    SELECT req.instance_id, req.quota, coalesce(a.granted, req.quota) AS granted, a.retry_in
+    FROM unflushed, unnest(%(stores)s::text[], %(limits)s::int[]) AS req(instance_id, quota)
+    LEFT JOIN LATERAL (
+        SELECT g.granted, g.retry_in
+        FROM stores s
+        CROSS JOIN LATERAL listener_claim_allowance(s.instance_id, req.quota) AS g
+        WHERE s.instance_id = req.instance_id
+          AND (s.paused OR s.rpm_limit IS NOT NULL OR s.max_in_flight IS NOT NULL)
+    ) AS a ON true
+),
+picked AS (
     SELECT item.id
-    FROM unflushed,
-        unnest(%(stores)s::text[], %(limits)s::int[]) AS store(instance_id, quota)
+    FROM allowance
     CROSS JOIN LATERAL (
         SELECT j.id
         FROM job_items j
-        WHERE j.instance_id = store.instance_id
+        WHERE j.instance_id = allowance.instance_id
           AND j.status = 'PENDING'
           AND j.run_after <= now()
-        ORDER BY j.id
-        LIMIT store.quota
+        ORDER BY j.priority DESC, j.run_after, j.id
+        LIMIT allowance.granted
         FOR UPDATE SKIP LOCKED
     ) AS item
+),
+claimed AS (
+    UPDATE job_items j
+    SET status = 'PROCESSING',
+        claimed_at = now(),
+        claimed_by = %(worker_id)s,
+        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+        attempts = j.attempts + 1,
+        updated_at = now()
+    -- An array, not a join with `picked`: the planner cannot tell how many rows the LATERALs
+    -- yield, and for many stores it guessed high enough to hash-join a scan of the whole table.
+    WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
+    -- The payload as text, parsed item by item in the worker: one that Python cannot read
+    -- (nested past its recursion limit) fails that item alone, not the whole claim. One over the
+    -- size limit is not sent at all, only its size, and fails with it.
+    RETURNING j.id, j.job_id, j.instance_id, j.product_id,
+        CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s
+            THEN j.payload::text END AS payload_text,
+        octet_length(j.payload::text) AS payload_bytes,
+        j.attempts
+),
+announced AS MATERIALIZED (
+    -- Under a budget (claims of an item or two), the fleet's other processes move the stores
+    -- served here on in their own rings: their turns stay in step, one round for the fleet.
+    SELECT pg_notify(
+        'stores_served', concat_ws(E'\x1f', %(worker_id)s, instance_id, count(*)::text)
+    )
+    FROM claimed
+    WHERE %(announce)s
+    GROUP BY instance_id
 )
-UPDATE job_items j
-SET status = 'PROCESSING',
-    claimed_at = now(),
-    claimed_by = %(worker_id)s,
-    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-    attempts = j.attempts + 1,
-    updated_at = now()
--- An array, not a join with `picked`: the planner cannot tell how many rows the LATERALs
--- yield, and for many stores it guessed high enough to hash-join a scan of the whole table.
-WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
--- The payload as text, parsed item by item in the worker: one that Python cannot read (nested
--- past its recursion limit) fails that item alone, not the whole claim. One over the size
--- limit is not sent at all, only its size, and fails with it.
-RETURNING j.id, j.job_id, j.instance_id, j.product_id,
-    CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s THEN j.payload::text END,
-    octet_length(j.payload::text),
-    j.attempts;
+SELECT id, job_id, instance_id, product_id, payload_text, payload_bytes, attempts,
+    NULL::float8 AS retry_in
+FROM claimed
+WHERE (SELECT count(*) FROM announced) >= 0
+UNION ALL
+-- One row per store its policy held back (paused, at max_in_flight, over rpm_limit): the
+-- claimer takes it out of the ring until it is due (retry_in seconds) or notified.
+SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in
+FROM allowance
+WHERE granted < quota;
 
 -- store_next_items --
 -- The single-store form of the claim's lookup, for EXPLAIN in tests and in the runbook.
 SELECT id FROM job_items
 WHERE instance_id = %(instance_id)s AND status = 'PENDING' AND run_after <= now()
-ORDER BY id
+ORDER BY priority DESC, run_after, id
 LIMIT %(quota)s;
 
 -- ready_stores --
--- A loose index scan: one index probe per distinct store with PENDING items, so 10,000 stores
--- over 1,000,000 pending rows cost 10,000 probes, not a scan of the rows.
-WITH RECURSIVE stores AS (
-    (SELECT instance_id FROM job_items WHERE status = 'PENDING' ORDER BY instance_id LIMIT 1)
-    UNION ALL
-    SELECT (
-        SELECT j.instance_id FROM job_items j
-        WHERE j.status = 'PENDING' AND j.instance_id > stores.instance_id
-        ORDER BY j.instance_id LIMIT 1
+-- Each store with PENDING items and the seconds until its first is due (0: due now), by a
+-- loose index scan: one probe per distinct (store, priority), so 10,000 stores over 1,000,000
+-- pending rows cost about 10,000 probes, not a scan of the rows. Within a (store, priority)
+-- range the index is in due order, so each range's head is its earliest item.
+WITH RECURSIVE heads AS (
+    (
+        SELECT instance_id, priority, run_after FROM job_items
+        WHERE status = 'PENDING'
+        ORDER BY instance_id, priority DESC, run_after, id
+        LIMIT 1
     )
-    FROM stores
-    WHERE stores.instance_id IS NOT NULL
+    UNION ALL
+    SELECT following.instance_id, following.priority, following.run_after
+    FROM heads
+    CROSS JOIN LATERAL (
+        (
+            SELECT j.instance_id, j.priority, j.run_after FROM job_items j
+            WHERE j.status = 'PENDING' AND j.instance_id = heads.instance_id
+              AND j.priority < heads.priority
+            ORDER BY j.priority DESC, j.run_after, j.id
+            LIMIT 1
+        )
+        UNION ALL
+        (
+            SELECT j.instance_id, j.priority, j.run_after FROM job_items j
+            WHERE j.status = 'PENDING' AND j.instance_id > heads.instance_id
+            ORDER BY j.instance_id, j.priority DESC, j.run_after, j.id
+            LIMIT 1
+        )
+        LIMIT 1
+    ) AS following
 )
-SELECT instance_id FROM stores WHERE instance_id IS NOT NULL;
+SELECT instance_id,
+    greatest(0, extract(epoch FROM min(run_after) - now()))::float8 AS due_in
+FROM heads
+GROUP BY instance_id;
 
 -- lock_jobs_of_items --
 -- Before outcomes that return items to PENDING: the jobs' rows, in id order, so a cancel in
@@ -87,14 +145,16 @@ WITH outcome AS (
         %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
         %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
     ) AS o(id, status, result, error, delay, refund, attempt)
-)
+),
+finished AS (
 UPDATE job_items j
 SET status = CASE WHEN outcome.cancelled THEN 'CANCELLED' ELSE outcome.status END,
     result = coalesce(outcome.result, j.result),
     error = outcome.error,
     completed_at = CASE WHEN outcome.status = 'PENDING' AND NOT outcome.cancelled
         THEN NULL ELSE now() END,
-    run_after = CASE WHEN outcome.status = 'PENDING'
+    -- A retry waits out its backoff; a release (delay 0) keeps its place in its store's line.
+    run_after = CASE WHEN outcome.status = 'PENDING' AND outcome.delay > 0
         THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
     -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
     attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
@@ -107,7 +167,22 @@ FROM outcome
 -- long GC) that wakes up after its item was reaped and claimed again cannot overwrite it.
 WHERE j.id = outcome.id AND j.status = 'PROCESSING' AND j.claimed_by = %(worker_id)s
   AND j.attempts = outcome.attempt
-RETURNING j.id, j.job_id, j.status;
+RETURNING j.id, j.job_id, j.instance_id, j.status
+),
+room AS MATERIALIZED (
+    -- A store held at its max_in_flight has room again: every process may look at it now.
+    -- Driven from the batch's few stores (a primary-key probe each), not from `stores`.
+    SELECT pg_notify('job_items_ready', s.instance_id)
+    FROM (SELECT DISTINCT instance_id FROM finished) AS f
+    JOIN stores s ON s.instance_id = f.instance_id
+    WHERE s.max_in_flight IS NOT NULL
+      AND EXISTS (
+          SELECT 1 FROM job_items p
+          WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND p.run_after <= now()
+      )
+)
+SELECT id, job_id, status FROM finished
+WHERE (SELECT count(*) FROM room) >= 0;
 
 -- finish_jobs --
 -- Runs after finish_items has committed, so of two workers finishing a job's last items at
@@ -201,7 +276,7 @@ SET status = CASE
         ELSE j.error END,
     completed_at = CASE WHEN j.attempts >= %(max_attempts)s OR c.status = 'CANCELLED'
         THEN now() ELSE NULL END,
-    run_after = now(),
+    -- Back in its place in its store's line (run_after was due when it was claimed).
     claimed_by = NULL,
     lease_expires_at = NULL,
     updated_at = now()

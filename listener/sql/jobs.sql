@@ -1,13 +1,11 @@
 -- Jobs as a client submits them, and their progress.
 
 -- create_job --
--- %(priority)s (-100..100) is checked and passed by the producer API; jobs.priority arrives
--- with the store-policy migration, and then this becomes
--- INSERT INTO jobs (instance_id, priority) VALUES (%(instance_id)s, %(priority)s).
-INSERT INTO jobs (instance_id) VALUES (%(instance_id)s) RETURNING id;
+INSERT INTO jobs (instance_id, priority) VALUES (%(instance_id)s, %(priority)s) RETURNING id;
 
 -- copy_items --
 -- Every item of the job in one COPY: one statement, so the trigger sends one notification.
+-- Each item takes its job's priority (job_items_fill_priority).
 COPY job_items (job_id, instance_id, product_id, payload) FROM STDIN;
 
 -- job_progress --

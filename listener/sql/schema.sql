@@ -8,6 +8,8 @@ CREATE TABLE jobs (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     completed_at timestamptz,  -- when the job ended, whatever its final status
+    -- Orders the store's OWN items (higher first); never the shares between stores.
+    priority integer NOT NULL DEFAULT 0,
     -- A store id travels as a NOTIFY payload (8000 bytes at most), as a btree key and in the
     -- operator's log lines (a control character would forge a line).
     CONSTRAINT jobs_instance_id_valid
@@ -15,6 +17,7 @@ CREATE TABLE jobs (
             btrim(instance_id) <> '' AND octet_length(instance_id) <= 255
             AND instance_id !~ '[[:cntrl:]]'
         ),
+    CONSTRAINT jobs_priority_range CHECK (priority BETWEEN -100 AND 100),
     started_at timestamptz,  -- its first item's claim
     cancelled_at timestamptz
 );
@@ -44,6 +47,8 @@ CREATE TABLE job_items (
     claimed_by text,
     lease_expires_at timestamptz,
     run_after timestamptz NOT NULL DEFAULT now(),
+    -- No default: an insert that leaves it out gets its job's (job_items_fill_priority).
+    priority integer NOT NULL,
     -- Each failure a retry put back to PENDING: [{error, attempts, failed_at, retried_at}].
     error_history jsonb,
     CONSTRAINT job_items_status_check
@@ -54,7 +59,8 @@ CREATE TABLE job_items (
             AND instance_id !~ '[[:cntrl:]]'
         ),
     -- A btree entry holds at most 2704 bytes: refuse a longer product id with a clear name.
-    CONSTRAINT job_items_product_id_length CHECK (octet_length(product_id) <= 1024)
+    CONSTRAINT job_items_product_id_length CHECK (octet_length(product_id) <= 1024),
+    CONSTRAINT job_items_priority_range CHECK (priority BETWEEN -100 AND 100)
 );
 
 -- The checklist's indexes (the first three existed before the optimisation).
@@ -66,7 +72,10 @@ CREATE INDEX idx_job_items_status_id ON job_items (status, id);
 
 -- "Next PENDING items of store X" and "which stores have PENDING items" are range scans of
 -- this small index: finished rows never enter it, so its size is the backlog, not the history.
-CREATE INDEX idx_job_items_pending ON job_items (instance_id, id) WHERE status = 'PENDING';
+-- Within a store: priority first, then due time, so items waiting out a retry's backoff sit
+-- behind the due ones of their priority and a claim never reads past them.
+CREATE INDEX idx_job_items_pending ON job_items (instance_id, priority DESC, run_after, id)
+    WHERE status = 'PENDING';
 
 -- "Is this job finished?" after each completion batch, without walking the job's done items.
 CREATE INDEX idx_job_items_open_job ON job_items (job_id)
@@ -86,13 +95,32 @@ CREATE TRIGGER job_items_fill_instance_id
     FOR EACH ROW WHEN (NEW.instance_id IS NULL)
     EXECUTE FUNCTION job_items_fill_instance_id();
 
+-- Producers need not know about priorities: an item takes its job's unless it says otherwise.
+CREATE FUNCTION job_items_fill_priority() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT j.priority INTO NEW.priority FROM jobs j WHERE j.id = NEW.job_id;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER job_items_fill_priority
+    BEFORE INSERT ON job_items
+    FOR EACH ROW WHEN (NEW.priority IS NULL)
+    EXECUTE FUNCTION job_items_fill_priority();
+
 -- One notification per distinct store per statement: a 10,000-item insert is one NOTIFY,
--- and Postgres folds identical notifications within a transaction.
+-- and Postgres folds identical notifications within a transaction. Only items due now count:
+-- a retry waiting out its backoff is announced by the worker that set it (wake_later), when
+-- it is due, not to every process at once.
 CREATE FUNCTION job_items_notify_ready() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('job_items_ready', s.instance_id)
-    FROM (SELECT DISTINCT instance_id FROM ready_items WHERE status = 'PENDING') s;
+    FROM (
+        SELECT DISTINCT instance_id FROM ready_items
+        WHERE status = 'PENDING' AND run_after <= now()
+    ) s;
     RETURN NULL;
 END;
 $$;
@@ -335,3 +363,118 @@ CREATE TABLE worker_heartbeats (
     listener_connected boolean NOT NULL DEFAULT false,
     stats jsonb NOT NULL DEFAULT '{}'::jsonb
 );
+
+-- The operator's policy per store. No row: weight 1, no caps, not paused; producers never
+-- write here. Weights act in each process's ring; caps and pause are held by the claim itself.
+CREATE TABLE stores (
+    instance_id text PRIMARY KEY,
+    weight integer NOT NULL DEFAULT 1,
+    rpm_limit integer,
+    max_in_flight integer,
+    paused boolean NOT NULL DEFAULT false,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT stores_instance_id_valid
+        CHECK (
+            btrim(instance_id) <> '' AND octet_length(instance_id) <= 255
+            AND instance_id !~ '[[:cntrl:]]'
+        ),
+    CONSTRAINT stores_weight_range CHECK (weight BETWEEN 1 AND 1000),
+    CONSTRAINT stores_rpm_limit_positive CHECK (rpm_limit > 0),
+    CONSTRAINT stores_max_in_flight_positive CHECK (max_in_flight > 0)
+);
+
+-- A store's rpm_limit as a GCRA "theoretical arrival time", kept apart from `stores` so that
+-- the claim's writes never look like an operator's change (no stores_changed notification).
+CREATE TABLE store_throttles (
+    instance_id text PRIMARY KEY REFERENCES stores (instance_id) ON DELETE CASCADE,
+    rpm_tat timestamptz NOT NULL
+);
+
+-- Every process re-reads a changed store's row within milliseconds (and at each sweep).
+CREATE FUNCTION stores_notify_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM pg_notify('stores_changed', OLD.instance_id);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM pg_notify('stores_changed', NEW.instance_id);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER stores_notify_changed
+    AFTER INSERT OR UPDATE OR DELETE ON stores
+    FOR EACH ROW EXECUTE FUNCTION stores_notify_changed();
+
+-- How many of `wanted` items the claim may start now for a store with caps or a pause; the
+-- claim calls it only for such stores, in store order (so two claims never deadlock).
+-- The row lock serialises the claims of one capped store across every process, and each query
+-- here takes a fresh snapshot (VOLATILE, READ COMMITTED): the count of PROCESSING items
+-- includes what a claim that held the lock a moment ago committed. A claim that finds the row
+-- locked skips the store for 50 ms instead of waiting.
+-- rpm_limit: GCRA with a step of (60 s + tolerance) / rpm_limit, forgiving up to `tolerance`
+-- of lateness. Any rpm_limit + 1 consecutive starts then span at least 60 s (no sliding 60 s
+-- window ever holds more than rpm_limit), while a store served a little late (waiting for a
+-- budget slot) still gets rpm_limit x 60 / (60 + tolerance) a minute, not less each time.
+-- retry_in: seconds until the rpm cap allows the next item, when it held some back (NULL: only
+-- a notification frees the store: resume, or room under max_in_flight).
+CREATE FUNCTION listener_claim_allowance(
+    store text, wanted integer, OUT granted integer, OUT retry_in double precision
+)
+    LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    tolerance constant interval := interval '0.5 seconds';
+    started constant timestamptz := now();
+    is_paused boolean;
+    rpm integer;
+    in_flight_cap integer;
+    in_flight integer;
+    room integer;
+    step interval;
+    tat timestamptz;
+BEGIN
+    granted := wanted;
+    SELECT s.paused, s.rpm_limit, s.max_in_flight INTO is_paused, rpm, in_flight_cap
+    FROM stores s WHERE s.instance_id = store
+    FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        -- Another claim holds the row this very moment: rather than queue behind it (with a
+        -- fleet in step, every process's claimer would wait in line), take nothing now and
+        -- look again shortly. No row at all: the defaults, no cap.
+        IF EXISTS (SELECT 1 FROM stores s WHERE s.instance_id = store) THEN
+            granted := 0;
+            retry_in := 0.05;
+        END IF;
+        RETURN;
+    END IF;
+    IF is_paused THEN
+        granted := 0;
+        RETURN;
+    END IF;
+    IF in_flight_cap IS NOT NULL THEN
+        SELECT count(*) INTO in_flight FROM job_items j
+        WHERE j.instance_id = store AND j.status = 'PROCESSING';
+        granted := least(granted, greatest(in_flight_cap - in_flight, 0));
+    END IF;
+    IF rpm IS NOT NULL AND granted > 0 THEN
+        step := (interval '60 seconds' + tolerance) / rpm;
+        SELECT t.rpm_tat INTO tat FROM store_throttles t WHERE t.instance_id = store;
+        tat := coalesce(tat, started);
+        room := granted;
+        granted := 0;
+        WHILE granted < room AND tat <= started LOOP
+            tat := greatest(tat, started - tolerance) + step;
+            granted := granted + 1;
+        END LOOP;
+        IF granted > 0 THEN
+            INSERT INTO store_throttles AS t (instance_id, rpm_tat) VALUES (store, tat)
+            ON CONFLICT (instance_id) DO UPDATE SET rpm_tat = excluded.rpm_tat;
+        END IF;
+        IF granted < room THEN
+            retry_in := greatest(0, extract(epoch FROM tat - started));
+        END IF;
+    END IF;
+END;
+$$;

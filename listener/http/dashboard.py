@@ -1,0 +1,324 @@
+"""The operators' dashboard: the page, its live fragment, sign-in, and the actions.
+
+Server-rendered HTML (Jinja2, autoescaped: a store id is data, whatever it holds); a small script
+of our own (`static/dashboard.js`) fetches the live fragment every REFRESH period and swaps it in.
+Every request reads the one `SharedSnapshot`, so a hundred open pages cost the database what one
+does. Nothing is loaded from another host: the page works on a machine without internet.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import jinja2
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from listener.errors import one_line
+from listener.http.auth import session_cookie, token_matches
+from listener.http.figures import Snapshot
+from listener.http.fleet import DB_ERRORS, DB_TIMEOUT_SECONDS
+from listener.http.session import COOKIE, MAX_AGE_SECONDS, Sessions, same_origin
+from listener.http.snapshot import REFRESH_SECONDS, SharedSnapshot
+from listener.http.view import age, chart_bars, percent, progress_segments, store_page
+from listener.redact import redact
+from listener.settings import Settings
+from listener.sqlfiles import queries
+
+logger = logging.getLogger(__name__)
+
+# Beside this module, in a checkout and in an installed wheel alike (pyproject's package-data).
+_HERE = Path(__file__).resolve().parent
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(_HERE / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENV.filters["age"] = age
+_ENV.filters["percent"] = percent
+
+# No script, style or image from anywhere but here; no framing (clickjacking on the buttons).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+# action -> (SQL block, what the form names, the confirmation's words, the done message)
+ACTIONS: dict[str, tuple[str, str, str, str]] = {
+    "pause": ("pause_store", "instance_id", "Pause store {}? No new item of it starts.", "paused"),
+    "resume": ("resume_store", "instance_id", "Resume store {}?", "resumed"),
+    "cancel": ("cancel_job", "job_id", "Cancel job {}? Its open items end CANCELLED.", "cancelled"),
+    "retry": ("retry_job", "job_id", "Retry the failed items of job {}?", "retried"),
+}
+
+
+def _html(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    body = _ENV.get_template(name).render(**context)
+    return HTMLResponse(body, status_code=status_code, headers=SECURITY_HEADERS)
+
+
+# Views of one snapshot kept rendered; more distinct searches than this are rendered each time.
+MAX_FRAGMENTS = 64
+
+
+def _own_origin(request: Request) -> str:
+    return f"{request.url.scheme}://{request.url.netloc}"
+
+
+def _secure(request: Request) -> bool:
+    # Behind Render's router TLS ends before us: the router says so in X-Forwarded-Proto.
+    forwarded = request.headers.get("x-forwarded-proto", "")
+    return request.url.scheme == "https" or forwarded.split(",")[0].strip() == "https"
+
+
+def _set_session(response: Response, request: Request, value: str) -> None:
+    response.set_cookie(
+        COOKIE,
+        value,
+        max_age=MAX_AGE_SECONDS,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+    )
+
+
+# A form of ours holds a token and an id: anything much larger is not one of ours.
+MAX_FORM_BYTES = 16 * 1024
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The URL-encoded form every page of ours posts (no file uploads: no multipart parser)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return {}
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return {}
+    try:
+        pairs = parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=16)
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return dict(pairs)
+
+
+def _int_param(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default
+
+
+class Dashboard:
+    """The dashboard's routes around one shared snapshot."""
+
+    def __init__(
+        self, pool: AsyncConnectionPool, settings: Settings, snapshot: SharedSnapshot | None = None
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.sessions = Sessions(settings.api_token)
+        self.snapshot = snapshot or SharedSnapshot(pool, settings)
+        # Live fragments served, against the snapshot's readings: the sharing, made visible.
+        self.live_served = 0
+        # Rendered fragments of the current snapshot by view (search, page, sort), gzipped too:
+        # fifty pages on the same view cost one rendering, not fifty.
+        self.fragments: dict[tuple[str, int, str], tuple[bytes, bytes]] = {}
+        self.fragments_of = -1
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.page, methods=["GET"]),
+            Route("/dashboard/live", self.live, methods=["GET"]),
+            Route("/dashboard/actions/{action}", self.act, methods=["POST"]),
+            Route("/login", self.login_form, methods=["GET"]),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
+        ]
+
+    # -- the page ---------------------------------------------------------------------------
+
+    def _nonce(self, request: Request) -> str | None:
+        return self.sessions.verify(session_cookie(request.scope))
+
+    def _context(
+        self, request: Request, snapshot: Snapshot | None, csrf: str = ""
+    ) -> dict[str, Any]:
+        params = request.query_params
+        page = None
+        if snapshot is not None:
+            page = store_page(
+                snapshot.stores,
+                params.get("q", ""),
+                _int_param(params.get("page"), 1),
+                params.get("sort", "backlog"),
+            )
+        return {
+            "snapshot": snapshot,
+            "stores": page,
+            "chart": chart_bars(snapshot.fleet.per_minute, snapshot.now) if snapshot else None,
+            "segments": progress_segments,
+            "csrf": csrf,
+            "signed_in": self.sessions.requires_sign_in,
+            "refresh_ms": int(REFRESH_SECONDS * 1000),
+        }
+
+    async def page(self, request: Request) -> Response:
+        snapshot = await self.snapshot.get()
+        nonce = self._nonce(request)
+        new_session = None
+        if nonce is None and not self.sessions.requires_sign_in:
+            # No API_TOKEN: hand out a session on the first visit, so actions carry a CSRF token.
+            new_session = self.sessions.issue()
+            nonce = self.sessions.verify(new_session)
+        csrf = self.sessions.csrf_token(nonce) if nonce else ""
+        response = _html(
+            "dashboard.html",
+            **self._context(request, snapshot, csrf),
+            flash=request.query_params.get("flash", ""),
+        )
+        if new_session is not None:
+            _set_session(response, request, new_session)
+        return response
+
+    async def live(self, request: Request) -> Response:
+        snapshot = await self.snapshot.get()
+        self.live_served += 1
+        if self.fragments_of != self.snapshot.generation:
+            self.fragments = {}
+            self.fragments_of = self.snapshot.generation
+        params = request.query_params
+        key = (params.get("q", ""), _int_param(params.get("page"), 1), params.get("sort", ""))
+        rendered = self.fragments.get(key)
+        if rendered is None:
+            # No CSRF token in the shared fragment: the page's script adds its own on submit.
+            context = self._context(request, snapshot)
+            body = _ENV.get_template("live.html").render(**context).encode()
+            rendered = (body, gzip.compress(body, compresslevel=5))
+            if len(self.fragments) < MAX_FRAGMENTS:
+                self.fragments[key] = rendered
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            headers = {**SECURITY_HEADERS, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+            return Response(rendered[1], 200, headers, media_type="text/html")
+        return Response(rendered[0], 200, SECURITY_HEADERS, media_type="text/html")
+
+    # -- sign-in ----------------------------------------------------------------------------
+
+    async def login_form(self, request: Request) -> Response:
+        if not self.sessions.requires_sign_in:
+            return RedirectResponse("/", status_code=303)
+        return _html("login.html", error="")
+
+    async def login(self, request: Request) -> Response:
+        if not self.sessions.requires_sign_in or self.settings.api_token is None:
+            return RedirectResponse("/", status_code=303)
+        if not same_origin(
+            request.headers.get("origin"),
+            request.headers.get("sec-fetch-site"),
+            _own_origin(request),
+        ):
+            return _html("login.html", status_code=403, error="cross-site sign-in refused")
+        form = await _form(request)
+        presented = form.get("token", "").encode()
+        if not token_matches(b"Bearer " + presented, self.settings.api_token):
+            logger.warning("[Dashboard] sign-in refused: wrong token")
+            return _html("login.html", status_code=401, error="wrong token")
+        response = RedirectResponse("/", status_code=303)
+        _set_session(response, request, self.sessions.issue())
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        form = await _form(request)
+        if not self._csrf_ok(request, form):
+            return _html("refused.html", status_code=403)
+        target = "/login" if self.sessions.requires_sign_in else "/"
+        response = RedirectResponse(target, status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _csrf_ok(self, request: Request, form: dict[str, str]) -> bool:
+        if request.scope.get("state", {}).get("auth") == "bearer":
+            return True  # a header a foreign page cannot make a browser send
+        if not same_origin(
+            request.headers.get("origin"),
+            request.headers.get("sec-fetch-site"),
+            _own_origin(request),
+        ):
+            return False
+        nonce = self._nonce(request)
+        return nonce is not None and self.sessions.csrf_matches(nonce, form.get("csrf"))
+
+    async def act(self, request: Request) -> Response:
+        action = request.path_params["action"]
+        if action not in ACTIONS:
+            return _html("refused.html", status_code=404)
+        form = await _form(request)
+        if not self._csrf_ok(request, form):
+            return _html("refused.html", status_code=403)
+        block, field, question, done = ACTIONS[action]
+        target = form.get(field, "").strip()
+        if field == "job_id" and not target.isdigit():
+            return RedirectResponse("/?flash=" + _quote(f"no such job: {target!r}"), 303)
+        if not target:
+            return RedirectResponse("/?flash=" + _quote(f"{field} missing"), 303)
+        if form.get("confirmed") != "yes":
+            # Without the script's confirm(): ask on a page of its own.
+            nonce = self._nonce(request)
+            return _html(
+                "confirm.html",
+                question=question.format(target),
+                action=action,
+                field=field,
+                target=target,
+                csrf=self.sessions.csrf_token(nonce) if nonce else "",
+            )
+        message = await self._run(block, field, target, done)
+        return RedirectResponse("/?flash=" + _quote(message), status_code=303)
+
+    async def _run(self, block: str, field: str, target: str, done: str) -> str:
+        value: int | str = int(target) if field == "job_id" else target
+        what = f"job {target}" if field == "job_id" else f"store {target}"
+        try:
+            async with self.pool.connection(timeout=DB_TIMEOUT_SECONDS) as conn:
+                cursor = await conn.execute(queries("dashboard")[block], {field: value})
+                row = await cursor.fetchone() if cursor.description else None
+        except psycopg.errors.NoDataFound:
+            return f"{what}: not {done}: there is no such job"
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as error:
+            logger.warning("[Dashboard] %s: %s", block, one_line(error))
+            return f"{what}: not {done}: the database lacks this feature (listener migrate up?)"
+        except DB_ERRORS as error:
+            logger.warning("[Dashboard] %s failed: %s", block, one_line(error))
+            return redact(f"{what}: not {done}: {one_line(error)}")
+        # The lifecycle's functions answer {"changed": false, ...} when there was nothing to do.
+        if row is not None and isinstance(row[0], dict) and row[0].get("changed") is False:
+            status = row[0].get("status", "")
+            return f"{what}: nothing to do (it is {status})" if status else f"{what}: unchanged"
+        logger.info("[Dashboard] %s %s from the dashboard", what, done)
+        self.snapshot.taken = float("-inf")  # the next page load shows the change
+        return f"{what} {done}"
+
+
+def _quote(text: str) -> str:
+    return quote(text, safe="")
