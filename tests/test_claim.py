@@ -4,6 +4,7 @@ and its fairness rules (per-store quota, oldest first, no double claim)."""
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import psycopg
@@ -236,9 +237,8 @@ def test_a_paused_store_gets_nothing_and_is_named_as_held_back(database_url: str
 
 
 def test_max_in_flight_holds_across_concurrent_claims(database_url: str) -> None:
-    # Two claims of one store at once, from two sessions: the second does not queue behind the
-    # first (it takes nothing and says to look again in 50 ms); once the first has committed,
-    # the next claim counts its items. Together: never more than the cap.
+    # Two claims of one store at once, from two sessions: the second waits for the first's
+    # commit on the store's row, then counts its items. Together: never more than the cap.
     claim = queries("items")["claim"]
     with (
         psycopg.connect(database_url, autocommit=True) as setup,
@@ -248,19 +248,24 @@ def test_max_in_flight_holds_across_concurrent_claims(database_url: str) -> None
         _load(setup, stores=1, per_store=20)
         setup.execute("INSERT INTO stores (instance_id, max_in_flight) VALUES ('store-1', 3)")
         got_first = first.execute(claim, _claim_params(["store-1"], [2], "w1")).fetchall()
-        while_locked = second.execute(claim, _claim_params(["store-1"], [5], "w2")).fetchall()
-        second.commit()
+        results: list[list[tuple[Any, ...]]] = []
+        waiting = threading.Thread(
+            target=lambda: results.append(
+                second.execute(claim, _claim_params(["store-1"], [5], "w2")).fetchall()
+            )
+        )
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()  # blocked on store-1's row while the first claim is open
         first.commit()
-        after = second.execute(claim, _claim_params(["store-1"], [5], "w2")).fetchall()
+        waiting.join(10)
         second.commit()
         processing = setup.execute(
             "SELECT count(*) FROM job_items WHERE status = 'PROCESSING'"
         ).fetchone()
     assert len([r for r in got_first if r[0] is not None]) == 2
-    assert [r for r in while_locked if r[0] is not None] == []
-    assert _held_back(while_locked) == {"store-1": 0.05}
-    assert len([r for r in after if r[0] is not None]) == 1
-    assert _held_back(after) == {"store-1": None}
+    assert len([r for r in results[0] if r[0] is not None]) == 1
+    assert _held_back(results[0]) == {"store-1": None}
     assert processing == (3,)
 
 

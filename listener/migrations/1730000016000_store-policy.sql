@@ -100,15 +100,8 @@ BEGIN
     granted := wanted;
     SELECT s.paused, s.rpm_limit, s.max_in_flight INTO is_paused, rpm, in_flight_cap
     FROM stores s WHERE s.instance_id = store
-    FOR UPDATE SKIP LOCKED;
+    FOR UPDATE;
     IF NOT FOUND THEN
-        -- Another claim holds the row this very moment: rather than queue behind it (with a
-        -- fleet in step, every process's claimer would wait in line), take nothing now and
-        -- look again shortly. No row at all: the defaults, no cap.
-        IF EXISTS (SELECT 1 FROM stores s WHERE s.instance_id = store) THEN
-            granted := 0;
-            retry_in := 0.05;
-        END IF;
         RETURN;
     END IF;
     IF is_paused THEN

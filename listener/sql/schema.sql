@@ -412,8 +412,7 @@ CREATE TRIGGER stores_notify_changed
 -- claim calls it only for such stores, in store order (so two claims never deadlock).
 -- The row lock serialises the claims of one capped store across every process, and each query
 -- here takes a fresh snapshot (VOLATILE, READ COMMITTED): the count of PROCESSING items
--- includes what a claim that held the lock a moment ago committed. A claim that finds the row
--- locked skips the store for 50 ms instead of waiting.
+-- includes what a claim that held the lock a moment ago committed.
 -- rpm_limit: GCRA with a step of (60 s + tolerance) / rpm_limit, forgiving up to `tolerance`
 -- of lateness. Any rpm_limit + 1 consecutive starts then span at least 60 s (no sliding 60 s
 -- window ever holds more than rpm_limit), while a store served a little late (waiting for a
@@ -438,15 +437,8 @@ BEGIN
     granted := wanted;
     SELECT s.paused, s.rpm_limit, s.max_in_flight INTO is_paused, rpm, in_flight_cap
     FROM stores s WHERE s.instance_id = store
-    FOR UPDATE SKIP LOCKED;
+    FOR UPDATE;
     IF NOT FOUND THEN
-        -- Another claim holds the row this very moment: rather than queue behind it (with a
-        -- fleet in step, every process's claimer would wait in line), take nothing now and
-        -- look again shortly. No row at all: the defaults, no cap.
-        IF EXISTS (SELECT 1 FROM stores s WHERE s.instance_id = store) THEN
-            granted := 0;
-            retry_in := 0.05;
-        END IF;
         RETURN;
     END IF;
     IF is_paused THEN
