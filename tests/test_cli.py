@@ -65,9 +65,7 @@ async def test_enqueue_then_worker_completes_the_job_and_status_reports_it(
     status = run_listener("status", job_id, DATABASE_URL=database_url)
     assert status.returncode == 0, status.stderr
     # job, store, status, pending, processing, completed, failed, cancelled
-    assert table_row(status.stdout, job_id) == [
-        job_id, "s1", "COMPLETED", "0", "0", "5", "0", "0"
-    ]
+    assert table_row(status.stdout, job_id) == [job_id, "s1", "COMPLETED", "0", "0", "5", "0", "0"]
 
 
 def test_status_of_an_unknown_job_is_one_clear_line(database_url: str) -> None:

@@ -26,7 +26,11 @@ from listener.http.session import MAX_AGE_SECONDS, Sessions, same_origin
 from listener.http.view import PAGE_SIZE, chart_bars, progress_segments, store_page
 from listener.http.waiting import Hold, Policy, Situation, holds_in_words, waiting_reasons
 from listener.throughput import MINUTES, Throughput
-from tests.support import insert_job, make_settings, query
+from tests.support import (
+    insert_job,
+    make_settings,
+    query,
+)
 
 NOW = datetime(2026, 12, 1, 0, 30, tzinfo=UTC)
 TOKEN = "dashboard-test-token-0123456789"
@@ -87,9 +91,7 @@ def test_a_paused_store_says_how_to_resume() -> None:
 
 def test_a_429_pause_says_until_when() -> None:
     said = reasons(situation(budget_paused_until=NOW + timedelta(seconds=12)))
-    assert said == [
-        "the shared budget is paused by a 429 from OpenAI until 00:30:12 UTC (in 12 s)"
-    ]
+    assert said == ["the shared budget is paused by a 429 from OpenAI until 00:30:12 UTC (in 12 s)"]
 
 
 def test_a_store_at_its_caps() -> None:
@@ -269,7 +271,7 @@ async def test_sign_in_guards_the_page_and_nothing_else_changes(database_url: st
 
 @pytest.mark.anyio
 async def test_actions_need_the_csrf_token_and_confirm(database_url: str) -> None:
-    job_id = insert_job(database_url, "store-act", 3)
+    job_id = await insert_job(database_url, "store-act", 3)
     async with client_of(database_url) as (client, _):  # no API_TOKEN: a session is handed out
         page = await client.get("/")
         csrf = csrf_of(page.text)
@@ -287,15 +289,15 @@ async def test_actions_need_the_csrf_token_and_confirm(database_url: str) -> Non
         unconfirmed = {**form, "confirmed": "", "csrf": csrf}
         ask = await client.post("/dashboard/actions/cancel", data=unconfirmed)
         assert ask.status_code == 200 and f"Cancel job {job_id}?" in ask.text
-        assert query(database_url, "SELECT status FROM jobs WHERE id = %s", (job_id,)) == [
+        assert await query(database_url, "SELECT status FROM jobs WHERE id = %s", (job_id,)) == [
             ("PENDING",)
         ]
         done = await client.post("/dashboard/actions/cancel", data={**form, "csrf": csrf})
         assert done.status_code == 303
-        assert query(database_url, "SELECT status FROM jobs WHERE id = %s", (job_id,)) == [
+        assert await query(database_url, "SELECT status FROM jobs WHERE id = %s", (job_id,)) == [
             ("CANCELLED",)
         ]
-        statuses = query(
+        statuses = await query(
             database_url, "SELECT DISTINCT status FROM job_items WHERE job_id = %s", (job_id,)
         )
         assert statuses == [("CANCELLED",)]
@@ -309,7 +311,7 @@ async def test_actions_need_the_csrf_token_and_confirm(database_url: str) -> Non
 
 @pytest.mark.anyio
 async def test_pages_asking_at_once_share_one_reading(database_url: str) -> None:
-    insert_job(database_url, "store-shared", 2)
+    await insert_job(database_url, "store-shared", 2)
     async with client_of(database_url, api_token=TOKEN) as (client, dashboard):
         bearer = {"Authorization": f"Bearer {TOKEN}"}
         await client.get("/dashboard/live", headers=bearer)
@@ -331,14 +333,14 @@ async def test_pages_asking_at_once_share_one_reading(database_url: str) -> None
 
 @pytest.mark.anyio
 async def test_retry_pause_and_resume_act_on_the_database(database_url: str) -> None:
-    job_id = insert_job(database_url, "store-retry", 2)
-    query(
+    job_id = await insert_job(database_url, "store-retry", 2)
+    await query(
         database_url,
         "UPDATE job_items SET status = 'FAILED', error = 'boom', completed_at = now()"
         " WHERE job_id = %s RETURNING id",
         (job_id,),
     )
-    query(
+    await query(
         database_url,
         "UPDATE jobs SET status = 'COMPLETED_WITH_ERRORS', completed_at = now() WHERE id = %s"
         " RETURNING id",
@@ -347,24 +349,29 @@ async def test_retry_pause_and_resume_act_on_the_database(database_url: str) -> 
     async with client_of(database_url, api_token=TOKEN) as (client, _):
         await client.post("/login", data={"token": TOKEN})
         csrf = csrf_of((await client.get("/")).text)
-        assert f'data-confirm="Retry the 2 failed item(s) of job {job_id}?"' in (
-            await client.get("/dashboard/live")
-        ).text
+        assert (
+            f'data-confirm="Retry the 2 failed item(s) of job {job_id}?"'
+            in (await client.get("/dashboard/live")).text
+        )
         retry = {"job_id": str(job_id), "confirmed": "yes", "csrf": csrf}
         done = await client.post("/dashboard/actions/retry", data=retry)
         assert unquote(done.headers["location"]) == f"/?flash=job {job_id} retried"
-        assert query(
+        assert await query(
             database_url, "SELECT status, attempts FROM job_items WHERE job_id = %s", (job_id,)
         ) == [("PENDING", 0), ("PENDING", 0)]
 
         store = {"instance_id": "store-retry", "confirmed": "yes", "csrf": csrf}
         await client.post("/dashboard/actions/pause", data=store)
-        rows = query(database_url, "SELECT paused FROM stores WHERE instance_id = 'store-retry'")
+        rows = await query(
+            database_url, "SELECT paused FROM stores WHERE instance_id = 'store-retry'"
+        )
         assert rows == [(True,)]
         page = (await client.get("/dashboard/live")).text
         assert "paused: `listener store resume store-retry`" in page
         await client.post("/dashboard/actions/resume", data=store)
-        rows = query(database_url, "SELECT paused FROM stores WHERE instance_id = 'store-retry'")
+        rows = await query(
+            database_url, "SELECT paused FROM stores WHERE instance_id = 'store-retry'"
+        )
         assert rows == [(False,)]
 
 
@@ -386,8 +393,16 @@ def test_assemble_shares_weights_and_reasons_from_one_reading() -> None:
     )
     policies = {"b": Policy(weight=3), "c": Policy(paused=True)}
     snapshot = assemble(
-        (NOW, 2, None), workers, in_flight, jobs, policies, census, Features(stores=True),
-        (0, 0), 0.004, 1.5,
+        (NOW, 2, None),
+        workers,
+        in_flight,
+        jobs,
+        policies,
+        census,
+        Features(stores=True),
+        (0, 0),
+        0.004,
+        1.5,
     )
     assert snapshot.stores.order == ["b", "a", "c"]  # by backlog, then a policy alone
     by_id = {s: snapshot.stores.row(s) for s in snapshot.stores.order}

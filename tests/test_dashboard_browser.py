@@ -22,7 +22,14 @@ from listener.http.serve import serving
 from listener.settings import Settings
 from listener.stub.server import StubConfig, run_stub
 from tests.conftest import CHROMIUM_ARGS
-from tests.support import insert_job, make_settings, query, running_worker, wait_until
+from tests.support import (
+    insert_job,
+    make_settings,
+    query,
+    query_blocking,
+    running_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -104,7 +111,7 @@ async def test_it_shows_a_running_workers_stores_and_updates_as_items_complete(
             await expect(workers).to_contain_text("connected", timeout=WAIT_MS)
 
             # The job arrives after the page loaded: it appears without a reload.
-            job_id = insert_job(database_url, "store-browser", 12)
+            job_id = await insert_job(database_url, "store-browser", 12)
             row = page.locator("tr[data-store='store-browser']")
             await expect(row).to_be_visible(timeout=WAIT_MS)
             job = page.locator(f"tr[data-job='{job_id}']")
@@ -120,9 +127,9 @@ async def test_it_shows_a_running_workers_stores_and_updates_as_items_complete(
 async def test_why_waiting_says_backoff_until_a_time(database_url: str, chromium_path: str) -> None:
     async with run_stub(StubConfig()) as stub:
         settings = make_settings(stub.base_url, api_token=TOKEN, lease_seconds=2)
-        job_id = insert_job(database_url, "store-backoff", 3)
+        job_id = await insert_job(database_url, "store-backoff", 3)
         # As a retry leaves them: PENDING, due in ten minutes.
-        query(
+        await query(
             database_url,
             "UPDATE job_items SET run_after = now() + interval '10 minutes', attempts = 1"
             " WHERE job_id = %s RETURNING id",
@@ -149,7 +156,7 @@ async def test_fifty_open_pages_cost_the_database_what_one_does(
 ) -> None:
     settings = make_settings("http://127.0.0.1:9/v1", api_token=TOKEN)
     for n in range(30):
-        insert_job(database_url, f"store-{n:03}", 5)
+        await insert_job(database_url, f"store-{n:03}", 5)
     name = "dashboard-fifty"
     before = committed_transactions(database_url)
     opened = anyio.current_time()
@@ -197,7 +204,7 @@ async def test_fifty_open_pages_cost_the_database_what_one_does(
 
 
 def committed_transactions(conninfo: str) -> int:
-    rows = query(
+    rows = query_blocking(
         conninfo,
         "SELECT xact_commit + xact_rollback FROM pg_stat_database"
         " WHERE datname = current_database()",
@@ -206,14 +213,14 @@ def committed_transactions(conninfo: str) -> int:
 
 
 def backends_named(conninfo: str, name: str) -> bool:
-    rows = query(
+    rows = query_blocking(
         conninfo, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
     )
     return bool(rows[0][0])
 
 
 def started_items(conninfo: str, store: str) -> set[int]:
-    rows = query(
+    rows = query_blocking(
         conninfo,
         "SELECT id FROM job_items WHERE instance_id = %s AND status <> 'PENDING'",
         (store,),
@@ -222,7 +229,7 @@ def started_items(conninfo: str, store: str) -> set[int]:
 
 
 def processing(conninfo: str, store: str) -> int:
-    rows = query(
+    rows = query_blocking(
         conninfo,
         "SELECT count(*) FROM job_items WHERE instance_id = %s AND status = 'PROCESSING'",
         (store,),
@@ -236,7 +243,7 @@ async def test_the_pause_button_pauses_a_store(database_url: str, chromium_path:
             stub.base_url, api_token=TOKEN, worker_concurrency=2, lease_seconds=2
         )
         # Enough work that the store is still busy when the button is clicked, however slowly.
-        insert_job(database_url, "store-pause", 400)
+        await insert_job(database_url, "store-pause", 400)
         async with (
             running_worker(database_url, settings) as worker,
             dashboard_server(worker.pool, settings, worker) as (base, _),
@@ -248,7 +255,7 @@ async def test_the_pause_button_pauses_a_store(database_url: str, chromium_path:
             row = page.locator("tr[data-store='store-pause']")
             await row.get_by_role("button", name="Pause").click(timeout=WAIT_MS)
             await expect(page.get_by_role("status")).to_have_text("store store-pause paused")
-            paused = query(
+            paused = await query(
                 database_url, "SELECT paused FROM stores WHERE instance_id = 'store-pause'"
             )
             assert paused == [(True,)]
@@ -262,10 +269,12 @@ async def test_the_pause_button_pauses_a_store(database_url: str, chromium_path:
             await wait_until(lambda: processing(database_url, "store-pause") == 0)
             started = started_items(database_url, "store-pause")
             assert len(started) < 400
-            other = insert_job(database_url, "store-other", 6)
+            other = await insert_job(database_url, "store-other", 6)
             await wait_until(
-                lambda: query(database_url, "SELECT status FROM jobs WHERE id = %s", (other,))
-                == [("COMPLETED",)]
+                lambda: (
+                    query(database_url, "SELECT status FROM jobs WHERE id = %s", (other,))
+                    == [("COMPLETED",)]
+                )
             )
             assert started_items(database_url, "store-pause") == started
 
@@ -273,13 +282,13 @@ async def test_the_pause_button_pauses_a_store(database_url: str, chromium_path:
 async def test_why_waiting_for_a_capped_store(database_url: str, chromium_path: str) -> None:
     async with run_stub(StubConfig(latency=2.0)) as stub:
         settings = make_settings(stub.base_url, api_token=TOKEN, worker_concurrency=4)
-        query(
+        await query(
             database_url,
             "INSERT INTO stores (instance_id, max_in_flight) VALUES ('store-capped', 1)"
             " RETURNING instance_id",
         )
         # A minute of work at one item at a time: still busy when the page looks, however slowly.
-        insert_job(database_url, "store-capped", 30)
+        await insert_job(database_url, "store-capped", 30)
         async with (
             running_worker(database_url, settings) as worker,
             dashboard_server(worker.pool, settings, worker) as (base, _),

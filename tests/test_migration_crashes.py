@@ -20,7 +20,9 @@ from listener.migrate import (
     scratch_database,
 )
 from tests.conftest import Server
-from tests.support import query_blocking
+from tests.support import (
+    query_blocking,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "migrate_then_die.py"

@@ -240,6 +240,8 @@ def test_up_plan_prints_each_statement_and_its_locks_and_applies_nothing(
 def test_up_plan_with_nothing_pending(database_url: str) -> None:
     plan = run_listener("migrate", "up", "--plan", DATABASE_URL=database_url)
     assert plan.stdout.strip() == "nothing to apply: the database is up to date"
+
+
 def test_store_policy_migrations_keep_every_item_and_go_down_cleanly(
     empty_database_url: str,
 ) -> None:

@@ -21,14 +21,17 @@ from tests.support import (
     RecordingGenerator,
     communicate,
     insert_job,
+    insert_job_blocking,
     make_settings,
     query,
+    query_blocking,
     run_listener,
     running_worker,
     spawn_worker,
     status_counts,
+    wait_for_counts,
     wait_until,
-    worker_is_ready,
+    workers_are_ready,
 )
 
 pytestmark = pytest.mark.anyio
@@ -41,7 +44,9 @@ def execute(conninfo: str, sql: str, params: tuple[object, ...] = ()) -> None:
 
 def changed_at(conninfo: str, store: str) -> datetime:
     """When the CLI's change of the store was made (its commit follows within milliseconds)."""
-    ((at,),) = query(conninfo, "SELECT updated_at FROM stores WHERE instance_id = %s", (store,))
+    ((at,),) = query_blocking(
+        conninfo, "SELECT updated_at FROM stores WHERE instance_id = %s", (store,)
+    )
     return at  # type: ignore[no-any-return]
 
 
@@ -51,7 +56,7 @@ async def cli(*args: str, conninfo: str) -> subprocess.CompletedProcess[str]:
 
 
 def starts_of(conninfo: str, store: str) -> list[datetime]:
-    rows = query(
+    rows = query_blocking(
         conninfo,
         "SELECT claimed_at FROM job_items WHERE instance_id = %s AND claimed_at IS NOT NULL"
         " ORDER BY claimed_at",
@@ -66,7 +71,7 @@ async def worker_processes(
 ) -> AsyncIterator[list[subprocess.Popen[str]]]:
     procs = [spawn_worker(conninfo, base_url, **env) for _ in range(count)]
     try:
-        await wait_until(lambda: all(worker_is_ready(conninfo, p.pid) for p in procs))
+        await wait_until(lambda: workers_are_ready(conninfo, procs))
         yield procs
     finally:
         for proc in procs:
@@ -85,8 +90,8 @@ async def test_a_click_is_its_store_s_next_item_and_takes_nobody_else_s_turn(
         settings = make_settings(stub.base_url, worker_concurrency=1)
         handler = RecordingGenerator(settings)
         async with running_worker(database_url, settings, handler):
-            insert_job(database_url, "bulk", 300)
-            insert_job(database_url, "other", 300)
+            await insert_job(database_url, "bulk", 300)
+            await insert_job(database_url, "other", 300)
             await wait_until(lambda: len(handler.starts) >= 20)
             with psycopg.connect(database_url) as conn:
                 row = conn.execute(
@@ -119,8 +124,8 @@ async def test_weights_share_the_starts_and_a_change_acts_at_once(database_url: 
         settings = make_settings(stub.base_url, worker_concurrency=1)
         handler = RecordingGenerator(settings)
         async with running_worker(database_url, settings, handler):
-            insert_job(database_url, "heavy", 400)
-            insert_job(database_url, "light", 400)
+            await insert_job(database_url, "heavy", 400)
+            await insert_job(database_url, "light", 400)
             await wait_until(lambda: len(handler.starts) >= 120)
             execute(database_url, "UPDATE stores SET weight = 1 WHERE instance_id = 'heavy'")
             changed_at = len(handler.starts)
@@ -142,8 +147,8 @@ async def test_pause_stops_a_store_in_every_process_and_resume_starts_it_again(
         run_stub(StubConfig(latency=0.05)) as stub,
         worker_processes(database_url, stub.base_url, 2) as _procs,
     ):
-        insert_job(database_url, "paused", 2000)
-        insert_job(database_url, "busy", 2000)
+        await insert_job(database_url, "paused", 2000)
+        await insert_job(database_url, "busy", 2000)
         await wait_until(lambda: len(starts_of(database_url, "paused")) >= 20)
         result = await cli("store", "pause", "paused", conninfo=database_url)
         assert result.returncode == 0, result.stderr
@@ -153,7 +158,7 @@ async def test_pause_stops_a_store_in_every_process_and_resume_starts_it_again(
         late = [t for t in starts_of(database_url, "paused") if t > paused_at]
         # Items in flight finish; nothing of the store starts later than 1 s after the pause.
         assert all((t - paused_at).total_seconds() < 1.0 for t in late), late
-        assert query(
+        assert await query(
             database_url,
             "SELECT count(*) FROM job_items WHERE instance_id = 'paused' AND status = 'PROCESSING'",
         ) == [(0,)]
@@ -165,7 +170,7 @@ async def test_pause_stops_a_store_in_every_process_and_resume_starts_it_again(
         assert (first - resumed_at).total_seconds() < 1.0
     # Its backlog is intact: paused, not lost.
     counts = dict(
-        query(
+        await query(
             database_url,
             "SELECT status, count(*) FROM job_items WHERE instance_id = 'paused' GROUP BY 1",
         )
@@ -182,12 +187,12 @@ async def test_max_in_flight_holds_across_processes(database_url: str) -> None:
         run_stub(StubConfig(latency=0.2)) as stub,
         worker_processes(database_url, stub.base_url, 2, WORKER_CONCURRENCY="6") as _procs,
     ):
-        insert_job(database_url, "capped", 200)
-        insert_job(database_url, "free", 200)
+        await insert_job(database_url, "capped", 200)
+        await insert_job(database_url, "free", 200)
         samples: list[int] = []
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:
-            ((count,),) = query(
+            ((count,),) = await query(
                 database_url,
                 "SELECT count(*) FROM job_items"
                 " WHERE instance_id = 'capped' AND status = 'PROCESSING'",
@@ -209,8 +214,8 @@ async def test_rpm_limit_holds_across_processes(database_url: str) -> None:
         run_stub(StubConfig(latency=0.01)) as stub,
         worker_processes(database_url, stub.base_url, 2) as _procs,
     ):
-        insert_job(database_url, "capped", 200)
-        insert_job(database_url, "free", 2000)
+        await insert_job(database_url, "capped", 200)
+        await insert_job(database_url, "free", 2000)
         started = time.monotonic()
         await wait_until(lambda: len(starts_of(database_url, "capped")) >= 12, deadline=20)
         elapsed = time.monotonic() - started
@@ -222,7 +227,7 @@ async def test_rpm_limit_holds_across_processes(database_url: str) -> None:
         for j in range(i + 1, len(starts)):
             assert (starts[j] - first).total_seconds() >= (j - i) * step - 0.5 - 1e-6
     assert elapsed >= 11 * step - 0.5 - 0.2  # without the cap, 12 items take milliseconds
-    workers = query(
+    workers = await query(
         database_url, "SELECT DISTINCT claimed_by FROM job_items WHERE claimed_by IS NOT NULL"
     )
     assert len(workers) == 2  # both processes were claiming all along
@@ -234,7 +239,7 @@ async def test_rpm_limit_holds_across_processes(database_url: str) -> None:
 async def test_a_store_whose_items_are_all_in_backoff_waits_outside_the_ring(
     database_url: str,
 ) -> None:
-    insert_job(database_url, "later", 3)
+    await insert_job(database_url, "later", 3)
     execute(database_url, "UPDATE job_items SET run_after = now() + interval '1.5 seconds'")
     async with run_stub(StubConfig()) as stub:
         settings = make_settings(stub.base_url, worker_concurrency=2)
@@ -242,10 +247,12 @@ async def test_a_store_whose_items_are_all_in_backoff_waits_outside_the_ring(
             # Found by the start-up scan, but not due: no ring entry, no claim, no slot.
             assert "later" not in worker.dispatcher.ring
             assert worker.dispatcher.claims == 0
-            await wait_until(lambda: status_counts(database_url) == {"COMPLETED": 3})
+            await wait_for_counts(database_url, lambda counts: counts == {"COMPLETED": 3})
             # Woken when due: at most a claim per item (two workers share claims), none before.
             assert worker.dispatcher.claims <= 3
-    ((early,),) = query(database_url, "SELECT count(*) FROM job_items WHERE claimed_at < run_after")
+    ((early,),) = await query(
+        database_url, "SELECT count(*) FROM job_items WHERE claimed_at < run_after"
+    )
     assert early == 0
 
 
@@ -283,7 +290,7 @@ def test_sql_writers_get_a_named_constraint(database_url: str, sql: str, constra
 
 
 def test_an_item_priority_out_of_range_is_refused_by_name(database_url: str) -> None:
-    job = insert_job(database_url, "s", 0)
+    job = insert_job_blocking(database_url, "s", 0)
     with (
         psycopg.connect(database_url) as conn,
         pytest.raises(psycopg.errors.CheckViolation) as error,
@@ -314,12 +321,12 @@ def test_the_cli_refuses_a_bad_value_in_one_line_naming_it(
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"invalid {field} " in lines[0], result.stderr
-    assert query(database_url, "SELECT count(*) FROM stores") == [(0,)]
-    assert query(database_url, "SELECT count(*) FROM jobs") == [(0,)]
+    assert query_blocking(database_url, "SELECT count(*) FROM stores") == [(0,)]
+    assert query_blocking(database_url, "SELECT count(*) FROM jobs") == [(0,)]
 
 
 def test_store_set_show_and_removing_the_row_restores_the_defaults(database_url: str) -> None:
-    insert_job(database_url, "shop", 5)
+    insert_job_blocking(database_url, "shop", 5)
     result = run_listener(
         "store",
         "set",
@@ -333,12 +340,12 @@ def test_store_set_show_and_removing_the_row_restores_the_defaults(database_url:
         DATABASE_URL=database_url,
     )
     assert result.returncode == 0, result.stderr
-    assert query(database_url, "SELECT weight, rpm_limit, max_in_flight, paused FROM stores") == [
-        (4, 60, 3, False)
-    ]
+    assert query_blocking(
+        database_url, "SELECT weight, rpm_limit, max_in_flight, paused FROM stores"
+    ) == [(4, 60, 3, False)]
     result = run_listener("store", "set", "shop", "--rpm", "none", DATABASE_URL=database_url)
     assert result.returncode == 0, result.stderr
-    assert query(database_url, "SELECT weight, rpm_limit, max_in_flight FROM stores") == [
+    assert query_blocking(database_url, "SELECT weight, rpm_limit, max_in_flight FROM stores") == [
         (4, None, 3)
     ]
     shown = run_listener("store", "show", "shop", DATABASE_URL=database_url)
