@@ -270,12 +270,12 @@ async def test_the_pause_button_pauses_a_store(database_url: str, chromium_path:
             started = started_items(database_url, "store-pause")
             assert len(started) < 400
             other = await insert_job(database_url, "store-other", 6)
-            await wait_until(
-                lambda: (
-                    query(database_url, "SELECT status FROM jobs WHERE id = %s", (other,))
-                    == [("COMPLETED",)]
-                )
-            )
+
+            async def other_completed() -> bool:
+                rows = await query(database_url, "SELECT status FROM jobs WHERE id = %s", (other,))
+                return rows == [("COMPLETED",)]
+
+            await wait_until(other_completed)
             assert started_items(database_url, "store-pause") == started
 
 
