@@ -55,7 +55,12 @@ def statement(method: str) -> str:
 
 
 def params(method: str, turn: int) -> dict[str, Any]:
-    common = {"worker_id": "bench-claim", "lease_seconds": 60, "max_payload_bytes": 65_536}
+    common = {
+        "worker_id": "bench-claim",
+        "lease_seconds": 60,
+        "max_payload_bytes": 65_536,
+        "announce": False,
+    }
     if method not in SHAPES:
         return {**common, "batch": BATCH, "per_store": PER_STORE}
     count, per_store = SHAPES[method]

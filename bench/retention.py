@@ -50,6 +50,7 @@ def claim_params(turn: int) -> dict[str, Any]:
         "worker_id": "bench-retention",
         "lease_seconds": 60,
         "max_payload_bytes": 65_536,
+        "announce": False,
         "stores": stores,
         "limits": [10] * 10,
     }

@@ -192,6 +192,7 @@ def test_items_whose_worker_died_holding_them_fail(database_url: str) -> None:
                 "worker_id": "dead-worker",
                 "lease_seconds": 2,
                 "max_payload_bytes": 65536,
+                "announce": False,
             },
         ).fetchall()
         assert len(claimed) == 4

@@ -31,6 +31,7 @@ CLAIM = {
     "worker_id": "w1",
     "lease_seconds": 60,
     "max_payload_bytes": 65_536,
+    "announce": False,
 }
 
 
