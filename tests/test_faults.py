@@ -104,9 +104,10 @@ async def test_a_worker_killed_mid_batch_loses_nothing_and_writes_each_outcome_o
     assert doomed.returncode == -signal.SIGKILL
     assert "[Reaper] returned" in outputs[1]
     await assert_each_outcome_written_once(database_url)
-    # Only the items the killed worker held were tried again.
+    # Only items a worker held were tried again: the killed one's (at most its 4 in flight), and
+    # on a loaded machine possibly some of the survivor's, if a 2 s lease lapsed before renewal.
     ((again,),) = await query(database_url, "SELECT count(*) FROM job_items WHERE attempts > 1")
-    assert 1 <= again <= 4
+    assert 1 <= again <= 2 * 4
 
 
 async def test_connections_cut_three_times_mid_run_the_worker_recovers_by_itself(
