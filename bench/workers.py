@@ -20,7 +20,7 @@ from listener import assembly
 from listener.db import open_pool
 from listener.errors import RateLimited, RetryableItemError
 from listener.generate import Generation, Generator
-from listener.items import ClaimedItem, Outcome, end_jobs, finish
+from listener.items import ClaimedItem, Outcome, finish
 from listener.limiter import Limiter, make_limiter
 from listener.settings import Settings, load_settings
 from listener.worker import Worker, new_worker_id
@@ -134,8 +134,7 @@ class OldWorker:
                 self.claimed = anyio.Event()
                 held.update((item.id, item) for item in items)
                 outcomes = await self._process(items, limiter)
-                _written, jobs = await finish(pool, self.worker_id, outcomes)
-                await end_jobs(pool, jobs)
+                await finish(pool, self.worker_id, outcomes)
                 for outcome in outcomes:
                     held.pop(outcome.item_id, None)
                 self.completed += sum(o.status == "COMPLETED" for o in outcomes)

@@ -82,15 +82,15 @@ class Completer:
 
     async def _write(self, batch: list[Outcome]) -> None:
         # Until the database takes them: the items stay PROCESSING (leased) meanwhile, and an
-        # outcome lands only while this worker still holds its item.
-        result = await self._retrying(
+        # outcome lands only while this worker still holds its item. The jobs these outcomes
+        # finish end in the same transaction.
+        written = await self._retrying(
             lambda: items_db.finish(self.pool, self.worker_id, batch),
             f"{len(batch)} outcome(s)",
             "their leases will expire and the items will be tried again",
         )
-        if result is None:
+        if written is None:
             return
-        written, jobs = result
         superseded = [outcome for outcome in batch if outcome.item_id not in written]
         if superseded:
             logger.warning(
@@ -99,14 +99,6 @@ class Completer:
                 len(superseded),
             )
         self.on_written([o for o in batch if o.item_id in written], superseded)
-        # A separate statement, after the outcomes committed: of two workers finishing a job's
-        # last items at once, the later one sees the other's commit. Retried on its own: the
-        # outcomes are written, only the job's end is left.
-        await self._retrying(
-            lambda: items_db.end_jobs(self.pool, jobs),
-            f"{len(jobs)} job end(s)",
-            "the reaper's sweep will close those jobs",
-        )
 
     async def _retrying(
         self, write: Callable[[], Awaitable[T]], what: str, otherwise: str

@@ -40,10 +40,18 @@ class Outcome:
     refund: bool = False  # give the attempt back: the item was released, not tried
     instance_id: str = field(default="", compare=False)
     attempt: int = 0  # the claim's attempt number; an outcome of an older claim is not written
+    job_id: int = 0
 
     @classmethod
     def of(cls, item: ClaimedItem, status: Status, **fields: Any) -> Outcome:
-        return cls(item.id, status, instance_id=item.instance_id, attempt=item.attempts, **fields)
+        return cls(
+            item.id,
+            status,
+            instance_id=item.instance_id,
+            attempt=item.attempts,
+            job_id=item.job_id,
+            **fields,
+        )
 
     @classmethod
     def completed(cls, item: ClaimedItem, result: dict[str, Any]) -> Outcome:
@@ -129,18 +137,9 @@ async def claim(
     return ClaimResult(items, held_back)
 
 
-async def finish(
-    pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]
-) -> tuple[set[int], list[int]]:
-    """Write a batch of outcomes; return the ids written and the jobs to look at for their end
-    (`end_jobs`, once the caller has noted what was written).
-
-    An item this worker no longer holds (its lease expired and the item was reaped, perhaps
-    done elsewhere) is left as it is.
-    """
-    if not outcomes:
-        return set(), []
-    params = {
+def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """The parameters of `finish_items`: one array per column."""
+    return {
         "ids": [o.item_id for o in outcomes],
         "statuses": [o.status for o in outcomes],
         "results": [None if o.result is None else json.dumps(o.result) for o in outcomes],
@@ -150,35 +149,33 @@ async def finish(
         "attempts": [o.attempt for o in outcomes],
         "worker_id": worker_id,
     }
+
+
+async def finish(
+    pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]
+) -> set[int]:
+    """Write a batch of outcomes and end the jobs they finish; return the ids written.
+
+    One transaction in one round trip (a pipeline): the batch's jobs locked in id order, the
+    outcomes, then each job with no open item left is ended (`sql/items.sql` says why this
+    order is safe against a concurrent finisher and a cancel). An item this worker no longer
+    holds (its lease expired and the item was reaped, perhaps done elsewhere) is left as it is.
+    """
+    if not outcomes:
+        return set()
+    params = outcome_params(worker_id, outcomes)
+    jobs = {"job_ids": sorted({o.job_id for o in outcomes})}
     sql = queries("items")
-    requeued = [o.item_id for o in outcomes if o.status == "PENDING"]
     try:
         async with pool.connection() as conn:
-            if requeued:
-                # Rare (retries, releases): lock the jobs, then write, in one transaction, so a
-                # cancel in progress is waited for and seen (such items then end CANCELLED).
-                async with conn.transaction():
-                    await conn.execute(sql["lock_jobs_of_items"], {"ids": requeued})
-                    cursor = await conn.execute(sql["finish_items"], params)
-                    rows = await cursor.fetchall()
-            else:
-                cursor = await conn.execute(sql["finish_items"], params)
-                rows = await cursor.fetchall()
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute(sql["lock_jobs_of_outcomes"], jobs)
+                written = await conn.execute(sql["finish_items"], params)
+                await conn.execute(sql["finish_jobs"], jobs)
+            rows = await written.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
-    ended = sorted({int(job_id) for _id, job_id, status in rows if status != "PENDING"})
-    return {int(item_id) for item_id, _job_id, _status in rows}, ended
-
-
-async def end_jobs(pool: AsyncConnectionPool, job_ids: Sequence[int]) -> None:
-    """Close the jobs of `job_ids` that have no open item left (after their outcomes commit)."""
-    if not job_ids:
-        return
-    try:
-        async with pool.connection() as conn:
-            await conn.execute(queries("items")["finish_jobs"], {"job_ids": list(job_ids)})
-    except psycopg.Error as error:
-        raise wrap(error, "closing finished jobs failed") from error
+    return {int(row[0]) for row in rows}
 
 
 async def close_stranded_jobs(pool: AsyncConnectionPool) -> int:

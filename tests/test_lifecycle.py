@@ -341,3 +341,43 @@ async def test_the_reapers_sweep_closes_a_job_left_open(database_url: str) -> No
     assert heard.heard[0].payload["job_id"] == job_id
     assert job_row(database_url, job_id)[0] == "COMPLETED"
     assert job_row(database_url, open_job)[0] == "PENDING"
+
+
+async def test_two_finishers_of_a_jobs_last_items_end_it_at_once(database_url: str) -> None:
+    # Two workers write a job's last two outcomes at the same moment. The first writes its
+    # outcome and looks for open items (the other is still PROCESSING) but has not committed;
+    # the second must wait for it and then end the job itself, not leave it to the reaper.
+    job_id = await insert_job(database_url, "store-both", 2)
+    # One connection: the one the second finisher waits on.
+    settings = make_settings("http://127.0.0.1:9/v1", db_pool_min=1, db_pool_max=1)
+    pool = await open_pool(database_url, settings)
+    try:
+        first = await items_db.claim(pool, "worker-a", ["store-both"], [1], 60.0, 100_000)
+        second = await items_db.claim(pool, "worker-b", ["store-both"], [1], 60.0, 100_000)
+        (item_a,), (item_b,) = first.items, second.items
+        sql = queries("items")
+        outcome_a = items_db.Outcome.completed(item_a, {"text": "a"})
+        async with subscribed(database_url) as heard:
+            with psycopg.connect(database_url) as writer_a:
+                writer_a.execute(sql["lock_jobs_of_outcomes"], {"job_ids": [job_id]})
+                params = items_db.outcome_params("worker-a", [outcome_a])
+                writer_a.execute(sql["finish_items"], params)
+                writer_a.execute(sql["finish_jobs"], {"job_ids": [job_id]})
+                outcome_b = items_db.Outcome.completed(item_b, {"text": "b"})
+                async with pool.connection() as conn:
+                    pid_b = conn.info.backend_pid
+
+                async def finish_b() -> None:
+                    assert await items_db.finish(pool, "worker-b", [outcome_b]) == {item_b.id}
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(finish_b)
+                    await wait_until(lambda: wait_for_lock(database_url, pid_b))
+                    assert job_row(database_url, job_id)[2] is None
+                    writer_a.commit()
+            await heard.wait_for(1)
+    finally:
+        await pool.close()
+    status, _started, completed_at, _cancelled = job_row(database_url, job_id)
+    assert status == "COMPLETED" and completed_at is not None
+    assert [h.payload["job_id"] for h in heard.heard] == [job_id]

@@ -122,13 +122,17 @@ SELECT instance_id,
 FROM heads
 GROUP BY instance_id;
 
--- lock_jobs_of_items --
--- Before outcomes that return items to PENDING: the jobs' rows, in id order, so a cancel in
--- progress is waited for and the next statement sees it (then those items end CANCELLED).
+-- lock_jobs_of_outcomes --
+-- The first statement of an outcome batch's transaction: the batch's jobs, in id order. Two
+-- completers writing the last items of one job queue here, so the second one's finish_jobs (a
+-- later statement, a later snapshot) sees the first one's items finished and ends the job; a
+-- cancel in progress (it holds the job row) is waited for and seen, so an item that would go
+-- back to PENDING ends CANCELLED. NO KEY UPDATE: a producer's insert of more items of the job
+-- (its foreign key takes KEY SHARE) is not blocked.
 SELECT id FROM jobs
-WHERE id IN (SELECT job_id FROM job_items WHERE id = ANY(%(ids)s::bigint[]))
+WHERE id = ANY(%(job_ids)s::bigint[])
 ORDER BY id
-FOR SHARE;
+FOR NO KEY UPDATE;
 
 -- finish_items --
 -- Write a batch of outcomes in one statement. An outcome only lands while this worker still
@@ -185,10 +189,10 @@ SELECT id, job_id, status FROM finished
 WHERE (SELECT count(*) FROM room) >= 0;
 
 -- finish_jobs --
--- Runs after finish_items has committed, so of two workers finishing a job's last items at
--- once, the later one always sees the other's commit. A cancel in progress cannot slip between:
--- it share-locks the job's PROCESSING items, so an outcome written after its look waits for its
--- commit, and this statement, which runs after that outcome, then sees the cancel.
+-- After finish_items, in its transaction (which holds the jobs' rows: lock_jobs_of_outcomes),
+-- or after the reaper's commit: a statement of its own sees every outcome committed before it.
+-- A cancel in progress cannot slip between: it holds the job row, which the outcomes' transaction
+-- waits for, so this statement then sees the cancel.
 -- Only the job row as it was looked at is closed (its xmin): a retry that reopened the job while
 -- this statement waited for its lock committed a new row version, and the stale look (no open
 -- item) must not close it.
@@ -241,17 +245,23 @@ FROM done
 WHERE j.id = done.id AND j.xmin = done.seen;
 
 -- extend_leases --
--- Unflushed like the claim: a renewal lost in a crash only shortens a lease.
+-- Unflushed like the claim: a renewal lost in a crash only shortens a lease. SKIP LOCKED: an
+-- item locked now is having its outcome written, and needs no longer lease; waiting for it
+-- while holding other items the outcome's statement wants would deadlock the two.
 WITH unflushed AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true)
 )
 UPDATE job_items
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING' AND claimed_by = %(worker_id)s
+WHERE id IN (
+    SELECT id FROM job_items
+    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING' AND claimed_by = %(worker_id)s
+    FOR NO KEY UPDATE SKIP LOCKED
+)
   AND EXISTS (SELECT FROM unflushed);
 
 -- lock_jobs_of_expired --
--- The reaper's first statement (see lock_jobs_of_items): the jobs of the items it may reap.
+-- The reaper's first statement (see lock_jobs_of_outcomes): the jobs of the items it may reap.
 SELECT id FROM jobs
 WHERE id IN (
     SELECT job_id FROM job_items
