@@ -31,19 +31,27 @@ def with_options(conninfo: str, application_name: str) -> str:
     return make_conninfo(conninfo, application_name=application_name, **KEEPALIVES)
 
 
-def with_timeouts(conninfo: str, settings: Settings) -> str:
-    """The conninfo with DB_LOCK_TIMEOUT_SECONDS and DB_STATEMENT_TIMEOUT_SECONDS for every
-    session opened with it.
+def with_session_options(conninfo: str, settings: Settings) -> str:
+    """The conninfo with the worker's and the api's session settings: DB_LOCK_TIMEOUT_SECONDS,
+    DB_STATEMENT_TIMEOUT_SECONDS and generic plans for prepared statements.
 
     In the startup packet's `options`, after any the URL sets (ours win over the same names):
     no extra round trip per connection, and nothing to reset when a connection is reused.
+
+    Generic plans: psycopg prepares a statement on its fifth run on a connection. Our repeated
+    statements (the claim, outcomes, leases, the limiter, heartbeats) are all index probes by
+    store, id or array of ids, whose plan does not depend on the values; with custom plans each
+    run was planned again, which was half of an idle worker's claim (0.96 -> 0.45 ms).
     """
     ours = " ".join(
-        f"-c {name}={max(1, round(seconds * 1000))}"
-        for name, seconds in (
-            ("lock_timeout", settings.db_lock_timeout_seconds),
-            ("statement_timeout", settings.db_statement_timeout_seconds),
-        )
+        [
+            f"-c {name}={max(1, round(seconds * 1000))}"
+            for name, seconds in (
+                ("lock_timeout", settings.db_lock_timeout_seconds),
+                ("statement_timeout", settings.db_statement_timeout_seconds),
+            )
+        ]
+        + ["-c plan_cache_mode=force_generic_plan"]
     )
     theirs = conninfo_to_dict(conninfo).get("options")
     return make_conninfo(conninfo, options=f"{theirs} {ours}" if theirs else ours)
@@ -54,10 +62,10 @@ async def open_pool(
 ) -> AsyncConnectionPool:
     """Open the pool; it reconnects by itself, with backoff, when the database restarts.
 
-    Its sessions carry the lock and statement timeouts (`with_timeouts`).
+    Its sessions carry the lock and statement timeouts and generic plans (`with_session_options`).
     """
     pool = AsyncConnectionPool(
-        with_options(with_timeouts(conninfo, settings), name),
+        with_options(with_session_options(conninfo, settings), name),
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         kwargs={"autocommit": True},

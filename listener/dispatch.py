@@ -112,7 +112,8 @@ class Dispatcher:
         self.claims = 0
         self.claimed_items = 0
         self._waiters: deque[_Waiter] = deque()
-        self._work = anyio.Event()
+        # Idle workers, each asleep on its event, oldest first (see `wait_for_work`).
+        self._sleepers: deque[anyio.Event] = deque()
         self._demand = anyio.Event()
         self._wakeups: list[tuple[float, str]] = []
         self._earliest_wakeup: dict[str, float] = {}
@@ -130,7 +131,7 @@ class Dispatcher:
         if self._held(store):
             return
         self.ring.notify(store)
-        self._work.set()
+        self._wake(1)
 
     def rebuild(self, policies: list[tuple[object, ...]], stores: list[ReadyStore]) -> None:
         """A scan of the tables: the full policy, and every store with pending items."""
@@ -149,8 +150,7 @@ class Dispatcher:
         # the same store at once.
         self._rng.shuffle(due)
         self.ring.replace_all(due)
-        if len(self.ring):
-            self._work.set()
+        self._wake(len(self.ring))
 
     def served_elsewhere(self, payload: str) -> None:
         """`stores_served` from a claim: another process served the store; ours are ignored."""
@@ -191,10 +191,26 @@ class Dispatcher:
     # -- used by workers ------------------------------------------------------------------
 
     async def wait_for_work(self) -> None:
+        """Return when some store may have work, or at `stop()`.
+
+        Idle workers are woken one by one, not all at once: a store's first item wakes one
+        worker, and each claim that leaves stores in the ring wakes as many more as it got items
+        (so a burst is served by 1, 2, 4, ... workers within a few claims). Waking every idle
+        worker for one notification cost an idle process a step of each of its workers before
+        the claim could go out, then empty claims for the rest.
+        """
         while not len(self.ring) and not self.stopping:
-            if self._work.is_set():
-                self._work = anyio.Event()
-            await self._work.wait()
+            event = anyio.Event()
+            self._sleepers.append(event)
+            try:
+                await event.wait()
+            finally:
+                if not event.is_set():
+                    self._sleepers.remove(event)  # cancelled while asleep
+
+    def _wake(self, count: int) -> None:
+        for _ in range(min(count, len(self._sleepers))):
+            self._sleepers.popleft().set()
 
     async def next_item(self) -> ClaimedItem | None:
         """An item for a worker that can start it now; None when there is no work after all."""
@@ -217,7 +233,7 @@ class Dispatcher:
     def stop(self) -> None:
         self.stopping = True
         self._answer_all()
-        self._work.set()
+        self._wake(len(self._sleepers))
         self._demand.set()
 
     async def claims_settled(self) -> None:
@@ -379,3 +395,5 @@ class Dispatcher:
                 self._answer(self._waiters.popleft(), item)
             else:
                 self.on_orphan(item)
+        if len(self.ring):
+            self._wake(max(1, len(items)))

@@ -28,7 +28,7 @@ from listener import items as items_db
 from listener import retention
 from listener.backoff import Backoff, retry_delay
 from listener.complete import Completer
-from listener.db import log_pool_stats, pool_stats, with_timeouts, wrap
+from listener.db import log_pool_stats, pool_stats, with_session_options, wrap
 from listener.dispatch import Dispatcher
 from listener.errors import (
     AuthenticationFailed,
@@ -126,7 +126,7 @@ class Worker:
             announce_claims=bool(settings.rate_limit_rpm or settings.rate_limit_tpm),
         )
         self.listener = Listener(
-            with_timeouts(conninfo, settings),
+            with_session_options(conninfo, settings),
             on_notify=self.dispatcher.notify,
             on_rebuild=self.dispatcher.rebuild,
             sweep_interval=settings.sweep_interval_seconds,
