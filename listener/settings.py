@@ -52,7 +52,7 @@ class Settings(BaseSettings):
 
     claim_batch_size: int = Field(default=100, ge=1, le=10_000)
     max_per_instance: int = Field(default=20, ge=1, le=10_000)
-    worker_concurrency: int = Field(default=16, ge=1, le=10_000)
+    worker_concurrency: int = Field(default=64, ge=1, le=10_000)
 
     max_attempts: int = Field(default=5, ge=1)
     retry_base_seconds: float = Field(default=2.0, gt=0)
