@@ -112,6 +112,7 @@ class Dispatcher:
         self.claims = 0
         self.claimed_items = 0
         self._waiters: deque[_Waiter] = deque()
+        self._live = 0  # waiters not yet answered: counted, not scanned (64 workers ask often)
         # Idle workers, each asleep on its event, oldest first (see `wait_for_work`).
         self._sleepers: deque[anyio.Event] = deque()
         self._demand = anyio.Event()
@@ -218,6 +219,7 @@ class Dispatcher:
             return None
         waiter = _Waiter()
         self._waiters.append(waiter)
+        self._live += 1
         self._demand.set()
         try:
             await waiter.event.wait()
@@ -225,8 +227,9 @@ class Dispatcher:
             # Cancelled while waiting: an item already handed over must not be lost.
             if waiter.item is not None:
                 self.on_orphan(waiter.item)
-            else:
+            elif not waiter.answered:
                 waiter.answered = True
+                self._live -= 1
             raise
         return waiter.item
 
@@ -327,7 +330,7 @@ class Dispatcher:
     def _live_waiters(self) -> int:
         while self._waiters and self._waiters[0].answered:
             self._waiters.popleft()
-        return sum(1 for w in self._waiters if not w.answered)
+        return self._live
 
     def _answer_all(self) -> None:
         while self._waiters:
@@ -339,6 +342,7 @@ class Dispatcher:
                 self.on_orphan(item)
             return
         waiter.answered = True
+        self._live -= 1
         waiter.item = item
         waiter.event.set()
 
