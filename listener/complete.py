@@ -3,6 +3,11 @@
 Workers hand their outcome over and move on; whatever has piled up while the previous batch was
 being written goes out in the next statement, so a busy process writes many items per round
 trip and a quiet one writes each at once.
+
+Under a budget (`hold_seconds` > 0) items start one at a time, a slot apart, and each would cost
+its own round trip and commit: the outcomes wait up to `hold_seconds` for the next claim, which
+writes them in its own transaction (`take`, then `written` or `give_back`), and are written alone
+only when no claim comes.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import anyio
@@ -35,26 +41,65 @@ class Completer:
         worker_id: str,
         on_written: Callable[[list[Outcome], list[Outcome]], None],
         rng: random.Random,
+        hold_seconds: float = 0.0,
     ) -> None:
         self.pool = pool
         self.worker_id = worker_id
         self.on_written = on_written
+        self.hold_seconds = hold_seconds
         self.backoff = Backoff(base=0.2, cap=10.0, rng=rng)
-        self._send, self._receive = anyio.create_memory_object_stream[Outcome](math.inf)
+        self._queue: deque[Outcome] = deque()
+        self._arrived = anyio.Event()
+        self._taken = anyio.Event()
+        self._closed = False
+        self._given_back = False  # written at once, not held for a claim again
         self._give_up_at = math.inf
+        self.batches_written = 0  # by this completer itself
+        self.outcomes_taken = 0  # by claims, to write in their transactions
 
     def emit(self, outcome: Outcome) -> None:
         """Never blocks: a worker finishing its item must not wait on the database."""
-        try:
-            self._send.send_nowait(outcome)
-        except anyio.ClosedResourceError:
-            # Only past `close`'s give-up (a claim that outlived it): like the outcomes given
-            # up on there, this item is left to its lease, and the worker still exits cleanly.
+        if self._closed:
+            # Only past `close` (a claim that outlived its give-up): like the outcomes given up
+            # on there, this item is left to its lease, and the worker still exits cleanly.
             logger.error(
                 "[Worker] item %d came back after the outcomes were closed; its lease will "
                 "expire and the item will be tried again",
                 outcome.item_id,
             )
+            return
+        self._queue.append(outcome)
+        self._arrived.set()
+
+    def take(self) -> list[Outcome]:
+        """The outcomes waiting, for a claim to write in its transaction; the claimer then calls
+        `written` (it committed) or `give_back` (it failed). Nothing once closed: the last
+        outcomes are written here."""
+        if self._closed or not self._queue:
+            return []
+        batch = self._pop()
+        self.outcomes_taken += len(batch)
+        self._taken.set()
+        return batch
+
+    def written(self, batch: list[Outcome], written: Iterable[int]) -> None:
+        """A batch is committed; `written`: the ids it wrote (the others had lost their lease)."""
+        ids = set(written)
+        superseded = [outcome for outcome in batch if outcome.item_id not in ids]
+        if superseded:
+            logger.warning(
+                "[Worker] %d outcome(s) not written: their leases had expired and the items "
+                "were taken back (this worker was frozen or cut off for too long)",
+                len(superseded),
+            )
+        self.on_written([o for o in batch if o.item_id in ids], superseded)
+
+    def give_back(self, batch: list[Outcome]) -> None:
+        """A claim could not write the batch it took: it is written here instead."""
+        self._queue.extendleft(reversed(batch))
+        self._given_back = True
+        self._arrived.set()
+        self._taken.set()
 
     def close(self, give_up_after: float) -> None:
         """No more outcomes: `run` writes what is left, then returns.
@@ -64,21 +109,31 @@ class Completer:
         reaper returns those items to PENDING once their leases expire.
         """
         self._give_up_at = anyio.current_time() + give_up_after
-        self._send.close()
+        self._closed = True
+        self._arrived.set()
+        self._taken.set()
 
     async def run(self, done: anyio.Event) -> None:
         # Shielded: outcomes are written even while the process is being cancelled.
         with anyio.CancelScope(shield=True):
-            async with self._receive:
-                async for first in self._receive:
-                    batch = [first]
-                    while len(batch) < MAX_BATCH:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    await self._write(batch)
+            while self._queue or not self._closed:
+                if not self._queue:
+                    self._arrived = anyio.Event()
+                    await self._arrived.wait()
+                    continue
+                if self.hold_seconds and not self._closed and not self._given_back:
+                    self._taken = anyio.Event()
+                    with anyio.move_on_after(self.hold_seconds):
+                        await self._taken.wait()
+                    if not self._queue:
+                        continue  # a claim took them
+                self._given_back = False
+                await self._write(self._pop())
         done.set()
+
+    def _pop(self) -> list[Outcome]:
+        count = min(len(self._queue), MAX_BATCH)
+        return [self._queue.popleft() for _ in range(count)]
 
     async def _write(self, batch: list[Outcome]) -> None:
         # Until the database takes them: the items stay PROCESSING (leased) meanwhile, and an
@@ -89,16 +144,9 @@ class Completer:
             f"{len(batch)} outcome(s)",
             "their leases will expire and the items will be tried again",
         )
-        if written is None:
-            return
-        superseded = [outcome for outcome in batch if outcome.item_id not in written]
-        if superseded:
-            logger.warning(
-                "[Worker] %d outcome(s) not written: their leases had expired and the items "
-                "were taken back (this worker was frozen or cut off for too long)",
-                len(superseded),
-            )
-        self.on_written([o for o in batch if o.item_id in written], superseded)
+        if written is not None:
+            self.batches_written += 1
+            self.written(batch, written)
 
     async def _retrying(
         self, write: Callable[[], Awaitable[T]], what: str, otherwise: str

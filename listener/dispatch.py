@@ -19,6 +19,7 @@ import anyio.lowlevel
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from listener.complete import Completer
 from listener.errors import DatabaseError
 from listener.items import ClaimedItem, ReadyStore, claim, split_quota
 from listener.policy import StorePolicies, read_some
@@ -87,6 +88,7 @@ class Dispatcher:
         on_orphan: Callable[[ClaimedItem], None],
         clock: Callable[[], float] = anyio.current_time,
         announce_claims: bool = False,
+        completer: Completer | None = None,
     ) -> None:
         self.pool = pool
         self.worker_id = worker_id
@@ -100,6 +102,8 @@ class Dispatcher:
         # Under a budget every claim tells the fleet which stores it served (`stores_served`),
         # so every process's ring goes round in step with the others'.
         self.announce_claims = announce_claims
+        # Under a budget, each claim also writes the outcomes waiting (see complete.py).
+        self.completer = completer
         self.policies = StorePolicies()
         self.ring = ReadyRing(weight_of=self.policies.weight)
         # Stores their rpm_limit holds back, and until when (this process's clock): their
@@ -356,6 +360,7 @@ class Dispatcher:
         if quotas:
             shift = self.claims % len(quotas)
             quotas = quotas[len(quotas) - shift :] + quotas[: len(quotas) - shift]
+        outcomes = self.completer.take() if self.completer is not None else []
         try:
             result = await claim(
                 self.pool,
@@ -365,12 +370,19 @@ class Dispatcher:
                 self.lease_seconds,
                 self.max_payload_bytes,
                 self.announce_claims,
+                outcomes,
             )
-        except DatabaseError as error:
+        except BaseException as error:
+            if self.completer is not None and outcomes:
+                self.completer.give_back(outcomes)  # the completer writes them alone
+            if not isinstance(error, DatabaseError):
+                raise
             logger.warning("[Worker] claim failed, retrying: %s", error)
             self._answer_all()  # their limiter slots are lost; no item is
             await anyio.sleep(1.0)
             return
+        if self.completer is not None and outcomes:
+            self.completer.written(outcomes, result.written)
         items = result.items
         for held in result.held_back:
             if held.retry_in is not None:

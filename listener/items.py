@@ -95,6 +95,7 @@ class HeldBack:
 class ClaimResult:
     items: list[ClaimedItem]
     held_back: list[HeldBack]
+    written: set[int] = field(default_factory=set)  # ids of the outcomes it wrote
 
 
 def split_quota(stores: Sequence[str], wanted: int, max_per_store: int) -> list[int]:
@@ -113,7 +114,12 @@ async def claim(
     lease_seconds: float,
     max_payload_bytes: int,
     announce: bool = False,
+    outcomes: Sequence[Outcome] = (),
 ) -> ClaimResult:
+    """Claim items of `stores` (`quotas` of each), and write `outcomes` first in the same
+    transaction, one round trip (under a budget each item would otherwise cost a round trip and
+    a commit of its own for its outcome). The transaction then waits for the WAL flush, as every
+    outcome's commit does."""
     # In store order: the claim locks the `stores` rows of capped stores in this order, and
     # two claims that lock in one order never deadlock.
     ordered = sorted(zip(stores, quotas, strict=True))
@@ -125,16 +131,25 @@ async def claim(
         "max_payload_bytes": max_payload_bytes,
         "announce": announce,
     }
+    sql = queries("items")
+    written: set[int] = set()
     try:
         async with pool.connection() as conn:
-            cursor = await conn.execute(queries("items")["claim"], params)
+            if outcomes:
+                async with conn.pipeline(), conn.transaction():
+                    finished = await _write_outcomes(conn, worker_id, outcomes)
+                    cursor = await conn.execute(sql["claim"], params)
+                    await conn.execute(sql["flush_at_commit"])
+                written = {int(row[0]) for row in await finished.fetchall()}
+            else:
+                cursor = await conn.execute(sql["claim"], params)
             rows = await cursor.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "claim failed") from error
     items = [ClaimedItem(*row[:7]) for row in rows if row[0] is not None]
     items.sort(key=lambda item: item.id)
     held_back = [HeldBack(str(row[2]), row[7]) for row in rows if row[0] is None]
-    return ClaimResult(items, held_back)
+    return ClaimResult(items, held_back, written)
 
 
 def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
@@ -163,19 +178,27 @@ async def finish(
     """
     if not outcomes:
         return set()
-    params = outcome_params(worker_id, outcomes)
-    jobs = {"job_ids": sorted({o.job_id for o in outcomes})}
-    sql = queries("items")
     try:
         async with pool.connection() as conn:
             async with conn.pipeline(), conn.transaction():
-                await conn.execute(sql["lock_jobs_of_outcomes"], jobs)
-                written = await conn.execute(sql["finish_items"], params)
-                await conn.execute(sql["finish_jobs"], jobs)
+                written = await _write_outcomes(conn, worker_id, outcomes)
             rows = await written.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
     return {int(row[0]) for row in rows}
+
+
+async def _write_outcomes(
+    conn: psycopg.AsyncConnection[Any], worker_id: str, outcomes: Sequence[Outcome]
+) -> psycopg.AsyncCursor[Any]:
+    """Inside a transaction: the batch's jobs locked, the outcomes written, the jobs they
+    finish ended. The cursor returned yields the ids written."""
+    sql = queries("items")
+    jobs = {"job_ids": sorted({o.job_id for o in outcomes})}
+    await conn.execute(sql["lock_jobs_of_outcomes"], jobs)
+    written = await conn.execute(sql["finish_items"], outcome_params(worker_id, outcomes))
+    await conn.execute(sql["finish_jobs"], jobs)
+    return written
 
 
 async def close_stranded_jobs(pool: AsyncConnectionPool) -> int:

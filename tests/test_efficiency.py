@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from random import Random
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
 from listener import assembly
+from listener import items as items_db
+from listener.complete import Completer
+from listener.db import open_pool
 from listener.generate import Generation
-from listener.items import ClaimedItem
+from listener.items import ClaimedItem, Outcome
 from listener.sqlfiles import queries
+from listener.stub.server import StubConfig, run_stub
 from tests.support import (
     insert_job,
     insert_job_blocking,
     make_settings,
     query,
+    running_worker,
     wait_for_counts,
 )
 
@@ -137,3 +144,49 @@ async def test_stores_share_evenly_when_claims_want_more_items_than_there_are_st
     )
     assert len(done) == 10
     assert max(done.values()) <= 1.25 * min(done.values()), done
+
+
+def test_a_claim_that_writes_outcomes_keeps_the_flush(database_url: str) -> None:
+    insert_job_blocking(database_url, "store-a", 3)
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        conn.execute(queries("items")["claim"], CLAIM)
+        conn.execute(queries("items")["flush_at_commit"])
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+async def test_under_a_budget_each_claim_writes_the_outcomes_waiting(database_url: str) -> None:
+    # At 600 RPM items start 100 ms apart, a claim each: each claim also writes the outcomes
+    # finished since the one before, so an item costs a reservation and a claim, not a third
+    # round trip and commit of its own. Only outcomes no claim came for in time (the last
+    # ones; a stall of the machine) are written by the completer alone.
+    async with run_stub(StubConfig()) as stub:
+        settings = make_settings(stub.base_url, rate_limit_rpm=600, worker_concurrency=4)
+        await insert_job(database_url, "paced", 12)
+        async with running_worker(database_url, settings) as worker:
+            await wait_for_counts(database_url, lambda counts: counts == {"COMPLETED": 12})
+            taken, alone = worker.completer.outcomes_taken, worker.completer.batches_written
+    assert taken >= 6, (taken, alone)
+    assert alone <= 6, (taken, alone)
+
+
+async def test_outcomes_a_failed_claim_took_are_written_at_once(database_url: str) -> None:
+    await insert_job(database_url, "store-a", 2)
+    settings = make_settings("http://127.0.0.1:9/v1")
+    pool = await open_pool(database_url, settings)
+    try:
+        result = await items_db.claim(pool, "w1", ["store-a"], [2], 60.0, 65_536)
+        done = anyio.Event()
+        # Held for a claim for ten minutes: only the give-back can make it write now.
+        completer = Completer(pool, "w1", lambda _w, _s: None, Random(1), hold_seconds=600)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(completer.run, done)
+            for item in result.items:
+                completer.emit(Outcome.completed(item, {"text": "ok"}))
+            taken = completer.take()
+            assert len(taken) == 2
+            completer.give_back(taken)  # as the claimer does when its claim fails
+            await wait_for_counts(database_url, lambda counts: counts == {"COMPLETED": 2})
+            completer.close(give_up_after=5.0)
+        assert completer.batches_written == 1
+    finally:
+        await pool.close()

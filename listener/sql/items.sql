@@ -77,6 +77,11 @@ SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in
 FROM allowance
 WHERE granted < quota;
 
+-- flush_at_commit --
+-- The last statement of a claim that also writes outcomes: the claim turned the WAL flush off
+-- for its transaction, and outcomes must not be lost in a crash once the worker moved on.
+SET LOCAL synchronous_commit = on;
+
 -- store_next_items --
 -- The single-store form of the claim's lookup, for EXPLAIN in tests and in the runbook.
 SELECT id FROM job_items
