@@ -194,9 +194,6 @@ class ReadyRing:
     def __contains__(self, store: object) -> bool:
         return store in self._live
 
-    def is_empty(self) -> bool:
-        return not self._live
-
     def __iter__(self) -> Iterator[str]:
         """Live stores in the order `take` would serve them next (each once)."""
         for store, token in self._fresh:

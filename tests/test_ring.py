@@ -22,7 +22,7 @@ def _ring_with(*stores: str) -> ReadyRing:
 
 def test_empty_ring() -> None:
     ring = ReadyRing()
-    assert ring.is_empty()
+    assert len(ring) == 0
     assert len(ring) == 0
     assert ring.take(5) == []
     assert ring.snapshot() == []
@@ -140,7 +140,7 @@ def test_empty_ring_ends_turn() -> None:
     assert ring.take(2) == ["a", "b"]
     ring.drop("a")
     ring.drop("b")
-    assert ring.is_empty()
+    assert len(ring) == 0
     ring.notify("b")
     ring.notify("a")
     assert ring.take(2) == ["b", "a"]
@@ -251,7 +251,7 @@ def test_random_operations_keep_invariants() -> None:
         assert len(snapshot) == len(set(snapshot)) == len(ring)
         assert set(snapshot) == model
         assert all(s in ring for s in model)
-        assert ring.is_empty() == (not model)
+        assert (len(ring) == 0) == (not model)
         assert _entries(ring) <= 2 * len(ring) + 1
 
 
