@@ -145,6 +145,7 @@ class Completer:
             "their leases will expire and the items will be tried again",
         )
         if written is not None:
+            logger.debug("completer wrote %d outcome(s) alone", len(batch))
             self.batches_written += 1
             self.written(batch, written)
 
