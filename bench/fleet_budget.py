@@ -1,15 +1,17 @@
-"""9. The biggest accounts: 8 worker processes sharing one budget of 30,000 RPM through the one
+"""13. The biggest accounts: 8 worker processes sharing one budget of 30,000 RPM through the one
 `rate_limiters` row, with the instant handler (this 2-core machine cannot drive 500 requests a
 second of 0.3 s answers through a stub as well), then the budget raised until the fleet stops
-using it: where the single limiter row saturates.
+using it: where the single limiter row saturates, and what saturates first.
 
 On a PostgreSQL server of the run's own (as `bench.db_work`), so pg_stat_statements counts the
-limiter's statements and the sessions' CPU is ours alone. For each budget: 200 stores with a
+fleet's statements and the sessions' CPU is ours alone. For each budget: 200 stores with a
 backlog larger than the window, 8 `python -m bench.peer_workers listener` processes at their
 defaults but `RATE_LIMIT_RPM`, a warm-up, then a window in which are counted: items started
 (`claimed_at`, the database's clock), the busiest 60 s (or, in a shorter window, the busiest
-10 s scaled to a minute), the limiter's statements per grant and their execution time, and the
-CPU of every session of the database (the workers' pools and listeners).
+10 s scaled to a minute), the limiter's statements, the claims and all statements per grant, the
+limiter's execution time, the CPU of every session of the database (the workers' pools and
+listeners) and of the 8 worker processes. After the fleet stops: items started twice (none
+expected) and items left PROCESSING (none expected).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from bench.common import (
     timed,
 )
 from bench.db_work import database, private_server
-from bench.peers import PeerProcess, backend_cpu
+from bench.peers import PeerProcess, backend_cpu, cpu_seconds
 
 NAME = "fleet_budget"
 PROCESSES = 8
@@ -51,13 +53,23 @@ def busiest(starts: list[float], width: float) -> int:
     return most
 
 
-def one_budget(admin: str, url: str, rpm: int, seconds: float) -> dict[str, Any]:
+def one_budget(
+    admin: str,
+    url: str,
+    rpm: int,
+    seconds: float,
+    source: str | None = None,
+    concurrency: int | None = None,
+) -> dict[str, Any]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("TRUNCATE job_items, jobs, worker_heartbeats, rate_limiters")
         per_store = int(rpm / 60 * (seconds + WARM_UP + 10) / len(STORES)) + 1
         add_backlog(conn, STORES, per_store)
         conn.execute("VACUUM ANALYZE job_items")
-    procs = [PeerProcess("listener", url, None, RATE_LIMIT_RPM=str(rpm)) for _ in range(PROCESSES)]
+    procs = [
+        PeerProcess("listener", url, concurrency, source, RATE_LIMIT_RPM=str(rpm))
+        for _ in range(PROCESSES)
+    ]
     try:
         for proc in procs:
             proc.wait_for("ready", 120)
@@ -68,20 +80,25 @@ def one_budget(admin: str, url: str, rpm: int, seconds: float) -> dict[str, Any]
         assert now is not None
         start = float(now[0])
         cpu_before = backend_cpu(url)
+        pids = [proc.process.pid for proc in procs]
+        workers_before = cpu_seconds(pids)
         time.sleep(seconds)
+        workers_cpu = cpu_seconds(pids) - workers_before
         cpu_after = backend_cpu(url)
         with psycopg.connect(admin, autocommit=True) as conn:
-            row = conn.execute(sql("peers")["limiter_statements"], {"dbname": "fleet"}).fetchone()
+            row = conn.execute(sql(NAME)["statements"], {"dbname": "fleet"}).fetchone()
         assert row is not None
-        reserves, reserve_ms = int(row[0]), float(row[1])
+        reserves, reserve_ms, claims, statements = int(row[0]), float(row[1]), row[2], row[3]
     finally:
         for proc in procs:
             proc.stop()
     with psycopg.connect(url, autocommit=True) as conn:
         window = {"start": start, "stop": start + seconds}
         starts = [float(r[0]) for r in conn.execute(sql("peers")["starts_between"], window)]
+        twice, processing = conn.execute(sql(NAME)["started_twice"]).fetchone() or (0, 0)
     db_cpu = sum(cpu - cpu_before.get(pid, 0.0) for pid, cpu in cpu_after.items())
     width = 60.0 if seconds >= 60 else 10.0
+    grants = max(1, len(starts))
     return {
         "rpm": rpm,
         "seconds": seconds,
@@ -89,46 +106,81 @@ def one_budget(admin: str, url: str, rpm: int, seconds: float) -> dict[str, Any]
         "budget_used_percent": 100.0 * len(starts) / (rpm / 60 * seconds),
         "busiest_window_seconds": width,
         "busiest_per_minute": busiest(starts, width) * 60 / width,
-        "limiter_statements_per_grant": reserves / max(1, len(starts)),
+        "limiter_statements_per_grant": reserves / grants,
+        "limiter_statements_per_second": reserves / seconds,
+        "claims_per_grant": int(claims) / grants,
+        "statements_per_grant": int(statements) / grants,
         "limiter_ms_per_second": reserve_ms / seconds,
         "database_cpu_percent": 100.0 * db_cpu / seconds,
+        "workers_cpu_percent": 100.0 * workers_cpu / seconds,
+        "workers_cpu_ms_per_grant": 1000.0 * workers_cpu / grants,
+        "started_twice": int(twice),
+        "left_processing": int(processing),
     }
 
 
-def run(quick: bool, budgets: list[int]) -> dict[str, Any]:
+def run(
+    quick: bool, budgets: list[int], baseline: str | None, concurrency: int | None
+) -> dict[str, Any]:
     seconds = 20.0 if quick else 70.0
+    versions = [("listener", None)] + ([("listener BEFORE", baseline)] if baseline else [])
     results = []
-    with private_server(max_connections=100) as admin, database(admin, "fleet", "listener") as url:
+    # Each process holds a pool of DB_POOL_MAX and a listener; room for more processes' worth.
+    with private_server(max_connections=200) as admin, database(admin, "fleet", "listener") as url:
         for rpm in budgets:
-            result = one_budget(admin, url, rpm, seconds)
-            console.print(
-                f"{rpm:,} RPM: {result['budget_used_percent']:.1f} % used, "
-                f"{result['limiter_statements_per_grant']:.2f} limiter statements a grant"
-            )
-            results.append(result)
-    return {"quick": quick, "processes": PROCESSES, "results": results}
+            for version, source in versions:
+                result = one_budget(admin, url, rpm, seconds, source, concurrency)
+                result["version"] = version
+                results.append(result)
+                console.print(
+                    f"{version}, {rpm:,} RPM: {result['budget_used_percent']:.1f} % used, "
+                    f"{result['limiter_statements_per_grant']:.2f} limiter statements and "
+                    f"{result['claims_per_grant']:.2f} claims a grant, workers' CPU "
+                    f"{result['workers_cpu_ms_per_grant']:.2f} ms a grant"
+                )
+    return {
+        "quick": quick,
+        "processes": PROCESSES,
+        "baseline": baseline,
+        "concurrency": concurrency,
+        "results": results,
+    }
 
 
 HEADERS = [
+    "version",
     "budget (RPM)",
     "used",
     "busiest minute",
     "limiter statements / grant",
+    "limiter statements / s",
+    "claims / grant",
+    "statements / grant",
     "limiter execution (ms/s)",
     "database CPU (% of a core)",
+    "workers' CPU (% of a core)",
+    "workers' CPU / grant",
+    "started twice",
 ]
 
 
 def rows(result: dict[str, Any]) -> list[list[str]]:
     return [
         [
+            r.get("version", "listener"),
             f"{r['rpm']:,}",
             f"{r['budget_used_percent']:.1f} %",
             f"{r['busiest_per_minute']:,.0f}"
             + ("" if r["busiest_window_seconds"] >= 60 else " (10 s x 6)"),
-            f"{r['limiter_statements_per_grant']:.2f}",
+            f"{r['limiter_statements_per_grant']:.3f}",
+            f"{r['limiter_statements_per_second']:.0f}",
+            f"{r['claims_per_grant']:.2f}",
+            f"{r['statements_per_grant']:.2f}",
             f"{r['limiter_ms_per_second']:.0f}",
             f"{r['database_cpu_percent']:.0f} %",
+            f"{r['workers_cpu_percent']:.0f} %",
+            f"{r['workers_cpu_ms_per_grant']:.2f} ms",
+            f"{r['started_twice']} ({r['left_processing']} left)",
         ]
         for r in result["results"]
     ]
@@ -136,14 +188,23 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
 
 def report(result: dict[str, Any]) -> str:
     title = f"{result['processes']} processes sharing one budget (instant handler)"
+    if result.get("concurrency"):
+        title += f", WORKER_CONCURRENCY={result['concurrency']}"
     table(title, HEADERS, rows(result))
     return markdown_table(HEADERS, rows(result)) + "\n"
 
 
 def plot(result: dict[str, Any]) -> None:
     fig, ax = new_figure(7, 4)
-    budgets = [r["rpm"] for r in result["results"]]
-    ax.plot(budgets, [r["budget_used_percent"] for r in result["results"]], "o-")
+    versions = dict.fromkeys(r.get("version", "listener") for r in result["results"])
+    for version in versions:
+        mine = [r for r in result["results"] if r.get("version", "listener") == version]
+        ax.plot(
+            [r["rpm"] for r in mine],
+            [r["budget_used_percent"] for r in mine],
+            "o-",
+            label=version,
+        )
     ax.axhline(98, color="C3", linestyle="--", label="98 %")
     ax.set_xscale("log")
     ax.set_xlabel("budget, requests per minute (8 processes)")
@@ -158,8 +219,17 @@ def main() -> None:
     parser.add_argument(
         "--budgets", type=int, nargs="+", default=[30_000, 60_000, 120_000], metavar="RPM"
     )
+    parser.add_argument("--baseline", metavar="DIR", help="another `listener`, as in bench.peers")
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="WORKER_CONCURRENCY (default: the default)"
+    )
     args = parser.parse_args()
-    timed(lambda quick: publish(NAME, run(quick, args.budgets), report, plot), args.quick)
+    timed(
+        lambda quick: publish(
+            NAME, run(quick, args.budgets, args.baseline, args.concurrency), report, plot
+        ),
+        args.quick,
+    )
 
 
 if __name__ == "__main__":
