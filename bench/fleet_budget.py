@@ -17,7 +17,11 @@ expected) and items left PROCESSING (none expected).
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -35,11 +39,13 @@ from bench.common import (
 )
 from bench.db_work import database, private_server
 from bench.peers import PeerProcess, backend_cpu, cpu_seconds
+from listener.sqlfiles import queries
 
 NAME = "fleet_budget"
 PROCESSES = 8
 STORES = [f"store-{n:03d}" for n in range(200)]
 WARM_UP = 5.0
+ROW_CLIENTS = [1, 8, 32]
 
 
 def busiest(starts: list[float], width: float) -> int:
@@ -119,6 +125,50 @@ def one_budget(
     }
 
 
+def pgbench_script(rows: int) -> str:
+    """The limiter's own `reserve` statement for pgbench: one slot of 30,000 RPM a statement,
+    on the one row of the fleet (`rows` = 1) or spread over `rows` rows (no lock shared)."""
+    name = "'openai'" if rows == 1 else f"('row-' || (:client_id % {rows}))"
+    text = queries("limiter")["reserve"].replace("%(name)s", name)
+    text = text.replace("%(request_advance)s", "'2000 microseconds'::interval")
+    text = text.replace("%(token_advance)s", "'0'::interval").replace("%(settle)s", "'0'::interval")
+    # pgbench reads a statement per line: the comments out, the rest on one line.
+    return " ".join(re.sub(r"--[^\n]*", "", text).split()) + ";\n"
+
+
+def row_alone(url: str, seconds: float) -> list[dict[str, Any]]:
+    """Reservations a second the row takes from pgbench's clients (C, prepared statements: the
+    clients cost little next to the workers), against the same load spread over one row per
+    client: where the two part, the clients queue on the row's lock."""
+    bindir = Path(subprocess.check_output(["pg_config", "--bindir"], text=True).strip())
+    found = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for clients in ROW_CLIENTS:
+            for rows in sorted({1, clients}):
+                script = Path(scratch) / f"reserve-{rows}.sql"
+                script.write_text(pgbench_script(rows), encoding="utf-8")
+                command = [str(bindir / "pgbench"), "-n", "-M", "prepared", "-j", "2"]
+                command += ["-c", str(clients), "-T", str(int(seconds)), "-f", str(script), url]
+                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                tps = re.search(r"tps = ([\d.]+)", out)
+                latency = re.search(r"latency average = ([\d.]+) ms", out)
+                if tps is None or latency is None:
+                    raise RuntimeError(f"pgbench said: {out}")
+                found.append(
+                    {
+                        "clients": clients,
+                        "rows": rows,
+                        "reservations_per_second": float(tps.group(1)),
+                        "latency_ms": float(latency.group(1)),
+                    }
+                )
+                console.print(
+                    f"row alone: {clients} client(s) on {rows} row(s): "
+                    f"{float(tps.group(1)):,.0f} reservations a second"
+                )
+    return found
+
+
 def run(
     quick: bool, budgets: list[int], baseline: str | None, concurrency: int | None
 ) -> dict[str, Any]:
@@ -138,12 +188,14 @@ def run(
                     f"{result['claims_per_grant']:.2f} claims a grant, workers' CPU "
                     f"{result['workers_cpu_ms_per_grant']:.2f} ms a grant"
                 )
+        alone = row_alone(url, 5.0 if quick else 15.0)
     return {
         "quick": quick,
         "processes": PROCESSES,
         "baseline": baseline,
         "concurrency": concurrency,
         "results": results,
+        "row_alone": alone,
     }
 
 
@@ -186,12 +238,36 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+ROW_HEADERS = ["clients", "rows", "reservations / s", "latency (ms)", "vs a row per client"]
+
+
+def row_rows(result: dict[str, Any]) -> list[list[str]]:
+    alone = result.get("row_alone", [])
+    spread = {r["clients"]: r["reservations_per_second"] for r in alone}
+    return [
+        [
+            str(r["clients"]),
+            "one (the fleet's)" if r["rows"] == 1 else f"{r['rows']} (one per client)",
+            f"{r['reservations_per_second']:,.0f}",
+            f"{r['latency_ms']:.2f}",
+            f"{r['reservations_per_second'] / spread[r['clients']]:.2f}x",
+        ]
+        for r in alone
+    ]
+
+
 def report(result: dict[str, Any]) -> str:
     title = f"{result['processes']} processes sharing one budget (instant handler)"
     if result.get("concurrency"):
         title += f", WORKER_CONCURRENCY={result['concurrency']}"
     table(title, HEADERS, rows(result))
-    return markdown_table(HEADERS, rows(result)) + "\n"
+    text = markdown_table(HEADERS, rows(result)) + "\n"
+    if result.get("row_alone"):
+        table(
+            "the limiter's row alone (pgbench, one slot a statement)", ROW_HEADERS, row_rows(result)
+        )
+        text += "\n" + markdown_table(ROW_HEADERS, row_rows(result)) + "\n"
+    return text
 
 
 def plot(result: dict[str, Any]) -> None:
