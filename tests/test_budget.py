@@ -20,6 +20,7 @@ from tests.support import (
     query,
     running_worker,
     spawn_worker,
+    starts_at_arrival,
     wait_for_counts,
     wait_until,
     workers_are_ready,
@@ -168,3 +169,22 @@ async def test_idle_workers_do_not_spend_the_budget_ahead(
     # WORKER_CONCURRENCY (2 seekers at 600 RPM, 50 ms of slots at 30,000).
     interval = 60 / (rpm * 0.99)
     assert float(ahead) <= (slot_seekers(rpm, concurrency) + 1) * interval
+
+
+async def test_at_a_big_budget_a_new_store_still_gets_the_next_claim(database_url: str) -> None:
+    # 30,000 RPM: 16 seekers hold slots at once and wake by 10 ms ticks. The store is still
+    # chosen when the slot comes, not when it was reserved: a store that arrives behind a
+    # backlog starts before anything claimed after the worker heard of it.
+    async with run_stub(StubConfig(latency=0.0)) as stub:
+        settings = make_settings(stub.base_url, rate_limit_rpm=30_000, worker_concurrency=16)
+        handler = RecordingGenerator(settings)
+        async with running_worker(database_url, settings, handler) as worker:
+            arrived = starts_at_arrival(worker, handler, "store-new")
+            await insert_job(database_url, "store-old", 2_000)
+            await wait_until(lambda: len(handler.starts) >= 100)
+            await insert_job(database_url, "store-new", 3)
+            await wait_until(lambda: any(i.instance_id == "store-new" for i in handler.starts))
+            after = [item.instance_id for item in handler.starts[arrived[0] :]]
+    # Only items claimed before the notification reached the worker (at most one each of its
+    # workers), and one of the claim that brings the new store's, start before its first.
+    assert after.index("store-new") <= settings.worker_concurrency, after[:20]
