@@ -39,7 +39,7 @@ from listener.errors import (
 )
 from listener.generate import Generation
 from listener.items import ClaimedItem, Outcome
-from listener.limiter import Limiter
+from listener.limiter import Limiter, gcra
 from listener.listen import Listener
 from listener.settings import Settings
 from listener.sqlfiles import queries
@@ -50,13 +50,28 @@ logger = logging.getLogger(__name__)
 # A 429 is the budget's fault, not the item's: it is retried in place this many times before
 # the item goes back to PENDING with its attempt refunded.
 MAX_RATE_LIMITED_RETRIES = 10
-# Workers that may wait for a limiter slot at once. Slots come one interval apart anyway, so two
-# seekers keep the budget busy; letting every idle worker reserve a slot would spend the budget
-# ahead on work that may not exist, and a store arriving next would queue behind those slots.
+# Workers that may wait for a limiter slot at once: enough to hold the budget's slots of the next
+# SLOT_HORIZON seconds (WORKER_CONCURRENCY permitting), never fewer than SLOT_SEEKERS. At 450 RPM
+# slots are 133 ms apart and two seekers keep the budget busy. At 30,000 RPM they are 2 ms apart
+# and two seekers, each paying a reservation and a claim before it seeks again, cannot follow;
+# 25 can, and share the round trips: one reservation statement for the seekers queued together,
+# one claim for those whose slots fall in one tick of the limiter (see limiter/queue.py). Every
+# idle worker reserving a slot would spend the budget ahead on work that may not exist, and a
+# store arriving after the work ran out would wait behind those slots: the horizon bounds that
+# to 50 ms of the budget per process.
 SLOT_SEEKERS = 2
+SLOT_HORIZON = 0.05
 # Under a budget an outcome waits this long at most for the next claim to write it in its own
 # round trip and commit (at 450 RPM a process claims every 133 ms while it has work).
 OUTCOME_HOLD_SECONDS = 0.25
+
+
+def slot_seekers(rpm: int, concurrency: int) -> int:
+    """How many of a process's `concurrency` workers may wait for a slot of `rpm` at once."""
+    horizon = gcra.slots_within(rpm, gcra.to_micros(SLOT_HORIZON))
+    return max(SLOT_SEEKERS, min(concurrency, horizon))
+
+
 # Retention runs every few minutes (a few thousand rows each time at 450 items a minute), the
 # first time soon after start; the advisory lock keeps it to one process of the fleet.
 RETENTION_INTERVAL = 300.0
@@ -110,7 +125,9 @@ class Worker:
         self._rng = random.Random()
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
-        self._slot_gate = anyio.Semaphore(SLOT_SEEKERS)
+        self._slot_gate = anyio.Semaphore(
+            slot_seekers(settings.rate_limit_rpm, settings.worker_concurrency)
+        )
         self._backoff = Backoff(base=0.2, cap=10.0, rng=self._rng)
         self._workers_scope: anyio.CancelScope | None = None
         # The start-up (LISTEN, the ring, the first count): a `stop()` that comes meanwhile ends it.

@@ -11,7 +11,7 @@ from listener.generate import Generation
 from listener.items import ClaimedItem
 from listener.limiter import Grant
 from listener.stub.server import StubConfig, run_stub
-from listener.worker import SLOT_SEEKERS
+from listener.worker import SLOT_SEEKERS, slot_seekers
 from tests.support import (
     RecordingGenerator,
     communicate,
@@ -20,6 +20,7 @@ from tests.support import (
     query,
     running_worker,
     spawn_worker,
+    starts_at_arrival,
     wait_for_counts,
     wait_until,
     workers_are_ready,
@@ -140,11 +141,23 @@ async def test_two_processes_share_one_budget_without_a_429(database_url: str) -
     assert len(by_worker) == 2, by_worker
 
 
-async def test_idle_workers_do_not_spend_the_budget_ahead(database_url: str) -> None:
-    # 16 idle workers and one item: a slot reserved per idle worker would push the next
-    # store's first request 16 intervals into the future.
+def test_slot_seekers_cover_50_ms_of_the_budget_and_never_fewer_than_two() -> None:
+    assert slot_seekers(450, 16) == SLOT_SEEKERS == 2  # 133 ms apart: two keep it busy
+    assert slot_seekers(600, 64) == 2
+    assert slot_seekers(0, 16) == 2  # no budget: acquire returns at once anyway
+    assert slot_seekers(30_000, 64) == 25  # 2 ms apart: 50 ms of slots
+    assert slot_seekers(30_000, 16) == 16  # as many as there are workers
+    assert slot_seekers(240_000, 1_000) == 200
+
+
+@pytest.mark.parametrize(("rpm", "concurrency"), [(600, 16), (30_000, 64)])
+async def test_idle_workers_do_not_spend_the_budget_ahead(
+    database_url: str, rpm: int, concurrency: int
+) -> None:
+    # Idle workers and one item: a slot reserved per idle worker would push the next store's
+    # first request `concurrency` intervals into the future (at 30,000 RPM, 128 ms).
     async with run_stub(StubConfig()) as stub:
-        settings = make_settings(stub.base_url, rate_limit_rpm=600, worker_concurrency=16)
+        settings = make_settings(stub.base_url, rate_limit_rpm=rpm, worker_concurrency=concurrency)
         async with running_worker(database_url, settings):
             await insert_job(database_url, "store-one", 1)
             await wait_for_counts(database_url, lambda c: c == {"COMPLETED": 1})
@@ -153,6 +166,25 @@ async def test_idle_workers_do_not_spend_the_budget_ahead(database_url: str) -> 
                 "SELECT extract(epoch FROM request_tat - clock_timestamp()) FROM rate_limiters",
             )
     # At most the seekers' slots plus the one being used: a bound that does not grow with
-    # WORKER_CONCURRENCY.
-    interval = 60 / (600 * 0.99)
-    assert float(ahead) <= (SLOT_SEEKERS + 1) * interval
+    # WORKER_CONCURRENCY (2 seekers at 600 RPM, 50 ms of slots at 30,000).
+    interval = 60 / (rpm * 0.99)
+    assert float(ahead) <= (slot_seekers(rpm, concurrency) + 1) * interval
+
+
+async def test_at_a_big_budget_a_new_store_still_gets_the_next_claim(database_url: str) -> None:
+    # 30,000 RPM: 16 seekers hold slots at once and wake by 10 ms ticks. The store is still
+    # chosen when the slot comes, not when it was reserved: a store that arrives behind a
+    # backlog starts before anything claimed after the worker heard of it.
+    async with run_stub(StubConfig(latency=0.0)) as stub:
+        settings = make_settings(stub.base_url, rate_limit_rpm=30_000, worker_concurrency=16)
+        handler = RecordingGenerator(settings)
+        async with running_worker(database_url, settings, handler) as worker:
+            arrived = starts_at_arrival(worker, handler, "store-new")
+            await insert_job(database_url, "store-old", 2_000)
+            await wait_until(lambda: len(handler.starts) >= 100)
+            await insert_job(database_url, "store-new", 3)
+            await wait_until(lambda: any(i.instance_id == "store-new" for i in handler.starts))
+            after = [item.instance_id for item in handler.starts[arrived[0] :]]
+    # Only items claimed before the notification reached the worker (at most one each of its
+    # workers), and one of the claim that brings the new store's, start before its first.
+    assert after.index("store-new") <= settings.worker_concurrency, after[:20]

@@ -126,6 +126,33 @@ async def test_a_busy_worker_claims_for_all_its_workers_at_once(database_url: st
     assert items / claims >= 10, f"{items} item(s) in {claims} claim(s)"
 
 
+async def test_under_a_big_budget_workers_share_reservations_and_claims(database_url: str) -> None:
+    # 60,000 RPM: slots 1 ms apart, more than two seekers could follow with a reservation and a
+    # claim each. The seekers queue together for one reservation statement and the slots of one
+    # 10 ms tick start together, so a claim serves several of them.
+    settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=16, rate_limit_rpm=60_000)
+    for n in range(20):
+        await insert_job(database_url, f"store-{n}", 50)
+    async with assembly.running_worker(
+        settings, database_url, InstantHandler(), name="test-worker"
+    ) as worker:
+        reservations: list[int] = []
+        reserve = worker.limiter._reserve  # type: ignore[attr-defined]
+
+        async def counted(tokens: list[int]) -> Any:
+            reservations.append(len(tokens))
+            return await reserve(tokens)
+
+        worker.limiter._reserve = counted  # type: ignore[attr-defined]
+        await wait_for_counts(database_url, lambda counts: counts.get("COMPLETED") == 1000, 120)
+        claims, items = worker.dispatcher.claims, worker.dispatcher.claimed_items
+    assert items >= 1000
+    assert items / claims >= 3, f"{items} item(s) in {claims} claim(s)"
+    assert sum(reservations) / len(reservations) >= 3, reservations
+    # Each item once, and the limiter never let two requests share a slot.
+    assert await query(database_url, "SELECT max(attempts) FROM job_items") == [(1,)]
+
+
 async def test_stores_share_evenly_when_claims_want_more_items_than_there_are_stores(
     database_url: str,
 ) -> None:

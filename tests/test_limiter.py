@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import accumulate, pairwise
@@ -28,14 +29,17 @@ from listener.limiter import (
 from listener.limiter.gcra import (
     MINUTE,
     GcraState,
+    fire_at,
     pause,
     plan_batch,
     request_interval,
     reserve,
     settle,
+    slots_within,
     to_micros,
     token_interval,
 )
+from listener.limiter.queue import START_TICK_US
 from listener.settings import Settings
 from tests.support import (
     query,
@@ -55,10 +59,12 @@ def simulate(
     tokens: tuple[int, int] = (0, 0),
     call: tuple[float, float] = (0.2, 3.0),
     seed: int = 1,
+    tick: int = 0,
 ) -> list[tuple[int, int]]:
-    """Workers that reserve the moment they are free, sleep to their slot, then make a call.
+    """Workers that reserve the moment they are free, sleep to their slot (rounded up to the
+    grid of `tick`, as the limiter's waiters do), then make a call.
 
-    Returns (slot, tokens) of every grant whose slot falls in the simulated minutes.
+    Returns (start, tokens) of every grant whose slot falls in the simulated minutes.
     """
     rng = random.Random(seed)
     state = GcraState()
@@ -71,8 +77,9 @@ def simulate(
         [slot], state = reserve(state, now, [estimate], rpm, tpm)
         if slot >= end:
             continue
-        grants.append((slot, estimate))
-        heapq.heappush(free_at, (slot + to_micros(rng.uniform(*call)), worker))
+        start = fire_at(slot, tick)
+        grants.append((start, estimate))
+        heapq.heappush(free_at, (start + to_micros(rng.uniform(*call)), worker))
     return grants
 
 
@@ -123,6 +130,48 @@ def test_tpm_bound_and_saturation(rpm: int) -> None:
         assert tokens - last <= tpm - 1
         assert count <= rpm or rpm == 0
     assert sum(t for _, t in grants) >= 0.98 * tpm * 10
+
+
+@pytest.mark.parametrize(("rpm", "tick"), [(30_000, 10_000), (60_000, 10_000), (7_000, 60_000)])
+def test_starting_a_tick_s_slots_together_keeps_the_bound(rpm: int, tick: int) -> None:
+    # Workers start at their slot rounded up to the tick's grid, several at one instant: still
+    # never more than rpm in any minute, and the budget still used.
+    grants = simulate(rpm, 0, workers=rpm // 60, minutes=3, call=(0.0, 0.3), tick=tick)
+    starts = Counter(start for start, _ in grants)
+    assert all(start % tick == 0 for start in starts)
+    assert max(starts.values()) > 1  # together, indeed
+    assert max(count for count, _, _ in windows(grants)) <= rpm
+    assert len(grants) >= 0.98 * rpm * 3
+
+
+def test_a_tick_s_tpm_bound_holds_too() -> None:
+    tpm = 3_000_000
+    grants = simulate(30_000, tpm, workers=600, minutes=3, tokens=(1, 300), tick=10_000)
+    for count, tokens, last in windows(grants):
+        assert tokens - last <= tpm - 1
+        assert count <= 30_000
+
+
+def test_fire_at_rounds_up_to_a_grid_that_divides_the_minute() -> None:
+    assert [fire_at(slot, 10_000) for slot in (0, 1, 9_999, 10_000, 10_001)] == [
+        0,
+        10_000,
+        10_000,
+        10_000,
+        20_000,
+    ]
+    assert fire_at(12_345, 0) == fire_at(12_345, 1) == 12_345  # no grid: the slot itself
+    with pytest.raises(ValueError, match="divides the minute"):
+        fire_at(0, 7_000)  # 60 s is not a whole number of 7 ms ticks: the bound would break
+    with pytest.raises(ValueError):
+        fire_at(0, -10_000)
+
+
+def test_slots_within_a_span() -> None:
+    assert slots_within(30_000, 50_000) == 25  # 2 ms apart
+    assert slots_within(450, 50_000) == 1  # 133 ms apart: the span holds one slot at most
+    assert slots_within(0, 50_000) == 0  # no budget
+    assert slots_within(240_000, 50_000) == 200
 
 
 def test_slots_are_fifo_and_a_batch_equals_one_by_one() -> None:
@@ -240,6 +289,40 @@ async def test_local_limiter_is_fifo_and_spaced() -> None:
 
 
 @pytest.mark.anyio
+async def test_waiters_whose_slots_share_a_tick_start_together() -> None:
+    # 60,000 RPM: slots 1 ms apart, so a process starts them by 10 ms ticks. The clock stands
+    # still at 0: the slots are 0, 1, ..., 19 ms and the ticks end at 0, 10 and 20 ms.
+    limiter = LocalLimiter(rpm=60_000, tpm=0, clock=lambda: 0.0)
+    assert limiter.start_tick == START_TICK_US == 10_000
+    deadlines: dict[int, float] = {}
+
+    async def one() -> None:
+        await limiter.acquire(0)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(one)
+        while len(deadlines) < 20:  # white-box: each ticket's deadline once it has its slot
+            deadlines.update((t.slot_us, t.deadline) for t in limiter._sleeping if t.slot_us)
+            await anyio.lowlevel.checkpoint()
+            if limiter.snapshot().requests_last_minute and not limiter._sleeping:
+                break  # all started: every deadline was seen on the way
+        deadlines.setdefault(0, 0.0)  # slot 0 starts at once, before it can be seen asleep
+    assert sorted(deadlines) == [ms * 1_000 for ms in range(20)]
+    assert {slot: at for slot, at in deadlines.items()} == {
+        slot: (0.0 if slot == 0 else 0.01 if slot <= 10_000 else 0.02) for slot in deadlines
+    }
+    assert limiter.snapshot().requests_last_minute == 20
+
+
+def test_slots_far_apart_start_each_at_its_own() -> None:
+    assert LocalLimiter(rpm=450, tpm=0).start_tick == 0
+    assert LocalLimiter(rpm=6_000, tpm=0).start_tick == 0  # 10 ms apart: a tick holds one
+    assert LocalLimiter(rpm=12_000, tpm=0).start_tick == 10_000
+    assert LocalLimiter(rpm=0, tpm=90_000).start_tick == 0
+
+
+@pytest.mark.anyio
 async def test_pause_takes_back_sleeping_slots_in_order() -> None:
     limiter = LocalLimiter(rpm=600, tpm=0)
     grants: list[tuple[int, Grant]] = []
@@ -335,6 +418,43 @@ async def test_two_processes_share_one_schedule(database_url: str) -> None:
     assert len(set(slots)) == 20
     assert_spaced(slots, 100_000)
     assert (await limiter_row(database_url))[0] == slots[-1] + 100_000
+
+
+@pytest.mark.anyio
+async def test_at_a_big_budget_two_processes_share_one_row_a_statement_for_many_slots(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 60,000 RPM (1 ms apart), 16 waiters a process at once, as a worker's seekers at that
+    # budget: one schedule on the database's clock, and a statement grants many slots.
+    async with open_pool(database_url) as pool_a, open_pool(database_url) as pool_b:
+        limiters = {
+            name: PostgresLimiter(pool, "openai", rpm=60_000, tpm=0)
+            for name, pool in (("a", pool_a), ("b", pool_b))
+        }
+        statements: list[str] = []
+        for limiter in limiters.values():
+            execute = limiter._execute
+
+            async def counted(
+                block: str, params: dict[str, Any], execute: Any = execute
+            ) -> tuple[Any, ...]:
+                statements.append(block)
+                return await execute(block, params)
+
+            monkeypatch.setattr(limiter, "_execute", counted)
+        results: dict[str, list[Grant]] = {"a": [], "b": []}
+
+        async def rounds(name: str) -> None:
+            for _ in range(4):
+                results[name] += await acquire_in_order(limiters[name], 16)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rounds, "a")
+            tg.start_soon(rounds, "b")
+    slots = sorted(g.slot_us for grants in results.values() for g in grants)
+    assert len(set(slots)) == 128
+    assert_spaced(slots, 1_000)
+    assert len(statements) <= 128 / 4, f"{len(statements)} statements for 128 slots"
 
 
 @pytest.mark.anyio

@@ -22,6 +22,12 @@ any half-open window [t, t + 60 s):
   predecessor's token time after it, so the tokens of every slot but the last fit in < 60 s.
 - under saturation the limit is met: with waiters always queued, slots are exactly one step
   apart, so the loss is the microsecond rounding (under 0.01 % at any realistic rate).
+- the bounds hold as well when each request starts not at its slot but at `fire_at(slot, tick)`,
+  the slot rounded up to a grid of `tick` that divides the minute: the requests started in
+  [t, t + 60 s) are those whose slots lie in (G - tick, G'] for the grid's first point G >= t and
+  its last G' < t + 60 s, a half-open span of G' - G + tick <= 60 s, which holds no more than a
+  half-open minute does. That is what lets a process start the slots of one tick together (one
+  claim for several workers) without ever exceeding the budget.
 `settle` replaces an estimate with the actual count; a correction reaches only the slots
 reserved after it, so the TPM bound holds for actual tokens when each request is settled
 before the next is reserved, and otherwise is off by the corrections still in flight.
@@ -55,6 +61,21 @@ def token_interval(tokens: int, tpm: int) -> int:
     """
     _check_rate("tpm", tpm)
     return 0 if tpm == 0 else -(-(tokens * MINUTE) // tpm)
+
+
+def slots_within(rpm: int, span: int) -> int:
+    """The most slots of an `rpm` budget that `span` microseconds hold (0 when it is off)."""
+    return 0 if rpm == 0 else -(-span // request_interval(rpm))
+
+
+def fire_at(slot: int, tick: int) -> int:
+    """When a request may start that holds `slot`: the slot rounded up to the grid of `tick`.
+
+    `tick` must divide the minute for the bounds to hold (see above); 0 or 1 is the slot itself.
+    """
+    if tick < 0 or (tick and MINUTE % tick):
+        raise ValueError(f"a tick divides the minute in microseconds, got {tick!r}")
+    return slot if tick <= 1 else -(-slot // tick) * tick
 
 
 def _check_rate(name: str, value: int) -> None:

@@ -23,12 +23,7 @@ class LocalLimiter(QueueLimiter):
     async def _reserve(self, tokens: list[int]) -> Reservation:
         slots, self._state = gcra.reserve(self._state, self._now_us(), tokens, self.rpm, self.tpm)
         paused_until = self._state.paused_until
-        return Reservation(
-            slots,
-            [micros_to_seconds(s) for s in slots],
-            paused_until,
-            micros_to_seconds(paused_until),
-        )
+        return Reservation(slots, 0, 0.0, paused_until, micros_to_seconds(paused_until))
 
     async def _pause(self, seconds: float, rate_limited: bool) -> tuple[int, float]:
         duration = gcra.to_micros(seconds)

@@ -80,10 +80,7 @@ class PostgresLimiter(QueueLimiter):
         )
         # The wait is measured on the database's clock and slept on ours: no clock skew.
         return Reservation(
-            slots,
-            [received + micros_to_seconds(slot - now_us) for slot in slots],
-            paused_us,
-            received + micros_to_seconds(paused_us - now_us),
+            slots, now_us, received, paused_us, received + micros_to_seconds(paused_us - now_us)
         )
 
     async def _pause(self, seconds: float, rate_limited: bool) -> tuple[int, float]:

@@ -37,6 +37,11 @@ logger = logging.getLogger("listener.limiter")
 WINDOW_SECONDS = 60.0
 # One statement's batch; a larger queue simply takes several statements.
 MAX_BATCH = 256
+# When slots come closer than this (above 6,000 RPM), a process starts its slots of one tick
+# together (gcra.fire_at, which keeps every bound): its workers then ask for their items at the
+# same moment and share one claim, and a request starts at most one tick after its slot. With
+# slots further apart a tick would hold one slot at most: each starts at its own.
+START_TICK_US = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +101,16 @@ class Reservation:
     """Slots a backend reserved for a batch of waiters, and the pause it saw."""
 
     slots_us: list[int]  # limiter clock
-    deadlines: list[float]  # the same instants on this process's clock
+    # The limiter's instant `at_us` is `at` on this process's clock: one pair for the whole
+    # reservation, so slots of one tick get the very same deadline (one timer instant).
+    at_us: int
+    at: float
     paused_until_us: int  # the pause the reservation saw (limiter clock)
     pause_deadline: float  # its end on this process's clock
+
+    def deadline(self, instant_us: int) -> float:
+        """A limiter instant on this process's clock."""
+        return self.at + micros_to_seconds(instant_us - self.at_us)
 
 
 class QueueLimiter(abc.ABC):
@@ -111,6 +123,8 @@ class QueueLimiter(abc.ABC):
         self.tpm = tpm
         self._clock = clock
         self._off = rpm == 0 and tpm == 0
+        step = gcra.request_interval(rpm)
+        self.start_tick = START_TICK_US if 0 < step < START_TICK_US else 0
         self._queue: deque[_Ticket] = deque()
         self._sleeping: dict[_Ticket, int] = {}  # ticket -> slot, the tickets holding a slot
         self._lock = anyio.Lock()  # FIFO: waiters take turns at reserving
@@ -226,11 +240,11 @@ class QueueLimiter(abc.ABC):
                 # Nobody got a slot: the others keep their place, and one of them tries next.
                 self._queue.extendleft(reversed([t for t in batch if not t.abandoned]))
                 raise
-            for queued, slot, deadline in zip(
-                batch, reservation.slots_us, reservation.deadlines, strict=True
-            ):
+            for queued, slot in zip(batch, reservation.slots_us, strict=True):
                 if not queued.abandoned:  # an abandoned ticket's slot is lost
-                    queued.slot_us, queued.deadline, queued.woken = slot, deadline, anyio.Event()
+                    queued.slot_us = slot
+                    queued.deadline = reservation.deadline(gcra.fire_at(slot, self.start_tick))
+                    queued.woken = anyio.Event()
                     self._sleeping[queued] = slot
             self._note_pause(reservation.paused_until_us, reservation.pause_deadline)
 
