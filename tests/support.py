@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -167,7 +168,37 @@ def running_worker(
     return assembly.running_worker(settings, conninfo, handler, name="test-worker")
 
 
-def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[str]:
+class WorkerProcess(subprocess.Popen[str]):
+    """A process whose output (stdout and stderr) a thread reads as it comes. A pipe nobody
+    reads fills at 64 KiB, a few hundred claims' log lines, and the process then blocks on its
+    next line, holding its items; a test waiting for those items then fails on a loaded machine,
+    where the claims are smaller and the lines more."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        super().__init__(
+            args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.stdout is not None
+        for line in self.stdout:
+            self.lines.append(line)
+
+    @property
+    def output_closed(self) -> bool:
+        """The process closed its output: it ended (or is ending), no line will come."""
+        return not self._reader.is_alive()
+
+    def output(self, seconds: float = 10.0) -> str:
+        """Everything it printed; once it has ended, after its last line is read."""
+        self._reader.join(seconds)
+        return "".join(self.lines)
+
+
+def spawn_worker(conninfo: str, base_url: str, **env: str) -> WorkerProcess:
     """`python -m listener worker` as a real process."""
     # A developer's own PORT or API_TOKEN stays out; the test's `env` may set them.
     full_env = {
@@ -184,14 +215,7 @@ def spawn_worker(conninfo: str, base_url: str, **env: str) -> subprocess.Popen[s
         "LOG_LEVEL": "INFO",
         **env,
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "listener", "worker"],
-        env=full_env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return WorkerProcess([sys.executable, "-m", "listener", "worker"], full_env)
 
 
 async def worker_is_ready(conninfo: str, pid: int) -> bool:
@@ -212,10 +236,12 @@ def settings_from_env() -> Settings:
     return load_settings()
 
 
-async def communicate(proc: subprocess.Popen[str], seconds: float) -> str:
-    """Wait for a process's exit in a thread: the stub serving it runs on this event loop."""
-    output, _ = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=seconds * SLACK))
-    return str(output)
+async def communicate(proc: WorkerProcess, seconds: float) -> str:
+    """Wait for a process's exit, then return everything it printed; waited for in a thread:
+    the stub serving it runs on this event loop. `subprocess.TimeoutExpired` if it does not
+    end in time."""
+    await anyio.to_thread.run_sync(lambda: proc.wait(timeout=seconds * SLACK))
+    return await anyio.to_thread.run_sync(proc.output)
 
 
 # A developer's own settings must not leak into the commands a test runs.
@@ -270,18 +296,19 @@ async def item_ids(conninfo: str) -> set[int]:
 
 
 async def read_lines_until(
-    proc: subprocess.Popen[str], done: Callable[[list[str]], bool], deadline: float = 30.0
+    proc: WorkerProcess, done: Callable[[list[str]], bool], deadline: float = 30.0
 ) -> list[str]:
-    """A process's output lines, read as they come, until `done(lines)` holds."""
-    assert proc.stdout is not None
-    lines: list[str] = []
-    with anyio.fail_after(deadline * SLACK):
-        while not done(lines):
-            line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
-            if not line:
-                raise AssertionError(f"the process ended first:\n{''.join(lines)}")
-            lines.append(line)
-    return lines
+    """A process's output lines so far, once `done(lines)` holds."""
+
+    def seen() -> bool:
+        if done(proc.lines):
+            return True
+        if proc.output_closed and not done(proc.lines):
+            raise AssertionError(f"the process ended first:\n{''.join(proc.lines)}")
+        return False
+
+    await wait_until(seen, deadline, every=0.02)
+    return list(proc.lines)
 
 
 @asynccontextmanager

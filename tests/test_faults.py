@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections.abc import Callable, Iterator
 
 import anyio
@@ -20,6 +19,7 @@ from listener.migrate import MigrationRunner
 from listener.stub.server import StubConfig, run_stub
 from tests.conftest import Server
 from tests.support import (
+    WorkerProcess,
     communicate,
     insert_job,
     install_write_audit,
@@ -69,7 +69,7 @@ async def assert_each_outcome_written_once(conninfo: str) -> None:
     assert not doubled, f"outcomes written more than once: {doubled}"
 
 
-async def stop(procs: list[subprocess.Popen[str]]) -> list[str]:
+async def stop(procs: list[WorkerProcess]) -> list[str]:
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -360,9 +360,9 @@ async def test_sigterm_while_waiting_for_the_database_exits_zero_at_once() -> No
         **{**conninfo_to_dict("host=127.0.0.1 dbname=x user=postgres"), "port": "9"}
     )
     proc = spawn_worker(closed_port, "http://127.0.0.1:9/v1")
-    lines = await read_lines_until(proc, lambda lines: any("retrying in" in ln for ln in lines))
+    await read_lines_until(proc, lambda lines: any("retrying in" in ln for ln in lines))
     proc.send_signal(signal.SIGTERM)
-    output = "".join(lines) + await communicate(proc, 10)
+    output = await communicate(proc, 10)
     assert proc.returncode == 0, output
     assert "Connection refused" in output
     assert "Traceback" not in output

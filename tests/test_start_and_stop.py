@@ -23,6 +23,7 @@ from listener.db import open_pool
 from listener.items import Outcome
 from listener.stub.server import StubConfig, run_stub
 from tests.support import (
+    WorkerProcess,
     communicate,
     insert_job,
     make_settings,
@@ -55,7 +56,7 @@ async def waiting_on_a_lock(conninfo: str, application_name: str) -> bool:
     return int(rows[0][0]) > 0
 
 
-async def finish(proc: subprocess.Popen[str], seconds: float = 20) -> str:
+async def finish(proc: WorkerProcess, seconds: float = 20) -> str:
     """SIGTERM, then the process's output; one that does not end in time is killed, and fails."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -140,13 +141,13 @@ async def test_a_claim_that_returns_after_sigterm_gives_its_items_back(database_
             try:
                 await wait_until(lambda: waiting_on_a_lock(database_url, "listener-worker"))
                 proc.send_signal(signal.SIGTERM)
-                lines = await read_lines_until(
+                await read_lines_until(
                     proc, lambda lines: any("[Worker] stopping" in line for line in lines)
                 )
             except BaseException:
                 await finish(proc)
                 raise
-        output = "".join(lines) + await finish(proc)
+        output = await finish(proc)
     assert proc.returncode == 0, output
     assert "Traceback" not in output, output
     # Handed back at once, the attempt given back: not left PROCESSING until a lease expires.

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import datetime
 
@@ -19,6 +19,7 @@ import pytest
 from listener.stub.server import StubConfig, run_stub
 from tests.support import (
     RecordingGenerator,
+    WorkerProcess,
     communicate,
     insert_job,
     insert_job_blocking,
@@ -55,8 +56,10 @@ async def cli(*args: str, conninfo: str) -> subprocess.CompletedProcess[str]:
     return await anyio.to_thread.run_sync(lambda: run_listener(*args, DATABASE_URL=conninfo))
 
 
-def starts_of(conninfo: str, store: str) -> list[datetime]:
-    rows = query_blocking(
+# Async: the stub the worker processes call runs on the test's event loop, which a blocking
+# query polled every 50 ms would stall (and with it every call the workers make).
+async def starts_of(conninfo: str, store: str) -> list[datetime]:
+    rows = await query(
         conninfo,
         "SELECT claimed_at FROM job_items WHERE instance_id = %s AND claimed_at IS NOT NULL"
         " ORDER BY claimed_at",
@@ -65,10 +68,32 @@ def starts_of(conninfo: str, store: str) -> list[datetime]:
     return [row[0] for row in rows]
 
 
+async def start_count(conninfo: str, store: str) -> int:
+    ((count,),) = await query(
+        conninfo,
+        "SELECT count(*) FROM job_items WHERE instance_id = %s AND claimed_at IS NOT NULL",
+        (store,),
+    )
+    return int(count)
+
+
+async def at_least(count: Awaitable[int], least: int) -> bool:
+    return await count >= least
+
+
+async def started_since(conninfo: str, store: str, moment: datetime) -> bool:
+    ((started,),) = await query(
+        conninfo,
+        "SELECT count(*) > 0 FROM job_items WHERE instance_id = %s AND claimed_at > %s",
+        (store, moment),
+    )
+    return bool(started)
+
+
 @asynccontextmanager
 async def worker_processes(
     conninfo: str, base_url: str, count: int, **env: str
-) -> AsyncIterator[list[subprocess.Popen[str]]]:
+) -> AsyncIterator[list[WorkerProcess]]:
     procs = [spawn_worker(conninfo, base_url, **env) for _ in range(count)]
     try:
         await wait_until(lambda: workers_are_ready(conninfo, procs))
@@ -149,13 +174,13 @@ async def test_pause_stops_a_store_in_every_process_and_resume_starts_it_again(
     ):
         await insert_job(database_url, "paused", 2000)
         await insert_job(database_url, "busy", 2000)
-        await wait_until(lambda: len(starts_of(database_url, "paused")) >= 20)
+        await wait_until(lambda: at_least(start_count(database_url, "paused"), 20))
         result = await cli("store", "pause", "paused", conninfo=database_url)
         assert result.returncode == 0, result.stderr
         paused_at = changed_at(database_url, "paused")
-        busy_before = len(starts_of(database_url, "busy"))
-        await wait_until(lambda: len(starts_of(database_url, "busy")) >= busy_before + 100)
-        late = [t for t in starts_of(database_url, "paused") if t > paused_at]
+        busy_before = await start_count(database_url, "busy")
+        await wait_until(lambda: at_least(start_count(database_url, "busy"), busy_before + 100))
+        late = [t for t in await starts_of(database_url, "paused") if t > paused_at]
         # Items in flight finish; nothing of the store starts later than 1 s after the pause.
         assert all((t - paused_at).total_seconds() < 1.0 for t in late), late
         assert await query(
@@ -165,8 +190,8 @@ async def test_pause_stops_a_store_in_every_process_and_resume_starts_it_again(
         result = await cli("store", "resume", "paused", conninfo=database_url)
         assert result.returncode == 0, result.stderr
         resumed_at = changed_at(database_url, "paused")
-        await wait_until(lambda: starts_of(database_url, "paused")[-1] > resumed_at)
-        first = min(t for t in starts_of(database_url, "paused") if t > resumed_at)
+        await wait_until(lambda: started_since(database_url, "paused", resumed_at))
+        first = min(t for t in await starts_of(database_url, "paused") if t > resumed_at)
         assert (first - resumed_at).total_seconds() < 1.0
     # Its backlog is intact: paused, not lost.
     counts = dict(
@@ -200,11 +225,11 @@ async def test_max_in_flight_holds_across_processes(database_url: str) -> None:
             samples.append(int(count))
             # Sampling, not waiting: the stub serving both processes runs on this loop.
             await anyio.sleep(0.01)
-        free_done = status_counts(database_url)
+        free_done = await status_counts(database_url)
     assert max(samples) == 3, Counter(samples)  # reached, never passed
     # The budget it cannot use goes to the other store: 12 workers, 3 of them for "capped".
-    capped = len(starts_of(database_url, "capped"))
-    free = len(starts_of(database_url, "free"))
+    capped = await start_count(database_url, "capped")
+    free = await start_count(database_url, "free")
     assert free > 2 * capped, (capped, free, free_done)
 
 
@@ -217,9 +242,9 @@ async def test_rpm_limit_holds_across_processes(database_url: str) -> None:
         await insert_job(database_url, "capped", 200)
         await insert_job(database_url, "free", 2000)
         started = time.monotonic()
-        await wait_until(lambda: len(starts_of(database_url, "capped")) >= 12, deadline=20)
+        await wait_until(lambda: at_least(start_count(database_url, "capped"), 12), deadline=20)
         elapsed = time.monotonic() - started
-    starts = starts_of(database_url, "capped")
+    starts = await starts_of(database_url, "capped")
     step = 60.5 / 120  # the GCRA's step: (60 s + 0.5 s tolerance) / rpm_limit
     # Any n + 1 consecutive starts span at least n steps less the tolerance: so no 60 s window
     # ever holds more than rpm_limit, whichever process started them.
