@@ -11,11 +11,12 @@ from contextlib import asynccontextmanager
 
 import anyio
 
+from listener.attempt import ItemHandler
 from listener.db import open_pool
 from listener.generate import Generator
 from listener.limiter import make_limiter
 from listener.settings import Settings
-from listener.worker import ItemHandler, Worker
+from listener.worker import Worker
 
 
 @asynccontextmanager

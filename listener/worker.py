@@ -7,7 +7,6 @@ the handler. Outcomes go to the completer, which writes them in batches.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -15,41 +14,32 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
-import psycopg
 from anyio.abc import TaskStatus
 from psycopg_pool import AsyncConnectionPool
 
+from listener import heartbeat, reaper, retention
 from listener import items as items_db
-from listener import retention
-from listener.backoff import Backoff, retry_delay
+from listener.attempt import ItemHandler, attempt
+from listener.backoff import Backoff
 from listener.complete import Completer
-from listener.db import log_pool_stats, pool_stats, with_session_options, wrap
+from listener.db import log_pool_stats, pool_stats, with_session_options
 from listener.dispatch import Dispatcher
 from listener.errors import (
     AuthenticationFailed,
     DatabaseError,
-    PermanentItemError,
-    RateLimited,
-    RetryableItemError,
 )
-from listener.generate import Generation
 from listener.items import ClaimedItem, Outcome
 from listener.limiter import Limiter, gcra
 from listener.listen import Listener
 from listener.settings import Settings
-from listener.sqlfiles import queries
 from listener.throughput import Throughput
 
 logger = logging.getLogger(__name__)
 
-# A 429 is the budget's fault, not the item's: it is retried in place this many times before
-# the item goes back to PENDING with its attempt refunded.
-MAX_RATE_LIMITED_RETRIES = 10
 # Workers that may wait for a limiter slot at once: enough to hold the budget's slots of the next
 # SLOT_HORIZON seconds (WORKER_CONCURRENCY permitting), never fewer than SLOT_SEEKERS. At 450 RPM
 # slots are 133 ms apart and two seekers keep the budget busy. At 30,000 RPM they are 2 ms apart
@@ -76,14 +66,6 @@ def slot_seekers(rpm: int, concurrency: int) -> int:
 # first time soon after start; the advisory lock keeps it to one process of the fleet.
 RETENTION_INTERVAL = 300.0
 RETENTION_FIRST_DELAY = (5.0, 60.0)
-
-
-class ItemHandler(Protocol):
-    def estimate_tokens(self) -> int: ...
-
-    def __call__(self, item: ClaimedItem) -> Awaitable[Generation]: ...
-
-    async def aclose(self) -> None: ...
 
 
 @dataclass
@@ -186,7 +168,13 @@ class Worker:
                     services.start_soon(self.dispatcher.run_policy_reload)
                     services.start_soon(self.dispatcher.run_claim_log)
                     services.start_soon(self._heartbeat_loop)
-                    services.start_soon(self._reap_loop)
+                    services.start_soon(
+                        reaper.run_reaper,
+                        self.pool,
+                        self.settings.lease_seconds,
+                        self.settings.max_attempts,
+                        self._on_reaped,
+                    )
                     services.start_soon(
                         log_pool_stats, self.pool, self.settings.pool_stats_interval_seconds
                     )
@@ -216,7 +204,7 @@ class Worker:
                     await self.dispatcher.claims_settled()
                 self.completer.close(give_up_after=give_up_after)
             await completer_done.wait()
-            await self._forget_heartbeat()
+            await heartbeat.forget(self.pool, self.worker_id)
             services.cancel_scope.cancel()
         logger.info(
             "[Worker] stopped: %d completed, %d failed, %d retried, %d released, %d superseded",
@@ -321,46 +309,18 @@ class Worker:
                 self._emit(outcome)
 
     async def _attempt(self, item: ClaimedItem, grant: Any) -> Outcome:
-        settings = self.settings
-        try:
-            for _ in range(MAX_RATE_LIMITED_RETRIES):
-                try:
-                    generation = await self.handler(item)
-                except RateLimited as limited:
-                    self.counters.rate_limited += 1
-                    logger.warning(
-                        "[RateLimiter] 429 from OpenAI: pausing every worker for %.1fs",
-                        limited.retry_after,
-                    )
-                    await self.limiter.pause(limited.retry_after, rate_limited=True)
-                    grant = await self.limiter.acquire(self.handler.estimate_tokens())
-                    continue
-                await self.limiter.settle(grant, generation.total_tokens)
-                if generation.pause_seconds:
-                    await self.limiter.pause(generation.pause_seconds, rate_limited=False)
-                return Outcome.completed(item, generation.result)
-            return Outcome.release(item, error="rate limited", delay=5.0)
-        except PermanentItemError as error:
-            return Outcome.failed(item, str(error))
-        except RetryableItemError as error:
-            if item.attempts >= settings.max_attempts:
-                return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
-            delay = retry_delay(
-                item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, self._rng
-            )
-            return Outcome.retry(item, str(error), delay)
-        except DatabaseError as error:
-            # The limiter's row was unreachable (settle/pause): the item is not at fault.
-            logger.warning("[Worker] releasing item %d: %s", item.id, error)
-            return Outcome.release(item, error=str(error), delay=1.0)
-        except AuthenticationFailed:
-            raise
-        except Exception as error:
-            # A bug of ours must not lose the item nor kill the worker: retry, then fail.
-            logger.exception("[Worker] unexpected error on item %d", item.id)
-            if item.attempts >= settings.max_attempts:
-                return Outcome.failed(item, f"unexpected error: {error!r}")
-            return Outcome.retry(item, f"unexpected error: {error!r}", settings.retry_base_seconds)
+        return await attempt(
+            item,
+            grant,
+            handler=self.handler,
+            limiter=self.limiter,
+            settings=self.settings,
+            rng=self._rng,
+            on_rate_limited=self._on_rate_limited,
+        )
+
+    def _on_rate_limited(self) -> None:
+        self.counters.rate_limited += 1
 
     def _on_claimed(self, claimed: list[ClaimedItem]) -> None:
         for item in claimed:
@@ -396,15 +356,18 @@ class Worker:
         return self.settings.heartbeat_seconds
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            try:
-                await items_db.extend_leases(
-                    self.pool, self.worker_id, list(self.held), self.settings.lease_seconds
-                )
-                await self._beat()
-            except DatabaseError as error:
-                logger.warning("[Worker] heartbeat failed: %s", error)
-            await anyio.sleep(self.heartbeat_interval())
+        await heartbeat.run_heartbeat(
+            self.pool,
+            self.worker_id,
+            interval=self.heartbeat_interval,
+            lease_seconds=self.settings.lease_seconds,
+            held=lambda: list(self.held),
+            stats=self.stats,
+            listener_connected=lambda: self.listener.connected,
+        )
+
+    def _on_reaped(self, count: int) -> None:
+        self.counters.reaped += count
 
     def stats(self) -> dict[str, Any]:
         limiter = self.limiter.snapshot()
@@ -432,48 +395,3 @@ class Worker:
             "finishedPerMinute": self.throughput.per_minute(now),
             "finishedLastMinuteByStore": self.throughput.by_store(now),
         }
-
-    async def _beat(self) -> None:
-        params = {
-            "worker_id": self.worker_id,
-            "hostname": socket.gethostname(),
-            "pid": os.getpid(),
-            "listener_connected": self.listener.connected,
-            "stats": json.dumps(self.stats()),
-        }
-        try:
-            async with self.pool.connection() as conn:
-                await conn.execute(queries("heartbeat")["upsert_heartbeat"], params)
-        except psycopg.Error as error:
-            raise wrap(error, "heartbeat failed") from error
-
-    async def _forget_heartbeat(self) -> None:
-        try:
-            async with self.pool.connection() as conn:
-                await conn.execute(
-                    queries("heartbeat")["delete_heartbeat"], {"worker_id": self.worker_id}
-                )
-        except psycopg.Error as error:
-            logger.warning("[Worker] could not remove the heartbeat row: %s", error)
-
-    async def _reap_loop(self) -> None:
-        # Often enough that a dead worker's items are back within about one lease.
-        interval = max(1.0, min(10.0, self.settings.lease_seconds / 2))
-        while True:
-            await anyio.sleep(interval)
-            try:
-                reaped = await items_db.reap_expired(self.pool, self.settings.max_attempts)
-                stranded = await items_db.close_stranded_jobs(self.pool)
-                async with self.pool.connection() as conn:
-                    await conn.execute(queries("heartbeat")["forget_dead_workers"])
-            except (DatabaseError, psycopg.Error) as error:
-                logger.warning("[Reaper] failed: %s", error)
-                continue
-            if stranded:
-                logger.warning("[Reaper] closed %d job(s) whose items had all finished", stranded)
-            if reaped:
-                self.counters.reaped += len(reaped)
-                logger.warning(
-                    "[Reaper] returned %d item(s) whose lease expired (their worker died?)",
-                    len(reaped),
-                )

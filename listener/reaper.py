@@ -1,0 +1,48 @@
+"""The reaper: items whose lease expired go back to PENDING (or end FAILED / CANCELLED), jobs
+left open with every item finished are closed, and dead workers' heartbeat rows age out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from listener import items as items_db
+from listener.errors import DatabaseError
+from listener.sqlfiles import queries
+
+logger = logging.getLogger("listener.worker")
+
+
+def reap_interval(lease_seconds: float) -> float:
+    """Often enough that a dead worker's items are back within about one lease."""
+    return max(1.0, min(10.0, lease_seconds / 2))
+
+
+async def run_reaper(
+    pool: AsyncConnectionPool,
+    lease_seconds: float,
+    max_attempts: int,
+    on_reaped: Callable[[int], None],
+) -> None:
+    while True:
+        await anyio.sleep(reap_interval(lease_seconds))
+        try:
+            reaped = await items_db.reap_expired(pool, max_attempts)
+            stranded = await items_db.close_stranded_jobs(pool)
+            async with pool.connection() as conn:
+                await conn.execute(queries("heartbeat")["forget_dead_workers"])
+        except (DatabaseError, psycopg.Error) as error:
+            logger.warning("[Reaper] failed: %s", error)
+            continue
+        if stranded:
+            logger.warning("[Reaper] closed %d job(s) whose items had all finished", stranded)
+        if reaped:
+            on_reaped(len(reaped))
+            logger.warning(
+                "[Reaper] returned %d item(s) whose lease expired (their worker died?)",
+                len(reaped),
+            )
