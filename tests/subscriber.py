@@ -13,6 +13,8 @@ import anyio
 import psycopg
 from anyio.abc import TaskStatus
 
+from tests.support import SLACK
+
 
 @dataclass
 class Heard:
@@ -33,7 +35,7 @@ class Subscriber:
         return [h for h in self.heard if h.payload["job_id"] == job_id]
 
     async def wait_for(self, count: int, deadline: float = 60.0) -> None:
-        with anyio.fail_after(deadline):
+        with anyio.fail_after(deadline * SLACK):
             while len(self.heard) < count:
                 await self.changed.wait()
 
@@ -47,7 +49,7 @@ class Subscriber:
             await conn.execute(
                 "SELECT pg_notify('job_finished', %s)", (json.dumps({"flush": marker}),)
             )
-        with anyio.fail_after(deadline):
+        with anyio.fail_after(deadline * SLACK):
             while self.flushed < marker:
                 await self.changed.wait()
 

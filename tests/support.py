@@ -335,13 +335,13 @@ async def api_process(*args: str, **env: str) -> AsyncIterator[tuple[int, bytear
         assert process.stdout is not None
         tg.start_soon(read, process.stdout)
         try:
-            with anyio.fail_after(30):
+            with anyio.fail_after(30 * SLACK):
                 while b"[HTTP] serving" not in output:  # the process says when it is ready
                     assert process.returncode is None, output.decode()
                     await anyio.sleep(0.01)
             yield process.pid, output
             process.send_signal(signal.SIGTERM)
-            with anyio.fail_after(10):
+            with anyio.fail_after(10 * SLACK):
                 assert await process.wait() == 0, output.decode()
         finally:
             if process.returncode is None:

@@ -15,6 +15,7 @@ import pytest
 
 from listener.stub.server import StubConfig, run_stub
 from tests.support import (
+    SLACK,
     UNSET,
     communicate,
     run_listener,
@@ -117,12 +118,12 @@ def test_worker_without_database_url_uses_the_embedded_server_and_stops_it(
     reader.start()
     try:
         # Ready once migrated and listening; initdb makes the first start take a few seconds.
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 60 * SLACK
         while not any("[Worker] ✅ Initialized" in line for line in lines):
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=30 * SLACK)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -23,6 +23,7 @@ from listener.settings import Settings
 from listener.stub.server import StubConfig, run_stub
 from tests.conftest import CHROMIUM_ARGS
 from tests.support import (
+    SLACK,
     insert_job,
     make_settings,
     query,
@@ -35,7 +36,9 @@ pytestmark = pytest.mark.anyio
 
 TOKEN = "dashboard-test-token-0123456789"
 # Playwright's waits poll the page for a condition; this bounds each, so a broken page fails.
-WAIT_MS = 20_000
+WAIT_MS = int(20_000 * SLACK)
+# Every `expect` too (its own default, 5 s, is short for a machine running other suites).
+expect.set_options(timeout=WAIT_MS)
 
 
 @asynccontextmanager

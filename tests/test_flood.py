@@ -1,5 +1,7 @@
-"""A flood of notifications: 100,000 stores at once, then the same stores announced again and
+"""A flood of notifications: 20,000 stores at once, then the same stores announced again and
 again. The ring holds each store once whatever the number of notifications, and serves each.
+Twenty thousand, not the hundred thousand it once was: the same assertions hold at either size,
+and the larger took a minute of the suite on a loaded 2-core machine.
 
 The handler here answers at once, after a gate opens: this test is about the listener, the
 ring and the claims under a flood, not about OpenAI (the other tests use the real client).
@@ -25,7 +27,7 @@ from tests.support import (
 
 pytestmark = pytest.mark.anyio
 
-STORES = 100_000
+STORES = 20_000
 
 
 class GatedHandler:
@@ -56,7 +58,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def test_a_hundred_thousand_stores_at_once_keep_the_ring_bounded_and_each_is_served(
+async def test_twenty_thousand_stores_at_once_keep_the_ring_bounded_and_each_is_served(
     database_url: str,
 ) -> None:
     handler = GatedHandler()
@@ -71,13 +73,13 @@ async def test_a_hundred_thousand_stores_at_once_keep_the_ring_bounded_and_each_
             "INSERT INTO jobs (instance_id) SELECT 'flood-' || n FROM generate_series(1, %s) n",
             (STORES,),
         )
-        # One statement: one notification per store, 100,000 of them in one transaction.
+        # One statement: one notification per store, 20,000 of them in one transaction.
         await query(
             database_url,
             "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
             " SELECT id, instance_id, 'p1', '{\"name\": \"Flood\"}' FROM jobs",
         )
-        await wait_until(lambda: worker.listener.notifications >= STORES, deadline=300)
+        await wait_until(lambda: worker.listener.notifications >= STORES, deadline=60)
         assert len(ring) <= STORES
         # Every store announced three more times, all at once: nothing new to hold. (One
         # transaction each: Postgres folds identical notifications within a transaction.)
@@ -87,7 +89,7 @@ async def test_a_hundred_thousand_stores_at_once_keep_the_ring_bounded_and_each_
                 "SELECT pg_notify('job_items_ready', 'flood-' || n) FROM generate_series(1, %s) n",
                 (STORES,),
             )
-        await wait_until(lambda: worker.listener.notifications >= 4 * STORES, deadline=300)
+        await wait_until(lambda: worker.listener.notifications >= 4 * STORES, deadline=60)
         held = len(worker.held)
         assert held <= settings.worker_concurrency
         # Every store with work is in the ring, once: only those just claimed may have left.
@@ -97,10 +99,11 @@ async def test_a_hundred_thousand_stores_at_once_keep_the_ring_bounded_and_each_
         handler.gate.set()
         # A bound against a hang, not a speed target: generous for a machine shared with others.
         await wait_for_counts(
-            database_url, lambda c: c == {"COMPLETED": STORES}, deadline=400, every=1.0
+            database_url, lambda c: c == {"COMPLETED": STORES}, deadline=120, every=1.0
         )
         assert not len(ring) or all(store.startswith("flood-") for store in ring)
     assert len(handler.served) == STORES
     assert set(handler.served.values()) == {1}
-    # 100,000 store ids and their items in flight cost tens of MiB, not one copy per message.
-    assert rss_growth < 250, f"peak RSS grew {rss_growth:.0f} MiB"
+    # 20,000 store ids and their items in flight cost a few MiB (100,000: under 30), not one
+    # copy per message.
+    assert rss_growth < 50, f"peak RSS grew {rss_growth:.0f} MiB"
