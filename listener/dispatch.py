@@ -199,8 +199,8 @@ class Dispatcher:
         """Return when some store may have work, or at `stop()`.
 
         Idle workers are woken one by one, not all at once: a store's first item wakes one
-        worker, and each claim that leaves stores in the ring wakes as many more as it got items
-        (so a burst is served by 1, 2, 4, ... workers within a few claims). Waking every idle
+        worker, and each claim that got all it asked for wakes twice as many more as it got
+        items (so a burst is served by 1, 2, 4, ... workers within a few claims). Waking every idle
         worker for one notification cost an idle process a step of each of its workers before
         the claim could go out, then empty claims for the rest.
         """
@@ -412,4 +412,6 @@ class Dispatcher:
             else:
                 self.on_orphan(item)
         if len(self.ring):
-            self._wake(max(1, len(items)))
+            # A claim that got every quota it asked for found more work than workers: twice as
+            # many join the next one (1, 2, 4, ... within a few claims). Otherwise one more looks.
+            self._wake(2 * len(items) if self._backlogged else 1)

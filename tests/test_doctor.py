@@ -67,11 +67,14 @@ async def test_a_healthy_deployment_passes_every_check(database_url: str) -> Non
             await insert_job(database_url, "store-A", 5)
             await wait_until(lambda: live_heartbeats(database_url))
             await wait_for_counts(database_url, lambda counts: counts.get("COMPLETED") == 5)
-            await insert_job(database_url, "store-B", 3)  # a backlog for the claim's plan
+            # A backlog for the claim's plan, in backoff from its insert on (inserted then
+            # updated, the running worker could take one in between).
             execute(
                 database_url,
-                "UPDATE job_items SET run_after = now() + interval '1 hour'"
-                " WHERE instance_id = 'store-B'",
+                "WITH job AS (INSERT INTO jobs (instance_id) VALUES ('store-B') RETURNING id)"
+                " INSERT INTO job_items (job_id, instance_id, product_id, payload, run_after)"
+                " SELECT job.id, 'store-B', 'p' || n, '{\"name\": \"x\"}',"
+                " now() + interval '1 hour' FROM job, generate_series(1, 3) AS n",
             )
             checks = await anyio.to_thread.run_sync(
                 lambda: run_checks(database_url, settings, schema_diff=True)
