@@ -113,12 +113,23 @@ async def test_it_shows_a_running_workers_stores_and_updates_as_items_complete(
             workers = page.locator(f"tr[data-worker='{worker.worker_id}']")
             await expect(workers).to_contain_text("connected", timeout=WAIT_MS)
 
-            # The job arrives after the page loaded: it appears without a reload.
+            # The job arrives after the page loaded: it appears without a reload. Its store is
+            # paused until the page has shown it pending (a loaded machine could otherwise
+            # finish the job between two of the page's readings), then the row follows it.
+            await query(
+                database_url,
+                "INSERT INTO stores (instance_id, paused) VALUES ('store-browser', true)"
+                " RETURNING instance_id",
+            )
             job_id = await insert_job(database_url, "store-browser", 12)
             row = page.locator("tr[data-store='store-browser']")
             await expect(row).to_be_visible(timeout=WAIT_MS)
             job = page.locator(f"tr[data-job='{job_id}']")
             await expect(job).to_contain_text("pending", timeout=WAIT_MS)
+            await query(
+                database_url,
+                "DELETE FROM stores WHERE instance_id = 'store-browser' RETURNING instance_id",
+            )
             await expect(job).to_contain_text("12 completed", timeout=WAIT_MS)
             await expect(job).to_contain_text("COMPLETED", timeout=WAIT_MS)
             # Its throughput reached the chart's figures (from the workers' heartbeats).
