@@ -96,6 +96,9 @@ async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url
             await wait_until(lambda: item_counts(database_url, doomed).get("COMPLETED", 0) >= 3)
             await wait_until(lambda: item_counts(database_url, doomed).get("PROCESSING", 0) >= 1)
             cancelled = await cli("cancel", str(doomed), conninfo=database_url)
+            # The cancel has committed by now (its `cancelled_at` is when it began: a claim
+            # that began after that but committed before the cancel did was in flight).
+            ((committed_by,),) = await query(database_url, "SELECT clock_timestamp()")
             assert cancelled.returncode == 0, cancelled.stderr
             assert cancelled.stdout.startswith(f"job {doomed} cancelled: "), cancelled.stdout
             assert "in flight will finish" in cancelled.stdout
@@ -117,7 +120,7 @@ async def test_cancel_while_items_are_in_flight_in_worker_processes(database_url
         database_url,
         "SELECT claimed_at, %s::timestamptz FROM job_items WHERE job_id = %s"
         " AND status = 'COMPLETED' AND (claimed_at > %s OR result IS NULL)",
-        (cancelled_at, doomed, cancelled_at),
+        (committed_by, doomed, committed_by),
     )
     assert late == []
     assert await query(
