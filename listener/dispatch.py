@@ -129,12 +129,17 @@ class Dispatcher:
         # and they must be handed back (`on_orphan`) before the worker closes its completer.
         self._claim_settled = anyio.Event()
         self._claim_settled.set()
+        # Stores notified while a claim was on its way: the claim's snapshot may predate the
+        # new item, so a short claim must not drop them (see `_claim_once`).
+        self._notified_in_claim: set[str] = set()
 
     # -- fed by the listener --------------------------------------------------------------
 
     def notify(self, store: str) -> None:
         if self._held(store):
             return
+        if not self._claim_settled.is_set():
+            self._notified_in_claim.add(store)
         self.ring.notify(store)
         self._wake(1)
 
@@ -260,6 +265,7 @@ class Dispatcher:
                 if self._backlogged:
                     await self._gather_waiters()
                 self._claim_settled = anyio.Event()
+                self._notified_in_claim.clear()
                 try:
                     await self._claim_once()
                 finally:
@@ -395,7 +401,9 @@ class Dispatcher:
             if got[store] == 0:
                 # A turn that brought nothing is not service: weights count items started.
                 self.ring.refund(store)
-            if got[store] < quota:
+            if got[store] < quota and (
+                store not in self._notified_in_claim or self._held(store)
+            ):
                 self.ring.drop(store)
         self.claims += 1
         self.claimed_items += len(items)
