@@ -19,6 +19,7 @@ import anyio.lowlevel
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from listener.claimed import claim_report, interleave
 from listener.complete import Completer
 from listener.errors import DatabaseError
 from listener.items import ClaimedItem, ReadyStore, claim, split_quota
@@ -27,9 +28,11 @@ from listener.ring import ReadyRing
 
 logger = logging.getLogger(__name__)
 
-MAX_STORE_LINES = 10
 # At most this many event-loop turns spent gathering the workers about to ask for an item.
 GATHER_TURNS = 32
+# A claim announced by another process counts as a sign of life this long: it may have started
+# since this process's last heartbeat read the fleet.
+OTHERS_HEARD_SECONDS = 15.0
 # A worker on its way passes several turns (its wake-up, the slot gate): one turn without a new
 # waiter does not mean nobody is coming.
 QUIET_TURNS = 3
@@ -40,38 +43,6 @@ class _Waiter:
     event: anyio.Event = field(default_factory=anyio.Event)
     item: ClaimedItem | None = None
     answered: bool = False
-
-
-def store_label(store: str) -> str:
-    return store if len(store) <= 12 else f"{store[:8]}..."
-
-
-def claim_report(items: list[ClaimedItem], suffix: str = "") -> list[str]:
-    """The checklist's log lines: a total, then one line per store (the busiest first)."""
-    per_store = Counter(item.instance_id for item in items)
-    lines = [
-        f"[Worker] Claimed {len(items)} item(s) from {len(per_store)} store(s) "
-        f"for processing{suffix}"
-    ]
-    for store, count in per_store.most_common(MAX_STORE_LINES):
-        lines.append(f"  Store {store_label(store)}: {count} items")
-    if len(per_store) > MAX_STORE_LINES:
-        lines.append(f"  ... and {len(per_store) - MAX_STORE_LINES} more store(s)")
-    return lines
-
-
-def interleave(items: list[ClaimedItem]) -> list[ClaimedItem]:
-    """One item of each store in turn, so consecutive workers serve different stores."""
-    queues: dict[str, deque[ClaimedItem]] = {}
-    for item in items:
-        queues.setdefault(item.instance_id, deque()).append(item)
-    ordered: list[ClaimedItem] = []
-    while queues:
-        for store in list(queues):
-            ordered.append(queues[store].popleft())
-            if not queues[store]:
-                del queues[store]
-    return ordered
 
 
 class Dispatcher:
@@ -100,8 +71,11 @@ class Dispatcher:
         self.on_orphan = on_orphan
         self.clock = clock
         # Under a budget every claim tells the fleet which stores it served (`stores_served`),
-        # so every process's ring goes round in step with the others'.
+        # so every process's ring goes round in step with the others'; not while this process
+        # is alone (each notification costs every listening session a transaction).
         self.announce_claims = announce_claims
+        self._others: int | None = None  # other live workers at the last heartbeat; None: unknown
+        self._heard_others_until = -float("inf")
         # Under a budget, each claim also writes the outcomes waiting (see complete.py).
         self.completer = completer
         self.policies = StorePolicies()
@@ -167,7 +141,18 @@ class Dispatcher:
         parts = payload.split("\x1f")
         if len(parts) != 3 or parts[0] == self.worker_id or not parts[2].isdigit():
             return
+        # A process that started since our last heartbeat: tell it ours from now on.
+        self._heard_others_until = self.clock() + OTHERS_HEARD_SECONDS
         self.ring.advance(parts[1], int(parts[2]))
+
+    def others_alive(self, count: int) -> None:
+        """From each heartbeat: how many other worker processes are alive."""
+        self._others = count
+
+    def _announcing(self) -> bool:
+        if not self.announce_claims:
+            return False
+        return self._others != 0 or self.clock() < self._heard_others_until
 
     def store_changed(self, store: str) -> None:
         """`stores_changed`: re-read the store's policy (a task does it, on the pool)."""
@@ -375,7 +360,7 @@ class Dispatcher:
                 quotas,
                 self.lease_seconds,
                 self.max_payload_bytes,
-                self.announce_claims,
+                self._announcing(),
                 outcomes,
             )
         except BaseException as error:

@@ -21,6 +21,9 @@ from listener.sqlfiles import queries
 
 logger = logging.getLogger("listener.worker")
 
+# A worker whose row is this many beats old is taken for gone (killed without a goodbye).
+STALE_BEATS = 3
+
 
 async def run_heartbeat(
     pool: AsyncConnectionPool,
@@ -31,33 +34,44 @@ async def run_heartbeat(
     held: Callable[[], list[int]],
     stats: Callable[[], dict[str, Any]],
     listener_connected: Callable[[], bool],
+    on_others: Callable[[int], None] = lambda _others: None,
 ) -> None:
-    """Renew the leases of the items `held`, then beat; a failure is a warning, the next
-    beat comes anyway (a lease outlives a few missed renewals)."""
+    """Renew the leases of the items `held`, then beat, and tell `on_others` how many other
+    workers are alive; a failure is a warning, the next beat comes anyway (a lease outlives a
+    few missed renewals)."""
     while True:
         try:
             await items_db.extend_leases(pool, worker_id, held(), lease_seconds)
-            await beat(pool, worker_id, listener_connected(), stats())
+            stale = STALE_BEATS * interval()
+            on_others(await beat(pool, worker_id, listener_connected(), stats(), stale))
         except DatabaseError as error:
             logger.warning("[Worker] heartbeat failed: %s", error)
         await anyio.sleep(interval())
 
 
 async def beat(
-    pool: AsyncConnectionPool, worker_id: str, listener_connected: bool, stats: dict[str, Any]
-) -> None:
+    pool: AsyncConnectionPool,
+    worker_id: str,
+    listener_connected: bool,
+    stats: dict[str, Any],
+    stale_seconds: float = 15.0,
+) -> int:
+    """Write this worker's row; return how many others beat within `stale_seconds`."""
     params = {
         "worker_id": worker_id,
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
         "listener_connected": listener_connected,
         "stats": json.dumps(stats),
+        "stale_seconds": stale_seconds,
     }
     try:
         async with pool.connection() as conn:
-            await conn.execute(queries("heartbeat")["upsert_heartbeat"], params)
+            cursor = await conn.execute(queries("heartbeat")["upsert_heartbeat"], params)
+            row = await cursor.fetchone()
     except psycopg.Error as error:
         raise wrap(error, "heartbeat failed") from error
+    return int(row[0]) if row else 0
 
 
 async def forget(pool: AsyncConnectionPool, worker_id: str) -> None:

@@ -364,6 +364,7 @@ class Worker:
             held=lambda: list(self.held),
             stats=self.stats,
             listener_connected=lambda: self.listener.connected,
+            on_others=self.dispatcher.others_alive,
         )
 
     def _on_reaped(self, count: int) -> None:
