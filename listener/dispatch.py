@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 # At most this many event-loop turns spent gathering the workers about to ask for an item.
 GATHER_TURNS = 32
+# Claims on their way at once: while one is in the database, the workers served by the other
+# start their items (Python) and come back, so the two overlap instead of taking turns.
+CLAIMS_IN_FLIGHT = 2
 # A claim announced by another process counts as a sign of life this long: it may have started
 # since this process's last heartbeat read the fleet.
 OTHERS_HEARD_SECONDS = 15.0
@@ -60,10 +63,16 @@ class Dispatcher:
         clock: Callable[[], float] = anyio.current_time,
         announce_claims: bool = False,
         completer: Completer | None = None,
+        concurrency: int | None = None,
     ) -> None:
         self.pool = pool
         self.worker_id = worker_id
         self.claim_batch_size = claim_batch_size
+        # One claim serves at most its share of the workers: the other claims in flight serve
+        # the rest (with all of them in one claim, nobody would be left to overlap it).
+        self.claim_size = min(
+            claim_batch_size, -(-(concurrency or claim_batch_size) // CLAIMS_IN_FLIGHT)
+        )
         self.max_per_instance = max_per_instance
         self.lease_seconds = lease_seconds
         self.max_payload_bytes = max_payload_bytes
@@ -103,17 +112,22 @@ class Dispatcher:
         # and they must be handed back (`on_orphan`) before the worker closes its completer.
         self._claim_settled = anyio.Event()
         self._claim_settled.set()
-        # Stores notified while a claim was on its way: the claim's snapshot may predate the
-        # new item, so a short claim must not drop them (see `_claim_once`).
-        self._notified_in_claim: set[str] = set()
+        self._in_flight = 0  # claims on their way
+        self._covered = 0  # waiters those claims were sized for
+        # Stores notified while claims were on their way, with the notification's number: a
+        # claim's snapshot may predate the new item, so a short claim must not drop a store
+        # notified after it started (see `_claim_once`).
+        self._notifications = 0
+        self._notified_at: dict[str, int] = {}
 
     # -- fed by the listener --------------------------------------------------------------
 
     def notify(self, store: str) -> None:
         if self._held(store):
             return
-        if not self._claim_settled.is_set():
-            self._notified_in_claim.add(store)
+        if self._in_flight:
+            self._notifications += 1
+            self._notified_at[store] = self._notifications
         self.ring.notify(store)
         self._wake(1)
 
@@ -240,21 +254,39 @@ class Dispatcher:
     # -- tasks ----------------------------------------------------------------------------
 
     async def run_claimer(self) -> None:
-        while True:
-            await self._demand.wait()
-            self._demand = anyio.Event()
-            while self._live_waiters():
-                if self.stopping or not len(self.ring):
-                    self._answer_all()
-                    break
-                if self._backlogged:
-                    await self._gather_waiters()
-                self._claim_settled = anyio.Event()
-                self._notified_in_claim.clear()
-                try:
-                    await self._claim_once()
-                finally:
-                    self._claim_settled.set()
+        """Claim for the waiting workers, up to CLAIMS_IN_FLIGHT claims at once: while one is
+        on its way, the workers of the other start their items and come back for the next."""
+        async with anyio.create_task_group() as claims:
+            while True:
+                await self._demand.wait()
+                self._demand = anyio.Event()
+                while self._live_waiters() > self._covered:
+                    if self.stopping or not len(self.ring):
+                        if not self._in_flight:
+                            self._answer_all()
+                        break  # else the claim on its way answers them, or wakes this loop
+                    if self._in_flight == CLAIMS_IN_FLIGHT:
+                        break  # the next claim back wakes this loop
+                    if self._backlogged:
+                        await self._gather_waiters()
+                    wanted = min(self._live_waiters() - self._covered, self.claim_size)
+                    if wanted <= 0:
+                        break
+                    self._in_flight += 1
+                    self._covered += wanted
+                    self._claim_settled = anyio.Event()
+                    claims.start_soon(self._claim_for, wanted, self._notifications)
+
+    async def _claim_for(self, wanted: int, since: int) -> None:
+        try:
+            await self._claim_once(wanted, since)
+        finally:
+            self._in_flight -= 1
+            self._covered -= wanted
+            if not self._in_flight:
+                self._notified_at.clear()
+                self._claim_settled.set()
+            self._demand.set()
 
     async def run_wakeups(self) -> None:
         while True:
@@ -318,7 +350,7 @@ class Dispatcher:
             await anyio.lowlevel.checkpoint()
             now = self._live_waiters()
             quiet = quiet + 1 if now == seen else 0
-            if quiet == QUIET_TURNS or now >= self.claim_batch_size:
+            if quiet == QUIET_TURNS or now - self._covered >= self.claim_size:
                 return
             seen = now
 
@@ -341,8 +373,8 @@ class Dispatcher:
         waiter.item = item
         waiter.event.set()
 
-    async def _claim_once(self) -> None:
-        wanted = min(self._live_waiters(), self.claim_batch_size)
+    async def _claim_once(self, wanted: int, since: int) -> None:
+        """Claim `wanted` items; `since`: the notifications counted when it set out."""
         stores = self.ring.take(min(wanted, len(self.ring)))
         quotas = split_quota(stores, wanted, self.max_per_instance)
         # When a claim wants more items than the ring has stores, the ring hands out all of
@@ -387,7 +419,7 @@ class Dispatcher:
                 # A turn that brought nothing is not service: weights count items started.
                 self.ring.refund(store)
             if got[store] < quota and (
-                store not in self._notified_in_claim or self._held(store)
+                self._notified_at.get(store, 0) <= since or self._held(store)
             ):
                 self.ring.drop(store)
         self.claims += 1

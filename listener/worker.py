@@ -134,6 +134,7 @@ class Worker:
             on_orphan=lambda item: self._emit(Outcome.release(item)),
             announce_claims=budgeted,
             completer=self.completer if budgeted else None,
+            concurrency=settings.worker_concurrency,
         )
         self.listener = Listener(
             with_session_options(conninfo, settings),
