@@ -402,6 +402,7 @@ def run(
     if baseline:
         idle_runs.append(("listener BEFORE", "listener", baseline))
     rates: dict[str, list[dict[str, float]]] = defaultdict(list)
+    processes = {config.label: config.processes for config in configs}
     idle: dict[str, list[float]] = defaultdict(list)
     fair: list[dict[str, Any]] = []
     with (
@@ -434,6 +435,7 @@ def run(
         "throughput": {
             label: {
                 "runs": [r["rate"] for r in runs],
+                "processes": processes[label],
                 "median": statistics.median(r["rate"] for r in runs),
                 "worker_cpu_ms_per_1k": statistics.median(r["worker_cpu_ms_per_1k"] for r in runs),
                 "db_cpu_ms_per_1k": statistics.median(r["db_cpu_ms_per_1k"] for r in runs),
@@ -451,14 +453,20 @@ def run(
 
 def rows(result: dict[str, Any]) -> list[list[str]]:
     through = result["throughput"]
-    # pgqueuer at its defaults, 1 process; listener's own first row when pgqueuer did not run
-    base = through.get(CONFIGS[3].label, next(iter(through.values())))["median"]
+    # Against pgqueuer at its defaults with as many processes (1 when it ran no such config);
+    # against listener's own first row when pgqueuer did not run at all.
+    pgqueuer = {c.processes: c.label for c in CONFIGS if c.system == "pgqueuer"}
+
+    def base(entry: dict[str, Any]) -> float:
+        label = pgqueuer.get(entry.get("processes", 1), pgqueuer[1])
+        return float(through.get(label, next(iter(through.values())))["median"])
+
     return [
         [
             label,
             f"{entry['median']:,.0f}",
             " / ".join(f"{r:,.0f}" for r in entry["runs"]),
-            f"{entry['median'] / base:.2f}x",
+            f"{entry['median'] / base(entry):.2f}x",
             f"{entry['worker_cpu_ms_per_1k']:,.0f} ms",
             f"{entry['db_cpu_ms_per_1k']:,.0f} ms",
         ]
@@ -476,7 +484,7 @@ def report(result: dict[str, Any]) -> str:
         "configuration",
         "jobs/s (median)",
         "each run",
-        "vs pgqueuer 1 process",
+        "vs pgqueuer, same processes",
         "worker CPU / 1,000 jobs",
         "database CPU / 1,000 jobs",
     ]
