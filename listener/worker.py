@@ -107,15 +107,21 @@ class Worker:
         self._rng = random.Random()
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
+        budgeted = bool(settings.rate_limit_rpm or settings.rate_limit_tpm)
+        # Without a budget there is no slot to wait for: every worker passes at once. Passing
+        # without a wait costs no turn of the event loop (fast_acquire): an idle worker woken
+        # for a new item goes straight to the claim.
         self._slot_gate = anyio.Semaphore(
             slot_seekers(settings.rate_limit_rpm, settings.worker_concurrency)
+            if budgeted
+            else settings.worker_concurrency,
+            fast_acquire=True,
         )
         self._backoff = Backoff(base=0.2, cap=10.0, rng=self._rng)
         self._workers_scope: anyio.CancelScope | None = None
         # The start-up (LISTEN, the ring, the first count): a `stop()` that comes meanwhile ends it.
         self._startup = anyio.CancelScope()
         self._services: anyio.abc.TaskGroup | None = None
-        budgeted = bool(settings.rate_limit_rpm or settings.rate_limit_tpm)
         self.completer = Completer(
             pool,
             self.worker_id,

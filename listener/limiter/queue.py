@@ -154,7 +154,8 @@ class QueueLimiter(abc.ABC):
         self._waiters += 1
         try:
             if self._off:
-                await anyio.sleep(max(0.0, self._pause_deadline - started))
+                if self._pause_deadline > started:  # a 429 paused every request
+                    await anyio.sleep(self._pause_deadline - started)
                 slot = math.floor(self._clock() * gcra.MICROS_PER_SECOND)
             else:
                 slot = await self._wait_for_slot(estimated_tokens)
