@@ -20,6 +20,7 @@ import anyio.abc
 import psycopg
 
 from listener import assembly
+from listener.dispatch import Dispatcher
 from listener.generate import Generation, Generator
 from listener.items import ClaimedItem
 from listener.settings import Settings, load_settings
@@ -109,6 +110,21 @@ async def wait_for_counts(
         return condition(await status_counts(conninfo))
 
     await wait_until(met, deadline, every)
+
+
+def new_dispatcher(pool: Any, clock: Callable[[], float] = anyio.current_time) -> Dispatcher:
+    """A claimer of 10 items a claim, 5 of a store, for `pool` (None where no claim is made)."""
+    return Dispatcher(
+        pool,
+        "w",
+        claim_batch_size=10,
+        max_per_instance=5,
+        lease_seconds=60,
+        max_payload_bytes=65_536,
+        on_claimed=lambda _items: None,
+        on_orphan=lambda _item: None,
+        clock=clock,
+    )
 
 
 def make_settings(base_url: str, **overrides: Any) -> Settings:

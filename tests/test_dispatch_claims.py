@@ -8,24 +8,10 @@ import anyio.lowlevel
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from listener.dispatch import Dispatcher
 from listener.items import ClaimedItem
-from tests.support import insert_job
+from tests.support import insert_job, new_dispatcher
 
 pytestmark = pytest.mark.anyio
-
-
-def _dispatcher(pool: AsyncConnectionPool) -> Dispatcher:
-    return Dispatcher(
-        pool,
-        "w",
-        claim_batch_size=10,
-        max_per_instance=5,
-        lease_seconds=60,
-        max_payload_bytes=65_536,
-        on_claimed=lambda _items: None,
-        on_orphan=lambda _item: None,
-    )
 
 
 async def test_a_store_notified_while_its_claim_was_on_its_way_stays_in_the_ring(
@@ -36,7 +22,7 @@ async def test_a_store_notified_while_its_claim_was_on_its_way_stays_in_the_ring
     # sweep (30 s): a notification already spent does not come again.
     await insert_job(database_url, "store-a", 1)
     async with AsyncConnectionPool(database_url, min_size=1, max_size=2) as pool:
-        dispatcher = _dispatcher(pool)
+        dispatcher = new_dispatcher(pool)
         dispatcher.notify("store-a")
         got: list[ClaimedItem | None] = []
 

@@ -3,10 +3,9 @@ the others come back (an injected clock, no database)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from listener.dispatch import Dispatcher
 from listener.items import ReadyStore
+from tests.support import new_dispatcher
 
 
 class Clock:
@@ -18,19 +17,7 @@ class Clock:
 
 
 def _dispatcher(clock: Clock) -> Dispatcher:
-    # No claim is made here: the pool is never touched.
-    pool: Any = None
-    return Dispatcher(
-        pool,
-        "w",
-        claim_batch_size=10,
-        max_per_instance=5,
-        lease_seconds=60,
-        max_payload_bytes=65_536,
-        on_claimed=lambda _items: None,
-        on_orphan=lambda _item: None,
-        clock=clock,
-    )
+    return new_dispatcher(None, clock)  # no claim is made here: the pool is never touched
 
 
 def test_a_scan_puts_only_due_unpaused_stores_in_the_ring() -> None:
