@@ -206,9 +206,10 @@ async def close_stranded_jobs(pool: AsyncConnectionPool) -> int:
     try:
         async with pool.connection() as conn:
             cursor = await conn.execute(queries("items")["close_stranded_jobs"])
+            row = await cursor.fetchone()
     except psycopg.Error as error:
         raise wrap(error, "closing stranded jobs failed") from error
-    return cursor.rowcount
+    return int(row[0]) if row else 0
 
 
 async def extend_leases(

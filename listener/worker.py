@@ -62,6 +62,16 @@ def slot_seekers(rpm: int, concurrency: int) -> int:
     return max(SLOT_SEEKERS, min(concurrency, horizon))
 
 
+def binding_rpm(rpm: int, tpm: int, estimated_tokens: int) -> int:
+    """The requests a minute the budget allows: RATE_LIMIT_RPM, or what RATE_LIMIT_TPM allows
+    at each request's token estimate, whichever is lower (0: no budget). A token budget alone
+    spaces slots too, and its seekers must follow them."""
+    rates = [rpm] if rpm else []
+    if tpm:
+        rates.append(max(1, tpm // max(1, estimated_tokens)))
+    return min(rates, default=0)
+
+
 # Retention runs every few minutes (a few thousand rows each time at 450 items a minute), the
 # first time soon after start; the advisory lock keeps it to one process of the fleet.
 RETENTION_INTERVAL = 300.0
@@ -111,8 +121,11 @@ class Worker:
         # Without a budget there is no slot to wait for: every worker passes at once. Passing
         # without a wait costs no turn of the event loop (fast_acquire): an idle worker woken
         # for a new item goes straight to the claim.
+        rpm = binding_rpm(
+            settings.rate_limit_rpm, settings.rate_limit_tpm, handler.estimate_tokens()
+        )
         self._slot_gate = anyio.Semaphore(
-            slot_seekers(settings.rate_limit_rpm, settings.worker_concurrency)
+            slot_seekers(rpm, settings.worker_concurrency)
             if budgeted
             else settings.worker_concurrency,
             fast_acquire=True,

@@ -13,7 +13,7 @@ from listener.generate import Generation
 from listener.items import ClaimedItem
 from listener.limiter import Grant
 from listener.stub.server import StubConfig, run_stub
-from listener.worker import SLOT_SEEKERS, slot_seekers
+from listener.worker import SLOT_SEEKERS, binding_rpm, slot_seekers
 from tests.support import (
     RecordingGenerator,
     communicate,
@@ -150,6 +150,17 @@ def test_slot_seekers_cover_50_ms_of_the_budget_and_never_fewer_than_two() -> No
     assert slot_seekers(30_000, 64) == 25  # 2 ms apart: 50 ms of slots
     assert slot_seekers(30_000, 16) == 16  # as many as there are workers
     assert slot_seekers(240_000, 1_000) == 200
+
+
+def test_a_token_budget_alone_sets_the_pace_of_the_seekers_too() -> None:
+    assert binding_rpm(450, 0, 1_250) == 450
+    assert binding_rpm(0, 0, 1_250) == 0  # no budget
+    # 150,000,000 tokens a minute at 1,250 a request: 120,000 requests, slots 0.5 ms apart.
+    assert binding_rpm(0, 150_000_000, 1_250) == 120_000
+    assert slot_seekers(binding_rpm(0, 150_000_000, 1_250), 64) == 64
+    assert binding_rpm(30_000, 150_000_000, 1_250) == 30_000  # the lower of the two binds
+    assert binding_rpm(30_000, 2_000_000, 1_250) == 1_600
+    assert binding_rpm(0, 100, 1_250) == 1  # never 0 while a budget is set
 
 
 @pytest.mark.parametrize(("rpm", "concurrency"), [(600, 16), (30_000, 64)])

@@ -197,57 +197,19 @@ WHERE (SELECT count(*) FROM room) >= 0;
 -- After finish_items, in its transaction (which holds the jobs' rows: lock_jobs_of_outcomes),
 -- or after the reaper's commit: a statement of its own sees every outcome committed before it.
 -- A cancel in progress cannot slip between: it holds the job row, which the outcomes' transaction
--- waits for, so this statement then sees the cancel.
--- Only the job row as it was looked at is closed (its xmin): a retry that reopened the job while
--- this statement waited for its lock committed a new row version, and the stale look (no open
--- item) must not close it.
-WITH done AS (
-    SELECT j.id, j.xmin AS seen
-    FROM jobs j
-    WHERE j.id = ANY(%(job_ids)s::bigint[])
-      AND j.completed_at IS NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM job_items open_item
-          WHERE open_item.job_id = j.id AND open_item.status IN ('PENDING', 'PROCESSING')
-      )
-)
-UPDATE jobs j
-SET status = CASE
-        WHEN j.status = 'CANCELLED' THEN 'CANCELLED'
-        WHEN EXISTS (SELECT 1 FROM job_items f WHERE f.job_id = j.id AND f.status = 'FAILED')
-            THEN 'COMPLETED_WITH_ERRORS'
-        ELSE 'COMPLETED'
-    END,
-    completed_at = now(),
-    updated_at = now()
-FROM done
-WHERE j.id = done.id AND j.xmin = done.seen;
+-- waits for, so this statement then sees the cancel. The rule, and its guard against a job
+-- reopened meanwhile, is listener_end_finished_jobs (sql/schema.sql).
+SELECT listener_end_finished_jobs(%(job_ids)s::bigint[]);
 
 -- close_stranded_jobs --
 -- The reaper's sweep: jobs whose items are all finished but that were never closed (the worker
--- that wrote their last outcome was cut off before its finish_jobs, or its look was stale).
--- The same rule and the same guard as finish_jobs.
-WITH done AS (
-    SELECT j.id, j.xmin AS seen
-    FROM jobs j
-    WHERE j.completed_at IS NULL  -- idx_jobs_open: the open jobs only
+-- that wrote their last outcome was cut off before its finish_jobs, or its look was stale). The
+-- open jobs with items (idx_jobs_open), each judged by the same rule as finish_jobs.
+SELECT count(*) FROM listener_end_finished_jobs(ARRAY(
+    SELECT j.id FROM jobs j
+    WHERE j.completed_at IS NULL
       AND EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id)
-      AND NOT EXISTS (
-          SELECT 1 FROM job_items open_item
-          WHERE open_item.job_id = j.id AND open_item.status IN ('PENDING', 'PROCESSING')
-      )
-)
-UPDATE jobs j
-SET status = CASE
-        WHEN j.status = 'CANCELLED' THEN 'CANCELLED'
-        WHEN EXISTS (SELECT 1 FROM job_items f WHERE f.job_id = j.id AND f.status = 'FAILED')
-            THEN 'COMPLETED_WITH_ERRORS'
-        ELSE 'COMPLETED'
-    END,
-    completed_at = now(),
-    updated_at = now()
-FROM done
-WHERE j.id = done.id AND j.xmin = done.seen;
+));
 
 -- extend_leases --
 -- Unflushed like the claim: a renewal lost in a crash only shortens a lease. SKIP LOCKED: an

@@ -186,6 +186,40 @@ CREATE TRIGGER jobs_notify_finished
     FOR EACH ROW WHEN (OLD.completed_at IS NULL AND NEW.completed_at IS NOT NULL)
     EXECUTE FUNCTION jobs_notify_finished();
 
+-- End the jobs among `job_ids` that have no open item left: CANCELLED stays CANCELLED, a job
+-- with a FAILED item is COMPLETED_WITH_ERRORS, the others COMPLETED. Returns the ids it ended.
+CREATE FUNCTION listener_end_finished_jobs(job_ids bigint[]) RETURNS SETOF bigint
+    LANGUAGE plpgsql AS $$
+BEGIN
+    -- Only the job row as it was looked at is closed (its xmin): a retry that reopened the job
+    -- while this statement waited for its lock committed a new row version, and the stale look
+    -- (no open item) must not close it.
+    RETURN QUERY
+    WITH done AS (
+        SELECT j.id, j.xmin AS seen
+        FROM jobs j
+        WHERE j.id = ANY(job_ids)
+          AND j.completed_at IS NULL
+          AND NOT EXISTS (
+              SELECT 1 FROM job_items open_item
+              WHERE open_item.job_id = j.id AND open_item.status IN ('PENDING', 'PROCESSING')
+          )
+    )
+    UPDATE jobs j
+    SET status = CASE
+            WHEN j.status = 'CANCELLED' THEN 'CANCELLED'
+            WHEN EXISTS (SELECT 1 FROM job_items f WHERE f.job_id = j.id AND f.status = 'FAILED')
+                THEN 'COMPLETED_WITH_ERRORS'
+            ELSE 'COMPLETED'
+        END,
+        completed_at = now(),
+        updated_at = now()
+    FROM done
+    WHERE j.id = done.id AND j.xmin = done.seen
+    RETURNING j.id;
+END;
+$$;
+
 -- Cancel a job: its PENDING items become CANCELLED at once; items in flight finish and keep
 -- their result, and none goes back to PENDING (a retry or a release of one becomes CANCELLED);
 -- the job ends CANCELLED when the last of them is written. Idempotent: a finished job is left
