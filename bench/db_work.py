@@ -43,7 +43,7 @@ from bench.common import (
     table,
     timed,
 )
-from bench.peers import STORES, PeerProcess, block, install, load, scalar
+from bench.peer_systems import STORES, PeerProcess, block, install, load, scalar
 from listener.migrate import MigrationRunner
 
 NAME = "db_work"

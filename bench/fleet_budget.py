@@ -38,7 +38,7 @@ from bench.common import (
     timed,
 )
 from bench.db_work import database, private_server
-from bench.peers import PeerProcess, backend_cpu, cpu_seconds
+from bench.peer_systems import PeerProcess, backend_cpu, cpu_seconds
 from listener.sqlfiles import queries
 
 NAME = "fleet_budget"

@@ -6,7 +6,9 @@ Each system runs on its own scratch database of the same server, as worker proce
 the backlog is loaded (20,000 jobs; listener's spread over 100 stores), the worker processes
 start, and throughput is jobs / (last completion committed - first job started): start-up is
 left out, the last write is in. Then the idle pickup: one process with nothing to do, one job
-inserted, commit returned -> handler started (same host, same clock). Then listener alone: a
+inserted, commit returned -> handler started (same host, same clock), on an otherwise idle
+machine and again with one core kept busy by a spinning process (on a virtual machine an idle
+CPU is halted, and every process a pickup wakes pays for waking it). Then listener alone: a
 10-store backlog, Jain's index of the stores' completions in each full second.
 
 `pip install -e '.[peers]'` installs the pinned peers.
@@ -16,25 +18,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
-import os
-import queue
 import random
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from bench.common import (
-    ROOT,
     add_backlog,
     console,
     jain,
@@ -49,14 +47,22 @@ from bench.common import (
     table,
     timed,
 )
+from bench.peer_systems import (
+    SYSTEMS,
+    PeerProcess,
+    backend_cpu,
+    block,
+    cpu_seconds,
+    install,
+    load,
+    procrastinate_app,
+    scalar,
+)
 from bench.peer_workers import PGQUEUER_ENTRYPOINT, PROCRASTINATE_TASK
 
 NAME = "peers"
-SYSTEMS = ("listener", "pgqueuer", "procrastinate")
-STORES = [f"store-{n:03d}" for n in range(100)]
 FAIR_STORES = [f"fair-{n}" for n in range(10)]
 FAIR_JOBS_QUICK, FAIR_JOBS = 40_000, 100_000  # about 5 s and 12 s of work at full speed
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -84,168 +90,6 @@ CONFIGS = [
     Config("pgqueuer", 2, None, "pgqueuer 1.6.0, defaults, 2 processes"),
     Config("procrastinate", 1, None, "procrastinate 3.10.0, concurrency 10, 1 process"),
 ]
-
-
-# -- each system's tables ---------------------------------------------------------------------
-
-
-def install(system: str, url: str) -> None:
-    """listener's schema comes with the scratch database; the peers install theirs."""
-    if system == "pgqueuer":
-        from pgqueuer import Queries
-
-        async def go() -> None:
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                await Queries.from_psycopg_connection(conn).install()
-
-        asyncio.run(go())
-    elif system == "procrastinate":
-        app = _procrastinate_app(url)
-
-        async def go_app() -> None:
-            async with app.open_async():
-                await app.schema_manager.apply_schema_async()
-
-        asyncio.run(go_app())
-
-
-def _procrastinate_app(url: str) -> Any:
-    import procrastinate
-
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
-    app.task(name=PROCRASTINATE_TASK)(_noop)
-    return app
-
-
-async def _noop(key: str) -> None:
-    return None
-
-
-def block(kind: str, system: str) -> str:
-    """`reset`, `done` or `last_done` of one system, from `bench/peers.sql`."""
-    return sql("peers")[f"{kind}_{system}"]
-
-
-def scalar(url: str, statement: str) -> Any:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute(statement).fetchone()  # type: ignore[arg-type]
-    return row[0] if row else None
-
-
-def load(system: str, url: str, jobs: int, reset: bool = True, analyze: bool = True) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        if reset:
-            conn.execute(block("reset", system))
-        if system == "listener" and jobs:
-            add_backlog(conn, STORES, jobs // len(STORES))
-    if system == "pgqueuer" and jobs:
-        asyncio.run(_pgqueuer_enqueue(url, [b"x"] * jobs))
-    elif system == "procrastinate" and jobs:
-        asyncio.run(_procrastinate_defer(url, ["x"] * jobs))
-    if analyze:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("ANALYZE")
-
-
-async def _pgqueuer_enqueue(url: str, payloads: list[bytes | None]) -> None:
-    from pgqueuer import Queries
-
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        entrypoints = [PGQUEUER_ENTRYPOINT] * len(payloads)
-        await Queries.from_psycopg_connection(conn).enqueue(
-            entrypoints, payloads, [0] * len(payloads)
-        )
-
-
-async def _procrastinate_defer(url: str, keys: list[str]) -> None:
-    app = _procrastinate_app(url)
-    async with app.open_async():
-        await app.tasks[PROCRASTINATE_TASK].batch_defer_async(*({"key": k} for k in keys))
-
-
-# -- worker processes -------------------------------------------------------------------------
-
-
-class PeerProcess:
-    """`python -m bench.peer_workers` with its stdout read line by line on a thread."""
-
-    def __init__(
-        self,
-        system: str,
-        url: str,
-        concurrency: int | None,
-        source: str | None = None,
-        **settings: str,
-    ) -> None:
-        command = [sys.executable, "-m", "bench.peer_workers", system, url]
-        if concurrency is not None:
-            command += ["--concurrency", str(concurrency)]
-        env = {
-            "DATABASE_URL": url,
-            "OPENAI_API_KEY": "bench-key",
-            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",  # the no-op handler never calls it
-            "RATE_LIMIT_RPM": "0",
-            "RATE_LIMIT_TPM": "0",
-            "LOG_LEVEL": "WARNING",
-            **settings,
-        }
-        # `python -m` puts the working directory first on sys.path: run in `source` so its
-        # `listener` package is the one imported, and find this checkout's `bench` after it.
-        cwd = ROOT
-        if source is not None:
-            cwd = Path(source)
-            env["PYTHONPATH"] = str(ROOT)
-        self.process = subprocess.Popen(
-            command,
-            env={**os.environ, **env},
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.first: float | None = None
-        self.probes: dict[str, float] = {}
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.strip())
-
-    def wait_for(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"no {prefix!r} line in {timeout} s") from None
-            self._note(line)
-            if line.startswith(prefix):
-                return line
-
-    def drain(self) -> None:
-        while True:
-            try:
-                self._note(self.lines.get_nowait())
-            except queue.Empty:
-                return
-
-    def _note(self, line: str) -> None:
-        words = line.split()
-        if words and words[0] == "first" and self.first is None:
-            self.first = float(words[1])
-        elif words and words[0] == "probe":
-            self.probes[words[1]] = float(words[2])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
@@ -283,25 +127,6 @@ def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
     }
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of these processes so far (Linux /proc)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone: a session that ended (its CPU is lost to the count)
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return total
-
-
-def backend_cpu(url: str) -> dict[int, float]:
-    """CPU so far of each session on this database but the asking one."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        pids = [int(pid) for (pid,) in conn.execute(sql("peers")["other_sessions"])]
-    return {pid: cpu_seconds([pid]) for pid in pids}
-
-
 # -- idle pickup ------------------------------------------------------------------------------
 
 
@@ -320,6 +145,18 @@ async def _insert_probe(
     return time.time()
 
 
+@contextlib.contextmanager
+def one_core_busy() -> Iterator[None]:
+    """A process spinning on one core meanwhile: the machine is no longer idle, as a server
+    that does other work is not."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def idle_pickup(system: str, url: str, trials: int, source: str | None = None) -> list[float]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(block("reset", system))
@@ -327,7 +164,7 @@ def idle_pickup(system: str, url: str, trials: int, source: str | None = None) -
 
     async def go() -> list[float]:
         waits = []
-        app = _procrastinate_app(url)
+        app = procrastinate_app(url)
         async with (
             await psycopg.AsyncConnection.connect(url, autocommit=True) as conn,
             app.open_async(),
@@ -404,6 +241,7 @@ def run(
     rates: dict[str, list[dict[str, float]]] = defaultdict(list)
     processes = {config.label: config.processes for config in configs}
     idle: dict[str, list[float]] = defaultdict(list)
+    beside_load: dict[str, list[float]] = defaultdict(list)
     fair: list[dict[str, Any]] = []
     with (
         scratch_database("peers_listener") as listener_url,
@@ -426,6 +264,8 @@ def run(
                 )
             for name, system, source in idle_runs[rep % 3 :] + idle_runs[: rep % 3]:
                 idle[name] += idle_pickup(system, urls[system], trials // reps, source)
+                with one_core_busy():
+                    beside_load[name] += idle_pickup(system, urls[system], trials // reps, source)
             fair.append(fairness(listener_url, FAIR_JOBS_QUICK if quick else FAIR_JOBS))
     return {
         "quick": quick,
@@ -443,6 +283,7 @@ def run(
             for label, runs in rates.items()
         },
         "idle_pickup": {system: summary(waits) for system, waits in idle.items()},
+        "pickup_one_core_busy": {system: summary(w) for system, w in beside_load.items()},
         "fairness": {
             "runs": fair,
             **min(fair, key=lambda f: f["min_jain"]),
@@ -475,8 +316,13 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
 
 
 def idle_rows(result: dict[str, Any]) -> list[list[str]]:
-    idle = result["idle_pickup"]
-    return [[s, ms(v["p50"]), ms(v["p99"]), str(v["n"])] for s, v in idle.items()]
+    idle, busy = result["idle_pickup"], result.get("pickup_one_core_busy", {})
+    rows = []
+    for system, v in idle.items():
+        b = busy.get(system)
+        beside = [ms(b["p50"]), ms(b["p99"])] if b else ["", ""]
+        rows.append([system, ms(v["p50"]), ms(v["p99"]), *beside, str(v["n"])])
+    return rows
 
 
 def report(result: dict[str, Any]) -> str:
@@ -490,7 +336,14 @@ def report(result: dict[str, Any]) -> str:
     ]
     title = f"Peers: {result['jobs']:,} no-op jobs, {result['repetitions']} interleaved run(s)"
     table(title, headers, rows(result))
-    idle_headers = ["system", "idle pickup p50", "p99", "trials"]
+    idle_headers = [
+        "system",
+        "idle pickup p50, idle machine",
+        "p99",
+        "p50, one core busy",
+        "p99",
+        "trials (each)",
+    ]
     table("Idle pickup: insert committed -> handler started", idle_headers, idle_rows(result))
     fair = result["fairness"]
     line = (
