@@ -54,7 +54,7 @@ async def beat(
     worker_id: str,
     listener_connected: bool,
     stats: dict[str, Any],
-    stale_seconds: float = 15.0,
+    stale_seconds: float,
 ) -> int:
     """Write this worker's row; return how many others beat within `stale_seconds`."""
     params = {

@@ -117,13 +117,13 @@ class Worker:
         self._rng = random.Random()
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
-        budgeted = bool(settings.rate_limit_rpm or settings.rate_limit_tpm)
-        # Without a budget there is no slot to wait for: every worker passes at once. Passing
-        # without a wait costs no turn of the event loop (fast_acquire): an idle worker woken
-        # for a new item goes straight to the claim.
         rpm = binding_rpm(
             settings.rate_limit_rpm, settings.rate_limit_tpm, handler.estimate_tokens()
         )
+        budgeted = rpm > 0
+        # Without a budget there is no slot to wait for: every worker passes at once. Passing
+        # without a wait costs no turn of the event loop (fast_acquire): an idle worker woken
+        # for a new item goes straight to the claim.
         self._slot_gate = anyio.Semaphore(
             slot_seekers(rpm, settings.worker_concurrency)
             if budgeted
