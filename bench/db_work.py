@@ -13,6 +13,9 @@ Each phase: the backlog loaded, `CHECKPOINT` (so full-page images do not depend 
 last one fell), counters reset and read, the worker process started, the items done, the
 worker stopped (its backends' statistics are flushed when they exit), the counters read again.
 The harness's own polls are tagged (`bench-poll`) and taken off.
+
+Where the WAL goes: each phase's WAL read back with pg_walinspect (contrib, shipped with the
+server), by the relation of each record's first block: the table, each index, the rest.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def private_server(max_connections: int = 50) -> Iterator[str]:
         admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION pg_stat_statements")
+        conn.execute("CREATE EXTENSION pg_walinspect")
         yield admin
     finally:
         subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], check=False, **quiet)
@@ -121,6 +125,7 @@ def measure(
         conn.execute("SELECT pg_stat_statements_reset()")
     time.sleep(1.1)  # pg_stat_database is flushed by idle backends at most once a second
     before = counters(admin, str(name))
+    start = scalar(admin, sql("peers")["wal_position"])
     started = time.monotonic()
     proc = PeerProcess(system, url, None, source, **settings)
     try:
@@ -131,6 +136,7 @@ def measure(
     seconds = time.monotonic() - started
     time.sleep(1.1)
     after = counters(admin, str(name))
+    stop = scalar(admin, sql("peers")["wal_position"])
     xacts, statements, records, fpi, wal = (b - a for a, b in zip(before, after, strict=True))
     xacts -= polls
     items = int(scalar(url, block("done", system)))
@@ -143,7 +149,27 @@ def measure(
         "wal_fpi_per_item": fpi / items,
         "wal_bytes_per_item": wal / items,
         "statements": by_statement(admin, str(name), items),
+        "wal_by_relation": wal_by_relation(admin, url, start, stop, items),
     }
+
+
+def wal_by_relation(admin: str, url: str, start: str, stop: str, items: int) -> list[list[Any]]:
+    """[relation, records, bytes, of which full-page images] per item, largest first."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = dict(conn.execute(sql("peers")["relation_names"]).fetchall())
+    with psycopg.connect(admin, autocommit=True) as conn:
+        rows = conn.execute(
+            sql("peers")["wal_by_relation"], {"start": start, "stop": stop}
+        ).fetchall()
+    return [
+        [
+            names.get(node, f"(another database: {node})") if node else "(no relation)",
+            records / items,
+            (record_bytes + fpi_bytes) / items,
+            fpi_bytes / items,
+        ]
+        for node, records, record_bytes, fpi_bytes in rows
+    ]
 
 
 def until_done(system: str, items: int) -> Any:
@@ -225,13 +251,28 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+WAL_HEADERS = ["relation", "WAL records/item", "WAL bytes/item", "of which full-page images"]
+WAL_ROWS = 10
+
+
+def wal_rows(phase: dict[str, Any]) -> list[list[str]]:
+    return [
+        [relation, f"{records:.2f}", f"{size:,.0f}", f"{fpi:,.0f}"]
+        for relation, records, size, fpi in phase.get("wal_by_relation", [])[:WAL_ROWS]
+    ]
+
+
 def report(result: dict[str, Any]) -> str:
     table("Database work per completed item", HEADERS, rows(result))
+    text = markdown_table(HEADERS, rows(result)) + "\n"
     for phase, p in result["phases"].items():
         console.print(
             f"[dim]{phase}: " + "; ".join(f"{n:.2f} {q[:60]}" for n, q in p["statements"])
         )
-    return markdown_table(HEADERS, rows(result)) + "\n"
+        if phase.startswith("listener,") and p.get("wal_by_relation"):
+            table(f"Where the WAL goes: {phase}", WAL_HEADERS, wal_rows(p))
+            text += f"\n{phase}:\n\n" + markdown_table(WAL_HEADERS, wal_rows(p)) + "\n"
+    return text
 
 
 def plot(result: dict[str, Any]) -> None:

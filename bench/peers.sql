@@ -57,6 +57,24 @@ WHERE d.datname = %(dbname)s AND s.query NOT LIKE '%%bench-poll%%'
 ORDER BY calls DESC
 LIMIT 8;
 
+-- wal_position --
+SELECT pg_current_wal_lsn()::text;
+
+-- wal_by_relation --
+-- The WAL written between two positions (pg_walinspect), by the relation of each record's
+-- first block, named by its file node (the database in question maps it to a name).
+SELECT substring(block_ref FROM 'rel \d+/\d+/(\d+)') AS filenode,
+       count(*) AS records,
+       sum(record_length) AS record_bytes,
+       sum(fpi_length) AS fpi_bytes
+FROM pg_get_wal_records_info(%(start)s::pg_lsn, %(stop)s::pg_lsn)
+GROUP BY 1
+ORDER BY sum(record_length + fpi_length) DESC;
+
+-- relation_names --
+SELECT pg_relation_filenode(oid)::text, relname FROM pg_class
+WHERE pg_relation_filenode(oid) IS NOT NULL;
+
 -- starts_between --
 -- Items claimed (started) in a window, on the database's clock (Unix seconds).
 SELECT extract(epoch FROM claimed_at)::float8 FROM job_items
