@@ -81,7 +81,7 @@ def private_server(max_connections: int = 50) -> Iterator[str]:
         admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION pg_stat_statements")
-        conn.execute("CREATE EXTENSION pg_walinspect")
+            conn.execute("CREATE EXTENSION pg_walinspect")
         yield admin
     finally:
         subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], check=False, **quiet)
