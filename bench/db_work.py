@@ -165,7 +165,7 @@ def wal_by_relation(admin: str, url: str, start: str, stop: str, items: int) -> 
         [
             names.get(node, f"(another database: {node})") if node else "(no relation)",
             records / items,
-            (record_bytes + fpi_bytes) / items,
+            record_bytes / items,  # whole records, their full-page images included
             fpi_bytes / items,
         ]
         for node, records, record_bytes, fpi_bytes in rows

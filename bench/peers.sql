@@ -62,14 +62,15 @@ SELECT pg_current_wal_lsn()::text;
 
 -- wal_by_relation --
 -- The WAL written between two positions (pg_walinspect), by the relation of each record's
--- first block, named by its file node (the database in question maps it to a name).
+-- first block, named by its file node (the database in question maps it to a name). A record's
+-- length includes its full-page images; fpi_bytes says how much of it they are.
 SELECT substring(block_ref FROM 'rel \d+/\d+/(\d+)') AS filenode,
        count(*) AS records,
        sum(record_length) AS record_bytes,
        sum(fpi_length) AS fpi_bytes
 FROM pg_get_wal_records_info(%(start)s::pg_lsn, %(stop)s::pg_lsn)
 GROUP BY 1
-ORDER BY sum(record_length + fpi_length) DESC;
+ORDER BY sum(record_length) DESC;
 
 -- relation_names --
 SELECT pg_relation_filenode(oid)::text, relname FROM pg_class
