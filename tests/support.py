@@ -112,6 +112,21 @@ async def wait_for_counts(
     await wait_until(met, deadline, every)
 
 
+def heard_so_far(
+    listener: psycopg.Connection[Any], conn: psycopg.Connection[Any], channel: str
+) -> list[str]:
+    """Every notification on `channel` committed so far. A marker sent now arrives after them
+    (notifications come in commit order): read up to it, not for a while that a loaded
+    machine may outlast."""
+    conn.execute("SELECT pg_notify(%s, 'marker')", (channel,))
+    heard: list[str] = []
+    for notify in listener.notifies(timeout=10 * SLACK):
+        if notify.payload == "marker":
+            return heard
+        heard.append(notify.payload)
+    raise AssertionError(f"the marker never came; heard {heard}")
+
+
 def new_dispatcher(pool: Any, clock: Callable[[], float] = anyio.current_time) -> Dispatcher:
     """A claimer of 10 items a claim, 5 of a store, for `pool` (None where no claim is made)."""
     return Dispatcher(

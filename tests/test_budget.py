@@ -6,6 +6,7 @@ import signal
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import psycopg
 import pytest
 
@@ -17,6 +18,7 @@ from listener.worker import SLOT_SEEKERS, binding_rpm, slot_seekers
 from tests.support import (
     RecordingGenerator,
     communicate,
+    heard_so_far,
     insert_job,
     make_settings,
     query,
@@ -203,16 +205,10 @@ async def test_at_a_big_budget_a_new_store_still_gets_the_next_claim(database_ur
     assert after.index("store-new") <= settings.worker_concurrency, after[:20]
 
 
-async def _served(listener: psycopg.AsyncConnection[Any], conninfo: str) -> list[str]:
-    """Every `stores_served` payload committed so far, read up to a marker sent now."""
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        await conn.execute("SELECT pg_notify('stores_served', 'marker')")
-    heard: list[str] = []
-    async for notify in listener.notifies(timeout=30):
-        if notify.payload == "marker":
-            return heard
-        heard.append(notify.payload)
-    raise AssertionError(f"the marker never came; heard {heard}")
+async def _served(listener: psycopg.Connection[Any], conninfo: str) -> list[str]:
+    """Every `stores_served` payload committed so far."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return await anyio.to_thread.run_sync(heard_so_far, listener, conn, "stores_served")
 
 
 async def test_a_lone_worker_announces_no_claim_and_a_fleet_announces_every_one(
@@ -220,29 +216,30 @@ async def test_a_lone_worker_announces_no_claim_and_a_fleet_announces_every_one(
 ) -> None:
     # `stores_served` keeps a fleet's rings in step; each one costs every listening session a
     # transaction, so a process alone under a budget sends none.
-    async with (
-        run_stub(StubConfig()) as stub,
-        await psycopg.AsyncConnection.connect(database_url, autocommit=True) as listener,
-    ):
-        await listener.execute("LISTEN stores_served")
-        settings = make_settings(stub.base_url, rate_limit_rpm=6000)
-        async with running_worker(database_url, settings) as first:
-            await wait_until(lambda: first.dispatcher._others == 0)  # its first beat: alone
-            await insert_job(database_url, "store-a", 5)
-            await wait_for_counts(database_url, lambda counts: counts.get("COMPLETED") == 5)
-            assert first.dispatcher.claims > 0
-            assert await _served(listener, database_url) == []
+    # A blocking session: heard_so_far reads it on a thread, as test_claim's do.
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN stores_served")
+        async with run_stub(StubConfig()) as stub:
+            settings = make_settings(stub.base_url, rate_limit_rpm=6000)
+            async with running_worker(database_url, settings) as first:
+                await wait_until(lambda: first.dispatcher._others == 0)  # its first beat: alone
+                await insert_job(database_url, "store-a", 5)
+                await wait_for_counts(database_url, lambda counts: counts.get("COMPLETED") == 5)
+                assert first.dispatcher.claims > 0
+                assert await _served(listener, database_url) == []
 
-            async with running_worker(database_url, settings) as second:
-                # The newcomer's first beat finds the first worker; the first learns of the
-                # newcomer from that one's announcements or its own next beat.
-                await wait_until(lambda: second.dispatcher._others == 1)
-                await wait_until(lambda: first.dispatcher._announcing())
-                claims = first.dispatcher.claims + second.dispatcher.claims
-                await insert_job(database_url, "store-b", 20)
-                await wait_for_counts(database_url, lambda counts: counts.get("COMPLETED") == 25)
-                claims = first.dispatcher.claims + second.dispatcher.claims - claims
-        served = await _served(listener, database_url)
+                async with running_worker(database_url, settings) as second:
+                    # The newcomer's first beat finds the first worker; the first learns of the
+                    # newcomer from that one's announcements or its own next beat.
+                    await wait_until(lambda: second.dispatcher._others == 1)
+                    await wait_until(lambda: first.dispatcher._announcing())
+                    claims = first.dispatcher.claims + second.dispatcher.claims
+                    await insert_job(database_url, "store-b", 20)
+                    await wait_for_counts(
+                        database_url, lambda counts: counts.get("COMPLETED") == 25
+                    )
+                    claims = first.dispatcher.claims + second.dispatcher.claims - claims
+            served = await _served(listener, database_url)
     senders = {payload.split("\x1f")[0] for payload in served}
     assert senders <= {first.worker_id, second.worker_id}
     # Every claim that got an item announced it (the empty ones have nothing to tell).

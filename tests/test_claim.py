@@ -12,7 +12,7 @@ import pytest
 
 from listener.items import split_quota
 from listener.sqlfiles import queries
-from tests.support import SLACK
+from tests.support import heard_so_far
 
 
 def _load(conn: psycopg.Connection[Any], stores: int, per_store: int) -> None:
@@ -27,21 +27,6 @@ def _load(conn: psycopg.Connection[Any], stores: int, per_store: int) -> None:
         (per_store,),
     )
     conn.execute("ANALYZE job_items")
-
-
-def _heard(
-    listener: psycopg.Connection[Any], conn: psycopg.Connection[Any], channel: str
-) -> list[str]:
-    """Every notification on `channel` committed so far. A marker sent now arrives after them
-    (notifications come in commit order): read up to it, not for a while that a loaded
-    machine may outlast."""
-    conn.execute("SELECT pg_notify(%s, 'marker')", (channel,))
-    heard: list[str] = []
-    for notify in listener.notifies(timeout=10 * SLACK):
-        if notify.payload == "marker":
-            return heard
-        heard.append(notify.payload)
-    raise AssertionError(f"the marker never came; heard {heard}")
 
 
 def _plan(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> str:
@@ -232,7 +217,7 @@ def test_only_due_items_announce_their_store(database_url: str) -> None:
         )
         # A release (or a reaped lease): due now, every process hears of it.
         conn.execute("UPDATE job_items SET status = 'PENDING' WHERE instance_id = 'store-2'")
-        heard = _heard(listener, conn, "job_items_ready")
+        heard = heard_so_far(listener, conn, "job_items_ready")
     assert heard == ["store-2"]
 
 
@@ -313,5 +298,5 @@ def test_a_claim_under_a_budget_tells_the_fleet_which_stores_it_served(
         params = _claim_params(["store-1", "store-2"], [2, 1], "w1")
         conn.execute(queries("items")["claim"], params).fetchall()  # without: silent
         conn.execute(queries("items")["claim"], {**params, "announce": True}).fetchall()
-        heard = sorted(_heard(listener, conn, "stores_served"))
+        heard = sorted(heard_so_far(listener, conn, "stores_served"))
     assert heard == ["w1\x1fstore-1\x1f1", "w1\x1fstore-2\x1f1"]
