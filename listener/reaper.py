@@ -1,5 +1,6 @@
 """The reaper: items whose lease expired go back to PENDING (or end FAILED / CANCELLED), jobs
-left open with every item finished are closed, and dead workers' heartbeat rows age out."""
+left open with every item finished are closed, dead workers' heartbeat rows age out, and stale
+planner statistics are refreshed (`statistics.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from listener import items as items_db
 from listener.errors import DatabaseError
 from listener.sqlfiles import queries
+from listener.statistics import StatisticsWatch
 
 logger = logging.getLogger("listener.worker")
 
@@ -28,8 +30,13 @@ async def run_reaper(
     max_attempts: int,
     on_reaped: Callable[[int], None],
 ) -> None:
+    statistics = StatisticsWatch(pool)
     while True:
         await anyio.sleep(reap_interval(lease_seconds))
+        try:
+            await statistics.check()
+        except DatabaseError as error:
+            logger.warning("[Reaper] %s", error)
         try:
             reaped = await items_db.reap_expired(pool, max_attempts)
             stranded = await items_db.close_stranded_jobs(pool)
