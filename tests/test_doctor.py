@@ -122,6 +122,24 @@ def test_an_invalid_index_left_by_an_interrupted_concurrent_build_fails(
     assert any("REINDEX INDEX CONCURRENTLY idx_job_items_status_id" in ln for ln in check.lines)
 
 
+def test_statistics_far_below_the_rows_warn_until_analyzed(database_url: str) -> None:
+    execute(
+        database_url,
+        "ANALYZE job_items",
+        "WITH job AS (INSERT INTO jobs (instance_id) VALUES ('store-A') RETURNING id)"
+        " INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+        " SELECT job.id, 'store-A', 'p' || n, '{}' FROM job, generate_series(1, 2000) AS n",
+        "SELECT pg_stat_force_next_flush()",
+    )
+    check = doctor(database_url)["statistics"]
+    assert check.status is Status.WARN
+    assert check.summary == "job_items: statistics count 0 rows, 2,000 live"
+    execute(database_url, "ANALYZE job_items")
+    check = doctor(database_url)["statistics"]
+    assert check.status is Status.OK
+    assert check.data["job_items"] == {"estimated_rows": 2000, "live_rows": 2000}
+
+
 def test_null_instance_ids_without_the_constraint_fail(database_url: str) -> None:
     insert_job_blocking(database_url, "store-A", 3)
     execute(

@@ -60,6 +60,7 @@ def _in_order(ctx: Context, checks: _Checks) -> None:
     checks.run("migrations", lambda: schema.check_migrations(ctx))
     checks.run("instance_id", lambda: schema.check_instance_id(ctx))
     checks.run("indexes", lambda: schema.check_indexes(ctx))
+    checks.run("statistics", lambda: schema.check_statistics(ctx))
     try:
         reading = backlog.Backlog(ctx)
     except psycopg.Error as error:

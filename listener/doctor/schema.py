@@ -1,6 +1,6 @@
 """Migrations and schema: every file applied and none unknown, the live schema equal to
 `sql/schema.sql`, `job_items.instance_id` NOT NULL with no NULL row, every index present and
-valid (the checklist's Step 2)."""
+valid (the checklist's Step 2), and planner statistics that match the tables."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from listener import migrate
 from listener.doctor.context import Context, named
 from listener.doctor.report import Check, fail, ok, warn
 from listener.errors import ListenerError, one_line
+from listener.sqlfiles import queries
+from listener.statistics import STALE_RATIO, statistics_stale
 
 # The checklist's indexes; every other index of sql/schema.sql is expected too.
 CHECKLIST_INDEXES = (
@@ -165,5 +167,29 @@ def check_indexes(ctx: Context) -> Check:
     return ok(
         "indexes",
         f"{len(expected)} of {len(expected)} present and valid (the checklist's {named} included)",
+        **data,
+    )
+
+
+def check_statistics(ctx: Context) -> Check:
+    with ctx.conn.transaction():
+        rows = ctx.conn.execute(queries("statistics")["table_statistics"]).fetchall()
+    tables = {str(r[0]): (max(0, round(r[1])), int(r[2])) for r in rows}
+    data = {
+        name: {"estimated_rows": est, "live_rows": live} for name, (est, live) in tables.items()
+    }
+    stale = [name for name, (est, live) in tables.items() if statistics_stale(est, live)]
+    counted = ", ".join(f"{name} {live:,}" for name, (_est, live) in tables.items())
+    if not stale:
+        return ok("statistics", f"planner statistics match the rows ({counted})", **data)
+    return warn(
+        "statistics",
+        "; ".join(
+            f"{name}: statistics count {tables[name][0]:,} rows, {tables[name][1]:,} live"
+            for name in stale
+        ),
+        f"plans cached since then may read the whole table: a live worker's reaper ANALYZEs a"
+        f" table holding {STALE_RATIO}x its counted rows within seconds; still here, run ANALYZE"
+        " as the table's owner (the workers' role may not)",
         **data,
     )
