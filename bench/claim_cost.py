@@ -2,7 +2,10 @@
 fair claim, at 10,000 / 100,000 / 1,000,000 PENDING items over 1,000 stores.
 
 Every claim runs in a transaction that is rolled back after timing, so the backlog keeps its
-size, and takes 100 items. The project's claim is measured in two shapes, the stores rotating
+size, and takes 100 items. The project's claim runs as the worker runs it: prepared once, with
+the generic plan of a worker's session. psycopg forgets what it prepared at every ROLLBACK (and
+would plan each rolled-back claim afresh), so the bench prepares it in SQL (`PREPARE`) and
+sends `EXECUTE`. The project's claim is measured in two shapes, the stores rotating
 through all 1,000: 100 stores x 1 item (what the dispatcher sends when 100 workers wait and
 1,000 stores are ready) and 10 stores x 10 items (deeper reads per store; MAX_PER_INSTANCE=20
 would need more than the 10 items per store of the 10,000 level).
@@ -11,11 +14,13 @@ would need more than the 10 items per store of the 10,000 level).
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 import psycopg
 from matplotlib.ticker import ScalarFormatter
+from psycopg import sql as pgsql
 
 from bench.common import (
     console,
@@ -70,6 +75,37 @@ def params(method: str, turn: int) -> dict[str, Any]:
     return {**common, "stores": stores, "limits": [per_store] * count}
 
 
+# The claim's parameters as psycopg sends them from the worker.
+CLAIM_TYPES = {
+    "stores": "text[]",
+    "limits": "int[]",
+    "worker_id": "text",
+    "lease_seconds": "float8",
+    "max_payload_bytes": "int",
+    "announce": "bool",
+}
+_PARAM = re.compile(r"%\((\w+)\)s")
+
+
+class PreparedClaim:
+    """The project's claim PREPAREd in SQL on a worker-like session: planned once, generically
+    (the session's plan_cache_mode), as the worker's psycopg runs it from its sixth run on."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        text = queries("items")["claim"]
+        self.names = list(dict.fromkeys(_PARAM.findall(text)))
+        body = _PARAM.sub(lambda m: f"${self.names.index(m.group(1)) + 1}", text)
+        types = ", ".join(CLAIM_TYPES[name] for name in self.names)
+        # Nothing of psycopg's own: its DEALLOCATE ALL after a ROLLBACK would drop this one.
+        conn.prepare_threshold = None
+        conn.execute(f"PREPARE bench_claim ({types}) AS {body}")
+
+    def execute(self, values: dict[str, Any]) -> pgsql.Composed:
+        return pgsql.SQL("EXECUTE bench_claim ({})").format(
+            pgsql.SQL(", ").join(pgsql.Literal(values[name]) for name in self.names)
+        )
+
+
 def worker_session(url: str) -> str:
     return with_session_options(url, load_settings(database_url=url, openai_api_key="bench"))
 
@@ -79,13 +115,17 @@ def measure(
 ) -> dict[str, Any]:
     """Time `samples` claims (fewer if `seconds` run out first, at least 5), each rolled back."""
     text = statement(method)
+    prepared = PreparedClaim(conn) if method in SHAPES else None
     timings: list[float] = []
     items = 0
     deadline = time.monotonic() + seconds
     for turn in range(WARMUP + samples):
         with conn.transaction(force_rollback=True):
             started = time.perf_counter()
-            rows = conn.execute(text, params(method, turn)).fetchall()
+            if prepared is None:
+                rows = conn.execute(text, params(method, turn)).fetchall()
+            else:
+                rows = conn.execute(prepared.execute(params(method, turn))).fetchall()
             elapsed = time.perf_counter() - started
         if turn >= WARMUP:
             timings.append(elapsed)
@@ -93,8 +133,11 @@ def measure(
             if time.monotonic() > deadline and len(timings) >= 5:
                 break
     with conn.transaction(force_rollback=True):
-        explain = f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {text}"
-        row = conn.execute(explain, params(method, 0)).fetchone()
+        explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "
+        if prepared is None:
+            row = conn.execute(explain + text, params(method, 0)).fetchone()
+        else:
+            row = conn.execute(pgsql.SQL(explain) + prepared.execute(params(method, 0))).fetchone()
     assert row is not None, "EXPLAIN returns its plan"
     buffers = _buffers(json.loads(row[0]) if isinstance(row[0], str) else row[0])
     stats = summary(timings)

@@ -3,8 +3,9 @@ watch's ANALYZE (`listener/statistics.py`).
 
 For each backlog size: the tables are emptied and analyzed, a session with the worker's options
 (generic plans) runs the claim six times (psycopg prepares it, its plan made from empty
-statistics), then the backlog lands over 100 stores. The claim (100 stores x 1 item) is timed on that session, the watch runs once (its ANALYZE timed), and the claim is
-timed again on the same session: the same cached statement, planned again.
+statistics), then the backlog lands over 100 stores. The claim (100 stores x 1 item) is timed
+on that session, the watch runs once (its ANALYZE timed), and the claim is timed again on the
+same session: the same cached statement, planned again.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ CLAIM: dict[str, Any] = {
 
 
 def time_claims(conn: psycopg.Connection[Any], samples: int) -> list[float]:
-    """Claims as the worker sends them, outside a transaction block (claims rolled back were
-    never prepared: pg_prepared_statements stayed empty). Each takes a store's head item for good (100 of
-    at least 10,000), which changes no claim's cost: it reads index heads."""
+    """Claims as the worker sends them, outside a transaction block: psycopg forgets what it
+    prepared at a ROLLBACK. Each takes a store's head item for good (100 of at least 10,000),
+    which changes no claim's cost: it reads index heads."""
     timings = []
     for _ in range(samples):
         started = time.perf_counter()
