@@ -32,11 +32,13 @@ async def run_reaper(
 ) -> None:
     statistics = StatisticsWatch(pool)
     while True:
-        await anyio.sleep(reap_interval(lease_seconds))
+        # Statistics first, at start too: a worker started into a backlog that landed after
+        # the table was analyzed empty would otherwise cache its plans before the first pass.
         try:
             await statistics.check()
         except DatabaseError as error:
             logger.warning("[Reaper] %s", error)
+        await anyio.sleep(reap_interval(lease_seconds))
         try:
             reaped = await items_db.reap_expired(pool, max_attempts)
             stranded = await items_db.close_stranded_jobs(pool)

@@ -14,7 +14,7 @@ from psycopg import sql
 from listener.db import open_pool, with_session_options
 from listener.sqlfiles import queries
 from listener.statistics import STALE_MIN_ROWS, StatisticsWatch, statistics_stale
-from tests.support import make_settings
+from tests.support import make_settings, query, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -144,3 +144,29 @@ async def test_a_role_that_may_not_analyze_is_warned_once(
     assert warnings[0].startswith(
         "[DB] job_items statistics are stale (estimated 0 rows, 2000 live) and this role may not"
     )
+
+
+async def test_a_worker_started_into_a_backlog_behind_empty_statistics_analyzes_it(
+    database_url: str,
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("ANALYZE job_items")
+        # Paused, so the worker leaves the items where they are: only its reaper acts.
+        admin.execute("INSERT INTO stores (instance_id, paused) VALUES ('store-1', true)")
+        _load(admin, stores=1, per_store=2000)
+
+    async def estimated() -> float:
+        rows = await query(
+            database_url, "SELECT reltuples FROM pg_class WHERE oid = 'job_items'::regclass"
+        )
+        return float(rows[0][0])
+
+    async def analyzed() -> bool:
+        return await estimated() == 2000
+
+    assert await estimated() == 0
+    # Leases of an hour: the reaper's next pass is 10 s away, past the wait's bound (3 s x
+    # SLACK), so only its pass at start can meet it.
+    settings = make_settings("http://127.0.0.1:9", lease_seconds=3600)
+    async with running_worker(database_url, settings):
+        await wait_until(analyzed, deadline=3)
