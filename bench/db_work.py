@@ -89,6 +89,20 @@ def private_server(max_connections: int = 50) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def wal_compression(admin: str, method: str) -> Iterator[None]:
+    """The private server's `wal_compression` set to `method` for the block, then reset."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET wal_compression = '{method}'")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM RESET wal_compression")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+@contextlib.contextmanager
 def database(admin: str, name: str, system: str) -> Iterator[str]:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -216,6 +230,20 @@ def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict
                 phases[f"{label}, 450 RPM"] = measure(
                     admin, url, "listener", for_seconds(paced_seconds), source, RATE_LIMIT_RPM="450"
                 )
+            if "compressed" in phases_wanted:
+                # The server's one lever on full-page images: the same two phases of this
+                # version with them compressed (a setting of the server, not of the project).
+                with wal_compression(admin, "lz4"):
+                    load("listener", url, items)
+                    phases["listener, saturation, wal_compression=lz4"] = measure(
+                        admin, url, "listener", until_done("listener", items)
+                    )
+                    with psycopg.connect(url, autocommit=True) as conn:
+                        conn.execute(block("reset", "listener"))
+                        add_backlog(conn, STORES[:20], 1_000)
+                    phases["listener, 450 RPM, wal_compression=lz4"] = measure(
+                        admin, url, "listener", for_seconds(paced_seconds), RATE_LIMIT_RPM="450"
+                    )
         if "pgqueuer" in phases_wanted:
             with database(admin, "work_pgqueuer", "pgqueuer") as url:
                 load("pgqueuer", url, items)
@@ -269,7 +297,11 @@ def report(result: dict[str, Any]) -> str:
         console.print(
             f"[dim]{phase}: " + "; ".join(f"{n:.2f} {q[:60]}" for n, q in p["statements"])
         )
-        if phase.startswith("listener,") and p.get("wal_by_relation"):
+        if (
+            phase.startswith("listener,")
+            and "compression" not in phase
+            and p.get("wal_by_relation")
+        ):
             table(f"Where the WAL goes: {phase}", WAL_HEADERS, wal_rows(p))
             text += f"\n{phase}:\n\n" + markdown_table(WAL_HEADERS, wal_rows(p)) + "\n"
     return text
@@ -286,7 +318,7 @@ def plot(result: dict[str, Any]) -> None:
     save_figure(fig, NAME)
 
 
-PHASES = ("saturation", "paced", "pgqueuer")
+PHASES = ("saturation", "paced", "compressed", "pgqueuer")
 
 
 def main() -> None:
