@@ -76,7 +76,16 @@ class StatisticsWatch:
                         locked, estimate_now = await cursor.fetchone() or (False, 0.0)
                         if not (locked and statistics_stale(estimate_now, live)):
                             continue
-                        await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+                        # Never waits: waiting would cancel an autovacuum (it yields to any lock
+                        # request) or end in a lock timeout; the next pass tries again.
+                        await conn.execute(
+                            sql.SQL("ANALYZE (SKIP_LOCKED) {}").format(sql.Identifier(table))
+                        )
+                        cursor = await conn.execute(blocks["estimated_rows"], {"table": table})
+                        row = await cursor.fetchone()
+                        if row is None or statistics_stale(row[0], live):
+                            logger.debug("skipped analyzing %s: another session holds it", table)
+                            continue
                     analyzed.append(
                         Analyzed(table, round(estimated), live, time.monotonic() - started)
                     )

@@ -61,6 +61,20 @@ def insert_job_blocking(
     return anyio.run(insert_job, conninfo, store, count, payload)
 
 
+def insert_backlog(conn: psycopg.Connection[Any], stores: int, per_store: int) -> None:
+    """One job for each of `stores` stores (`store-1`, …), `per_store` items each, by SQL."""
+    conn.execute(
+        "INSERT INTO jobs (instance_id) SELECT 'store-' || n FROM generate_series(1, %s) n",
+        (stores,),
+    )
+    conn.execute(
+        "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+        " SELECT j.id, j.instance_id, 'p' || n, '{}'::jsonb"
+        " FROM jobs j CROSS JOIN generate_series(1, %s) n",
+        (per_store,),
+    )
+
+
 # Async: the tests run the worker and the stub on their own event loop, where a blocking call
 # would stall both for its whole round trip (jitter every timing-sensitive test would feel).
 async def query(conninfo: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

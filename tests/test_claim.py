@@ -12,20 +12,11 @@ import pytest
 
 from listener.items import split_quota
 from listener.sqlfiles import queries
-from tests.support import heard_so_far
+from tests.support import heard_so_far, insert_backlog
 
 
 def _load(conn: psycopg.Connection[Any], stores: int, per_store: int) -> None:
-    conn.execute(
-        "INSERT INTO jobs (instance_id) SELECT 'store-' || n FROM generate_series(1, %s) n",
-        (stores,),
-    )
-    conn.execute(
-        "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
-        " SELECT j.id, j.instance_id, 'p' || n, '{}'::jsonb"
-        " FROM jobs j CROSS JOIN generate_series(1, %s) n",
-        (per_store,),
-    )
+    insert_backlog(conn, stores, per_store)
     conn.execute("ANALYZE job_items")
 
 

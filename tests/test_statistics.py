@@ -14,7 +14,7 @@ from psycopg import sql
 from listener.db import open_pool, with_session_options
 from listener.sqlfiles import queries
 from listener.statistics import STALE_MIN_ROWS, StatisticsWatch, statistics_stale
-from tests.support import make_settings, query, running_worker, wait_until
+from tests.support import insert_backlog, make_settings, query, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -47,16 +47,7 @@ def test_stale_means_far_more_live_rows_than_estimated(
 
 
 def _load(conn: psycopg.Connection[Any], stores: int, per_store: int) -> None:
-    conn.execute(
-        "INSERT INTO jobs (instance_id) SELECT 'store-' || n FROM generate_series(1, %s) n",
-        (stores,),
-    )
-    conn.execute(
-        "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
-        " SELECT j.id, j.instance_id, 'p' || n, '{}'::jsonb"
-        " FROM jobs j CROSS JOIN generate_series(1, %s) n",
-        (per_store,),
-    )
+    insert_backlog(conn, stores, per_store)
     # The inserts' counts reach the cumulative statistics now, not within the next seconds.
     conn.execute("SELECT pg_stat_force_next_flush()")
 
@@ -119,6 +110,22 @@ async def test_a_plan_cached_on_an_empty_table_is_replaced_once_a_backlog_lands(
                 ("Index Scan", "idx_job_items_pending"),
                 ("Index Scan", "job_items_pkey"),
             }
+
+
+async def test_a_table_another_session_holds_is_left_for_the_next_pass(
+    database_url: str,
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("ANALYZE job_items")
+        _load(admin, stores=10, per_store=200)
+    pool = await open_pool(database_url, make_settings("http://127.0.0.1:9"), name="watch")
+    async with pool:
+        watch = StatisticsWatch(pool)
+        # What a running VACUUM holds: the ANALYZE neither waits for it nor fails.
+        with psycopg.connect(database_url) as vacuum_like:
+            vacuum_like.execute("LOCK TABLE job_items IN SHARE UPDATE EXCLUSIVE MODE")
+            assert await watch.check() == []
+        assert [a.table for a in await watch.check()] == ["job_items"]
 
 
 async def test_a_role_that_may_not_analyze_is_warned_once(
