@@ -9,9 +9,11 @@ else's work: the run starts a PostgreSQL server of its own (the machine's Postgr
 on a free port, and removes it at the end. Its settings are the server's defaults
 (`synchronous_commit = on`, `fsync = on`).
 
-Each phase: the backlog loaded, `CHECKPOINT` (so full-page images do not depend on where the
-last one fell), counters reset and read, the worker process started, the items done, the
-worker stopped (its backends' statistics are flushed when they exit), the counters read again.
+Each phase: the backlog loaded and analyzed (else the worker's statistics watch would ANALYZE
+it during the phase: a one-off write of pg_statistic, not work per item), `CHECKPOINT` (so
+full-page images do not depend on where the last one fell), counters reset and read, the worker
+process started, the items done, the worker stopped (its backends' statistics are flushed when
+they exit), the counters read again.
 The harness's own polls are tagged (`bench-poll`) and taken off.
 
 Where the WAL goes: each phase's WAL read back with pg_walinspect (contrib, shipped with the
@@ -227,6 +229,7 @@ def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict
                 with psycopg.connect(url, autocommit=True) as conn:
                     conn.execute(block("reset", "listener"))
                     add_backlog(conn, STORES[:20], 1_000)
+                    conn.execute("ANALYZE")  # as load() does: steady-state statistics
                 phases[f"{label}, 450 RPM"] = measure(
                     admin, url, "listener", for_seconds(paced_seconds), source, RATE_LIMIT_RPM="450"
                 )
@@ -241,6 +244,7 @@ def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict
                     with psycopg.connect(url, autocommit=True) as conn:
                         conn.execute(block("reset", "listener"))
                         add_backlog(conn, STORES[:20], 1_000)
+                        conn.execute("ANALYZE")
                     phases["listener, 450 RPM, wal_compression=lz4"] = measure(
                         admin, url, "listener", for_seconds(paced_seconds), RATE_LIMIT_RPM="450"
                     )
