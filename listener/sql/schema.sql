@@ -19,7 +19,13 @@ CREATE TABLE jobs (
         ),
     CONSTRAINT jobs_priority_range CHECK (priority BETWEEN -100 AND 100),
     started_at timestamptz,  -- its first item's claim
-    cancelled_at timestamptz
+    cancelled_at timestamptz,
+    -- The kind of work its items need (a handler registered under this name), and the job's own
+    -- options for it, merged over its store's (`stores.options`).
+    kind text NOT NULL DEFAULT 'product_description',
+    options jsonb NOT NULL DEFAULT '{}'::jsonb,
+    CONSTRAINT jobs_kind_valid CHECK (kind ~ '^[a-z][a-z0-9_.-]{0,62}$'),
+    CONSTRAINT jobs_options_object CHECK (jsonb_typeof(options) = 'object')
 );
 
 CREATE INDEX idx_jobs_instance_id ON jobs (instance_id);
@@ -51,6 +57,9 @@ CREATE TABLE job_items (
     priority integer NOT NULL,
     -- Each failure a retry put back to PENDING: [{error, attempts, failed_at, retried_at}].
     error_history jsonb,
+    -- No default either: its job's (job_items_fill_priority), so a process serving some kinds
+    -- claims only those.
+    kind text NOT NULL,
     CONSTRAINT job_items_status_check
         CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED')),
     CONSTRAINT job_items_instance_id_valid
@@ -95,30 +104,35 @@ CREATE TRIGGER job_items_fill_instance_id
     FOR EACH ROW WHEN (NEW.instance_id IS NULL)
     EXECUTE FUNCTION job_items_fill_instance_id();
 
--- Producers need not know about priorities: an item takes its job's unless it says otherwise.
+-- Producers need not know about priorities nor kinds: an item takes its job's unless it says
+-- otherwise.
 CREATE FUNCTION job_items_fill_priority() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT j.priority INTO NEW.priority FROM jobs j WHERE j.id = NEW.job_id;
+    SELECT coalesce(NEW.priority, j.priority), coalesce(NEW.kind, j.kind)
+    INTO NEW.priority, NEW.kind
+    FROM jobs j WHERE j.id = NEW.job_id;
     RETURN NEW;
 END;
 $$;
 
 CREATE TRIGGER job_items_fill_priority
     BEFORE INSERT ON job_items
-    FOR EACH ROW WHEN (NEW.priority IS NULL)
+    FOR EACH ROW WHEN (NEW.priority IS NULL OR NEW.kind IS NULL)
     EXECUTE FUNCTION job_items_fill_priority();
 
 -- One notification per distinct store per statement: a 10,000-item insert is one NOTIFY,
 -- and Postgres folds identical notifications within a transaction. Only items due now count:
 -- a retry waiting out its backoff is announced by the worker that set it (wake_later), when
--- it is due, not to every process at once.
+-- it is due, not to every process at once. The payload is the store id for today's kind, and
+-- '<store>\x1f<kind>' for the others: a process that serves some kinds only wakes for those.
 CREATE FUNCTION job_items_notify_ready() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('job_items_ready', s.instance_id)
+    PERFORM pg_notify('job_items_ready', CASE WHEN s.kind = 'product_description'
+        THEN s.instance_id ELSE s.instance_id || E'\x1f' || s.kind END)
     FROM (
-        SELECT DISTINCT instance_id FROM ready_items
+        SELECT DISTINCT instance_id, kind FROM ready_items
         WHERE status = 'PENDING' AND run_after <= now()
     ) s;
     RETURN NULL;
@@ -414,7 +428,10 @@ CREATE TABLE stores (
         ),
     CONSTRAINT stores_weight_range CHECK (weight BETWEEN 1 AND 1000),
     CONSTRAINT stores_rpm_limit_positive CHECK (rpm_limit > 0),
-    CONSTRAINT stores_max_in_flight_positive CHECK (max_in_flight > 0)
+    CONSTRAINT stores_max_in_flight_positive CHECK (max_in_flight > 0),
+    -- Defaults for every job of the store (brand voice, language), under each job's own.
+    options jsonb NOT NULL DEFAULT '{}'::jsonb,
+    CONSTRAINT stores_options_object CHECK (jsonb_typeof(options) = 'object')
 );
 
 -- A store's rpm_limit as a GCRA "theoretical arrival time", kept apart from `stores` so that
@@ -504,3 +521,18 @@ BEGIN
     END IF;
 END;
 $$;
+
+-- The kinds the fleet's workers serve, registered by each worker at start: what a producer may
+-- enqueue (an unknown kind or an undeclared option is refused), and what `doctor` compares with
+-- the kinds of open jobs.
+CREATE TABLE job_kinds (
+    name text PRIMARY KEY,
+    -- The options a job of this kind may carry (NULL: any), and those it must have.
+    options text[],
+    required_options text[] NOT NULL DEFAULT '{}',
+    -- The limiter row its requests draw from; NULL: none (a kind that calls no metered API).
+    budget text,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT job_kinds_name_valid CHECK (name ~ '^[a-z][a-z0-9_.-]{0,62}$')
+);
