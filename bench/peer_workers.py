@@ -22,8 +22,7 @@ import psycopg
 
 from bench.workers import InstantHandler
 from listener import assembly
-from listener.generate import Generation
-from listener.items import ClaimedItem
+from listener.handler import Item, Result
 from listener.settings import load_settings
 
 PGQUEUER_ENTRYPOINT = "noop"
@@ -50,9 +49,9 @@ class ReportingInstantHandler(InstantHandler):
         super().__init__()
         self.reporter = reporter
 
-    async def __call__(self, item: ClaimedItem) -> Generation:
-        self.reporter.started(item.instance_id)
-        return Generation(result={"text": "ok"}, total_tokens=0)
+    async def handle(self, item: Item) -> Result:
+        self.reporter.started(item.store)
+        return Result({"text": "ok"}, cost=0)
 
 
 async def run_listener(url: str, concurrency: int | None, reporter: Reporter) -> None:

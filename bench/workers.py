@@ -17,9 +17,11 @@ import anyio
 
 from bench.common import sql
 from listener import assembly
+from listener.assembly import served_app
+from listener.attempt import handler_item
 from listener.db import open_pool
-from listener.errors import RateLimited, RetryableItemError
-from listener.generate import Generation, Generator
+from listener.errors import BudgetExhausted, RetryItem
+from listener.handler import DEFAULT_KIND, App, Item, Kind, Result
 from listener.items import ClaimedItem, Outcome, finish
 from listener.limiter import Limiter, make_limiter
 from listener.settings import Settings, load_settings
@@ -52,40 +54,32 @@ class StartTimes:
     def event(self, store: str) -> anyio.Event:
         return self._events.setdefault(store, anyio.Event())
 
-    def note(self, item: ClaimedItem) -> None:
+    def note(self, item: Item) -> None:
         self.started += 1
-        if item.instance_id not in self.first:
-            self.first[item.instance_id] = time.time()
-            self.event(item.instance_id).set()
+        if item.store not in self.first:
+            self.first[item.store] = time.time()
+            self.event(item.store).set()
 
 
-class TimingGenerator(Generator):
-    """The real OpenAI handler, noting when each store's first item started."""
+class TimingGenerator(App):
+    """The real OpenAI kinds, noting when each store's first item started."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
         self.times = StartTimes()
-
-    async def __call__(self, item: ClaimedItem) -> Generation:
-        self.times.note(item)
-        return await super().__call__(item)
+        base = served_app(settings).observed(self.times.note)
+        super().__init__(base, base.budgets.values())
 
 
-class InstantHandler:
+class InstantHandler(App):
     """A handler that answers at once: what is left is the worker's own cost."""
 
     def __init__(self) -> None:
         self.times = StartTimes()
+        super().__init__([Kind(DEFAULT_KIND, self.handle, estimate=0)])
 
-    def estimate_tokens(self) -> int:
-        return 0
-
-    async def __call__(self, item: ClaimedItem) -> Generation:
+    async def handle(self, item: Item) -> Result:
         self.times.note(item)
-        return Generation(result={"text": "ok"}, total_tokens=0)
-
-    async def aclose(self) -> None:
-        return None
+        return Result({"text": "ok"}, cost=0)
 
 
 def running_worker(
@@ -163,11 +157,12 @@ class OldWorker:
                 while True:
                     await limiter.acquire(0)
                     try:
-                        await self.handler(item)
-                    except RateLimited as limited:
+                        kind = self.handler[item.kind]
+                        await kind.handler(handler_item(item, kind, self.settings))
+                    except BudgetExhausted as limited:
                         await anyio.sleep(limited.retry_after)
                         continue
-                    except RetryableItemError as error:
+                    except RetryItem as error:
                         outcomes.append(Outcome.retry(item, str(error), 5.0))
                         return
                     outcomes.append(Outcome.completed(item, {"text": "done"}))

@@ -1,9 +1,26 @@
 """A fair, event-driven job worker on PostgreSQL.
 
-For apps that create jobs: `from listener import enqueue` (or `enqueue_async`). Importing the
-package loads the producer only (psycopg), nothing of the worker.
+For apps that create jobs: `from listener import enqueue` (or `enqueue_async`). For apps that
+serve kinds of their own: `App`, `Item`, `Result` and the errors that steer an item
+(`listener.handler` says how). Importing the package loads the producer and the handler seam
+only (psycopg), nothing of the worker.
 """
 
+from listener.errors import BudgetExhausted, FailItem, RetryItem, StopWorker
+from listener.handler import App, Budget, Item, Kind, Result
 from listener.producer import InvalidJob, enqueue, enqueue_async
 
-__all__ = ["InvalidJob", "enqueue", "enqueue_async"]
+__all__ = [
+    "App",
+    "Budget",
+    "BudgetExhausted",
+    "FailItem",
+    "InvalidJob",
+    "Item",
+    "Kind",
+    "Result",
+    "RetryItem",
+    "StopWorker",
+    "enqueue",
+    "enqueue_async",
+]

@@ -1,7 +1,7 @@
-"""A worker with everything it needs: its pool, the shared limiter, the OpenAI handler.
+"""A worker with everything it needs: its pool, the budgets' limiters, the kinds it serves.
 
 One place builds and closes them, in order, for the `worker` command, the demo, the tests and
-the benchmarks alike.
+the benchmarks alike. Without an app of its own a worker serves the OpenAI kinds.
 """
 
 from __future__ import annotations
@@ -11,30 +11,47 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from listener.attempt import ItemHandler
 from listener.db import open_pool
-from listener.generate import Generator
-from listener.limiter import make_limiter
+from listener.handler import App
+from listener.lanes import make_limiters
 from listener.settings import Settings
 from listener.worker import Worker
+
+
+def served_app(settings: Settings, app: App | None = None, *, openai: bool = True) -> App:
+    """The kinds a worker serves: the OpenAI ones (unless `openai` is False), then `app`'s,
+    limited to WORKER_KINDS when it is set."""
+    served = App()
+    if openai:
+        from listener.openai import openai_app
+
+        served = openai_app(settings)
+    if app is not None:
+        served = served.merged(app) if len(served) else app
+    if settings.worker_kinds:
+        served = served.only(
+            name.strip() for name in settings.worker_kinds.split(",") if name.strip()
+        )
+    served.check_budgets()
+    return served
 
 
 @asynccontextmanager
 async def open_worker(
     settings: Settings,
     conninfo: str,
-    handler: ItemHandler | None = None,
+    app: App | None = None,
     *,
     name: str = "listener-worker",
 ) -> AsyncIterator[Worker]:
-    """A ready-to-run worker; its pool and handler are closed when the block ends."""
+    """A ready-to-run worker; its pool and its kinds' clients are closed when the block ends."""
+    app = app if app is not None else served_app(settings)
     pool = await open_pool(conninfo, settings, name=name)
-    handler = handler or Generator(settings)
     try:
-        yield Worker(settings, conninfo, pool, make_limiter(pool, settings), handler)
+        yield Worker(settings, conninfo, pool, make_limiters(pool, settings, app), app)
     finally:
-        # In this event loop: the HTTP client's connections must not outlive it.
-        await handler.aclose()
+        # In this event loop: the HTTP clients' connections must not outlive it.
+        await app.aclose()
         await pool.close()
 
 
@@ -42,7 +59,7 @@ async def open_worker(
 async def running_worker(
     settings: Settings,
     conninfo: str,
-    handler: ItemHandler | None = None,
+    app: App | None = None,
     *,
     name: str = "listener-worker",
     grace: float = 0.0,
@@ -50,7 +67,7 @@ async def running_worker(
     """A worker running in this process: ready (LISTEN done, ring built) when the block starts,
     stopped when it ends (in-flight items get `grace` seconds, then go back to PENDING)."""
     async with (
-        open_worker(settings, conninfo, handler, name=name) as worker,
+        open_worker(settings, conninfo, app, name=name) as worker,
         anyio.create_task_group() as tg,
     ):
         await tg.start(worker.run)

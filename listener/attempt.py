@@ -1,26 +1,32 @@
-"""One attempt at an item: the handler called under the limiter, and what becomes of the item.
+"""One attempt at an item: its kind's handler called under its budget, and what becomes of it.
 
-A 429 pauses the whole limiter and is retried in place (it is the budget's fault, not the
-item's); a permanent error fails the item; a retryable one retries it with backoff until
-MAX_ATTEMPTS; a bug of ours neither loses the item nor kills the worker.
+The handler steers the item by what it raises, whoever wrote it: `BudgetExhausted` pauses the
+whole budget and tries again in place (the budget's fault, not the item's); `FailItem` fails
+it; `RetryItem` retries it with backoff until its kind's max attempts; `StopWorker` stops the
+process. A bug in a handler neither loses the item nor kills the worker.
+
+An answer in hand is kept: the budget's row is corrected (and paused, when the answer says the
+budget is spent) after the outcome is decided, as a best effort, so a database that cannot be
+reached then never turns a paid-for answer into another call.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from listener.backoff import retry_delay
 from listener.errors import (
-    AuthenticationFailed,
+    BudgetExhausted,
     DatabaseError,
-    PermanentItemError,
-    RateLimited,
-    RetryableItemError,
+    FailItem,
+    RetryItem,
+    StopWorker,
 )
-from listener.generate import Generation
+from listener.handler import Item, Kind, Result
 from listener.items import ClaimedItem, Outcome
 from listener.limiter import Limiter
 from listener.settings import Settings
@@ -32,60 +38,121 @@ logger = logging.getLogger("listener.worker")
 MAX_RATE_LIMITED_RETRIES = 10
 
 
-class ItemHandler(Protocol):
-    def estimate_tokens(self) -> int: ...
+def read_payload(item: ClaimedItem, max_bytes: int) -> Any:
+    """The item's payload as Python data (None when NULL); one too large or too deeply nested
+    to read is the item's fault."""
+    if item.payload_bytes is None:
+        return None
+    if item.payload_text is None:
+        raise FailItem(
+            f"payload is {item.payload_bytes:,} bytes, over the limit of {max_bytes:,} "
+            "(MAX_PAYLOAD_BYTES)"
+        )
+    try:
+        return json.loads(item.payload_text)
+    except RecursionError:
+        # Python reads JSON recursively: deep nesting is not product data.
+        raise FailItem("payload is nested too deeply to read") from None
 
-    def __call__(self, item: ClaimedItem) -> Awaitable[Generation]: ...
 
-    async def aclose(self) -> None: ...
+def handler_item(item: ClaimedItem, kind: Kind, settings: Settings) -> Item:
+    """The item as its handler sees it; a required option missing is the job's fault."""
+    missing = sorted(name for name in kind.required_options if name not in item.options)
+    if missing:
+        raise FailItem(
+            f"kind {kind.name} needs option {', '.join(missing)} (on the job, or the store's)"
+        )
+    return Item(
+        id=item.id,
+        job_id=item.job_id,
+        store=item.instance_id,
+        kind=item.kind,
+        product_id=item.product_id,
+        payload=read_payload(item, settings.max_payload_bytes),
+        options=item.options,
+        attempt=item.attempts,
+        max_attempts=kind.max_attempts or settings.max_attempts,
+    )
+
+
+def as_result(value: Any) -> Result:
+    """A handler's return value as a Result; one that is not JSON is a bug of the handler."""
+    result = value if isinstance(value, Result) else Result(value)
+    try:
+        json.dumps(result.value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"the handler returned a value that is not JSON: {error}") from None
+    return result
 
 
 async def attempt(
     item: ClaimedItem,
     grant: Any,
     *,
-    handler: ItemHandler,
+    kind: Kind,
     limiter: Limiter,
+    estimate: int,
     settings: Settings,
     rng: random.Random,
     on_rate_limited: Callable[[], None],
 ) -> Outcome:
+    max_attempts = kind.max_attempts or settings.max_attempts
     try:
+        work = handler_item(item, kind, settings)
         for _ in range(MAX_RATE_LIMITED_RETRIES):
             try:
-                generation = await handler(item)
-            except RateLimited as limited:
+                result = as_result(await kind.handler(work))
+            except BudgetExhausted as limited:
                 on_rate_limited()
                 logger.warning(
-                    "[RateLimiter] 429 from OpenAI: pausing every worker for %.1fs",
+                    "[RateLimiter] budget exhausted (%s): pausing every worker for %.1fs",
+                    limited,
                     limited.retry_after,
                 )
                 await limiter.pause(limited.retry_after, rate_limited=True)
-                grant = await limiter.acquire(handler.estimate_tokens())
+                grant = await limiter.acquire(estimate)
                 continue
-            await limiter.settle(grant, generation.total_tokens)
-            if generation.pause_seconds:
-                await limiter.pause(generation.pause_seconds, rate_limited=False)
-            return Outcome.completed(item, generation.result)
+            await _settle(limiter, grant, result, estimate, item)
+            return Outcome.completed(item, result.value)
         return Outcome.release(item, error="rate limited", delay=5.0)
-    except PermanentItemError as error:
+    except FailItem as error:
         return Outcome.failed(item, str(error))
-    except RetryableItemError as error:
-        if item.attempts >= settings.max_attempts:
+    except RetryItem as error:
+        if item.attempts >= max_attempts:
             return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
-        delay = retry_delay(
-            item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, rng
-        )
+        delay = error.after
+        if delay is None:
+            delay = retry_delay(
+                item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, rng
+            )
         return Outcome.retry(item, str(error), delay)
     except DatabaseError as error:
-        # The limiter's row was unreachable (settle/pause): the item is not at fault.
+        # The budget's row was unreachable before any answer (pause, acquire): not the item's
+        # fault, and nothing was paid for.
         logger.warning("[Worker] releasing item %d: %s", item.id, error)
         return Outcome.release(item, error=str(error), delay=1.0)
-    except AuthenticationFailed:
+    except StopWorker:
         raise
     except Exception as error:
-        # A bug of ours must not lose the item nor kill the worker: retry, then fail.
+        # A bug must not lose the item nor kill the worker: retry, then fail.
         logger.exception("[Worker] unexpected error on item %d", item.id)
-        if item.attempts >= settings.max_attempts:
+        if item.attempts >= max_attempts:
             return Outcome.failed(item, f"unexpected error: {error!r}")
         return Outcome.retry(item, f"unexpected error: {error!r}", settings.retry_base_seconds)
+
+
+async def _settle(
+    limiter: Limiter, grant: Any, result: Result, estimate: int, item: ClaimedItem
+) -> None:
+    """Correct the budget with what the call cost, and pause it when the answer says it is
+    spent: best effort, the answer is kept whatever happens here."""
+    try:
+        await limiter.settle(grant, estimate if result.cost is None else result.cost)
+        if result.pause:
+            await limiter.pause(result.pause, rate_limited=False)
+    except DatabaseError as error:
+        logger.warning(
+            "[RateLimiter] could not settle the budget after item %d (its answer is kept): %s",
+            item.id,
+            error,
+        )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -17,6 +18,7 @@ from anyio.abc import TaskStatus
 
 from listener.database import resolve_database
 from listener.errors import ConfigurationError, ListenerError, UsageError
+from listener.handler import DEFAULT_BUDGET, DEFAULT_KIND, App
 from listener.settings import Settings
 
 if TYPE_CHECKING:
@@ -39,19 +41,20 @@ def check_openai_settings(settings: Settings) -> None:
         )
 
 
-async def run_worker(settings: Settings, conninfo: str) -> int:
+async def run_worker(settings: Settings, conninfo: str, app: App | None = None) -> int:
     """The `worker` command's body; returns the exit code."""
     from listener.assembly import open_worker
     from listener.db import wait_for_database
 
-    check_openai_settings(settings)
+    if app is None:
+        check_openai_settings(settings)
     fatal = None
     async with anyio.create_task_group() as tg:
         signals = WorkerSignals(tg.cancel_scope)
         # Handlers first: a deploy's SIGTERM may come while the database is still unreachable.
         await tg.start(signals.run)
         await wait_for_database(conninfo)
-        async with open_worker(settings, conninfo) as worker:
+        async with open_worker(settings, conninfo, app) as worker:
             if settings.openai_api_key is not None:
                 logger.info("[Worker] OpenAI API key is configured")
             else:
@@ -94,10 +97,32 @@ class WorkerSignals:
                     self.worker.cancel_in_flight()
 
 
+def parse_options(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise UsageError(f"invalid --options: not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UsageError('invalid --options: expected a JSON object, e.g. \'{"language": "fr"}\'')
+    return value
+
+
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    check_openai_settings(settings)
+    from listener.assembly import served_app
+    from listener.handler import load_app
+
+    updates = {
+        name: value
+        for name, value in (("worker_app", args.app), ("worker_kinds", args.kinds))
+        if value is not None
+    }
+    settings = settings.model_copy(update=updates)
+    user_app = load_app(settings.worker_app) if settings.worker_app else None
+    app = served_app(settings, user_app)
+    if any(kind.budget == DEFAULT_BUDGET for kind in app):
+        check_openai_settings(settings)
     url = resolve_database(settings)
-    return anyio.run(run_worker, settings, url)
+    return anyio.run(run_worker, settings, url, app)
 
 
 def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
@@ -111,7 +136,15 @@ def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
         if args.file
         else jobs.sample_products(args.products, args.store)
     )
-    job_id = enqueue(resolve_database(settings), args.store, products, priority=priority)
+    options = None if args.options is None else parse_options(args.options)
+    job_id = enqueue(
+        resolve_database(settings),
+        args.store,
+        products,
+        priority=priority,
+        kind=args.kind,
+        options=options,
+    )
     _say(str(job_id))
     return 0
 
@@ -238,14 +271,18 @@ def _store(args: argparse.Namespace, settings: Settings) -> int:
             if args.max_in_flight is None
             else policy.parse_cap("max-in-flight", args.max_in_flight, policy.MAX_IN_FLIGHT)
         )
-        if weight is None and rpm == policy.KEEP and in_flight == policy.KEEP:
-            raise UsageError("store set: give at least one of --weight, --rpm, --max-in-flight")
+        options = None if args.options is None else parse_options(args.options)
+        if weight is None and rpm == policy.KEEP and in_flight == policy.KEEP and options is None:
+            raise UsageError(
+                "store set: give at least one of --weight, --rpm, --max-in-flight, --options"
+            )
         policy.set_policy(
             resolve_database(settings),
             args.store,
             weight=weight,
             rpm_limit=rpm,
             max_in_flight=in_flight,
+            options=options,
         )
     else:
         policy.set_policy(resolve_database(settings), args.store, paused=args.action == "pause")
@@ -291,6 +328,16 @@ def register(commands: Any) -> None:
     worker = commands.add_parser(
         "worker", help="run the worker (the Procfile's process); HTTP on PORT when set"
     )
+    worker.add_argument(
+        "--app",
+        help="'package.module:attribute' naming a listener.App whose kinds this worker serves "
+        "beside the OpenAI ones (default: WORKER_APP)",
+    )
+    worker.add_argument(
+        "--kinds",
+        help="serve only these kinds, comma-separated (default: WORKER_KINDS, else every kind "
+        "it has a handler for)",
+    )
     worker.set_defaults(handler=_worker)
 
     enqueue = commands.add_parser("enqueue", help="create a job for a store")
@@ -300,6 +347,14 @@ def register(commands: Any) -> None:
     source.add_argument("--file", type=Path, help="a JSON array of product objects")
     enqueue.add_argument(
         "--priority", default="0", help="-100 to 100, higher first, within the store (default 0)"
+    )
+    enqueue.add_argument(
+        "--kind",
+        default=DEFAULT_KIND,
+        help=f"the kind of work its items need (default {DEFAULT_KIND}); one a worker registered",
+    )
+    enqueue.add_argument(
+        "--options", help='the job\'s options as a JSON object, e.g. \'{"language": "French"}\''
     )
     enqueue.set_defaults(handler=_enqueue)
 
@@ -314,6 +369,11 @@ def register(commands: Any) -> None:
     change.add_argument("--weight", help="1 to 1000: its share of the budget against others'")
     change.add_argument("--rpm", help="the most items it starts a minute, or none")
     change.add_argument("--max-in-flight", help="the most items it runs at once, or none")
+    change.add_argument(
+        "--options",
+        help="a JSON object: defaults for every job of the store (brand_voice, language, ...), "
+        "under each job's own options; replaces the store's previous ones",
+    )
     for action, text in (("pause", "start none of its items"), ("resume", "start them again")):
         actions.add_parser(action, help=text).add_argument("store")
     store.set_defaults(handler=_store)

@@ -11,7 +11,7 @@ import heapq
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from listener.claimed import claim_report, interleave
 from listener.complete import Completer
 from listener.errors import DatabaseError
+from listener.handler import DEFAULT_BUDGET, DEFAULT_KIND
 from listener.items import ClaimedItem, ReadyStore, claim, split_quota
 from listener.policy import StorePolicies, read_some
 from listener.ring import ReadyRing
@@ -64,8 +65,13 @@ class Dispatcher:
         announce_claims: bool = False,
         completer: Completer | None = None,
         concurrency: int | None = None,
+        kinds: Sequence[str] = (DEFAULT_KIND,),
+        lane: str = DEFAULT_BUDGET,
     ) -> None:
         self.pool = pool
+        # The kinds this dispatcher claims (those of one budget), and that budget's name.
+        self.kinds = list(kinds)
+        self.lane = lane
         self.worker_id = worker_id
         self.claim_batch_size = claim_batch_size
         # One claim serves at most its share of the workers: the other claims in flight serve
@@ -153,7 +159,7 @@ class Dispatcher:
     def served_elsewhere(self, payload: str) -> None:
         """`stores_served` from a claim: another process served the store; ours are ignored."""
         parts = payload.split("\x1f")
-        if len(parts) != 3 or parts[0] == self.worker_id or not parts[2].isdigit():
+        if len(parts) != 4 or parts[0] == self.worker_id or not parts[2].isdecimal():
             return
         # A process that started since our last heartbeat: tell it ours from now on.
         self._heard_others_until = self.clock() + OTHERS_HEARD_SECONDS
@@ -394,6 +400,8 @@ class Dispatcher:
                 self.max_payload_bytes,
                 self._announcing(),
                 outcomes,
+                kinds=self.kinds,
+                lane=self.lane,
             )
         except BaseException as error:
             if self.completer is not None and outcomes:

@@ -31,21 +31,33 @@ class MigrationError(ListenerError):
     """A migration failed; the message names the file and the statement."""
 
 
-class PermanentItemError(ListenerError):
-    """The item itself is bad (payload, request rejected): retrying cannot help."""
+# The errors a handler raises to steer its item. The engine acts on the error alone, whoever
+# raised it: an OpenAI handler, a user's own, a test's.
 
 
-class RetryableItemError(ListenerError):
-    """A transient failure (5xx, timeout, connection): the item is retried with backoff."""
+class FailItem(ListenerError):
+    """The item itself is bad (payload, request rejected): it ends FAILED with this reason, at
+    once, whatever attempts it has left."""
 
 
-class AuthenticationFailed(ListenerError):
-    """The OpenAI key was rejected (401/403): every item would fail, so the worker stops."""
+class RetryItem(ListenerError):
+    """A transient failure (5xx, timeout, connection): the item is tried again, with backoff or
+    after `after` seconds, until its kind's max attempts; then it ends FAILED with the reason."""
+
+    def __init__(self, reason: str, after: float | None = None) -> None:
+        super().__init__(reason)
+        self.after = after
 
 
-class RateLimited(ListenerError):
-    """The API answered 429: the whole limiter pauses, the item is tried again, not failed."""
+class BudgetExhausted(ListenerError):
+    """The budget the item draws from is spent for `retry_after` seconds (a 429): every process
+    drawing from it pauses, and the item is tried again in place, its attempt not counted."""
 
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
         self.retry_after = retry_after
+
+
+class StopWorker(ListenerError):
+    """Every item would fail the same way (a rejected API key, an unknown model): the process
+    stops (exit code 3) and its items go back to PENDING for a process configured right."""

@@ -11,6 +11,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from listener.db import wrap
+from listener.handler import DEFAULT_KIND
 from listener.sqlfiles import queries
 
 Status = Literal["COMPLETED", "FAILED", "PENDING"]
@@ -26,6 +27,9 @@ class ClaimedItem:
     payload_text: str | None
     payload_bytes: int | None  # None: the payload is NULL
     attempts: int  # this claim's attempt number: it fences the outcome's write
+    kind: str = DEFAULT_KIND
+    # The job's options over its store's (`stores.options`), as the claim read them.
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -34,13 +38,14 @@ class Outcome:
 
     item_id: int
     status: Status
-    result: dict[str, Any] | None = None
+    result: Any = None
     error: str | None = None
     delay: float = 0.0  # seconds before a PENDING item may be claimed again
     refund: bool = False  # give the attempt back: the item was released, not tried
     instance_id: str = field(default="", compare=False)
     attempt: int = 0  # the claim's attempt number; an outcome of an older claim is not written
     job_id: int = 0
+    kind: str = field(default=DEFAULT_KIND, compare=False)
 
     @classmethod
     def of(cls, item: ClaimedItem, status: Status, **fields: Any) -> Outcome:
@@ -50,11 +55,12 @@ class Outcome:
             instance_id=item.instance_id,
             attempt=item.attempts,
             job_id=item.job_id,
+            kind=item.kind,
             **fields,
         )
 
     @classmethod
-    def completed(cls, item: ClaimedItem, result: dict[str, Any]) -> Outcome:
+    def completed(cls, item: ClaimedItem, result: Any) -> Outcome:
         return cls.of(item, "COMPLETED", result=result)
 
     @classmethod
@@ -115,6 +121,9 @@ async def claim(
     max_payload_bytes: int,
     announce: bool = False,
     outcomes: Sequence[Outcome] = (),
+    *,
+    kinds: Sequence[str] = (DEFAULT_KIND,),
+    lane: str = "",
 ) -> ClaimResult:
     """Claim items of `stores` (`quotas` of each), and write `outcomes` first in the same
     transaction, one round trip (under a budget each item would otherwise cost a round trip and
@@ -130,6 +139,8 @@ async def claim(
         "lease_seconds": lease_seconds,
         "max_payload_bytes": max_payload_bytes,
         "announce": announce,
+        "kinds": list(kinds),
+        "lane": lane,
     }
     sql = queries("items")
     written: set[int] = set()
@@ -146,10 +157,27 @@ async def claim(
             rows = await cursor.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "claim failed") from error
-    items = [ClaimedItem(*row[:7]) for row in rows if row[0] is not None]
+    items = [_claimed(row) for row in rows if row[0] is not None]
     items.sort(key=lambda item: item.id)
     held_back = [HeldBack(str(row[2]), row[7]) for row in rows if row[0] is None]
     return ClaimResult(items, held_back, written)
+
+
+def _claimed(row: tuple[Any, ...]) -> ClaimedItem:
+    """A row of the claim: its columns in the claim's SELECT order."""
+    (id_, job_id, store, product_id, payload_text, payload_bytes, attempts, _retry_in, kind,
+     options) = row  # fmt: skip
+    return ClaimedItem(
+        id=id_,
+        job_id=job_id,
+        instance_id=store,
+        product_id=product_id,
+        payload_text=payload_text,
+        payload_bytes=payload_bytes,
+        attempts=attempts,
+        kind=kind,
+        options=options or {},
+    )
 
 
 def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
@@ -247,11 +275,13 @@ async def reap_expired(pool: AsyncConnectionPool, max_attempts: int) -> list[tup
     return [(int(r[0]), str(r[2]), str(r[3])) for r in rows]
 
 
-async def ready_stores(conn: psycopg.AsyncConnection[Any]) -> list[ReadyStore]:
-    """Stores with PENDING items and when the first is due, by a loose index scan
+async def ready_stores(
+    conn: psycopg.AsyncConnection[Any], kinds: Sequence[str] = (DEFAULT_KIND,)
+) -> list[ReadyStore]:
+    """Stores with PENDING items of `kinds` and when the first is due, by a loose index scan
     (milliseconds at a million rows)."""
     try:
-        cursor = await conn.execute(queries("items")["ready_stores"])
+        cursor = await conn.execute(queries("items")["ready_stores"], {"kinds": list(kinds)})
         return [ReadyStore(str(row[0]), float(row[1])) for row in await cursor.fetchall()]
     except psycopg.Error as error:
         raise wrap(error, "listing stores with pending items failed") from error

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 import psycopg
@@ -17,18 +17,22 @@ from anyio.abc import TaskStatus
 from listener.backoff import Backoff
 from listener.db import with_options
 from listener.errors import DatabaseError, one_line
+from listener.handler import DEFAULT_KIND
 from listener.items import ReadyStore, ready_stores
 from listener.policy import CHANNEL as STORES_CHANNEL
 from listener.policy import read_all
 
 logger = logging.getLogger(__name__)
 
+# '<store>' for items of the default kind, '<store>\x1f<kind>' for the others (the trigger).
 CHANNEL = "job_items_ready"
-# Another process claimed from a store: '<worker id>\x1f<store>\x1f<items>' (see the claim).
+# Another process claimed from a store: '<worker id>\x1f<store>\x1f<items>\x1f<lane>' (see the
+# claim; the lane is the budget its kinds draw from).
 SERVED_CHANNEL = "stores_served"
 
-# What a rebuild hands over: the store policy rows, then each store with pending items.
-Rebuild = Callable[[list[tuple[object, ...]], list[ReadyStore]], None]
+# What a rebuild hands over: the store policy rows, then for each set of kinds asked for (one
+# per budget's lane) each store with pending items of those kinds.
+Rebuild = Callable[[list[tuple[object, ...]], list[list[ReadyStore]]], None]
 
 
 class Listener:
@@ -41,6 +45,7 @@ class Listener:
         on_store_changed: Callable[[str], None] | None = None,
         on_served: Callable[[str], None] | None = None,
         backoff: Backoff | None = None,
+        kind_sets: Sequence[Sequence[str]] = ((DEFAULT_KIND,),),
     ) -> None:
         self.conninfo = conninfo
         self.on_notify = on_notify
@@ -48,6 +53,7 @@ class Listener:
         self.on_store_changed = on_store_changed
         self.on_served = on_served
         self.sweep_interval = sweep_interval
+        self.kind_sets = [list(kinds) for kinds in kind_sets]
         self.backoff = backoff or Backoff(base=0.1, cap=10.0, rng=random.Random())
         self.connected = False
         self.reconnects = 0
@@ -107,7 +113,8 @@ class Listener:
     async def _rebuild(self, conn: psycopg.AsyncConnection[object], why: str) -> None:
         # Policies first: a store paused meanwhile must not enter the ring with the scan.
         policies = await read_all(conn)
-        stores = await ready_stores(conn)
+        stores = [await ready_stores(conn, kinds) for kinds in self.kind_sets]
         self.on_rebuild(policies, stores)
-        if why != "sweep" or stores:
-            logger.debug("[Listener] %s: %d store(s) with pending items", why, len(stores))
+        count = len({ready.instance_id for lane in stores for ready in lane})
+        if why != "sweep" or count:
+            logger.debug("[Listener] %s: %d store(s) with pending items", why, count)

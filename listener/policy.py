@@ -9,6 +9,7 @@ itself, in PostgreSQL, so a stale copy can never let a capped store exceed its c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -149,8 +150,10 @@ def set_policy(
     rpm_limit: Cap = KEEP,
     max_in_flight: Cap = KEEP,
     paused: bool | None = None,
+    options: dict[str, Any] | None = None,
 ) -> None:
-    """Upsert the store's row; fields left out keep their value (or the default)."""
+    """Upsert the store's row; fields left out keep their value (or the default). `options`:
+    the defaults of every job of the store (a job's own options win), replacing the old ones."""
     if weight is not None:
         check_range("weight", weight, *WEIGHT_RANGE)
     if isinstance(rpm_limit, int):
@@ -165,6 +168,7 @@ def set_policy(
         "max_in_flight": None if max_in_flight == KEEP else max_in_flight,
         "keep_max_in_flight": max_in_flight == KEEP,
         "paused": paused,
+        "options": None if options is None else json.dumps(options),
     }
     try:
         with psycopg.connect(conninfo) as conn:

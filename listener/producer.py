@@ -26,6 +26,14 @@ from typing import Any
 import psycopg
 
 from listener.errors import DatabaseError, ListenerError
+from listener.handler import DEFAULT_KIND, KIND_NAME
+from listener.registry import (
+    RegisteredKind,
+    known_names,
+    known_names_async,
+    lookup_kind,
+    lookup_kind_async,
+)
 from listener.sqlfiles import queries
 
 # The tables' CHECKs (sql/schema.sql): keep them in step.
@@ -48,6 +56,9 @@ class PreparedJob:
     store: str
     priority: int
     items: list[tuple[str, str]]  # (product id, payload as JSON text)
+    kind: str = DEFAULT_KIND
+    options: str = "{}"  # the job's options as JSON text
+    option_names: tuple[str, ...] = ()
 
 
 def _has_control_character(text: str) -> bool:
@@ -127,10 +138,44 @@ def _payload(product: dict[str, Any], index: int) -> str:
     return text
 
 
-def prepare(store: object, products: object, priority: object = 0) -> PreparedJob:
+def check_kind(kind: object) -> str:
+    if not isinstance(kind, str) or not KIND_NAME.match(kind):
+        raise InvalidJob(
+            f"invalid kind {kind!r}: lower-case letters, digits, '_', '.' or '-', starting with "
+            "a letter, at most 63 characters"
+        )
+    return kind
+
+
+def check_options(options: object) -> tuple[str, tuple[str, ...]]:
+    """The options as JSON text, and their names."""
+    if options is None:
+        return "{}", ()
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise InvalidJob(
+            f"options must be a JSON object (a dict with string keys), got {_kind(options)}"
+        )
+    try:
+        text = _ENCODER.encode(options)
+    except (TypeError, ValueError) as error:
+        raise InvalidJob(f"options cannot be stored as JSON: {error}") from None
+    if _JSON_NUL.search(text):
+        raise InvalidJob("options hold a \\u0000 character, which PostgreSQL's jsonb refuses")
+    return text, tuple(sorted(options))
+
+
+def prepare(
+    store: object,
+    products: object,
+    priority: object = 0,
+    kind: object = DEFAULT_KIND,
+    options: object = None,
+) -> PreparedJob:
     """Check a job as the tables would, without writing anything."""
     checked_store = check_store(store)
     checked_priority = check_priority(priority)
+    checked_kind = check_kind(kind)
+    options_text, option_names = check_options(options)
     if isinstance(products, str | bytes | dict) or not isinstance(products, Sequence):
         raise InvalidJob(f"products must be a list of JSON objects, got {type(products).__name__}")
     if not products:
@@ -142,7 +187,9 @@ def prepare(store: object, products: object, priority: object = 0) -> PreparedJo
                 f"products[{index}] is {_kind(product)}, not a JSON object with the product's data"
             )
         items.append((_product_id(product, index), _payload(product, index)))
-    return PreparedJob(checked_store, checked_priority, items)
+    return PreparedJob(
+        checked_store, checked_priority, items, checked_kind, options_text, option_names
+    )
 
 
 def _kind(value: object) -> str:
@@ -160,7 +207,30 @@ def _kind(value: object) -> str:
 
 
 def _job_params(job: PreparedJob) -> dict[str, Any]:
-    return {"instance_id": job.store, "priority": job.priority}
+    return {
+        "instance_id": job.store,
+        "priority": job.priority,
+        "kind": job.kind,
+        "options": job.options,
+    }
+
+
+def check_registered(job: PreparedJob, registered: RegisteredKind | None, known: list[str]) -> None:
+    """A kind some worker has registered, with options it declares. Today's kind is known
+    even before any worker has started."""
+    if registered is None:
+        if job.kind == DEFAULT_KIND:
+            return
+        names = ", ".join(known) or "none yet: start a worker that serves it first"
+        raise InvalidJob(f"no kind named {job.kind} (registered kinds: {names})")
+    if registered.options is None:
+        return
+    undeclared = [name for name in job.option_names if name not in registered.options]
+    if undeclared:
+        declared = ", ".join(sorted(registered.options)) or "none"
+        raise InvalidJob(
+            f"option {undeclared[0]!r} is not one kind {job.kind} declares (it takes: {declared})"
+        )
 
 
 def _database_error(error: psycopg.Error) -> DatabaseError:
@@ -175,12 +245,16 @@ def enqueue(
     products: Sequence[dict[str, Any]],
     *,
     priority: int = 0,
+    kind: str = DEFAULT_KIND,
+    options: dict[str, Any] | None = None,
 ) -> int:
     """Create a job with one item per product; return the job id.
 
     `target` is a connection string, or an open connection whose transaction the job joins.
+    `kind` names the work its items need (a kind some worker registered: refused otherwise),
+    `options` the job's options for it (over its store's defaults; each one its kind declares).
     """
-    job = prepare(store, products, priority)
+    job = prepare(store, products, priority, kind, options)
     sql = queries("jobs")
     try:
         if isinstance(target, str):
@@ -193,6 +267,9 @@ def enqueue(
 
 def _write(conn: psycopg.Connection[Any], job: PreparedJob, sql: dict[str, str]) -> int:
     with conn.transaction():
+        if job.kind != DEFAULT_KIND or job.option_names:
+            registered = lookup_kind(conn, job.kind)
+            check_registered(job, registered, [] if registered else known_names(conn))
         row = conn.execute(sql["create_job"], _job_params(job)).fetchone()
         assert row is not None
         job_id = int(row[0])
@@ -208,9 +285,11 @@ async def enqueue_async(
     products: Sequence[dict[str, Any]],
     *,
     priority: int = 0,
+    kind: str = DEFAULT_KIND,
+    options: dict[str, Any] | None = None,
 ) -> int:
     """`enqueue` for asyncio and trio apps (psycopg's async connection)."""
-    job = prepare(store, products, priority)
+    job = prepare(store, products, priority, kind, options)
     sql = queries("jobs")
     try:
         if isinstance(target, str):
@@ -225,6 +304,10 @@ async def _write_async(
     conn: psycopg.AsyncConnection[Any], job: PreparedJob, sql: dict[str, str]
 ) -> int:
     async with conn.transaction():
+        if job.kind != DEFAULT_KIND or job.option_names:
+            registered = await lookup_kind_async(conn, job.kind)
+            known = [] if registered else await known_names_async(conn)
+            check_registered(job, registered, known)
         cursor = await conn.execute(sql["create_job"], _job_params(job))
         row = await cursor.fetchone()
         assert row is not None

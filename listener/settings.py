@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     # A product's data is a few hundred bytes; a payload past this fails its item at once
     # (it would not fit a prompt) and is never loaded into the worker's memory.
     max_payload_bytes: int = Field(default=65_536, ge=1024, le=100_000_000)
+    # The app's own kinds for the OpenAI handler (TOML, one table per kind), beside the built-in
+    # ones (listener/openai/kinds.toml); a kind of the same name replaces the built-in.
+    openai_kinds_file: str | None = None
+
+    # `listener worker --app`'s default: 'package.module:attribute' naming a listener.App whose
+    # kinds the worker serves beside the OpenAI ones (the Procfile's way to say --app).
+    worker_app: str | None = None
+    # Serve these kinds only (comma-separated); unset: every kind this process has a handler for.
+    worker_kinds: str | None = None
 
     # 0 turns a budget off (a local stub without limits, a benchmark of raw capacity).
     rate_limit_rpm: int = Field(default=450, ge=0)

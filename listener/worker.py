@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,18 +24,18 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener import heartbeat, reaper, retention
 from listener import items as items_db
-from listener.attempt import ItemHandler, attempt
+from listener.attempt import attempt
 from listener.backoff import Backoff
 from listener.complete import Completer
 from listener.db import log_pool_stats, pool_stats, with_session_options
 from listener.dispatch import Dispatcher
-from listener.errors import (
-    AuthenticationFailed,
-    DatabaseError,
-)
-from listener.items import ClaimedItem, Outcome
+from listener.errors import ConfigurationError, DatabaseError, StopWorker
+from listener.handler import DEFAULT_KIND, App, Kind
+from listener.items import ClaimedItem, Outcome, ReadyStore
+from listener.lanes import Lane, budget_groups, budget_rpm, lane_kinds
 from listener.limiter import Limiter, gcra
 from listener.listen import Listener
+from listener.registry import register_kinds
 from listener.settings import Settings
 from listener.throughput import Throughput
 
@@ -99,42 +100,36 @@ class Worker:
         settings: Settings,
         conninfo: str,
         pool: AsyncConnectionPool,
-        limiter: Limiter,
-        handler: ItemHandler,
+        limiters: Mapping[str, Limiter],
+        app: App,
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
-        self.limiter = limiter
-        self.handler = handler
+        self.app = app
+        app.check_budgets()
         self.worker_id = worker_id or new_worker_id()
         self.counters = Counters()
         # Finished items by minute and store, for the dashboard's chart and per-store figures.
         self.throughput = Throughput()
-        self.fatal: AuthenticationFailed | None = None
-        self.held: dict[int, str] = {}  # claimed items not yet written back: id -> store
-        self.running: dict[int, str] = {}  # items whose handler is running now
+        self.fatal: StopWorker | None = None
+        # Claimed items not yet written back, and those whose handler is running now, keyed by
+        # (item id, attempt): a claim of an item this worker claimed before (its lease expired
+        # while it was frozen) is another entry, which the old claim's end does not remove.
+        self.held: dict[tuple[int, int], str] = {}
+        self.running: dict[tuple[int, int], str] = {}
         self._rng = random.Random()
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
-        rpm = binding_rpm(
-            settings.rate_limit_rpm, settings.rate_limit_tpm, handler.estimate_tokens()
-        )
-        budgeted = rpm > 0
-        # Without a budget there is no slot to wait for: every worker passes at once. Passing
-        # without a wait costs no turn of the event loop (fast_acquire): an idle worker woken
-        # for a new item goes straight to the claim.
-        self._slot_gate = anyio.Semaphore(
-            slot_seekers(rpm, settings.worker_concurrency)
-            if budgeted
-            else settings.worker_concurrency,
-            fast_acquire=True,
-        )
         self._backoff = Backoff(base=0.2, cap=10.0, rng=self._rng)
         self._workers_scope: anyio.CancelScope | None = None
         # The start-up (LISTEN, the ring, the first count): a `stop()` that comes meanwhile ends it.
         self._startup = anyio.CancelScope()
         self._services: anyio.abc.TaskGroup | None = None
+        groups = budget_groups(app)
+        if not groups:
+            raise ConfigurationError("the worker serves no kind (WORKER_KINDS, --app)")
+        budgeted = any(budget_rpm(name, settings, app) != (0, 0) for name, _ in groups)
         self.completer = Completer(
             pool,
             self.worker_id,
@@ -142,8 +137,43 @@ class Worker:
             self._rng,
             hold_seconds=OUTCOME_HOLD_SECONDS if budgeted else 0.0,
         )
-        self.dispatcher = Dispatcher(
-            pool,
+        self.lanes = [self._lane(name, kinds, limiters[name]) for name, kinds in groups]
+        self._lane_of = lane_kinds(self.lanes)
+        self._lane_named = {lane.name: lane for lane in self.lanes}
+        # With more than one lane, each has WORKER_CONCURRENCY workers, and this keeps the
+        # process's items in flight to WORKER_CONCURRENCY in all.
+        self._capacity = (
+            anyio.Semaphore(settings.worker_concurrency, fast_acquire=True)
+            if len(self.lanes) > 1
+            else None
+        )
+        self.listener = Listener(
+            with_session_options(conninfo, settings),
+            on_notify=self._notified,
+            on_rebuild=self._rebuilt,
+            sweep_interval=settings.sweep_interval_seconds,
+            on_store_changed=self._store_changed,
+            on_served=self._served_elsewhere,
+            kind_sets=[list(lane.kinds) for lane in self.lanes],
+        )
+
+    def _lane(self, name: str, kinds: list[Kind], limiter: Limiter) -> Lane:
+        settings = self.settings
+        estimate = max(kind.estimate for kind in kinds)
+        rpm_setting, tpm_setting = budget_rpm(name, settings, self.app)
+        rpm = binding_rpm(rpm_setting, tpm_setting, estimate)
+        budgeted = rpm > 0
+        # Without a budget there is no slot to wait for: every worker passes at once. Passing
+        # without a wait costs no turn of the event loop (fast_acquire): an idle worker woken
+        # for a new item goes straight to the claim.
+        slot_gate = anyio.Semaphore(
+            slot_seekers(rpm, settings.worker_concurrency)
+            if budgeted
+            else settings.worker_concurrency,
+            fast_acquire=True,
+        )
+        dispatcher = Dispatcher(
+            self.pool,
             self.worker_id,
             claim_batch_size=settings.claim_batch_size,
             max_per_instance=settings.max_per_instance,
@@ -154,15 +184,50 @@ class Worker:
             announce_claims=budgeted,
             completer=self.completer if budgeted else None,
             concurrency=settings.worker_concurrency,
+            kinds=sorted(kind.name for kind in kinds),
+            lane=name,
         )
-        self.listener = Listener(
-            with_session_options(conninfo, settings),
-            on_notify=self.dispatcher.notify,
-            on_rebuild=self.dispatcher.rebuild,
-            sweep_interval=settings.sweep_interval_seconds,
-            on_store_changed=self.dispatcher.store_changed,
-            on_served=self.dispatcher.served_elsewhere,
+        return Lane(
+            name, {kind.name: kind for kind in kinds}, limiter, estimate, rpm, dispatcher, slot_gate
         )
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The first lane's (the default budget's, when the worker serves one of its kinds)."""
+        return self.lanes[0].dispatcher
+
+    @property
+    def limiter(self) -> Limiter:
+        return self.lanes[0].limiter
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted(self._lane_of)
+
+    # -- fed by the listener --------------------------------------------------------------
+
+    def _notified(self, payload: str) -> None:
+        store, _, kind = payload.partition("\x1f")
+        lane = self._lane_of.get(kind or DEFAULT_KIND)
+        if lane is not None:  # a kind this process does not serve: others will
+            lane.dispatcher.notify(store)
+
+    def _rebuilt(self, policies: list[tuple[object, ...]], stores: list[list[ReadyStore]]) -> None:
+        for lane, ready in zip(self.lanes, stores, strict=True):
+            lane.dispatcher.rebuild(policies, ready)
+
+    def _store_changed(self, store: str) -> None:
+        for lane in self.lanes:
+            lane.dispatcher.store_changed(store)
+
+    def _served_elsewhere(self, payload: str) -> None:
+        lane = self._lane_named.get(payload.rpartition("\x1f")[2])
+        if lane is not None:
+            lane.dispatcher.served_elsewhere(payload)
+
+    def _others_alive(self, count: int) -> None:
+        for lane in self.lanes:
+            lane.dispatcher.others_alive(count)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -183,10 +248,11 @@ class Worker:
             try:
                 with self._startup:
                     await services.start(self.listener.run)
-                    services.start_soon(self.dispatcher.run_claimer)
-                    services.start_soon(self.dispatcher.run_wakeups)
-                    services.start_soon(self.dispatcher.run_policy_reload)
-                    services.start_soon(self.dispatcher.run_claim_log)
+                    for lane in self.lanes:
+                        services.start_soon(lane.dispatcher.run_claimer)
+                        services.start_soon(lane.dispatcher.run_wakeups)
+                        services.start_soon(lane.dispatcher.run_policy_reload)
+                        services.start_soon(lane.dispatcher.run_claim_log)
                     services.start_soon(self._heartbeat_loop)
                     services.start_soon(
                         reaper.run_reaper,
@@ -208,20 +274,24 @@ class Worker:
                             self._rng.uniform(*RETENTION_FIRST_DELAY),
                         )
                     await self._log_pending()
+                    await self._register_kinds()
                 if not self._stopping:
                     task_status.started()
                     async with anyio.create_task_group() as workers:
                         self._workers_scope = workers.cancel_scope
-                        for _ in range(self.settings.worker_concurrency):
-                            workers.start_soon(self._work_loop)
+                        for lane in self.lanes:
+                            for _ in range(self.settings.worker_concurrency):
+                                workers.start_soon(self._work_loop, lane)
             finally:
                 # Every worker has stopped (or `run` itself is failing or being cancelled). A
                 # claim still on its way hands its items back through the completer, so the
                 # completer stays open until the claimer is done; then it writes what is left.
                 give_up_after = max(5.0, self.settings.shutdown_grace_seconds)
-                self.dispatcher.stop()
+                for lane in self.lanes:
+                    lane.dispatcher.stop()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(give_up_after):
-                    await self.dispatcher.claims_settled()
+                    for lane in self.lanes:
+                        await lane.dispatcher.claims_settled()
                 self.completer.close(give_up_after=give_up_after)
             await completer_done.wait()
             await heartbeat.forget(self.pool, self.worker_id)
@@ -245,6 +315,16 @@ class Worker:
             return
         logger.info("[Worker] ✅ Initialized with %d pending item(s)", pending)
 
+    async def _register_kinds(self) -> None:
+        # What producers may enqueue. A database that refuses it now must not keep the worker
+        # from working: the next start registers them.
+        try:
+            await register_kinds(self.pool, self.app)
+        except DatabaseError as error:
+            logger.warning("[Worker] could not register the kinds it serves: %s", error)
+            return
+        logger.info("[Worker] serving kind(s): %s", ", ".join(self.kinds))
+
     def stop(self, grace: float | None = None) -> None:
         """Stop claiming; in-flight items get `grace` seconds, then go back to PENDING."""
         if self._stopping:
@@ -256,7 +336,8 @@ class Worker:
             len(self.running),
             grace,
         )
-        self.dispatcher.stop()
+        for lane in self.lanes:
+            lane.dispatcher.stop()
         self._startup.cancel()
         for scope in list(self._idle_scopes):
             scope.cancel()
@@ -282,39 +363,50 @@ class Worker:
 
     # -- the work loop --------------------------------------------------------------------
 
-    async def _work_loop(self) -> None:
-        estimate = self.handler.estimate_tokens()
+    async def _work_loop(self, lane: Lane) -> None:
+        dispatcher = lane.dispatcher
         while not self._stopping:
             item: ClaimedItem | None = None
             with anyio.CancelScope() as idle:
                 self._idle_scopes.add(idle)
                 try:
-                    await self.dispatcher.wait_for_work()
+                    await dispatcher.wait_for_work()
                     if self._stopping:
                         break
-                    async with self._slot_gate:
-                        if not len(self.dispatcher.ring):
-                            continue  # the work went to others while this worker queued
-                        try:
-                            grant = await self.limiter.acquire(estimate)
-                        except DatabaseError as error:
-                            # The shared limiter lives in the database: no slot, no request.
-                            logger.warning("[Worker] no limiter slot, retrying: %s", error)
-                            await anyio.sleep(self._backoff.next())
-                            continue
-                    self._backoff.reset()
-                    item = await self.dispatcher.next_item()
+                    if self._capacity is not None:
+                        await self._capacity.acquire()
+                    try:
+                        async with lane.slot_gate:
+                            if not len(dispatcher.ring):
+                                continue  # the work went to others while this worker queued
+                            try:
+                                grant = await lane.limiter.acquire(lane.estimate)
+                            except DatabaseError as error:
+                                # The shared limiter lives in the database: no slot, no request.
+                                logger.warning("[Worker] no limiter slot, retrying: %s", error)
+                                await anyio.sleep(self._backoff.next())
+                                continue
+                        self._backoff.reset()
+                        item = await dispatcher.next_item()
+                    finally:
+                        if item is None and self._capacity is not None:
+                            self._capacity.release()
                 finally:
                     self._idle_scopes.discard(idle)
             if item is not None:
-                await self._process(item, grant)
+                try:
+                    await self._process(item, grant, lane)
+                finally:
+                    if self._capacity is not None:
+                        self._capacity.release()
 
-    async def _process(self, item: ClaimedItem, grant: Any) -> None:
-        self.running[item.id] = item.instance_id
+    async def _process(self, item: ClaimedItem, grant: Any, lane: Lane) -> None:
+        key = (item.id, item.attempts)
+        self.running[key] = item.instance_id
         outcome: Outcome | None = None
         try:
-            outcome = await self._attempt(item, grant)
-        except AuthenticationFailed as error:
+            outcome = await self._attempt(item, grant, lane)
+        except StopWorker as error:
             outcome = Outcome.release(item)
             if self.fatal is None:
                 self.fatal = error
@@ -324,16 +416,20 @@ class Worker:
             outcome = Outcome.release(item)  # cancelled (shutdown): someone else will do it
             raise
         finally:
-            self.running.pop(item.id, None)
+            self.running.pop(key, None)
             if outcome is not None:
                 self._emit(outcome)
 
-    async def _attempt(self, item: ClaimedItem, grant: Any) -> Outcome:
+    async def _attempt(self, item: ClaimedItem, grant: Any, lane: Lane) -> Outcome:
+        kind = lane.kinds.get(item.kind)
+        if kind is None:  # a claim returns only the lane's kinds: this is a bug of ours
+            return Outcome.release(item, error=f"no handler for kind {item.kind}", delay=5.0)
         return await attempt(
             item,
             grant,
-            handler=self.handler,
-            limiter=self.limiter,
+            kind=kind,
+            limiter=lane.limiter,
+            estimate=lane.estimate,
             settings=self.settings,
             rng=self._rng,
             on_rate_limited=self._on_rate_limited,
@@ -344,7 +440,7 @@ class Worker:
 
     def _on_claimed(self, claimed: list[ClaimedItem]) -> None:
         for item in claimed:
-            self.held[item.id] = item.instance_id
+            self.held[(item.id, item.attempts)] = item.instance_id
 
     def _emit(self, outcome: Outcome) -> None:
         self.completer.emit(outcome)
@@ -354,10 +450,10 @@ class Worker:
     def _on_written(self, batch: list[Outcome], superseded: list[Outcome]) -> None:
         self.counters.superseded += len(superseded)
         for outcome in superseded:
-            self.held.pop(outcome.item_id, None)
+            self.held.pop((outcome.item_id, outcome.attempt), None)
         now = time.time()
         for outcome in batch:
-            self.held.pop(outcome.item_id, None)
+            self.held.pop((outcome.item_id, outcome.attempt), None)
             if outcome.status in ("COMPLETED", "FAILED"):
                 self.throughput.record(outcome.instance_id, now)
             if outcome.status == "COMPLETED":
@@ -370,7 +466,9 @@ class Worker:
             else:
                 self.counters.retried += 1
             if outcome.status == "PENDING" and outcome.delay > 0:
-                self.dispatcher.wake_later(outcome.instance_id, outcome.delay)
+                lane = self._lane_of.get(outcome.kind)
+                if lane is not None:
+                    lane.dispatcher.wake_later(outcome.instance_id, outcome.delay)
 
     def heartbeat_interval(self) -> float:
         return self.settings.heartbeat_seconds
@@ -381,10 +479,10 @@ class Worker:
             self.worker_id,
             interval=self.heartbeat_interval,
             lease_seconds=self.settings.lease_seconds,
-            held=lambda: list(self.held),
+            held=lambda: [item_id for item_id, _attempt in self.held],
             stats=self.stats,
             listener_connected=lambda: self.listener.connected,
-            on_others=self.dispatcher.others_alive,
+            on_others=self._others_alive,
         )
 
     def _on_reaped(self, count: int) -> None:
@@ -404,11 +502,12 @@ class Worker:
             "released": self.counters.released,
             "reaped": self.counters.reaped,
             "superseded": self.counters.superseded,
-            "claims": self.dispatcher.claims,
-            "claimedItems": self.dispatcher.claimed_items,
+            "claims": sum(lane.dispatcher.claims for lane in self.lanes),
+            "claimedItems": sum(lane.dispatcher.claimed_items for lane in self.lanes),
             "inFlight": len(self.running),
             "inFlightByStore": dict(Counter(self.running.values())),
-            "readyStores": len(self.dispatcher.ring),
+            "readyStores": len({s for lane in self.lanes for s in lane.dispatcher.ring}),
+            "kinds": self.kinds,
             "listenerConnected": self.listener.connected,
             "pool": pool_stats(self.pool),
             "rpm": self.settings.rate_limit_rpm,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -20,9 +21,9 @@ import anyio.abc
 import psycopg
 
 from listener import assembly
+from listener.assembly import served_app
 from listener.dispatch import Dispatcher
-from listener.generate import Generation, Generator
-from listener.items import ClaimedItem
+from listener.handler import App, Handler, Item
 from listener.settings import Settings, load_settings
 from listener.worker import Worker
 
@@ -175,19 +176,27 @@ def make_settings(base_url: str, **overrides: Any) -> Settings:
     return load_settings(**values)
 
 
-class RecordingGenerator(Generator):
-    """The real handler, noting which item started when (for ordering assertions)."""
+class RecordingGenerator(App):
+    """The real OpenAI kinds, noting which item started when (for ordering assertions)."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.starts: list[ClaimedItem] = []
+        self.starts: list[Item] = []
         self.changed = anyio.Event()
+        base = served_app(settings)
+        kinds = (dataclasses.replace(kind, handler=self._wrap(kind.handler)) for kind in base)
+        super().__init__(kinds, base.budgets.values())
 
-    async def __call__(self, item: ClaimedItem) -> Generation:
-        self.starts.append(item)
-        self.changed.set()
-        self.changed = anyio.Event()
-        return await super().__call__(item)
+    def _wrap(self, handler: Handler) -> Handler:
+        async def recorded(item: Item) -> Any:
+            self.starts.append(item)
+            self.changed.set()
+            self.changed = anyio.Event()
+            return await self.call(handler, item)
+
+        return recorded
+
+    async def call(self, handler: Handler, item: Item) -> Any:
+        return await handler(item)
 
 
 def starts_at_arrival(worker: Worker, handler: RecordingGenerator, store: str) -> list[int]:
@@ -207,10 +216,10 @@ def starts_at_arrival(worker: Worker, handler: RecordingGenerator, store: str) -
 
 
 def running_worker(
-    conninfo: str, settings: Settings, handler: Generator | None = None
+    conninfo: str, settings: Settings, app: App | None = None
 ) -> AbstractAsyncContextManager[Worker]:
     """A worker in this process, ready (LISTEN done, ring built) when the block starts."""
-    return assembly.running_worker(settings, conninfo, handler, name="test-worker")
+    return assembly.running_worker(settings, conninfo, app, name="test-worker")
 
 
 class WorkerProcess(subprocess.Popen[str]):

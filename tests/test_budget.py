@@ -10,8 +10,7 @@ import anyio.to_thread
 import psycopg
 import pytest
 
-from listener.generate import Generation
-from listener.items import ClaimedItem
+from listener.handler import Handler, Item
 from listener.limiter import Grant
 from listener.stub.server import StubConfig, run_stub
 from listener.worker import SLOT_SEEKERS, binding_rpm, slot_seekers
@@ -66,10 +65,10 @@ class TimedGenerator(RecordingGenerator):
         self.call_times: list[float] = []
         self.limited_at: list[float] = []
 
-    async def __call__(self, item: ClaimedItem) -> Generation:
+    async def call(self, handler: Handler, item: Item) -> Any:
         self.call_times.append(anyio.current_time())
         try:
-            return await super().__call__(item)
+            return await handler(item)
         except Exception:
             self.limited_at.append(anyio.current_time())
             raise
@@ -198,8 +197,8 @@ async def test_at_a_big_budget_a_new_store_still_gets_the_next_claim(database_ur
             await insert_job(database_url, "store-old", 2_000)
             await wait_until(lambda: len(handler.starts) >= 100)
             await insert_job(database_url, "store-new", 3)
-            await wait_until(lambda: any(i.instance_id == "store-new" for i in handler.starts))
-            after = [item.instance_id for item in handler.starts[arrived[0] :]]
+            await wait_until(lambda: any(i.store == "store-new" for i in handler.starts))
+            after = [item.store for item in handler.starts[arrived[0] :]]
     # Only items claimed before the notification reached the worker (at most one each of its
     # workers), and one of the claim that brings the new store's, start before its first.
     assert after.index("store-new") <= settings.worker_concurrency, after[:20]

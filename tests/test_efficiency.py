@@ -17,8 +17,8 @@ from listener import assembly
 from listener import items as items_db
 from listener.complete import Completer
 from listener.db import open_pool
-from listener.generate import Generation
-from listener.items import ClaimedItem, Outcome
+from listener.handler import DEFAULT_KIND, App, Item, Kind, Result
+from listener.items import Outcome
 from listener.sqlfiles import queries
 from listener.stub.server import StubConfig, run_stub
 from tests.support import (
@@ -99,17 +99,13 @@ def test_leases_and_the_limiter_commit_unflushed_outcomes_and_pauses_flushed(
         assert done.fetchone() == (1,)
 
 
-class InstantHandler:
+async def _instant(item: Item) -> Result:
+    return Result({"text": "ok"}, cost=0)
+
+
+def InstantHandler() -> App:
     """No OpenAI call at all: the worker's own pace is all that is left."""
-
-    def estimate_tokens(self) -> int:
-        return 0
-
-    async def __call__(self, item: ClaimedItem) -> Generation:
-        return Generation(result={"text": "ok"}, total_tokens=0)
-
-    async def aclose(self) -> None:
-        return None
+    return App([Kind(DEFAULT_KIND, _instant, estimate=0)])
 
 
 async def test_a_busy_worker_claims_for_all_its_workers_at_once(database_url: str) -> None:

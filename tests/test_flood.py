@@ -15,8 +15,7 @@ from collections import Counter
 import anyio
 import pytest
 
-from listener.generate import Generation
-from listener.items import ClaimedItem
+from listener.handler import DEFAULT_KIND, App, Item, Kind, Result
 from tests.support import (
     make_settings,
     query,
@@ -30,23 +29,18 @@ pytestmark = pytest.mark.anyio
 STORES = 20_000
 
 
-class GatedHandler:
+class GatedHandler(App):
     """Holds every item until `gate` is set, then answers at once; notes each store served."""
 
     def __init__(self) -> None:
         self.gate = anyio.Event()
         self.served: Counter[str] = Counter()
+        super().__init__([Kind(DEFAULT_KIND, self.handle)])
 
-    def estimate_tokens(self) -> int:
-        return 1
-
-    async def __call__(self, item: ClaimedItem) -> Generation:
+    async def handle(self, item: Item) -> Result:
         await self.gate.wait()
-        self.served[item.instance_id] += 1
-        return Generation(result={"text": "ok"}, total_tokens=1)
-
-    async def aclose(self) -> None:
-        pass
+        self.served[item.store] += 1
+        return Result({"text": "ok"}, cost=1)
 
 
 def ring_entries(ring: object) -> int:
@@ -65,7 +59,7 @@ async def test_twenty_thousand_stores_at_once_keep_the_ring_bounded_and_each_is_
     settings = make_settings(
         "http://127.0.0.1:9/v1", worker_concurrency=64, claim_batch_size=500, db_pool_max=4
     )
-    async with running_worker(database_url, settings, handler) as worker:  # type: ignore[arg-type]
+    async with running_worker(database_url, settings, handler) as worker:
         ring = worker.dispatcher.ring
         rss_before = peak_rss_mib()
         await query(

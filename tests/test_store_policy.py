@@ -157,8 +157,8 @@ async def test_weights_share_the_starts_and_a_change_acts_at_once(database_url: 
             changed_at = len(handler.starts)
             await wait_until(lambda: len(handler.starts) >= changed_at + 110)
     # Skip the first turn (both stores are fresh) and a few starts around the change.
-    before = Counter(item.instance_id for item in handler.starts[10:110])
-    after = Counter(item.instance_id for item in handler.starts[changed_at + 10 : changed_at + 110])
+    before = Counter(item.store for item in handler.starts[10:110])
+    after = Counter(item.store for item in handler.starts[changed_at + 10 : changed_at + 110])
     assert 70 <= before["heavy"] <= 80, before  # 3 : 1
     assert 45 <= after["heavy"] <= 55, after  # 1 : 1
 

@@ -42,7 +42,7 @@ async def test_checklist_scenario_new_store_starts_within_one_free_slot(database
             # Counted once the batch's commit has come back, which another session's read can
             # see before the worker does.
             await wait_until(lambda: worker.counters.completed == 150)
-    after = [item.instance_id for item in handler.starts[b_arrived[0] :]]
+    after = [item.store for item in handler.starts[b_arrived[0] :]]
     first_b = after.index("store-B")
     # The old FIFO worker started B after A's remaining ~88 items; ours in the next free
     # slot once it knows of B: only items already handed to workers start before it.
@@ -282,6 +282,6 @@ async def test_a_new_store_is_not_queued_behind_a_backlog_found_at_start(
             arrived = starts_at_arrival(worker, handler, "store-new")
             await wait_until(lambda: len(handler.starts) >= 10)
             await insert_job(database_url, "store-new", 3)
-            await wait_until(lambda: any(i.instance_id == "store-new" for i in handler.starts))
-            after = [item.instance_id for item in handler.starts[arrived[0] :]]
+            await wait_until(lambda: any(i.store == "store-new" for i in handler.starts))
+            after = [item.store for item in handler.starts[arrived[0] :]]
     assert after.index("store-new") < settings.worker_concurrency, after[:10]

@@ -22,6 +22,7 @@ import psycopg
 from rich.console import Console
 
 from listener import jobs
+from listener.assembly import served_app
 from listener.db import wrap
 from listener.demo.setup import (
     DEMO_LIMITER,
@@ -42,8 +43,7 @@ from listener.demo.view import (
     status_line,
 )
 from listener.errors import ListenerError
-from listener.generate import Generation, Generator
-from listener.items import ClaimedItem
+from listener.handler import App, Item
 from listener.producer import enqueue
 from listener.settings import Settings
 from listener.sqlfiles import queries
@@ -57,22 +57,22 @@ RATE_WINDOW_SECONDS = 10.0  # "items/min now" is measured over this sliding wind
 EXIT_AUTH = 3
 
 
-class TimedGenerator(Generator):
-    """The real handler, noting when each store's first item starts (the demo's key figure)."""
+def timed_app(settings: Settings, stores: list[Store]) -> App:
+    """The real OpenAI kinds, noting when each store's first item starts (the demo's key
+    figure)."""
+    by_name = {store.name: store for store in stores}
 
-    def __init__(self, settings: Settings, stores: list[Store]) -> None:
-        super().__init__(settings)
-        self.stores = {store.name: store for store in stores}
-
-    async def __call__(self, item: ClaimedItem) -> Generation:
-        store = self.stores.get(item.instance_id)
+    def started(item: Item) -> None:
+        store = by_name.get(item.store)
         if store is not None and store.first_start is None:
             store.first_start = time.monotonic()
-        return await super().__call__(item)
+
+    return served_app(settings).observed(started)
 
 
 def _enqueue(conninfo: str, store: Store) -> tuple[int, float]:
-    job_id = enqueue(conninfo, store.name, jobs.sample_products(store.products, store.name))
+    products = jobs.sample_products(store.products, store.name)
+    job_id = enqueue(conninfo, store.name, products, kind=store.kind, options=store.options)
     return job_id, time.monotonic()
 
 
@@ -191,10 +191,10 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
             )
     stores = plan(args.seconds)
     async with openai_settings(args, settings, console) as worker_settings:
-        generator = TimedGenerator(worker_settings, stores)
+        app = timed_app(worker_settings, stores)
         try:
             async with open_worker(
-                worker_settings, setup.conninfo, generator, name="listener-demo"
+                worker_settings, setup.conninfo, app, name="listener-demo"
             ) as worker:
                 demo = Demo(args, console, stores, worker)
                 console.print(

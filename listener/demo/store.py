@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 # One big store and many small ones: the old FIFO worker made every small one wait an hour.
 STORES = {"demo-mall": 2000, "demo-books": 40, "demo-tea": 10, "demo-bikes": 100}
 STORES |= {"demo-lamps": 25, "demo-shoes": 60, "demo-toys": 15, "demo-garden": 80}
+# The stores' jobs are of three kinds, through the one budget: descriptions, SEO metadata (a
+# structured output) and translations.
+KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "demo-books": ("seo_meta", {"keywords": "gift, reading"}),
+    "demo-bikes": ("translation", {"language": "French"}),
+    "demo-shoes": ("seo_meta", {}),
+    "demo-garden": ("translation", {"language": "German"}),
+}
 
 
 @dataclass
@@ -14,6 +23,8 @@ class Store:
     name: str
     products: int
     arrives_after: float  # seconds after the demo's start
+    kind: str = "product_description"
+    options: dict[str, Any] = field(default_factory=dict)
     job_id: int | None = None
     committed: float | None = None  # monotonic, right after the job's transaction committed
     first_start: float | None = None  # monotonic, when the handler started its first item
@@ -33,4 +44,7 @@ class Store:
 def plan(seconds: float) -> list[Store]:
     """The big store at once, the small ones evenly over the first third of the run."""
     spacing = seconds / 3 / (len(STORES) - 1)
-    return [Store(name, n, i * spacing) for i, (name, n) in enumerate(STORES.items())]
+    return [
+        Store(name, n, i * spacing, *KINDS.get(name, ("product_description", {})))
+        for i, (name, n) in enumerate(STORES.items())
+    ]

@@ -9,6 +9,9 @@
 -- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
 -- alone): a claim lost in a crash only means its lease never existed and the item is PENDING
 -- again, which is what a crash does to it anyway. Outcomes keep the flush.
+-- A claim takes the kinds of one budget's lane only (`kinds`): a store's items of other kinds
+-- are read past (the index does not hold the kind), which costs nothing while a store's
+-- pending items are of the lane's kinds, as they are when every process serves every kind.
 WITH unflushed AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true)
 ), allowance AS MATERIALIZED (
@@ -31,6 +34,7 @@ picked AS (
         WHERE j.instance_id = allowance.instance_id
           AND j.status = 'PENDING'
           AND j.run_after <= now()
+          AND j.kind = ANY (%(kinds)s::text[])
         ORDER BY j.priority DESC, j.run_after, j.id
         LIMIT allowance.granted
         FOR UPDATE SKIP LOCKED
@@ -54,26 +58,36 @@ claimed AS (
         CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s
             THEN j.payload::text END AS payload_text,
         octet_length(j.payload::text) AS payload_bytes,
-        j.attempts
+        j.attempts, j.kind
+),
+options AS (
+    -- Each claimed job's options over its store's defaults: a probe of `jobs` and of `stores`
+    -- per job of the claim, not per item.
+    SELECT job.id, coalesce(s.options, '{}'::jsonb) || job.options AS options
+    FROM jobs job
+    LEFT JOIN stores s ON s.instance_id = job.instance_id
+    WHERE job.id = ANY (ARRAY(SELECT DISTINCT job_id FROM claimed))
 ),
 announced AS MATERIALIZED (
     -- Under a budget (claims of an item or two), the fleet's other processes move the stores
     -- served here on in their own rings: their turns stay in step, one round for the fleet.
     SELECT pg_notify(
-        'stores_served', concat_ws(E'\x1f', %(worker_id)s, instance_id, count(*)::text)
+        'stores_served',
+        concat_ws(E'\x1f', %(worker_id)s, instance_id, count(*)::text, %(lane)s::text)
     )
     FROM claimed
     WHERE %(announce)s
     GROUP BY instance_id
 )
-SELECT id, job_id, instance_id, product_id, payload_text, payload_bytes, attempts,
-    NULL::float8 AS retry_in
-FROM claimed
+SELECT c.id, c.job_id, c.instance_id, c.product_id, c.payload_text, c.payload_bytes,
+    c.attempts, NULL::float8 AS retry_in, c.kind, o.options
+FROM claimed c
+LEFT JOIN options o ON o.id = c.job_id
 WHERE (SELECT count(*) FROM announced) >= 0
 UNION ALL
 -- One row per store its policy held back (paused, at max_in_flight, over rpm_limit): the
 -- claimer takes it out of the ring until it is due (retry_in seconds) or notified.
-SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in
+SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL
 FROM allowance
 WHERE granted < quota;
 
@@ -97,7 +111,7 @@ LIMIT %(quota)s;
 WITH RECURSIVE heads AS (
     (
         SELECT instance_id, priority, run_after FROM job_items
-        WHERE status = 'PENDING'
+        WHERE status = 'PENDING' AND kind = ANY (%(kinds)s::text[])
         ORDER BY instance_id, priority DESC, run_after, id
         LIMIT 1
     )
@@ -108,7 +122,7 @@ WITH RECURSIVE heads AS (
         (
             SELECT j.instance_id, j.priority, j.run_after FROM job_items j
             WHERE j.status = 'PENDING' AND j.instance_id = heads.instance_id
-              AND j.priority < heads.priority
+              AND j.priority < heads.priority AND j.kind = ANY (%(kinds)s::text[])
             ORDER BY j.priority DESC, j.run_after, j.id
             LIMIT 1
         )
@@ -116,6 +130,7 @@ WITH RECURSIVE heads AS (
         (
             SELECT j.instance_id, j.priority, j.run_after FROM job_items j
             WHERE j.status = 'PENDING' AND j.instance_id > heads.instance_id
+              AND j.kind = ANY (%(kinds)s::text[])
             ORDER BY j.instance_id, j.priority DESC, j.run_after, j.id
             LIMIT 1
         )

@@ -1,11 +1,13 @@
 -- Jobs as a client submits them, and their progress.
 
 -- create_job --
-INSERT INTO jobs (instance_id, priority) VALUES (%(instance_id)s, %(priority)s) RETURNING id;
+INSERT INTO jobs (instance_id, priority, kind, options)
+VALUES (%(instance_id)s, %(priority)s, %(kind)s, %(options)s::jsonb)
+RETURNING id;
 
 -- copy_items --
 -- Every item of the job in one COPY: one statement, so the trigger sends one notification.
--- Each item takes its job's priority (job_items_fill_priority).
+-- Each item takes its job's priority and kind (job_items_fill_priority).
 COPY job_items (job_id, instance_id, product_id, payload) FROM STDIN;
 
 -- job_progress --

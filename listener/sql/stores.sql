@@ -12,10 +12,10 @@ WHERE instance_id = ANY(%(stores)s::text[]);
 
 -- set_policy --
 -- One upsert; a field not given (NULL parameter with its `keep_` flag) keeps its value.
-INSERT INTO stores AS s (instance_id, weight, rpm_limit, max_in_flight, paused)
+INSERT INTO stores AS s (instance_id, weight, rpm_limit, max_in_flight, paused, options)
 VALUES (
     %(instance_id)s, coalesce(%(weight)s, 1), %(rpm_limit)s, %(max_in_flight)s,
-    coalesce(%(paused)s, false)
+    coalesce(%(paused)s, false), coalesce(%(options)s::jsonb, '{}'::jsonb)
 )
 ON CONFLICT (instance_id) DO UPDATE
 SET weight = coalesce(%(weight)s, s.weight),
@@ -23,6 +23,7 @@ SET weight = coalesce(%(weight)s, s.weight),
     max_in_flight = CASE WHEN %(keep_max_in_flight)s
         THEN s.max_in_flight ELSE excluded.max_in_flight END,
     paused = coalesce(%(paused)s, s.paused),
+    options = coalesce(%(options)s::jsonb, s.options),
     updated_at = now()
 RETURNING instance_id;
 

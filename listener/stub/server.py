@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -29,7 +31,14 @@ from starlette.routing import Route
 from listener.http.serve import serving
 from listener.stub.state import StubConfig as StubConfig
 from listener.stub.state import StubState as StubState
-from listener.stub.text import estimate_tokens, generate_description, text_of
+from listener.stub.text import (
+    INVALID_MARKER,
+    REFUSE_MARKER,
+    estimate_tokens,
+    generate_description,
+    object_for_schema,
+    text_of,
+)
 from listener.stub.text import extract_product_name as extract_product_name
 from listener.stub.window import SlidingWindow as SlidingWindow
 from listener.stub.window import format_duration as format_duration
@@ -61,6 +70,20 @@ def _injected_error(status: int, headers: dict[str, str]) -> JSONResponse:
     if status == 429:
         headers = {**headers, "retry-after": "1", "retry-after-ms": "1000"}
     return _error(status, *_FAULTS.get(status, _SERVER_ERROR), headers)
+
+
+def _answer(response_format: Any, prompt: str) -> tuple[str | None, str | None]:
+    """The message's content and refusal: plain text, or a JSON object fitting the request's
+    `json_schema` (refused, or made not to fit, when the prompt asks the stub to)."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return generate_description(prompt), None
+    if REFUSE_MARKER in prompt:
+        return None, "I'm sorry, I can't help with that request."
+    if INVALID_MARKER in prompt:
+        return json.dumps({"unexpected": prompt[:40]}), None
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return json.dumps(object_for_schema(schema, prompt), ensure_ascii=False), None
 
 
 def build_app(state: StubState) -> Starlette:
@@ -119,15 +142,15 @@ def build_app(state: StubState) -> Starlette:
             )
         if cfg.latency > 0:
             await anyio.sleep(cfg.latency)
-        content = generate_description(last_user)
-        completion_tokens = estimate_tokens(content)
+        content, refusal = _answer(payload.get("response_format"), last_user)
+        completion_tokens = estimate_tokens(content or refusal or "")
         state.completed_total += 1
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-        message = {"role": "assistant", "content": content, "refusal": None}
+        message = {"role": "assistant", "content": content, "refusal": refusal}
         return JSONResponse(
             {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",

@@ -57,3 +57,55 @@ def generate_description(prompt: str) -> str:
 
 def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
+
+
+# A user message holding one of these asks the stub to misbehave, so tests and the demo can
+# exercise a structured output that is refused or does not fit its schema.
+REFUSE_MARKER = "STUB:REFUSE"
+INVALID_MARKER = "STUB:INVALID"
+
+
+def object_for_schema(schema: Any, prompt: str) -> Any:
+    """A deterministic value that fits a (strict-mode) JSON Schema, from the prompt's product."""
+    return _fit(schema, extract_product_name(prompt), generate_description(prompt), "value")
+
+
+def _fit(schema: Any, name: str, text: str, key: str) -> Any:
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for combined in ("anyOf", "oneOf", "allOf"):
+        choices = schema.get(combined)
+        if isinstance(choices, list) and choices:
+            typed = [c for c in choices if isinstance(c, dict) and c.get("type") != "null"]
+            return _fit((typed or choices)[0], name, text, key)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        return {
+            field: _fit(sub, name, text, field)
+            for field, sub in properties.items()
+            if isinstance(field, str)
+        }
+    if kind == "array":
+        count = max(1, int(schema.get("minItems", 1)))
+        return [_fit(schema.get("items", {}), name, text, key) for _ in range(count)]
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 1)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    value = f"{name} | {text}" if "title" in key or "name" in key else text
+    limit = schema.get("maxLength")
+    if isinstance(limit, int) and len(value) > limit:
+        value = value[:limit].rstrip()
+    minimum = schema.get("minLength")
+    if isinstance(minimum, int) and len(value) < minimum:
+        value = value.ljust(minimum, ".")
+    return value

@@ -1,21 +1,37 @@
-"""The handler's pure parts: the prompt from a payload, and reading the API's rate headers."""
+"""The OpenAI handler's pure parts: the prompt of the default kind from a payload, and reading
+the API's rate headers."""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
+import openai
 import pytest
 
-from listener.errors import PermanentItemError
-from listener.generate import (
-    budget_pause,
-    build_messages,
-    parse_duration,
-    prompt_for,
-    retry_after,
-)
+from listener.attempt import handler_item
+from listener.errors import FailItem
+from listener.handler import DEFAULT_KIND, Kind
 from listener.items import ClaimedItem
+from listener.openai.chat import ChatHandler, budget_pause, parse_duration, retry_after
+from listener.openai.spec import load_built_in
+from listener.settings import load_settings
+
+SETTINGS = load_settings(openai_api_key="sk-test")
+# Never called: these tests build requests only.
+CLIENT = openai.AsyncOpenAI(api_key="sk-test", base_url="http://127.0.0.1:9/v1")
+DESCRIPTION = ChatHandler(load_built_in()[DEFAULT_KIND], SETTINGS, CLIENT)
+
+
+def prompt_for(item: ClaimedItem, max_bytes: int) -> list[dict[str, str]]:
+    settings = SETTINGS.model_copy(update={"max_payload_bytes": max_bytes})
+    kind = Kind(DEFAULT_KIND, DESCRIPTION)
+    return DESCRIPTION.messages(handler_item(item, kind, settings))
+
+
+def build_messages(payload: Any) -> list[dict[str, str]]:
+    return prompt_for(_item(json.dumps(payload), len(json.dumps(payload))), 65_536)
 
 
 def test_the_prompt_carries_the_product_s_name_and_data() -> None:
@@ -49,7 +65,7 @@ def test_a_json_text_payload_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (None, "payload must be a JSON object"),
+        (None, "got null"),
         ([1, 2], "payload must be a JSON object"),
         ("not json", "got a string"),
         (None, "got null"),
@@ -61,7 +77,7 @@ def test_a_json_text_payload_is_accepted() -> None:
     ],
 )
 def test_a_payload_the_prompt_cannot_use_is_a_permanent_error(payload: Any, reason: str) -> None:
-    with pytest.raises(PermanentItemError, match=reason):
+    with pytest.raises(FailItem, match=reason):
         build_messages(payload)
 
 
@@ -81,7 +97,7 @@ def _item(payload_text: str | None, payload_bytes: int | None) -> ClaimedItem:
 def test_a_payload_that_cannot_be_read_is_a_permanent_error(
     payload_text: str | None, payload_bytes: int | None, reason: str
 ) -> None:
-    with pytest.raises(PermanentItemError, match=reason):
+    with pytest.raises(FailItem, match=reason):
         prompt_for(_item(payload_text, payload_bytes), 65_536)
 
 
@@ -103,6 +119,10 @@ def test_odd_unicode_is_product_data() -> None:
         (None, None),
         ("soon", None),
         ("5x", None),
+        ("inf", None),
+        ("nan", None),
+        ("1e400", None),
+        ("99999999", 86_400.0),
     ],
 )
 def test_reset_durations_in_openai_s_format(text: str | None, seconds: float | None) -> None:
@@ -127,3 +147,9 @@ def test_a_spent_budget_in_the_headers_pauses_until_its_reset() -> None:
     assert budget_pause(low_tokens, next_tokens=500) == 0.75
     plenty = {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "90000"}
     assert budget_pause(plenty, next_tokens=500) is None
+
+
+def test_a_digit_that_is_not_ascii_is_no_count() -> None:
+    # "²".isdigit() is true and int("²") fails: such a header is ignored, not a crash.
+    assert budget_pause({"x-ratelimit-remaining-tokens": "²"}, next_tokens=500) is None
+    assert math.isfinite(retry_after({"retry-after": "inf"}))

@@ -1,0 +1,80 @@
+"""The `job_kinds` table: each worker registers the kinds it serves at start, and a producer
+refuses a job of a kind no worker has registered, or with an option its kind does not declare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from listener.sqlfiles import queries
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
+
+    from listener.handler import App
+
+
+@dataclass(frozen=True)
+class RegisteredKind:
+    name: str
+    options: frozenset[str] | None  # None: any option
+    required_options: frozenset[str]
+    budget: str | None
+
+
+async def register_kinds(pool: AsyncConnectionPool, app: App) -> None:
+    kinds = list(app)
+    params = {
+        "names": [kind.name for kind in kinds],
+        # Option names are identifiers: joined by a unit separator, which none may hold.
+        "options": ["" if k.options is None else "\x1f".join(sorted(k.options)) for k in kinds],
+        "required": ["\x1f".join(sorted(kind.required_options)) for kind in kinds],
+        "budgets": [kind.budget or "" for kind in kinds],
+    }
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(queries("kinds")["register_kinds"], params)
+    except psycopg.Error as error:
+        from listener.db import wrap
+
+        raise wrap(error, "registering the worker's kinds failed") from error
+
+
+def lookup_kind(conn: psycopg.Connection[Any], name: str) -> RegisteredKind | None:
+    row = conn.execute(queries("kinds")["kind"], {"name": name}).fetchone()
+    return None if row is None else _registered(row)
+
+
+async def lookup_kind_async(conn: psycopg.AsyncConnection[Any], name: str) -> RegisteredKind | None:
+    cursor = await conn.execute(queries("kinds")["kind"], {"name": name})
+    row = await cursor.fetchone()
+    return None if row is None else _registered(row)
+
+
+def known_names(conn: psycopg.Connection[Any]) -> list[str]:
+    return [str(row[0]) for row in conn.execute(queries("kinds")["kind_names"]).fetchall()]
+
+
+async def known_names_async(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    cursor = await conn.execute(queries("kinds")["kind_names"])
+    return [str(row[0]) for row in await cursor.fetchall()]
+
+
+def _registered(row: tuple[Any, ...]) -> RegisteredKind:
+    name, options, required, budget = row
+    return RegisteredKind(
+        name=str(name),
+        options=None if options is None else frozenset(options),
+        required_options=frozenset(required or ()),
+        budget=budget,
+    )
+
+
+def undeclared_options(kind: RegisteredKind, options: Mapping[str, Any]) -> list[str]:
+    if kind.options is None:
+        return []
+    return sorted(name for name in options if name not in kind.options)
