@@ -67,6 +67,8 @@ def params(method: str, turn: int) -> dict[str, Any]:
         "lease_seconds": 60,
         "max_payload_bytes": 65_536,
         "announce": False,
+        "kinds": ["product_description"],
+        "lane": "openai",
     }
     if method not in SHAPES:
         return {**common, "batch": BATCH, "per_store": PER_STORE}
@@ -83,6 +85,8 @@ CLAIM_TYPES = {
     "lease_seconds": "float8",
     "max_payload_bytes": "int",
     "announce": "bool",
+    "kinds": "text[]",
+    "lane": "text",
 }
 _PARAM = re.compile(r"%\((\w+)\)s")
 

@@ -31,6 +31,8 @@ def _claim_p50(conn: psycopg.Connection[Any], stores: list[str], samples: int) -
             "lease_seconds": 60,
             "max_payload_bytes": 65_536,
             "announce": False,
+            "kinds": ["product_description"],
+            "lane": "openai",
         }
         with conn.transaction(force_rollback=True):
             started = time.perf_counter()

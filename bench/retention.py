@@ -51,6 +51,8 @@ def claim_params(turn: int) -> dict[str, Any]:
         "lease_seconds": 60,
         "max_payload_bytes": 65_536,
         "announce": False,
+        "kinds": ["product_description"],
+        "lane": "openai",
         "stores": stores,
         "limits": [10] * 10,
     }

@@ -44,6 +44,8 @@ CLAIM: dict[str, Any] = {
     "lease_seconds": 60,
     "max_payload_bytes": 65_536,
     "announce": False,
+    "kinds": ["product_description"],
+    "lane": "openai",
 }
 
 

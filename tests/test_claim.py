@@ -14,6 +14,8 @@ from listener.items import split_quota
 from listener.sqlfiles import queries
 from tests.support import heard_so_far, insert_backlog
 
+KINDS = {"kinds": ["product_description"]}
+
 
 def _load(conn: psycopg.Connection[Any], stores: int, per_store: int) -> None:
     insert_backlog(conn, stores, per_store)
@@ -42,6 +44,8 @@ def test_the_claim_reads_index_heads_only_at_100k_rows(
                 "lease_seconds": 60,
                 "max_payload_bytes": 65_536,
                 "announce": False,
+                "kinds": ["product_description"],
+                "lane": "openai",
             },
         )
     assert "Seq Scan" not in plan and "Bitmap" not in plan and '"Sort"' not in plan
@@ -52,8 +56,8 @@ def test_the_claim_reads_index_heads_only_at_100k_rows(
 def test_finding_the_stores_with_work_is_a_loose_index_scan(database_url: str) -> None:
     with psycopg.connect(database_url) as conn:
         _load(conn, stores=1000, per_store=100)
-        plan = _plan(conn, queries("items")["ready_stores"], {})
-        stores = conn.execute(queries("items")["ready_stores"]).fetchall()
+        plan = _plan(conn, queries("items")["ready_stores"], KINDS)
+        stores = conn.execute(queries("items")["ready_stores"], KINDS).fetchall()
     assert "Seq Scan" not in plan
     assert '"Index Name": "idx_job_items_pending"' in plan
     assert len(stores) == 1000
@@ -70,6 +74,8 @@ def test_a_claim_takes_each_store_s_oldest_items_up_to_its_quota(database_url: s
             "lease_seconds": 60,
             "max_payload_bytes": 65_536,
             "announce": False,
+            "kinds": ["product_description"],
+            "lane": "openai",
         }
         first = conn.execute(claim, params).fetchall()
         second = conn.execute(claim, {**params, "worker_id": "w2"}).fetchall()
@@ -103,6 +109,8 @@ def _claim_params(stores: list[str], limits: list[int], worker: str = "w") -> di
         "lease_seconds": 60,
         "max_payload_bytes": 65_536,
         "announce": False,
+        "kinds": ["product_description"],
+        "lane": "openai",
     }
 
 
@@ -188,7 +196,7 @@ def test_the_rebuild_finds_stores_with_work_and_when_their_first_item_is_due(
             "UPDATE job_items SET priority = 5, run_after = now() + interval '60 seconds'"
             " WHERE instance_id = 'store-3' AND product_id = 'p1'"
         )
-        rows = dict(conn.execute(queries("items")["ready_stores"]).fetchall())
+        rows = dict(conn.execute(queries("items")["ready_stores"], KINDS).fetchall())
     assert rows["store-1"] == 0 and rows["store-3"] == 0  # store-3's other items are due
     assert 25 < rows["store-2"] <= 30
 
@@ -290,4 +298,4 @@ def test_a_claim_under_a_budget_tells_the_fleet_which_stores_it_served(
         conn.execute(queries("items")["claim"], params).fetchall()  # without: silent
         conn.execute(queries("items")["claim"], {**params, "announce": True}).fetchall()
         heard = sorted(heard_so_far(listener, conn, "stores_served"))
-    assert heard == ["w1\x1fstore-1\x1f1", "w1\x1fstore-2\x1f1"]
+    assert heard == ["w1\x1fstore-1\x1f1\x1fopenai", "w1\x1fstore-2\x1f1\x1fopenai"]

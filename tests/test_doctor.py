@@ -214,6 +214,8 @@ def test_items_whose_worker_died_holding_them_fail(database_url: str) -> None:
                 "lease_seconds": 2,
                 "max_payload_bytes": 65536,
                 "announce": False,
+                "kinds": ["product_description"],
+                "lane": "openai",
             },
         ).fetchall()
         assert len(claimed) == 4

@@ -39,6 +39,8 @@ CLAIM = {
     "lease_seconds": 60,
     "max_payload_bytes": 65_536,
     "announce": False,
+    "kinds": ["product_description"],
+    "lane": "openai",
 }
 
 

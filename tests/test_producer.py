@@ -169,6 +169,26 @@ def test_importing_the_package_loads_no_worker_code() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == str(
-        ["listener", "listener.errors", "listener.producer", "listener.sqlfiles"]
+        [
+            "listener",
+            "listener.errors",
+            "listener.handler",
+            "listener.producer",
+            "listener.registry",
+            "listener.sqlfiles",
+        ]
     )
-    assert listener.__all__ == ["InvalidJob", "enqueue", "enqueue_async"]
+    assert listener.__all__ == [
+        "App",
+        "Budget",
+        "BudgetExhausted",
+        "FailItem",
+        "InvalidJob",
+        "Item",
+        "Kind",
+        "Result",
+        "RetryItem",
+        "StopWorker",
+        "enqueue",
+        "enqueue_async",
+    ]

@@ -25,6 +25,8 @@ CLAIM_PARAMS: dict[str, Any] = {
     "lease_seconds": 60,
     "max_payload_bytes": 65_536,
     "announce": False,
+    "kinds": ["product_description"],
+    "lane": "openai",
 }
 
 

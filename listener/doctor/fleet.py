@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict
 from listener.doctor.backlog import age
 from listener.doctor.context import Context, named
 from listener.doctor.report import Check, fail, ok, warn
+from listener.handler import DEFAULT_KIND
 from listener.sqlfiles import queries
 
 PROBE_SECONDS = 1.0
@@ -189,3 +190,31 @@ def check_budget(ctx: Context) -> Check:
             **data,
         )
     return ok("budget", summary, **data)
+
+
+def check_kinds(ctx: Context) -> Check:
+    """Every kind of an open job is served by some live worker (a worker that says nothing of
+    its kinds, from before kinds existed, serves today's)."""
+    served = sorted(
+        {
+            str(kind)
+            for beat in ctx.live_workers
+            for kind in (beat.stats.get("kinds") or [DEFAULT_KIND])
+        }
+    )
+    rows = ctx.rows("unserved_kinds", served=served)
+    unserved = {str(kind): int(jobs) for kind, jobs in rows}
+    if not unserved:
+        shown = ", ".join(served) or "none"
+        return ok(
+            "kinds", f"every open job's kind has a live worker (served: {shown})", served=served
+        )
+    names = ", ".join(f"{kind} ({jobs} open job(s))" for kind, jobs in unserved.items())
+    return fail(
+        "kinds",
+        f"no live worker serves kind {names}: their items stay PENDING",
+        "start a worker whose app registers the kind (`listener worker --app module:app`, or the"
+        " kind in OPENAI_KINDS_FILE), or check WORKER_KINDS; cancel the jobs if the kind is gone",
+        served=served,
+        unserved=unserved,
+    )

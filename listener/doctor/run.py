@@ -72,6 +72,7 @@ def _in_order(ctx: Context, checks: _Checks) -> None:
     checks.run("failures", lambda: backlog.check_failures(ctx))
     checks.run("connections", lambda: connections.check_connections(ctx))
     checks.run("workers", lambda: fleet.check_workers(ctx))
+    checks.run("kinds", lambda: fleet.check_kinds(ctx))
     checks.run("listen", lambda: fleet.check_listen(ctx))
     checks.run("budget", lambda: fleet.check_budget(ctx))
     checks.run("settings", lambda: connections.check_settings(ctx))

@@ -111,3 +111,12 @@ SELECT pg_backend_pid(), inet_server_port();
 
 -- notify --
 SELECT pg_notify(%(channel)s, %(payload)s);
+
+-- unserved_kinds --
+-- Kinds of open jobs that none of the kinds given (those the live workers serve) covers: their
+-- items stay PENDING until a worker serving them starts. The open jobs only (idx_jobs_open).
+SELECT j.kind, count(*) AS open_jobs
+FROM jobs j
+WHERE j.completed_at IS NULL AND j.kind <> ALL (%(served)s::text[])
+GROUP BY j.kind
+ORDER BY j.kind;

@@ -60,13 +60,15 @@ claimed AS (
         octet_length(j.payload::text) AS payload_bytes,
         j.attempts, j.kind
 ),
-options AS (
+options AS MATERIALIZED (
     -- Each claimed job's options over its store's defaults: a probe of `jobs` and of `stores`
-    -- per job of the claim, not per item.
-    SELECT job.id, coalesce(s.options, '{}'::jsonb) || job.options AS options
-    FROM jobs job
-    LEFT JOIN stores s ON s.instance_id = job.instance_id
-    WHERE job.id = ANY (ARRAY(SELECT DISTINCT job_id FROM claimed))
+    -- per job of the claim, not per item (scalar subqueries: index probes whatever the
+    -- tables' sizes, never a join that reads them).
+    SELECT c.job_id,
+        coalesce(
+            (SELECT s.options FROM stores s WHERE s.instance_id = c.instance_id), '{}'::jsonb
+        ) || (SELECT job.options FROM jobs job WHERE job.id = c.job_id) AS options
+    FROM (SELECT DISTINCT job_id, instance_id FROM claimed) AS c
 ),
 announced AS MATERIALIZED (
     -- Under a budget (claims of an item or two), the fleet's other processes move the stores
@@ -82,7 +84,7 @@ announced AS MATERIALIZED (
 SELECT c.id, c.job_id, c.instance_id, c.product_id, c.payload_text, c.payload_bytes,
     c.attempts, NULL::float8 AS retry_in, c.kind, o.options
 FROM claimed c
-LEFT JOIN options o ON o.id = c.job_id
+LEFT JOIN options o ON o.job_id = c.job_id
 WHERE (SELECT count(*) FROM announced) >= 0
 UNION ALL
 -- One row per store its policy held back (paused, at max_in_flight, over rpm_limit): the
