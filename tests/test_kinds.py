@@ -25,7 +25,6 @@ from tests.support import (
     run_listener,
     running_worker,
     spawn_worker,
-    wait_for_counts,
     wait_until,
 )
 
@@ -43,7 +42,9 @@ async def items_of(conninfo: str, job_id: int) -> dict[str, tuple[Any, ...]]:
 
 
 async def job_done(conninfo: str, job_id: int) -> bool:
-    rows = await query(conninfo, "SELECT completed_at IS NOT NULL FROM jobs WHERE id = %s", (job_id,))
+    rows = await query(
+        conninfo, "SELECT completed_at IS NOT NULL FROM jobs WHERE id = %s", (job_id,)
+    )
     return bool(rows and rows[0][0])
 
 
@@ -77,22 +78,28 @@ async def test_three_kinds_through_one_budget_each_with_its_own_output(database_
             )
             for job in (description, seo, translation):
                 await wait_until(lambda job=job: job_done(database_url, job))
-    for status, kind, result, _error, _attempts in (await items_of(database_url, description)).values():
+    for status, kind, result, _error, _attempts in (
+        await items_of(database_url, description)
+    ).values():
         assert (status, kind) == ("COMPLETED", "product_description")
         assert isinstance(result["text"], str) and result["text"]
     [(status, kind, result, _error, _attempts)] = (await items_of(database_url, seo)).values()
     assert (status, kind) == ("COMPLETED", "seo_meta")
     assert set(result["output"]) == {"title", "meta_description"}
     assert len(result["output"]["title"]) <= 60 and len(result["output"]["meta_description"]) <= 160
-    [(status, kind, result, _error, _attempts)] = (await items_of(database_url, translation)).values()
+    [(status, kind, result, _error, _attempts)] = (
+        await items_of(database_url, translation)
+    ).values()
     assert (status, kind) == ("COMPLETED", "translation")
     assert set(result["output"]) == {"name", "description"}
     # Every call went through the shared budget's row.
-    assert await query(database_url, "SELECT count(*) FROM rate_limiters WHERE name = 'openai'") == [
-        (1,)
-    ]
+    assert await query(
+        database_url, "SELECT count(*) FROM rate_limiters WHERE name = 'openai'"
+    ) == [(1,)]
     # The kinds the worker served are registered for producers.
-    registered = await query(database_url, "SELECT name, required_options FROM job_kinds ORDER BY 1")
+    registered = await query(
+        database_url, "SELECT name, required_options FROM job_kinds ORDER BY 1"
+    )
     assert registered == [
         ("product_description", []),
         ("seo_meta", []),
@@ -129,7 +136,10 @@ async def test_a_template_naming_a_field_the_payload_lacks_fails_that_item_namin
             job = enqueue(
                 database_url,
                 "store-m",
-                [{"id": "whole", "name": "Mug", "description": "Big."}, {"id": "bare", "name": "Cup"}],
+                [
+                    {"id": "whole", "name": "Mug", "description": "Big."},
+                    {"id": "bare", "name": "Cup"},
+                ],
                 kind="translation",
                 options={"language": "German"},
             )
@@ -152,7 +162,9 @@ async def test_store_options_are_defaults_under_the_job_s_own(database_url: str)
             (json.dumps({"brand_voice": "warm", "language": "Spanish"}),),
         )
         async with running_worker(database_url, settings, app):
-            job = enqueue(database_url, "store-o", products(["Jug"]), options={"language": "Italian"})
+            job = enqueue(
+                database_url, "store-o", products(["Jug"]), options={"language": "Italian"}
+            )
             await wait_until(lambda: job_done(database_url, job))
     assert seen == [{"brand_voice": "warm", "language": "Italian"}]
 
@@ -244,32 +256,32 @@ async def test_a_process_limited_to_one_kind_spends_no_slot_on_stores_without_it
 async def test_a_raw_insert_of_a_kind_nobody_serves_stays_pending_and_doctor_names_it(
     database_url: str,
 ) -> None:
-    async with run_stub(StubConfig()) as stub:
-        async with running_worker(database_url, make_settings(stub.base_url)):
-            [(job,)] = await query(
-                database_url,
-                "INSERT INTO jobs (instance_id, kind) VALUES ('store-x', 'alt_text') RETURNING id",
-            )
-            await query(
-                database_url,
-                "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
-                " VALUES (%s, 'store-x', 'x1', '{}')",
-                (job,),
-            )
-            done = enqueue(database_url, "store-y", products(["Mug"]))
-            await wait_until(lambda: job_done(database_url, done))
-            assert (await items_of(database_url, job))["x1"][:2] == ("PENDING", "alt_text")
-            doctor = await anyio.to_thread.run_sync(
-                lambda: run_listener("doctor", "--no-schema-diff", DATABASE_URL=database_url)
-            )
+    async with (
+        run_stub(StubConfig()) as stub,
+        running_worker(database_url, make_settings(stub.base_url)),
+    ):
+        [(job,)] = await query(
+            database_url,
+            "INSERT INTO jobs (instance_id, kind) VALUES ('store-x', 'alt_text') RETURNING id",
+        )
+        await query(
+            database_url,
+            "INSERT INTO job_items (job_id, instance_id, product_id, payload)"
+            " VALUES (%s, 'store-x', 'x1', '{}')",
+            (job,),
+        )
+        done = enqueue(database_url, "store-y", products(["Mug"]))
+        await wait_until(lambda: job_done(database_url, done))
+        assert (await items_of(database_url, job))["x1"][:2] == ("PENDING", "alt_text")
+        doctor = await anyio.to_thread.run_sync(
+            lambda: run_listener("doctor", "--no-schema-diff", DATABASE_URL=database_url)
+        )
     assert "no live worker serves kind alt_text" in doctor.stdout, doctor.stdout
 
 
 def test_the_producer_refuses_an_unknown_kind_and_an_undeclared_option(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO job_kinds (name, options) VALUES ('seo_meta', ARRAY['keywords'])"
-        )
+        conn.execute("INSERT INTO job_kinds (name, options) VALUES ('seo_meta', ARRAY['keywords'])")
     with pytest.raises(InvalidJob, match=r"no kind named alt_text \(registered kinds: seo_meta\)"):
         enqueue(database_url, "store-p", products(["Mug"]), kind="alt_text")
     with pytest.raises(InvalidJob, match=r"option 'tone' is not one kind seo_meta declares"):
@@ -302,7 +314,10 @@ def _worker_refuses(database_url: str, *args: str, **env: str) -> str:
 @pytest.mark.parametrize(
     ("kinds_file", "expected"),
     [
-        ("[seo]\nsystem = 'x'\nuser = \n", "kinds file {path}: Invalid value (at line 3, column 8)"),
+        (
+            "[seo]\nsystem = 'x'\nuser = \n",
+            "kinds file {path}: Invalid value (at line 3, column 8)",
+        ),
         (
             "[seo]\nsystem = 'x'\nschema = { type = 'object', required = 'title' }\n",
             "kinds file {path}: kind seo: field schema: not a valid JSON Schema at required:",
