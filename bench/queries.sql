@@ -172,3 +172,41 @@ SELECT j.id, j.instance_id, 'p' || n, jsonb_build_object('name', 'Product ' || n
        'COMPLETED', jsonb_build_object('text', repeat('A fine product. ', 20)), 1,
        now() - interval '30 days', now() - interval '30 days'
 FROM new_jobs j CROSS JOIN generate_series(1, %(items)s) n;
+
+-- add_kinds_backlog --
+-- One job per (store, kind) with its options, and its items, in one statement.
+WITH wanted AS (
+    SELECT * FROM unnest(
+        %(stores)s::text[], %(kinds)s::text[], %(options)s::jsonb[], %(counts)s::int[]
+    ) AS w(instance_id, kind, options, items)
+), new_jobs AS (
+    INSERT INTO jobs (instance_id, kind, options)
+    SELECT instance_id, kind, options FROM wanted
+    RETURNING id, instance_id, kind
+)
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+SELECT j.id, j.instance_id, j.kind || '-' || n,
+    jsonb_build_object('name', 'Product ' || n || ' of ' || j.instance_id,
+        'description', 'A well-made product our customers love.')
+FROM new_jobs j
+JOIN wanted w ON w.instance_id = j.instance_id AND w.kind = j.kind
+CROSS JOIN LATERAL generate_series(1, w.items) AS n;
+
+-- starts_by_second --
+-- Items claimed per store and whole second since `since` (Unix seconds).
+SELECT instance_id, floor(extract(epoch FROM claimed_at) - %(since)s)::int AS second, count(*)
+FROM job_items
+WHERE claimed_at IS NOT NULL
+GROUP BY 1, 2;
+
+-- first_claim --
+SELECT extract(epoch FROM min(i.claimed_at) - min(j.created_at))::float8
+FROM job_items i JOIN jobs j ON j.id = i.job_id
+WHERE i.instance_id = %(store)s;
+
+-- claims_by_worker --
+-- Per worker process (its heartbeat), the items it claimed by kind, and its limiter's grants.
+SELECT w.pid, i.kind, count(i.id), (w.stats ->> 'requestsInLastMinute')::int
+FROM worker_heartbeats w
+LEFT JOIN job_items i ON i.claimed_by = w.worker_id
+GROUP BY w.pid, i.kind, w.stats;

@@ -13,6 +13,7 @@ from listener.backoff import Backoff
 from listener.errors import DatabaseError, one_line
 from listener.settings import Settings
 from listener.sqlfiles import queries
+from listener.workerstats import PoolStats
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ async def wait_for_database(
         return
 
 
-def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:
+def pool_stats(pool: AsyncConnectionPool) -> PoolStats:
     stats = pool.get_stats()
     return {
         "total": stats.get("pool_size", 0),
@@ -135,7 +136,7 @@ def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:
     }
 
 
-def format_pool_stats(stats: dict[str, int]) -> str:
+def format_pool_stats(stats: PoolStats) -> str:
     return f"{{ total: {stats['total']}, idle: {stats['idle']}, waiting: {stats['waiting']} }}"
 
 

@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 import psycopg
@@ -18,6 +17,7 @@ from listener import items as items_db
 from listener.db import wrap
 from listener.errors import DatabaseError
 from listener.sqlfiles import queries
+from listener.workerstats import WorkerStats
 
 logger = logging.getLogger("listener.worker")
 
@@ -32,7 +32,7 @@ async def run_heartbeat(
     interval: Callable[[], float],
     lease_seconds: float,
     held: Callable[[], list[int]],
-    stats: Callable[[], dict[str, Any]],
+    stats: Callable[[], WorkerStats],
     listener_connected: Callable[[], bool],
     on_others: Callable[[int], None] = lambda _others: None,
 ) -> None:
@@ -53,7 +53,7 @@ async def beat(
     pool: AsyncConnectionPool,
     worker_id: str,
     listener_connected: bool,
-    stats: dict[str, Any],
+    stats: WorkerStats,
     stale_seconds: float,
 ) -> int:
     """Write this worker's row; return how many others beat within `stale_seconds`."""

@@ -38,6 +38,7 @@ from listener.listen import Listener
 from listener.registry import register_kinds
 from listener.settings import Settings
 from listener.throughput import Throughput
+from listener.workerstats import WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -488,7 +489,7 @@ class Worker:
     def _on_reaped(self, count: int) -> None:
         self.counters.reaped += count
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> WorkerStats:
         limiter = self.limiter.snapshot()
         now = time.time()
         return {

@@ -43,8 +43,8 @@ class Demo(Protocol):
     def done(self) -> int: ...
 
 
-LIVE_COLUMNS = "store,arrives,products,progress,done,in flight,first item after,finished in"
-SUMMARY_COLUMNS = "store,products,completed,failed,first item after,finished"
+LIVE_COLUMNS = "store,kind,arrives,products,progress,done,in flight,first item after,finished in"
+SUMMARY_COLUMNS = "store,kind,products,completed,failed,first item after,finished"
 
 
 @contextmanager
@@ -95,15 +95,16 @@ def status_line(demo: Demo, rate: float | None) -> str:
 
 def render_live(demo: Demo, rate: float | None) -> RenderableType:
     in_flight = Counter(demo.worker.running.values())
-    table = _table(LIVE_COLUMNS, left=("store", "progress"), pad_edge=False)
+    table = _table(LIVE_COLUMNS, left=("store", "kind", "progress"), pad_edge=False)
     for s in demo.stores:
         arrives, products = f"t+{s.arrives_after:.1f} s", f"{s.products:,}"
         if s.job_id is None:
             waiting = Text("waiting to arrive", style="dim")
-            table.add_row(Text(s.name, style="dim"), arrives, products, waiting)
+            table.add_row(Text(s.name, style="dim"), s.kind, arrives, products, waiting)
             continue
         table.add_row(
             s.name,
+            s.kind,
             arrives,
             products,
             ProgressBar(total=s.products, completed=s.completed + s.failed, width=30),
@@ -118,14 +119,15 @@ def render_live(demo: Demo, rate: float | None) -> RenderableType:
 
 
 def render_summary(demo: Demo) -> RenderableType:
-    table = _table(SUMMARY_COLUMNS, left=("store", "finished"), title="Summary")
+    table = _table(SUMMARY_COLUMNS, left=("store", "kind", "finished"), title="Summary")
     for s in demo.stores:
         if s.job_id is None:
-            table.add_row(s.name, f"{s.products:,}", "", "", "", "did not arrive")
+            table.add_row(s.name, s.kind, f"{s.products:,}", "", "", "", "did not arrive")
             continue
         left = s.products - s.completed - s.failed
         table.add_row(
             s.name,
+            s.kind,
             f"{s.products:,}",
             f"{s.completed:,}",
             str(s.failed),

@@ -12,6 +12,7 @@ from psycopg.conninfo import make_conninfo
 
 from listener.settings import Settings
 from listener.sqlfiles import queries
+from listener.workerstats import WorkerStats, as_worker_stats
 
 APPLICATION_NAME = "listener-doctor"
 # Workers beat every <= 5 s: a row older than three beats is no longer a live worker.
@@ -39,7 +40,7 @@ class Heartbeat:
     pid: int
     age: float
     listener_connected: bool
-    stats: dict[str, Any]
+    stats: WorkerStats
 
     def number(self, *path: str) -> float:
         value: Any = self.stats
@@ -76,7 +77,9 @@ class Context:
         if self.one("has_heartbeats") == (False,):
             return []
         return [
-            Heartbeat(str(r[0]), str(r[1]), int(r[2]), float(r[3]), bool(r[4]), r[5] or {})
+            Heartbeat(
+                str(r[0]), str(r[1]), int(r[2]), float(r[3]), bool(r[4]), as_worker_stats(r[5])
+            )
             for r in self.rows("heartbeats")
         ]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from listener.handler import DEFAULT_KIND
 from listener.http.waiting import (
     DEFAULT_POLICY,
     Hold,
@@ -20,6 +21,7 @@ from listener.http.waiting import (
     holds_in_words,
     waiting_reasons,
 )
+from listener.workerstats import WorkerStats, as_worker_stats
 
 CHART_MINUTES = 15
 
@@ -83,6 +85,7 @@ class JobRow:
     # Until it finished, or until now for a job still open.
     duration: float
     reasons: list[str]
+    kind: str = DEFAULT_KIND
 
 
 @dataclass
@@ -213,7 +216,7 @@ def _int(value: Any) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
-def _minutes(workers: list[dict[str, Any]], now: datetime) -> list[int]:
+def _minutes(workers: list[WorkerStats], now: datetime) -> list[int]:
     """The fleet's finished items per epoch minute, the last CHART_MINUTES (oldest first)."""
     totals: Counter[int] = Counter()
     for stats in workers:
@@ -247,7 +250,7 @@ def assemble(
     assert limiter is not None  # the query returns one row whatever the table holds
     now: datetime = limiter[0]
     paused_until: datetime | None = limiter[2]
-    stats = [row[6] if isinstance(row[6], dict) else {} for row in worker_rows]
+    stats = [as_worker_stats(row[6]) for row in worker_rows]
     workers = [
         WorkerRow(
             worker_id=str(row[0]),
@@ -308,7 +311,9 @@ def assemble(
         active_weight=active_weight,
     )
     finished_last_minute = sum(last_minute.values())
-    jobs = [job_row(row, situation, holds, policies) for row in job_rows]
+    # The kinds the live workers serve (one that says nothing of kinds serves today's).
+    served = {str(k) for s in stats for k in (s.get("kinds") or [DEFAULT_KIND])}
+    jobs = [job_row(row, situation, holds, policies, served if stats else None) for row in job_rows]
     per_minute = _minutes(stats, now)
     fleet = FleetRow(
         items_last_minute=finished_last_minute,
@@ -343,8 +348,10 @@ def job_row(
     situation: Situation,
     holds: list[Hold],
     policies: dict[str, Policy],
+    served: set[str] | None = None,
 ) -> JobRow:
     job_id, store, status = int(row[0]), str(row[1]), str(row[2])
+    kind = str(row[12]) if len(row) > 12 and row[12] is not None else DEFAULT_KIND
     counts = {
         "PENDING": _int(row[5]),
         "PROCESSING": _int(row[6]),
@@ -363,6 +370,8 @@ def job_row(
         policy=policies.get(store, DEFAULT_POLICY),
         instance_id=store,
     ) + holds_in_words(held, situation)
+    if served is not None and kind not in served and counts["PENDING"]:
+        reasons.insert(0, f"no live worker serves kind {kind}: its items wait for one that does")
     return JobRow(
         id=job_id,
         instance_id=store,
@@ -373,4 +382,5 @@ def job_row(
         total=sum(counts.values()),
         duration=((row[4] or situation.now) - row[3]).total_seconds(),
         reasons=reasons,
+        kind=kind,
     )

@@ -36,10 +36,11 @@ SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
     count(i.id) FILTER (WHERE i.status NOT IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED'))
         AS other,
     min(i.run_after) FILTER (WHERE i.status = 'PENDING' AND i.run_after > now()) AS backoff_until,
-    count(i.id) FILTER (WHERE i.status = 'PENDING' AND i.run_after <= now()) AS ready
+    count(i.id) FILTER (WHERE i.status = 'PENDING' AND i.run_after <= now()) AS ready,
+    j.kind
 FROM (SELECT * FROM jobs ORDER BY id DESC LIMIT %(limit)s) j
 LEFT JOIN job_items i ON i.job_id = j.id
-GROUP BY j.id, j.instance_id, j.status, j.created_at, j.completed_at
+GROUP BY j.id, j.instance_id, j.status, j.created_at, j.completed_at, j.kind
 ORDER BY j.id DESC;
 
 -- features --
