@@ -10,6 +10,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listener.errors import ConfigurationError
+from listener.handler import KIND_NAME
+
+# 'package.module:attribute': what `--app` and WORKER_APP name.
+APP_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -43,7 +47,7 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=65_536, ge=1024, le=100_000_000)
     # The app's own kinds for the OpenAI handler (TOML, one table per kind), beside the built-in
     # ones (listener/openai/kinds.toml); a kind of the same name replaces the built-in.
-    openai_kinds_file: str | None = None
+    openai_kinds_file: str | None = Field(default=None, min_length=1)
 
     # `listener worker --app`'s default: 'package.module:attribute' naming a listener.App whose
     # kinds the worker serves beside the OpenAI ones (the Procfile's way to say --app).
@@ -103,6 +107,24 @@ class Settings(BaseSettings):
         if not all(p.isdigit() for p in port.split(",")):
             raise ValueError("its port is not a number")
         return value
+
+    @field_validator("worker_app")
+    @classmethod
+    def _worker_app(cls, value: str | None) -> str | None:
+        if value is not None and not APP_REFERENCE.match(value):
+            raise ValueError("expected 'package.module:attribute'")
+        return value
+
+    @field_validator("worker_kinds")
+    @classmethod
+    def _worker_kinds(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        names = [name.strip() for name in value.split(",")]
+        bad = [name for name in names if not KIND_NAME.match(name)]
+        if bad or not names:
+            raise ValueError(f"{bad[0] if bad else value!r} is not a kind's name")
+        return ",".join(names)
 
     @field_validator("openai_base_url")
     @classmethod

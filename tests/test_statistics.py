@@ -4,6 +4,7 @@ empty, scans the whole table once a backlog lands; the watch's ANALYZE replaces 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -72,10 +73,11 @@ def _cached_claim_plan(conn: psycopg.Connection[Any]) -> set[tuple[str, str]]:
         ("%FROM unflushed, unnest(%",),
     ).fetchone()
     assert row is not None, "the claim was not prepared"
-    explain = sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {}({}, {}, 'w', 60, 65536, false)").format(
+    # The parameters in the order psycopg numbered them: their first appearance in the text.
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", queries("items")["claim"])))
+    explain = sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {}({})").format(
         sql.Identifier(row[0]),
-        sql.Literal(CLAIM_PARAMS["stores"]),
-        sql.Literal(CLAIM_PARAMS["limits"]),
+        sql.SQL(", ").join(sql.Literal(CLAIM_PARAMS[name]) for name in names),
     )
     plan = conn.execute(explain).fetchone()
     assert plan is not None

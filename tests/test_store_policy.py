@@ -133,11 +133,11 @@ async def test_a_click_is_its_store_s_next_item_and_takes_nobody_else_s_turn(
             await wait_until(lambda: any(i.product_id == "click" for i in handler.starts))
             await wait_until(lambda: len(handler.starts) >= clicked_at + 20)
     after = handler.starts[clicked_at:]
-    bulk = [item.product_id for item in after if item.instance_id == "bulk"]
+    bulk = [item.product_id for item in after if item.store == "bulk"]
     # The very next item of its store (one more may have been claimed as the click committed).
     assert "click" in bulk[:2], bulk[:5]
     # And the turns between the stores are what they were: alternating, no extra turn for bulk.
-    stores = [item.instance_id for item in after[:20]]
+    stores = [item.store for item in after[:20]]
     assert abs(Counter(stores)["bulk"] - Counter(stores)["other"]) <= 2, stores
 
 
