@@ -295,7 +295,7 @@ def settings_page() -> str:
     for name, field in Settings.model_fields.items():
         type_name, secret = _type_name(field.annotation)
         meaning = field.description or DESCRIPTIONS.get(name, "")
-        if (secret or name in SECRET_FIELDS) and "masked" not in meaning:
+        if (secret or name in SECRET_FIELDS) and "masked" not in meaning.lower():
             meaning += " Masked in every output."
         env = (prefix + name).upper()
         row = [
