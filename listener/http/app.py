@@ -354,7 +354,10 @@ def _host(text: str) -> str:
 def register(commands: Any) -> None:
     api = commands.add_parser(
         "api",
-        help="serve /health, /api/rate-limiter/stats and /metrics alone (fleet-wide figures)",
+        help=(
+            "serve HTTP alone: the dashboard at /, /health, /api/rate-limiter/stats and /metrics"
+            " (fleet-wide figures)"
+        ),
     )
     api.add_argument(
         "--port",
