@@ -61,6 +61,19 @@ DESCRIPTIONS: dict[str, str] = {
         "A larger payload fails its item at once with the reason; it is never loaded into the "
         "worker."
     ),
+    "openai_kinds_file": (
+        "A TOML file of the app's own OpenAI kinds (one table per kind: prompts, model, "
+        "schema...), beside the built-in ones; one of the same name replaces the built-in. "
+        "See the kinds and handlers guide."
+    ),
+    "worker_app": (
+        "`package.module:attribute` naming a `listener.App` whose kinds `listener worker` serves "
+        "beside the OpenAI ones (what `--app` says, for a Procfile)."
+    ),
+    "worker_kinds": (
+        "Serve these kinds only (comma-separated), as `--kinds` does; unset: every kind the "
+        "process has a handler for."
+    ),
     "rate_limit_rpm": (
         "The account's requests per minute, shared by every process through one row in "
         "PostgreSQL. 0 turns the request budget off."
