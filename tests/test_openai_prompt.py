@@ -3,6 +3,7 @@ the API's rate headers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -153,3 +154,27 @@ def test_a_digit_that_is_not_ascii_is_no_count() -> None:
     # "²".isdigit() is true and int("²") fails: such a header is ignored, not a crash.
     assert budget_pause({"x-ratelimit-remaining-tokens": "²"}, next_tokens=500) is None
     assert math.isfinite(retry_after({"retry-after": "inf"}))
+
+
+def test_the_request_says_length_limits_in_words_and_the_answer_is_checked_against_them() -> None:
+    seo = ChatHandler(load_built_in()["seo_meta"], SETTINGS, CLIENT)
+    body = seo.request(handler_item(_item(json.dumps({"name": "Mug"}), 15), seo_kind(), SETTINGS))
+    sent = body["response_format"]["json_schema"]
+    assert sent["strict"] is True and sent["name"] == "seo_meta"
+    title = sent["schema"]["properties"]["title"]
+    assert "maxLength" not in title and title["description"] == "at most 60 characters."
+    assert sent["schema"]["required"] == ["title", "meta_description"]
+    assert sent["schema"]["additionalProperties"] is False
+    # The full schema still judges the answer: a title of 61 characters does not fit.
+    too_long = json.dumps({"title": "x" * 61, "meta_description": "fine"})
+    with pytest.raises(FailItem, match="does not fit the schema at title"):
+        seo._structured(_second_attempt(), too_long, None)
+
+
+def seo_kind() -> Kind:
+    return Kind("seo_meta", DESCRIPTION)
+
+
+def _second_attempt() -> Any:
+    item = handler_item(_item(json.dumps({"name": "Mug"}), 15), seo_kind(), SETTINGS)
+    return dataclasses.replace(item, attempt=2)

@@ -85,6 +85,29 @@ def budget_pause(headers: Mapping[str, str], next_tokens: int) -> float | None:
     return max(known) if known else None
 
 
+# Keywords that strict mode has not always accepted: the request carries them in words in the
+# field's description instead, and the answer is checked against the full schema here.
+_IN_WORDS = {
+    "maxLength": "at most {} characters",
+    "minLength": "at least {} characters",
+}
+
+
+def request_schema(schema: Any) -> Any:
+    """The schema as the request sends it: the full schema less the keywords of `_IN_WORDS`,
+    each said in the description of the field it bounded."""
+    if isinstance(schema, list):
+        return [request_schema(part) for part in schema]
+    if not isinstance(schema, dict):
+        return schema
+    copy = {key: request_schema(value) for key, value in schema.items() if key not in _IN_WORDS}
+    said = [text.format(schema[key]) for key, text in _IN_WORDS.items() if key in schema]
+    if said:
+        description = str(schema.get("description", "")).rstrip(". ")
+        copy["description"] = "; ".join(([description] if description else []) + said) + "."
+    return copy
+
+
 def make_client(settings: Settings) -> openai.AsyncOpenAI:
     key = settings.openai_api_key
     return openai.AsyncOpenAI(
@@ -106,6 +129,7 @@ class ChatHandler:
         self._validator = (
             jsonschema.Draft202012Validator(spec.schema) if spec.schema is not None else None
         )
+        self._request_schema = request_schema(spec.schema)
 
     def estimate_tokens(self) -> int:
         """Reserved before the item is known; the budget is corrected with the real usage."""
@@ -131,7 +155,7 @@ class ChatHandler:
                 "json_schema": {
                     "name": self.spec.schema_name or self.spec.name,
                     "strict": True,
-                    "schema": self.spec.schema,
+                    "schema": self._request_schema,
                 },
             }
         return body
