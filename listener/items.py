@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 import psycopg
@@ -15,6 +16,7 @@ from listener.handler import DEFAULT_KIND
 from listener.sqlfiles import queries
 
 Status = Literal["COMPLETED", "FAILED", "PENDING"]
+_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class ClaimedItem:
     attempts: int  # this claim's attempt number: it fences the outcome's write
     kind: str = DEFAULT_KIND
     # The job's options over its store's (`stores.options`), as the claim read them.
-    options: dict[str, Any] = field(default_factory=dict, compare=False)
+    options: Mapping[str, Any] = field(default_factory=lambda: _NO_OPTIONS, compare=False)
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Outcome:
 
     item_id: int
     status: Status
-    result: Any = None
+    result: str | None = None  # the result as JSON text
     error: str | None = None
     delay: float = 0.0  # seconds before a PENDING item may be claimed again
     refund: bool = False  # give the attempt back: the item was released, not tried
@@ -60,8 +62,9 @@ class Outcome:
         )
 
     @classmethod
-    def completed(cls, item: ClaimedItem, result: Any) -> Outcome:
-        return cls.of(item, "COMPLETED", result=result)
+    def completed(cls, item: ClaimedItem, result: Any, text: str | None = None) -> Outcome:
+        """`text`: the result as JSON text already (the attempt encoded it to check it)."""
+        return cls.of(item, "COMPLETED", result=json.dumps(result) if text is None else text)
 
     @classmethod
     def failed(cls, item: ClaimedItem, error: str) -> Outcome:
@@ -157,16 +160,22 @@ async def claim(
             rows = await cursor.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "claim failed") from error
-    items = [_claimed(row) for row in rows if row[0] is not None]
+    options: dict[str, Mapping[str, Any]] = {}
+    items = [_claimed(row, options) for row in rows if row[0] is not None]
     items.sort(key=lambda item: item.id)
     held_back = [HeldBack(str(row[2]), row[7]) for row in rows if row[0] is None]
     return ClaimResult(items, held_back, written)
 
 
-def _claimed(row: tuple[Any, ...]) -> ClaimedItem:
-    """A row of the claim: its columns in the claim's SELECT order."""
+def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> ClaimedItem:
+    """A row of the claim: its columns in the claim's SELECT order. `parsed`: the options read
+    so far, by their text (a claim's items share their job's, parsed once, read-only)."""
     (id_, job_id, store, product_id, payload_text, payload_bytes, attempts, _retry_in, kind,
-     options) = row  # fmt: skip
+     options_text) = row  # fmt: skip
+    text = options_text or "{}"
+    options = parsed.get(text)
+    if options is None:
+        options = parsed[text] = MappingProxyType(json.loads(text))
     return ClaimedItem(
         id=id_,
         job_id=job_id,
@@ -176,7 +185,7 @@ def _claimed(row: tuple[Any, ...]) -> ClaimedItem:
         payload_bytes=payload_bytes,
         attempts=attempts,
         kind=kind,
-        options=options or {},
+        options=options,
     )
 
 
@@ -185,7 +194,7 @@ def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any
     return {
         "ids": [o.item_id for o in outcomes],
         "statuses": [o.status for o in outcomes],
-        "results": [None if o.result is None else json.dumps(o.result) for o in outcomes],
+        "results": [o.result for o in outcomes],
         "errors": [o.error for o in outcomes],
         "delays": [o.delay for o in outcomes],
         "refunds": [o.refund for o in outcomes],

@@ -82,7 +82,7 @@ announced AS MATERIALIZED (
     GROUP BY instance_id
 )
 SELECT c.id, c.job_id, c.instance_id, c.product_id, c.payload_text, c.payload_bytes,
-    c.attempts, NULL::float8 AS retry_in, c.kind, o.options
+    c.attempts, NULL::float8 AS retry_in, c.kind, o.options::text AS options
 FROM claimed c
 LEFT JOIN options o ON o.job_id = c.job_id
 WHERE (SELECT count(*) FROM announced) >= 0

@@ -65,6 +65,9 @@ REFUSE_MARKER = "STUB:REFUSE"
 INVALID_MARKER = "STUB:INVALID"
 
 
+_AT_MOST = re.compile(r"at most (\d+) characters")
+
+
 def object_for_schema(schema: Any, prompt: str) -> Any:
     """A deterministic value that fits a (strict-mode) JSON Schema, from the prompt's product."""
     return _fit(schema, extract_product_name(prompt), generate_description(prompt), "value")
@@ -103,6 +106,9 @@ def _fit(schema: Any, name: str, text: str, key: str) -> Any:
         return None
     value = f"{name} | {text}" if "title" in key or "name" in key else text
     limit = schema.get("maxLength")
+    # A limit said in words in the description, as a model reads it.
+    if limit is None and (said := _AT_MOST.search(str(schema.get("description", "")))):
+        limit = int(said.group(1))
     if isinstance(limit, int) and len(value) > limit:
         value = value[:limit].rstrip()
     minimum = schema.get("minLength")
