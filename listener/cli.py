@@ -43,7 +43,8 @@ exit codes:
   {EXIT_OK:<5}done
   {EXIT_FAILURE:<5}a check or a lookup failed (migrate check, doctor, status of an unknown job)
   {EXIT_CONFIG:<5}bad usage or a bad setting (one line names it)
-  {EXIT_UNAVAILABLE:<5}the database cannot be reached, or the worker's OpenAI key was rejected
+  {EXIT_UNAVAILABLE:<5}the database cannot be reached or used (it refused the connection or a
+       statement, or has no schema), or the worker's OpenAI key was rejected
   {EXIT_INTERRUPTED:<5}interrupted (Ctrl-C)"""
 
 # Every command in one of three groups, in the order `--help` lists them.

@@ -193,3 +193,8 @@ async def test_the_installed_wheel_migrates_and_its_worker_completes_an_item(
             output = await communicate(worker, 30)
     assert worker.returncode == 0, output
     assert stub.state.completed_total == 2
+
+
+def test_the_changelog_has_an_entry_for_this_version() -> None:
+    text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert f"## [{listener.__version__}] - " in text
