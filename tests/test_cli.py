@@ -9,8 +9,10 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -161,9 +163,19 @@ def test_an_unreachable_database_is_exit_3_and_one_line() -> None:
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+@pytest.fixture
+def outside_pytest_tmp() -> Iterator[Path]:
+    """A folder for an embedded server's .pgdata. Not tmp_path: pgserver runs the server as its
+    own user and opens the folders above to it, and a pytest session starting meanwhile (another
+    engineer's, on a shared machine) closes /tmp/pytest-of-root again (0700)."""
+    with tempfile.TemporaryDirectory(prefix="listener-embedded-") as folder:
+        yield Path(folder)
+
+
 def test_worker_with_embedded_uses_the_embedded_server_and_stops_it(
-    tmp_path: Path,
+    outside_pytest_tmp: Path,
 ) -> None:
+    tmp_path = outside_pytest_tmp
     # cwd: the embedded server's default folder, .pgdata, lands in the test's own folder.
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
     env |= {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "LOG_LEVEL": "INFO"}
@@ -297,11 +309,13 @@ def test_status_and_store_show_as_json_with_a_limit(database_url: str) -> None:
 
 @pytest.mark.anyio
 async def test_the_embedded_postgresql_16_migrates_checks_and_completes_items(
-    tmp_path: Path,
+    outside_pytest_tmp: Path,
 ) -> None:
     """The embedded server is the second PostgreSQL major version the project supports (16,
     pgserver's; the machine's is 15): the schema, `migrate check` and a worker on it."""
     import pgserver
+
+    tmp_path = outside_pytest_tmp
 
     for step in (("migrate", "up"), ("migrate", "check")):
         done = run_listener("--embedded", *step, cwd=tmp_path)
