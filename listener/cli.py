@@ -321,21 +321,27 @@ def exit_code(error: BaseException) -> int | None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     """The global options given, as settings (they win over the environment)."""
-    overrides: dict[str, object] = {}
     url = getattr(args, "database_url", None)
+    embedded = getattr(args, "embedded", False)
+    # Each flag is exclusive where it is given; given on either side of the command, both can be.
+    if url is not None and embedded:
+        raise UsageError("--database-url and --embedded: give one or the other")
     if url is not None:
-        overrides["database_url"] = url
-    if getattr(args, "embedded", False):
-        overrides |= {"listener_embedded": True, "database_url": None}
-    return overrides
+        return {"database_url": url, "listener_embedded": False}
+    if embedded:
+        return {"database_url": None, "listener_embedded": True}
+    return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = _overrides(args)
     try:
+        overrides = _overrides(args)
         settings = load_settings(**overrides)
+    except UsageError as error:
+        sys.stderr.write(f"listener: {error}\n")
+        return EXIT_CONFIG
     except ConfigurationError as error:
         if args.command == "settings" and str(error).startswith("invalid settings:"):
             return settings_despite_relations(overrides)

@@ -157,6 +157,16 @@ def test_the_database_url_flag_wins_over_the_environment(database_url: str, wher
     assert json.loads(result.stdout) == {"jobs": [], "backlog": []}
 
 
+def test_a_flag_wins_over_the_environment_and_both_flags_are_refused(database_url: str) -> None:
+    flagged = run_listener("--database-url", database_url, "status", LISTENER_EMBEDDED="1")
+    assert flagged.returncode == 0, flagged.stderr
+    both = run_listener("--embedded", "status", "--database-url", database_url)
+    assert (both.returncode, both.stderr) == (
+        2,
+        "listener: --database-url and --embedded: give one or the other\n",
+    )
+
+
 def test_an_unreachable_database_is_exit_3_and_one_line() -> None:
     result = run_listener("status", DATABASE_URL="postgresql://postgres@127.0.0.1:9/none")
     assert result.returncode == 3, result.stdout + result.stderr
