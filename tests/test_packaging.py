@@ -52,8 +52,11 @@ def test_the_wheel_holds_every_package_query_and_migration_of_the_checkout(wheel
     names = _names(wheel)
     # The packages are listed in pyproject.toml (sql/ and migrations/ are mapped into the
     # package): a subpackage added to the checkout and not to that list fails here.
-    for init in (ROOT / "listener").rglob("__init__.py"):
-        assert init.relative_to(ROOT).as_posix() in names
+    # Every file of the package, modules and data alike (a kind's TOML, a template, ...): a new
+    # subpackage or data file needs a line there too.
+    for path in (ROOT / "listener").rglob("*"):
+        if path.is_file() and "__pycache__" not in path.parts:
+            assert path.relative_to(ROOT).as_posix() in names, "add it to pyproject.toml"
     for folder in ("sql", "migrations"):
         files = sorted(path.name for path in (ROOT / folder).glob("*.sql"))
         assert files
