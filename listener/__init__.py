@@ -6,9 +6,13 @@ serve kinds of their own: `App`, `Item`, `Result` and the errors that steer an i
 only (psycopg), nothing of the worker.
 """
 
-from listener.errors import BudgetExhausted, FailItem, RetryItem, StopWorker
-from listener.handler import App, Budget, Item, Kind, Result
-from listener.producer import InvalidJob, enqueue, enqueue_async
+# The one place the version is written: setuptools reads it for the distribution's metadata
+# (pyproject.toml's dynamic version), `listener --version` prints it.
+__version__ = "0.1.0"
+
+from listener.errors import BudgetExhausted, FailItem, RetryItem, StopWorker  # noqa: E402
+from listener.handler import App, Budget, Item, Kind, Result  # noqa: E402
+from listener.producer import InvalidJob, enqueue, enqueue_async  # noqa: E402
 
 __all__ = [
     "App",
@@ -21,6 +25,7 @@ __all__ = [
     "Result",
     "RetryItem",
     "StopWorker",
+    "__version__",
     "enqueue",
     "enqueue_async",
 ]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# The OpenAI key was rejected: cli.EXIT_UNAVAILABLE (cli imports this module's register()).
 EXIT_AUTH = 3
 
 
@@ -207,46 +208,9 @@ def _target(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
+    from listener import show
 
-    from listener import jobs
-
-    # Stores, products and errors are the clients' data: Text, never markup, so "[/x]" in a
-    # store id is shown as it is instead of crashing the command (and control codes are dropped).
-    url = resolve_database(settings)
-    console = Console()
-    headers = (
-        "job",
-        "store",
-        "status",
-        "pending",
-        "processing",
-        "completed",
-        "failed",
-        "cancelled",
-    )
-    table = Table(*headers, title="Jobs")
-    if args.job_id is not None:
-        row = jobs.job_progress(url, args.job_id)
-        if row is None:
-            raise ListenerError(f"no job {args.job_id}")
-        rows = [row]
-    else:
-        rows = jobs.recent_jobs(url)
-    for job_id, store, status, _created, _completed, *counts in rows:
-        table.add_row(str(job_id), Text(store), Text(status), *(str(c) for c in counts))
-    console.print(table)
-    if args.job_id is not None:
-        for item_id, product_id, attempts, error in jobs.failed_items(url, args.job_id):
-            console.print(
-                Text(f"  FAILED item {item_id} ({product_id}, {attempts} attempt(s)): {error}")
-            )
-    backlog = Table("store", "pending", "processing", title="Backlog per store")
-    for store, pending, processing in jobs.backlog_by_store(url):
-        backlog.add_row(Text(store), str(pending), str(processing))
-    console.print(backlog)
+    show.status(resolve_database(settings), args.job_id, args.limit, args.json)
     return 0
 
 
@@ -287,41 +251,29 @@ def _store(args: argparse.Namespace, settings: Settings) -> int:
     else:
         policy.set_policy(resolve_database(settings), args.store, paused=args.action == "pause")
     # Every worker re-reads the row on the stores_changed notification its commit sends.
-    return _store_show(args, settings)
+    from listener import show
+
+    show.stores(resolve_database(settings), args.store, 1, as_json=False)
+    return 0
 
 
 def _store_show(args: argparse.Namespace, settings: Settings) -> int:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
+    from listener import show
 
-    from listener import policy
-
-    rows = policy.show(resolve_database(settings), args.store)
-    headers = (
-        "store",
-        "weight",
-        "rpm",
-        "max in flight",
-        "paused",
-        "backlog",
-        "in flight",
-        "last minute",
-    )
-    table = Table(*headers, title="Stores")
-    for store, weight, rpm, in_flight_cap, paused, backlog, in_flight, last_minute in rows:
-        table.add_row(
-            Text(store),
-            str(weight),
-            "-" if rpm is None else str(rpm),
-            "-" if in_flight_cap is None else str(in_flight_cap),
-            "yes" if paused else "no",
-            str(backlog),
-            str(in_flight),
-            str(last_minute),
-        )
-    Console().print(table)
+    show.stores(resolve_database(settings), args.store, args.limit, args.json)
     return 0
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be 1 to 10000, got {text!r}")
+    return value
+
+
+def _output_options(parser: argparse.ArgumentParser, what: str, default: int) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON, for machines")
+    parser.add_argument("--limit", type=_limit, default=default, help=f"the most {what} shown")
 
 
 def register(commands: Any) -> None:
@@ -346,7 +298,7 @@ def register(commands: Any) -> None:
     source.add_argument("--products", type=int, help="this many generated sample products")
     source.add_argument("--file", type=Path, help="a JSON array of product objects")
     enqueue.add_argument(
-        "--priority", default="0", help="-100 to 100, higher first, within the store (default 0)"
+        "--priority", default="0", help="-100 to 100, higher first, within the store"
     )
     enqueue.add_argument(
         "--kind",
@@ -359,13 +311,16 @@ def register(commands: Any) -> None:
     enqueue.set_defaults(handler=_enqueue)
 
     store = commands.add_parser("store", help="a store's weight, caps and pause")
-    actions = store.add_subparsers(dest="action", required=True)
+    actions = store.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="one of the actions below"
+    )
     show = actions.add_parser("show", help="weight, caps, paused, backlog, in flight, last minute")
     show.add_argument(
         "store", nargs="?", help="one store (default: every store with a row or work)"
     )
+    _output_options(show, "stores", 200)
     change = actions.add_parser("set", help="change a store's weight or caps")
-    change.add_argument("store")
+    change.add_argument("store", help="the store's instance_id")
     change.add_argument("--weight", help="1 to 1000: its share of the budget against others'")
     change.add_argument("--rpm", help="the most items it starts a minute, or none")
     change.add_argument("--max-in-flight", help="the most items it runs at once, or none")
@@ -375,7 +330,7 @@ def register(commands: Any) -> None:
         "under each job's own options; replaces the store's previous ones",
     )
     for action, text in (("pause", "start none of its items"), ("resume", "start them again")):
-        actions.add_parser(action, help=text).add_argument("store")
+        actions.add_parser(action, help=text).add_argument("store", help="the store's instance_id")
     store.set_defaults(handler=_store)
 
     cancel = commands.add_parser(
@@ -396,5 +351,8 @@ def register(commands: Any) -> None:
     prune.set_defaults(handler=_prune)
 
     status = commands.add_parser("status", help="job progress and the backlog per store")
-    status.add_argument("job_id", nargs="?", type=int)
+    status.add_argument(
+        "job_id", nargs="?", type=int, help="one job, and its failed items (default: the latest)"
+    )
+    _output_options(status, "jobs, failed items and stores", 10)
     status.set_defaults(handler=_status)

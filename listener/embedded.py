@@ -1,7 +1,9 @@
-"""An embedded PostgreSQL for a clone with no DATABASE_URL: the demo, a first `listener worker`.
+"""An embedded PostgreSQL, when asked for: the demo with no DATABASE_URL, and a command given
+`--embedded` (or LISTENER_EMBEDDED=1).
 
-pgserver ships the server binaries in its wheel and runs as root, so nothing is installed on the
-machine; the server stops when the last process using it exits.
+pgserver ships the server binaries in its wheel (the `embedded` extra, which a production
+install leaves out) and runs as root, so nothing is installed on the machine; the server stops
+when the last process using it exits.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import os
 import warnings
 from pathlib import Path
 
-from listener.errors import DatabaseError
+from listener.errors import ConfigurationError, DatabaseError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path(".pgdata")
+MISSING_EXTRA = (
+    "the embedded PostgreSQL needs the embedded extra: pip install 'fair-pg-worker[embedded]'"
+    " (or set DATABASE_URL)"
+)
 
 
 def _forget_dead_users(data_dir: Path) -> None:
@@ -53,7 +59,10 @@ def start_embedded(data_dir: Path = DEFAULT_DATA_DIR) -> str:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers); pgserver copes.
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
-        import pgserver
+        try:
+            import pgserver
+        except ImportError:
+            raise ConfigurationError(MISSING_EXTRA) from None
 
     data_dir.mkdir(parents=True, exist_ok=True)
     _forget_dead_users(data_dir)
@@ -66,5 +75,5 @@ def start_embedded(data_dir: Path = DEFAULT_DATA_DIR) -> str:
             f"cannot start the embedded PostgreSQL in {data_dir}: {error}"
         ) from error
     uri = str(server.get_uri())
-    logger.info("using the embedded PostgreSQL in %s (DATABASE_URL is unset)", data_dir)
+    logger.info("using the embedded PostgreSQL in %s", data_dir)
     return uri

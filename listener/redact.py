@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote
 
 from pydantic import SecretStr
 
-from listener.settings import SECRET_FIELDS, Settings
+from listener.settings import SECRET_FIELDS, UncheckedSettings
 
 MASK = "***"
 # A value this short cannot be told apart from ordinary text (masking "pw" would mangle every
@@ -118,7 +118,9 @@ def mask_url_credentials(url: str) -> str:
     return _CREDENTIAL_PARAM.sub(rf"\1{MASK}", masked)
 
 
-def secret_values(settings: Settings, environ: Mapping[str, str] | None = None) -> set[str]:
+def secret_values(
+    settings: UncheckedSettings, environ: Mapping[str, str] | None = None
+) -> set[str]:
     """Every secret the settings (and `environ`'s ENV_SECRETS) hold, also as it would look
     percent-encoded in a URL."""
     values: set[str] = set()
@@ -145,7 +147,7 @@ def mask_database_url(url: str) -> str:
     return Redactor(database_passwords(url))(masked)
 
 
-def settings_lines(settings: Settings) -> list[str]:
+def settings_lines(settings: UncheckedSettings) -> list[str]:
     """Every effective setting as `NAME=value`: secrets as `***`, an unset one as `NAME=`."""
     redactor = Redactor(secret_values(settings))
     lines = []
@@ -171,7 +173,7 @@ def settings_lines(settings: Settings) -> list[str]:
 _active = Redactor()
 
 
-def remember(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+def remember(settings: UncheckedSettings, environ: Mapping[str, str] | None = None) -> None:
     """Mask these settings' secrets, and the environment's (`os.environ` unless given), from now
     on, in `redact` and the logging filter."""
     global _active

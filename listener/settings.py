@@ -18,15 +18,18 @@ APP_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-class Settings(BaseSettings):
-    """The worker's configuration; `.env.example` documents each field."""
+class UncheckedSettings(BaseSettings):
+    """Every setting, each checked alone; `Settings` adds the relations between them.
+    `listener settings` prints these when a relation fails, so the operator sees every value."""
 
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
     )
 
-    # Unset: the worker and the demo start an embedded PostgreSQL in `.pgdata/`.
+    # Unset: a command stops (exit 2) unless LISTENER_EMBEDDED (or `--embedded`) asks for the
+    # embedded PostgreSQL in `.pgdata/`; the demo starts that one on its own.
     database_url: str | None = None
+    listener_embedded: bool = False
     # A worker waits on HTTP, not on the database: a few connections serve many workers.
     db_pool_max: int = Field(default=4, ge=1, le=1000)
     db_pool_min: int = Field(default=1, ge=0, le=1000)
@@ -150,44 +153,6 @@ class Settings(BaseSettings):
         """How often a worker renews its leases: a few times per lease, at least every 5 s."""
         return max(0.5, min(5.0, self.lease_seconds / 3))
 
-    @model_validator(mode="after")
-    def _relations(self) -> Settings:
-        # Each value may be fine alone and the pair still fail later (a backoff whose base
-        # exceeds its cap raises on the first retry): refused at start, both names in one line.
-        if self.db_pool_min > self.db_pool_max:
-            raise ValueError(
-                f"DB_POOL_MIN ({self.db_pool_min}) is larger than DB_POOL_MAX ({self.db_pool_max})"
-            )
-        if self.retry_base_seconds > self.retry_cap_seconds:
-            raise ValueError(
-                f"RETRY_BASE_SECONDS ({self.retry_base_seconds:g}) is larger than "
-                f"RETRY_CAP_SECONDS ({self.retry_cap_seconds:g})"
-            )
-        if self.max_per_instance > self.claim_batch_size:
-            raise ValueError(
-                f"MAX_PER_INSTANCE ({self.max_per_instance}) is larger than CLAIM_BATCH_SIZE "
-                f"({self.claim_batch_size}): no claim holds that many items"
-            )
-        if self.db_lock_timeout_seconds > self.db_statement_timeout_seconds:
-            raise ValueError(
-                f"DB_LOCK_TIMEOUT_SECONDS ({self.db_lock_timeout_seconds:g}) is larger than "
-                f"DB_STATEMENT_TIMEOUT_SECONDS ({self.db_statement_timeout_seconds:g}): the "
-                "statement would be cancelled before its lock wait ends"
-            )
-        if self.lease_seconds <= self.heartbeat_seconds + self.db_lock_timeout_seconds:
-            raise ValueError(
-                f"LEASE_SECONDS ({self.lease_seconds:g}) is too short for DB_LOCK_TIMEOUT_SECONDS "
-                f"({self.db_lock_timeout_seconds:g}): a heartbeat (every "
-                f"{self.heartbeat_seconds:.2g} s) held up by a lock that long would let the "
-                "leases of a live worker expire"
-            )
-        if 0 < self.rate_limit_tpm < self.openai_max_tokens:
-            raise ValueError(
-                f"OPENAI_MAX_TOKENS ({self.openai_max_tokens}) is larger than RATE_LIMIT_TPM "
-                f"({self.rate_limit_tpm}): one request could need more than a minute's budget"
-            )
-        return self
-
     @field_validator("http_host")
     @classmethod
     def _http_host(cls, value: str) -> str:
@@ -199,6 +164,63 @@ class Settings(BaseSettings):
         if value is not None:
             check_api_token(value.get_secret_value())
         return value
+
+
+def relation_errors(settings: UncheckedSettings) -> list[str]:
+    """Every relation between settings that fails, one line each naming both settings: each
+    value may be fine alone and the pair still fail later (a backoff whose base exceeds its cap
+    raises on the first retry)."""
+    problems: list[str] = []
+    if settings.db_pool_min > settings.db_pool_max:
+        problems.append(
+            f"DB_POOL_MIN ({settings.db_pool_min}) is larger than "
+            f"DB_POOL_MAX ({settings.db_pool_max})"
+        )
+    if settings.retry_base_seconds > settings.retry_cap_seconds:
+        problems.append(
+            f"RETRY_BASE_SECONDS ({settings.retry_base_seconds:g}) is larger than "
+            f"RETRY_CAP_SECONDS ({settings.retry_cap_seconds:g})"
+        )
+    if settings.max_per_instance > settings.claim_batch_size:
+        problems.append(
+            f"MAX_PER_INSTANCE ({settings.max_per_instance}) is larger than CLAIM_BATCH_SIZE "
+            f"({settings.claim_batch_size}): no claim holds that many items"
+        )
+    if settings.db_lock_timeout_seconds > settings.db_statement_timeout_seconds:
+        problems.append(
+            f"DB_LOCK_TIMEOUT_SECONDS ({settings.db_lock_timeout_seconds:g}) is larger than "
+            f"DB_STATEMENT_TIMEOUT_SECONDS ({settings.db_statement_timeout_seconds:g}): the "
+            "statement would be cancelled before its lock wait ends"
+        )
+    if settings.lease_seconds <= settings.heartbeat_seconds + settings.db_lock_timeout_seconds:
+        problems.append(
+            f"LEASE_SECONDS ({settings.lease_seconds:g}) is too short for DB_LOCK_TIMEOUT_SECONDS "
+            f"({settings.db_lock_timeout_seconds:g}): a heartbeat (every "
+            f"{settings.heartbeat_seconds:.2g} s) held up by a lock that long would let the "
+            "leases of a live worker expire"
+        )
+    if 0 < settings.rate_limit_tpm < settings.openai_max_tokens:
+        problems.append(
+            f"OPENAI_MAX_TOKENS ({settings.openai_max_tokens}) is larger than RATE_LIMIT_TPM "
+            f"({settings.rate_limit_tpm}): one request could need more than a minute's budget"
+        )
+    if settings.listener_embedded and settings.database_url:
+        problems.append(
+            "LISTENER_EMBEDDED and DATABASE_URL are both set: use one database or the other"
+        )
+    return problems
+
+
+class Settings(UncheckedSettings):
+    """The worker's configuration; `.env.example` documents each field."""
+
+    @model_validator(mode="after")
+    def _relations(self) -> Settings:
+        # Refused at start, both names in one line: the first relation that fails.
+        problems = relation_errors(self)
+        if problems:
+            raise ValueError(problems[0])
+        return self
 
 
 # Fields whose value may hold a secret: a settings error never repeats them (OPENAI_BASE_URL may
@@ -257,5 +279,13 @@ def load_settings(**overrides: object) -> Settings:
     """Read the settings, turning a validation failure into a `ConfigurationError`."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigurationError(describe_error(error)) from None
+
+
+def load_unchecked_settings(**overrides: object) -> UncheckedSettings:
+    """The settings, each checked alone (`listener settings` when a relation fails)."""
+    try:
+        return UncheckedSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise ConfigurationError(describe_error(error)) from None

@@ -1,4 +1,4 @@
-"""Named SQL blocks loaded once from the package's `sql/` folder.
+"""Named SQL blocks loaded once from the `sql/` folder.
 
 A file holds blocks introduced by a line `-- name --`, the procrastinate convention, so that the
 SQL is reviewed, highlighted and EXPLAINed as SQL rather than as Python strings.
@@ -10,11 +10,17 @@ import functools
 import importlib.resources
 import re
 from importlib.resources.abc import Traversable
+from pathlib import Path
 
 
 def data_dir(name: str) -> Traversable:
-    """`sql` or `migrations`, inside the package wherever it is installed."""
-    return importlib.resources.files("listener") / name
+    """`sql` or `migrations`: inside the package when it is installed from a wheel (setuptools
+    maps the repository's top-level folders to listener/sql and listener/migrations), beside it
+    in a checkout (an editable install, or `python -m listener` from the repository's root)."""
+    packaged = importlib.resources.files("listener") / name
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / name
 
 
 SQL_DIR = data_dir("sql")

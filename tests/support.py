@@ -228,9 +228,9 @@ class WorkerProcess(subprocess.Popen[str]):
     next line, holding its items; a test waiting for those items then fails on a loaded machine,
     where the claims are smaller and the lines more."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
         super().__init__(
-            args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

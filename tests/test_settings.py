@@ -12,6 +12,7 @@ from listener.settings import Settings
 # One invalid value for every setting; a setting added without one fails the coverage test.
 BAD_VALUES = {
     "database_url": "postgresql://app:hunter2@db:port/app",
+    "listener_embedded": "maybe",
     "db_pool_max": "0",
     "db_pool_min": "-1",
     "db_lock_timeout_seconds": "0",
@@ -106,22 +107,45 @@ CONTRADICTIONS = {
         {"OPENAI_MAX_TOKENS": "4000", "RATE_LIMIT_TPM": "1000"},
         "OPENAI_MAX_TOKENS (4000) is larger than RATE_LIMIT_TPM (1000)",
     ),
+    "embedded": (
+        {"LISTENER_EMBEDDED": "1", "DATABASE_URL": "postgresql://app:hunter2@db/app"},
+        "LISTENER_EMBEDDED and DATABASE_URL are both set",
+    ),
 }
 
 
-@pytest.mark.parametrize("command", ["worker", "settings"])
 @pytest.mark.parametrize("case", sorted(CONTRADICTIONS))
 def test_settings_that_contradict_each_other_stop_the_program_naming_both(
-    case: str, command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    case: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     values, message = CONTRADICTIONS[case]
     for name, value in values.items():
         monkeypatch.setenv(name, value)
-    assert main([command]) == EXIT_CONFIG
+    assert main(["worker"]) == EXIT_CONFIG
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1, err
     assert err.startswith(f"listener: invalid settings: {message}"), err
+
+
+@pytest.mark.parametrize("case", sorted(CONTRADICTIONS))
+def test_settings_prints_every_setting_when_a_relation_fails_marking_the_pair(
+    case: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    values, message = CONTRADICTIONS[case]
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert main(["settings"]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"listener: invalid settings: {message}"), err
+    lines = out.splitlines()
+    assert [line.partition("=")[0] for line in lines] == [n.upper() for n in Settings.model_fields]
+    # A pair may break a second relation too (a long lock timeout outlasts the lease as well).
+    marked = {line.partition("=")[0]: line for line in lines if "# ✗ " in line}
+    assert set(values) <= set(marked), out
+    assert all(message in marked[name] for name in values), out
+    assert "hunter2" not in out + err
 
 
 @pytest.mark.parametrize(

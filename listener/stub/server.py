@@ -249,15 +249,19 @@ def serve_forever(host: str, port: int, config: StubConfig) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on")
     parser.add_argument("--rpm", type=int, default=0, help="requests per window, 0 = unlimited")
     parser.add_argument("--tpm", type=int, default=0, help="tokens per window, 0 = unlimited")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per completion")
-    parser.add_argument("--window-seconds", type=float, default=60.0)
-    parser.add_argument("--required-api-key", default=None)
+    parser.add_argument(
+        "--window-seconds", type=float, default=60.0, help="the window --rpm and --tpm count in"
+    )
+    parser.add_argument(
+        "--required-api-key", default=None, help="answer 401 to any other key (default: any key)"
+    )
     parser.add_argument("--fail-rate", type=float, default=0.0, help="probability of a 500")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the failures' randomness")
 
 
 def config_from_args(args: argparse.Namespace) -> StubConfig:
