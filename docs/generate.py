@@ -66,6 +66,10 @@ DESCRIPTIONS: dict[str, str] = {
         "schema...), beside the built-in ones; one of the same name replaces the built-in. "
         "See the kinds and handlers guide."
     ),
+    "listener_embedded": (
+        "True: use the embedded PostgreSQL in `.pgdata/` (as `--embedded`; needs the `embedded` "
+        "extra); not together with `DATABASE_URL`."
+    ),
     "worker_app": (
         "`package.module:attribute` naming a `listener.App` whose kinds `listener worker` serves "
         "beside the OpenAI ones (what `--app` says, for a Procfile)."

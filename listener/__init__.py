@@ -10,9 +10,9 @@ only (psycopg), nothing of the worker.
 # (pyproject.toml's dynamic version), `listener --version` prints it.
 __version__ = "0.1.0"
 
-from listener.errors import BudgetExhausted, FailItem, RetryItem, StopWorker  # noqa: E402
-from listener.handler import App, Budget, Item, Kind, Result  # noqa: E402
-from listener.producer import InvalidJob, enqueue, enqueue_async  # noqa: E402
+from listener.errors import BudgetExhausted, FailItem, RetryItem, StopWorker
+from listener.handler import App, Budget, Item, Kind, Result
+from listener.producer import InvalidJob, enqueue, enqueue_async
 
 __all__ = [
     "App",

@@ -17,10 +17,10 @@ import psycopg
 from listener import __version__, redact
 from listener.database import database_url
 from listener.errors import (
-    AuthenticationFailed,
     ConfigurationError,
     DatabaseError,
     ListenerError,
+    StopWorker,
     UsageError,
     one_line,
 )
@@ -312,7 +312,7 @@ def exit_code(error: BaseException) -> int | None:
     """The exit code of an error the operator gets one line for; None: a bug (a traceback)."""
     if isinstance(error, ConfigurationError | UsageError):
         return EXIT_CONFIG
-    if isinstance(error, DatabaseError | AuthenticationFailed | psycopg.OperationalError):
+    if isinstance(error, DatabaseError | StopWorker | psycopg.OperationalError):
         return EXIT_UNAVAILABLE
     if isinstance(error, ListenerError):
         return EXIT_FAILURE

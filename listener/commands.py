@@ -303,7 +303,7 @@ def register(commands: Any) -> None:
     enqueue.add_argument(
         "--kind",
         default=DEFAULT_KIND,
-        help=f"the kind of work its items need (default {DEFAULT_KIND}); one a worker registered",
+        help=f"the kind of work its items need, one a worker registered (default: {DEFAULT_KIND})",
     )
     enqueue.add_argument(
         "--options", help='the job\'s options as a JSON object, e.g. \'{"language": "French"}\''

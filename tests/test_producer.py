@@ -189,6 +189,7 @@ def test_importing_the_package_loads_no_worker_code() -> None:
         "Result",
         "RetryItem",
         "StopWorker",
+        "__version__",
         "enqueue",
         "enqueue_async",
     ]
