@@ -10,7 +10,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from listener.backoff import Backoff
+
+# An `X as X` import is a re-export: the engine's modules import `wrap` from here.
 from listener.errors import DatabaseError, one_line
+from listener.errors import database_call as database_call
+from listener.errors import wrap as wrap
 from listener.settings import Settings
 from listener.sqlfiles import queries
 from listener.workerstats import PoolStats
@@ -146,13 +150,3 @@ async def log_pool_stats(pool: AsyncConnectionPool, interval: float) -> None:
         stats = pool_stats(pool)
         level = logging.WARNING if stats["waiting"] else logging.INFO
         logger.log(level, "[DB Pool] Stats: %s", format_pool_stats(stats))
-
-
-def wrap(error: psycopg.Error, doing: str) -> DatabaseError:
-    """The one place psycopg errors become ours, on one line.
-
-    A server's error is its primary message: the rest of psycopg's text is the statement's
-    `LINE 8: FROM job_items j` and a caret on lines of their own, and a DETAIL may quote a whole
-    row (a payload). A client's error (a connection lost) has no such parts: all of it, joined.
-    """
-    return DatabaseError(f"{doing}: {error.diag.message_primary or one_line(error)}")

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+import psycopg
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 def one_line(error: BaseException | str) -> str:
     """An error's message on one line: libpq's span several ("Is the server running…")."""
@@ -61,3 +70,33 @@ class BudgetExhausted(ListenerError):
 class StopWorker(ListenerError):
     """Every item would fail the same way (a rejected API key, an unknown model): the process
     stops (exit code 3) and its items go back to PENDING for a process configured right."""
+
+
+def wrap(error: psycopg.Error, doing: str) -> DatabaseError:
+    """The one place psycopg errors become ours, on one line.
+
+    A server's error is its primary message: the rest of psycopg's text is the statement's
+    `LINE 8: FROM job_items j` and a caret on lines of their own, and a DETAIL may quote a whole
+    row (a payload). A client's error (a connection lost) has no such parts: all of it, joined.
+    """
+    return DatabaseError(f"{doing}: {error.diag.message_primary or one_line(error)}")
+
+
+def database_call(
+    doing: str,
+) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+    """An engine function that runs SQL: a psycopg error it lets out (a pool timeout included)
+    comes out as our DatabaseError saying what failed (`wrap`), so no caller sees psycopg's and
+    no function repeats the conversion."""
+
+    def decorate(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(function)
+        async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return await function(*args, **kwargs)
+            except psycopg.Error as error:
+                raise wrap(error, doing) from error
+
+        return call
+
+    return decorate

@@ -14,7 +14,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from listener import items as items_db
-from listener.db import wrap
+from listener.db import database_call
 from listener.errors import DatabaseError
 from listener.sqlfiles import queries
 from listener.workerstats import WorkerStats
@@ -49,6 +49,7 @@ async def run_heartbeat(
         await anyio.sleep(interval())
 
 
+@database_call("heartbeat failed")
 async def beat(
     pool: AsyncConnectionPool,
     worker_id: str,
@@ -65,12 +66,9 @@ async def beat(
         "stats": json.dumps(stats),
         "stale_seconds": stale_seconds,
     }
-    try:
-        async with pool.connection() as conn:
-            cursor = await conn.execute(queries("heartbeat")["upsert_heartbeat"], params)
-            row = await cursor.fetchone()
-    except psycopg.Error as error:
-        raise wrap(error, "heartbeat failed") from error
+    async with pool.connection() as conn:
+        cursor = await conn.execute(queries("heartbeat")["upsert_heartbeat"], params)
+        row = await cursor.fetchone()
     return int(row[0]) if row else 0
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from listener.errors import database_call
 from listener.sqlfiles import queries
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class RegisteredKind:
     budget: str | None
 
 
+@database_call("registering the worker's kinds failed")
 async def register_kinds(pool: AsyncConnectionPool, app: App) -> None:
     kinds = list(app)
     params = {
@@ -35,13 +37,8 @@ async def register_kinds(pool: AsyncConnectionPool, app: App) -> None:
         "required": ["\x1f".join(sorted(kind.required_options)) for kind in kinds],
         "budgets": [kind.budget or "" for kind in kinds],
     }
-    try:
-        async with pool.connection() as conn:
-            await conn.execute(queries("kinds")["register_kinds"], params)
-    except psycopg.Error as error:
-        from listener.db import wrap
-
-        raise wrap(error, "registering the worker's kinds failed") from error
+    async with pool.connection() as conn:
+        await conn.execute(queries("kinds")["register_kinds"], params)
 
 
 def lookup_kind(conn: psycopg.Connection[Any], name: str) -> RegisteredKind | None:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from listener.db import wrap
+from listener.db import database_call
 from listener.errors import DatabaseError
 from listener.sqlfiles import queries
 
@@ -63,6 +63,7 @@ def _params(older_than: timedelta, items: int, jobs: int) -> dict[str, Any]:
     }
 
 
+@database_call("pruning finished jobs failed")
 async def prune_batch(
     conn: psycopg.AsyncConnection[Any],
     older_than: timedelta,
@@ -72,16 +73,13 @@ async def prune_batch(
     """Delete one batch; (jobs, items) deleted, or None when another process holds the lock."""
     sql = queries("retention")
     params = _params(older_than, items, jobs)
-    try:
-        async with conn.transaction():
-            cursor = await conn.execute(sql["prune_lock"], params)
-            row = await cursor.fetchone()
-            if not (row and row[0]):
-                return None
-            items_deleted = (await conn.execute(sql["prune_items"], params)).rowcount
-            jobs_deleted = (await conn.execute(sql["prune_jobs"], params)).rowcount
-    except psycopg.Error as error:
-        raise wrap(error, "pruning finished jobs failed") from error
+    async with conn.transaction():
+        cursor = await conn.execute(sql["prune_lock"], params)
+        row = await cursor.fetchone()
+        if not (row and row[0]):
+            return None
+        items_deleted = (await conn.execute(sql["prune_items"], params)).rowcount
+        jobs_deleted = (await conn.execute(sql["prune_jobs"], params)).rowcount
     return jobs_deleted, items_deleted
 
 
@@ -109,15 +107,11 @@ async def prune(
         await anyio.sleep(pause)
 
 
+@database_call("counting finished jobs failed")
 async def preview(conn: psycopg.AsyncConnection[Any], older_than: timedelta) -> tuple[int, int]:
     """(jobs, items) a prune would delete now."""
-    try:
-        cursor = await conn.execute(
-            queries("retention")["prune_preview"], _params(older_than, 0, 0)
-        )
-        row = await cursor.fetchone()
-    except psycopg.Error as error:
-        raise wrap(error, "counting finished jobs failed") from error
+    cursor = await conn.execute(queries("retention")["prune_preview"], _params(older_than, 0, 0))
+    row = await cursor.fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 
