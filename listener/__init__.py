@@ -10,4 +10,4 @@ __version__ = "0.1.0"
 
 from listener.producer import InvalidJob, enqueue, enqueue_async
 
-__all__ = ["InvalidJob", "__version__", "enqueue", "enqueue_async"]
+__all__ = ["InvalidJob", "enqueue", "enqueue_async"]
