@@ -3,6 +3,7 @@ clean virtual environment (not editable, no checkout to fall back on, no extras)
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -35,10 +36,16 @@ DISTRIBUTION = "fair-pg-worker"
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(dist)],
-        check=True,
-    )
+    # setuptools builds in the checkout's build/ folder: two test processes (pytest-xdist) or a
+    # developer's own build at once collide there ("File exists"), so one builds at a time.
+    lock_path = ROOT / "build" / ".wheel.lock"
+    lock_path.parent.mkdir(exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(dist)],
+            check=True,
+        )
     [built] = dist.glob("fair_pg_worker-*.whl")
     return built
 
