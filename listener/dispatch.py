@@ -137,7 +137,7 @@ class Dispatcher:
         self.ring.notify(store)
         self._wake(1)
 
-    def rebuild(self, policies: list[tuple[object, ...]], stores: list[ReadyStore]) -> None:
+    def rebuild(self, policies: Sequence[tuple[object, ...]], stores: list[ReadyStore]) -> None:
         """A scan of the tables: the full policy, and every store with pending items."""
         self.policies.replace_all(policies)
         for store in [s for s in self.ring if self.policies.paused(s)]:

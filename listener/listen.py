@@ -32,7 +32,7 @@ SERVED_CHANNEL = "stores_served"
 
 # What a rebuild hands over: the store policy rows, then for each set of kinds asked for (one
 # per budget's lane) each store with pending items of those kinds.
-Rebuild = Callable[[list[tuple[object, ...]], list[list[ReadyStore]]], None]
+Rebuild = Callable[[Sequence[tuple[object, ...]], list[list[ReadyStore]]], None]
 
 
 class Listener:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import psycopg
+from psycopg.rows import class_row
 
-from listener.db import wrap
+from listener.db import database_call, wrap
 from listener.errors import UsageError
 from listener.sqlfiles import queries
 
@@ -43,6 +44,16 @@ class StorePolicy:
 DEFAULT = StorePolicy()
 
 
+class PolicyRow(NamedTuple):
+    """A row of `stores` as the workers read it (`all_policies`, `policies_of`)."""
+
+    instance_id: str
+    weight: int
+    rpm_limit: int | None
+    max_in_flight: int | None
+    paused: bool
+
+
 class StorePolicies:
     """This process's copy of `stores`: only stores that differ from the defaults are kept."""
 
@@ -61,11 +72,11 @@ class StorePolicies:
     def __len__(self) -> int:
         return len(self._policies)
 
-    def replace_all(self, rows: Iterable[tuple[Any, ...]]) -> None:
+    def replace_all(self, rows: Iterable[PolicyRow | tuple[Any, ...]]) -> None:
         self._policies = {}
         self.update(rows, ())
 
-    def update(self, rows: Iterable[tuple[Any, ...]], asked: Iterable[str]) -> None:
+    def update(self, rows: Iterable[PolicyRow | tuple[Any, ...]], asked: Iterable[str]) -> None:
         """Apply the rows read for the stores `asked` about; an asked store without a row is
         back to the defaults (its row was deleted)."""
         for store in asked:
@@ -78,20 +89,18 @@ class StorePolicies:
                 self._policies[str(store)] = policy
 
 
-async def read_all(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
-    try:
-        cursor = await conn.execute(queries("stores")["all_policies"])
+@database_call("reading the store policies failed")
+async def read_all(conn: psycopg.AsyncConnection[Any]) -> list[PolicyRow]:
+    async with conn.cursor(row_factory=class_row(PolicyRow)) as cursor:
+        await cursor.execute(queries("stores")["all_policies"])
         return await cursor.fetchall()
-    except psycopg.Error as error:
-        raise wrap(error, "reading the store policies failed") from error
 
 
-async def read_some(conn: psycopg.AsyncConnection[Any], stores: list[str]) -> list[tuple[Any, ...]]:
-    try:
-        cursor = await conn.execute(queries("stores")["policies_of"], {"stores": stores})
+@database_call("reading the store policies failed")
+async def read_some(conn: psycopg.AsyncConnection[Any], stores: list[str]) -> list[PolicyRow]:
+    async with conn.cursor(row_factory=class_row(PolicyRow)) as cursor:
+        await cursor.execute(queries("stores")["policies_of"], {"stores": stores})
         return await cursor.fetchall()
-    except psycopg.Error as error:
-        raise wrap(error, "reading the store policies failed") from error
 
 
 # -- the operator's side (`listener store …`) ----------------------------------------------

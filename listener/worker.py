@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,7 +213,9 @@ class Worker:
         if lane is not None:  # a kind this process does not serve: others will
             lane.dispatcher.notify(store)
 
-    def _rebuilt(self, policies: list[tuple[object, ...]], stores: list[list[ReadyStore]]) -> None:
+    def _rebuilt(
+        self, policies: Sequence[tuple[object, ...]], stores: list[list[ReadyStore]]
+    ) -> None:
         for lane, ready in zip(self.lanes, stores, strict=True):
             lane.dispatcher.rebuild(policies, ready)
 
