@@ -114,6 +114,10 @@ class Worker:
         self.fatal: AuthenticationFailed | None = None
         self.held: dict[int, str] = {}  # claimed items not yet written back: id -> store
         self.running: dict[int, str] = {}  # items whose handler is running now
+        # The last heartbeat that renewed the leases and wrote the row (time.monotonic()), and
+        # the live workers it counted: what /health answers from, without a query of its own.
+        self.last_beat: float | None = None
+        self.live_workers = 0
         self._rng = random.Random()
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
@@ -384,8 +388,13 @@ class Worker:
             held=lambda: list(self.held),
             stats=self.stats,
             listener_connected=lambda: self.listener.connected,
-            on_others=self.dispatcher.others_alive,
+            on_others=self._on_beat,
         )
+
+    def _on_beat(self, others: int) -> None:
+        self.last_beat = time.monotonic()
+        self.live_workers = others + 1
+        self.dispatcher.others_alive(others)
 
     def _on_reaped(self, count: int) -> None:
         self.counters.reaped += count

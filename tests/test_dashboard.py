@@ -272,7 +272,8 @@ async def test_sign_in_guards_the_page_and_nothing_else_changes(database_url: st
 @pytest.mark.anyio
 async def test_actions_need_the_csrf_token_and_confirm(database_url: str) -> None:
     job_id = await insert_job(database_url, "store-act", 3)
-    async with client_of(database_url) as (client, _):  # no API_TOKEN: a session is handed out
+    # No API_TOKEN: a session is handed out; the actions are on only when the setting says so.
+    async with client_of(database_url, dashboard_allow_actions_without_token=True) as (client, _):
         page = await client.get("/")
         csrf = csrf_of(page.text)
         form = {"job_id": str(job_id), "confirmed": "yes"}

@@ -6,6 +6,7 @@ Pure: rows in (the reading's and the census's), plain values out; `snapshot.py` 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from listener.http.waiting import (
 )
 
 CHART_MINUTES = 15
+_MINUTE = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass
@@ -220,7 +222,8 @@ def _minutes(workers: list[dict[str, Any]], now: datetime) -> list[int]:
         per_minute = stats.get("finishedPerMinute")
         if isinstance(per_minute, dict):
             for minute, count in per_minute.items():
-                if str(minute).isdigit():
+                # ASCII digits only: "²".isdigit() is true and int("²") raises.
+                if _MINUTE.fullmatch(str(minute)):
                     totals[int(minute)] += _int(count)
     current = int(now.timestamp() // 60)
     return [totals.get(m, 0) for m in range(current - CHART_MINUTES + 1, current + 1)]
