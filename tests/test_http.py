@@ -299,3 +299,38 @@ async def test_the_snapshot_is_shared_by_requests_and_refreshed_after_max_age(
         assert snapshot.readings == 2
     finally:
         await pool.close()
+
+
+async def test_health_takes_nothing_from_the_worker_s_pool(database_url: str) -> None:
+    """/health is open to anyone: a flood of it must not queue for the worker's few connections
+    (the lease renewals wait in that queue). It answers from the heartbeat, and keeps
+    answering while every connection of the pool is taken."""
+    settings = make_settings("http://127.0.0.1:9/v1", db_pool_max=2, db_pool_min=2)
+    # The app's pool stands for the worker's: used by nothing else here, so that the worker's
+    # own claims and beats do not move its counts.
+    pool = await open_pool(database_url, settings, name="test-health-pool")
+    try:
+        async with running_worker(database_url, settings) as worker:
+            await wait_until(lambda: worker.last_beat is not None)
+            transport = httpx.ASGITransport(app=http.build_app(pool, settings, worker))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
+                before = pool.get_stats().get("requests_num", 0)
+                for _ in range(200):
+                    response = await client.get("/health")
+                    assert response.status_code == 200
+                assert pool.get_stats().get("requests_num", 0) == before
+                # Every connection held elsewhere (as a flood of queries would): still 200.
+                async with pool.connection() as one, pool.connection() as two:
+                    assert one is not two
+                    response = await client.get("/health")
+                    assert response.status_code == 200, response.text
+                    assert response.json() == {
+                        "status": "ok",
+                        "database": "ok",
+                        "listener": "connected",
+                        "workers": 1,
+                    }
+    finally:
+        await pool.close()
