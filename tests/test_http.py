@@ -28,6 +28,7 @@ from tests.support import (
     running_worker,
     wait_for_counts,
     wait_until,
+    worker_is_ready,
 )
 from tests.support import make_settings as make_settings
 
@@ -311,7 +312,7 @@ async def test_health_takes_nothing_from_the_worker_s_pool(database_url: str) ->
     pool = await open_pool(database_url, settings, name="test-health-pool")
     try:
         async with running_worker(database_url, settings) as worker:
-            await wait_until(lambda: worker.last_beat is not None)
+            await wait_until(lambda: worker_is_ready(database_url, os.getpid()))
             transport = httpx.ASGITransport(app=http.build_app(pool, settings, worker))
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://localhost"
