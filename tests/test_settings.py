@@ -40,6 +40,9 @@ BAD_VALUES = {
     "port": "70000",
     "http_host": "",
     "api_token": "tiny-T0ken",
+    "allowed_hosts": "dash.example.com,http://x",
+    "dashboard_allow_actions_without_token": "maybe",
+    "forwarded_allow_ips": "10.0.0.1/8",
     "log_level": "LOUD",
 }
 SECRETS = {
