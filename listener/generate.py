@@ -33,6 +33,8 @@ SYSTEM_PROMPT = (
 KNOWN_FIELDS = ("name", "description", "brand", "category", "price", "currency", "language")
 DEFAULT_RETRY_AFTER = 1.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+# A count in a header: ASCII digits only ("²".isdigit() is true and int("²") raises).
+_COUNT = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def budget_pause(headers: Mapping[str, str], next_tokens: int) -> float | None:
     if remaining is not None and remaining.strip() == "0":
         pauses.append(parse_duration(headers.get("x-ratelimit-reset-requests")))
     tokens = headers.get("x-ratelimit-remaining-tokens")
-    if tokens is not None and tokens.strip().isdigit() and int(tokens) < next_tokens:
+    if tokens is not None and _COUNT.fullmatch(tokens.strip()) and int(tokens) < next_tokens:
         pauses.append(parse_duration(headers.get("x-ratelimit-reset-tokens")))
     known = [p for p in pauses if p]
     return max(known) if known else None

@@ -102,7 +102,8 @@ class Settings(BaseSettings):
                 " nor a connection string (host=... dbname=...)"
             ) from None
         port = str(parts.get("port", "5432"))
-        if not all(p.isdigit() for p in port.split(",")):
+        # ASCII digits: "²".isdigit() is true, and libpq would refuse it only at the connection.
+        if not all(re.fullmatch(r"[0-9]{1,5}", p) for p in port.split(",")):
             raise ValueError("its port is not a number")
         return value
 

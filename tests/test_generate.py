@@ -127,3 +127,6 @@ def test_a_spent_budget_in_the_headers_pauses_until_its_reset() -> None:
     assert budget_pause(low_tokens, next_tokens=500) == 0.75
     plenty = {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "90000"}
     assert budget_pause(plenty, next_tokens=500) is None
+    # "²".isdigit() is true and int("²") raises: a header that is not a count is ignored.
+    odd = {"x-ratelimit-remaining-tokens": "²", "x-ratelimit-reset-tokens": "1s"}
+    assert budget_pause(odd, next_tokens=500) is None
