@@ -66,6 +66,20 @@ DESCRIPTIONS: dict[str, str] = {
         "schema...), beside the built-in ones; one of the same name replaces the built-in. "
         "See the kinds and handlers guide."
     ),
+    "allowed_hosts": (
+        "Host names the HTTP app answers for, comma-separated (`dash.example.com`, "
+        "`*.example.com`; `*`: any); `localhost`, `*.localhost`, IP addresses and Render's "
+        "`RENDER_EXTERNAL_HOSTNAME` always pass; any other `Host` gets 421 (DNS rebinding), "
+        "`/health` excepted."
+    ),
+    "dashboard_allow_actions_without_token": (
+        "Without `API_TOKEN` the dashboard is read-only; true turns its actions (pause, resume, "
+        "cancel, retry) on, for a trusted network."
+    ),
+    "forwarded_allow_ips": (
+        "The proxy addresses (IPs or networks) whose `X-Forwarded-Proto` and `-For` are "
+        "believed; `*` on Render, whose router has no fixed address and is the only way in."
+    ),
     "listener_embedded": (
         "True: use the embedded PostgreSQL in `.pgdata/` (as `--embedded`; needs the `embedded` "
         "extra); not together with `DATABASE_URL`."

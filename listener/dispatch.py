@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
+import re
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ CLAIMS_IN_FLIGHT = 2
 # A claim announced by another process counts as a sign of life this long: it may have started
 # since this process's last heartbeat read the fleet.
 OTHERS_HEARD_SECONDS = 15.0
+# A turn count in a `stores_served` payload: ASCII digits only (int("²") raises).
+_TURNS = re.compile(r"[0-9]{1,9}")
 # A worker on its way passes several turns (its wake-up, the slot gate): one turn without a new
 # waiter does not mean nobody is coming.
 QUIET_TURNS = 3
@@ -159,7 +162,7 @@ class Dispatcher:
     def served_elsewhere(self, payload: str) -> None:
         """`stores_served` from a claim: another process served the store; ours are ignored."""
         parts = payload.split("\x1f")
-        if len(parts) != 4 or parts[0] == self.worker_id or not parts[2].isdecimal():
+        if len(parts) != 4 or parts[0] == self.worker_id or not _TURNS.fullmatch(parts[2]):
             return
         # A process that started since our last heartbeat: tell it ours from now on.
         self._heard_others_until = self.clock() + OTHERS_HEARD_SECONDS

@@ -87,6 +87,17 @@ class UncheckedSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     # Set: every endpoint but /health wants `Authorization: Bearer <API_TOKEN>`.
     api_token: SecretStr | None = None
+    # Host names (or addresses) the HTTP app answers for, comma-separated; loopback names and
+    # addresses always pass. A request naming any other Host gets 421: a page whose name rebinds
+    # to this machine (DNS rebinding) cannot reach the dashboard. `*` turns the check off.
+    allowed_hosts: str = ""
+    # Without API_TOKEN the dashboard is read-only unless this says otherwise: anyone who can
+    # reach the port (a page in a browser on this machine, too) could otherwise act.
+    dashboard_allow_actions_without_token: bool = False
+    # Addresses whose X-Forwarded-Proto / X-Forwarded-For are believed (uvicorn's
+    # forwarded_allow_ips): IPs or networks, comma-separated, or `*` behind a router whose
+    # addresses are not fixed and that is the only way in (Render's).
+    forwarded_allow_ips: str = "127.0.0.1,::1"
     log_level: LogLevel = "INFO"
 
     @field_validator("database_url")
@@ -107,7 +118,8 @@ class UncheckedSettings(BaseSettings):
                 " nor a connection string (host=... dbname=...)"
             ) from None
         port = str(parts.get("port", "5432"))
-        if not all(p.isdigit() for p in port.split(",")):
+        # ASCII digits: "²".isdigit() is true, and libpq would refuse it only at the connection.
+        if not all(re.fullmatch(r"[0-9]{1,5}", p) for p in port.split(",")):
             raise ValueError("its port is not a number")
         return value
 
@@ -157,6 +169,31 @@ class UncheckedSettings(BaseSettings):
     @classmethod
     def _http_host(cls, value: str) -> str:
         return check_host(value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: str) -> str:
+        for name in split_list(value):
+            if name != "*":
+                check_host(name.removeprefix("*.").removeprefix("[").removesuffix("]"))
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _forwarded_allow_ips(cls, value: str) -> str:
+        entries = split_list(value)
+        if not entries:
+            raise ValueError("must name at least one address (127.0.0.1 is the default)")
+        for entry in entries:
+            if entry != "*":
+                try:
+                    # strict: uvicorn would take 10.0.0.1/8 for a literal that matches nothing.
+                    ipaddress.ip_network(entry)
+                except ValueError:
+                    raise ValueError(
+                        f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8, or *)"
+                    ) from None
+        return value
 
     @field_validator("api_token")
     @classmethod
@@ -247,6 +284,11 @@ def check_host(value: str) -> str:
     if len(value) > 253 or not valid:
         raise ValueError("not an IP address or a host name (e.g. 127.0.0.1, 0.0.0.0, ::)")
     return value
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated setting's entries, spaces and empty entries dropped."""
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
 
 
 def check_api_token(token: str) -> None:

@@ -119,6 +119,10 @@ class Worker:
         # while it was frozen) is another entry, which the old claim's end does not remove.
         self.held: dict[tuple[int, int], str] = {}
         self.running: dict[tuple[int, int], str] = {}
+        # The last heartbeat that renewed the leases and wrote the row (time.monotonic()), and
+        # the live workers it counted: what /health answers from, without a query of its own.
+        self.last_beat: float | None = None
+        self.live_workers = 0
         self._rng = random.Random()
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
@@ -485,8 +489,13 @@ class Worker:
             held=lambda: [item_id for item_id, _attempt in self.held],
             stats=self.stats,
             listener_connected=lambda: self.listener.connected,
-            on_others=self._others_alive,
+            on_others=self._on_beat,
         )
+
+    def _on_beat(self, others: int) -> None:
+        self.last_beat = time.monotonic()
+        self.live_workers = others + 1
+        self._others_alive(others)
 
     def _on_reaped(self, count: int) -> None:
         self.counters.reaped += count

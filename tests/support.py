@@ -366,9 +366,12 @@ async def read_lines_until(
 
 
 @asynccontextmanager
-async def api_process(*args: str, **env: str) -> AsyncIterator[tuple[int, bytearray]]:
+async def api_process(
+    *args: str, cwd: Path = ROOT, **env: str
+) -> AsyncIterator[tuple[int, bytearray]]:
     """`listener api ARGS` until the block ends, ready (its serving line out); yields its pid
-    and its output so far. Stopped with SIGTERM, which must end it with 0."""
+    and its output so far. Stopped with SIGTERM, which must end it with 0. `cwd` is where it
+    reads `.env` from."""
     full_env = {k: v for k, v in os.environ.items() if k not in UNSET}
     full_env |= {"LOG_LEVEL": "INFO", **env}
     output = bytearray()
@@ -381,7 +384,7 @@ async def api_process(*args: str, **env: str) -> AsyncIterator[tuple[int, bytear
         await anyio.open_process(
             [sys.executable, "-m", "listener", "api", *args],
             env=full_env,
-            cwd=ROOT,
+            cwd=cwd,
             stderr=subprocess.STDOUT,
         ) as process,
         anyio.create_task_group() as tg,

@@ -30,6 +30,7 @@ from tests.support import (
     insert_job,
     make_settings,
     query,
+    wait_until,
 )
 
 NOW = datetime(2026, 12, 1, 0, 30, tzinfo=UTC)
@@ -272,7 +273,8 @@ async def test_sign_in_guards_the_page_and_nothing_else_changes(database_url: st
 @pytest.mark.anyio
 async def test_actions_need_the_csrf_token_and_confirm(database_url: str) -> None:
     job_id = await insert_job(database_url, "store-act", 3)
-    async with client_of(database_url) as (client, _):  # no API_TOKEN: a session is handed out
+    # No API_TOKEN: a session is handed out; the actions are on only when the setting says so.
+    async with client_of(database_url, dashboard_allow_actions_without_token=True) as (client, _):
         page = await client.get("/")
         csrf = csrf_of(page.text)
         form = {"job_id": str(job_id), "confirmed": "yes"}
@@ -424,3 +426,81 @@ def test_assemble_shares_weights_and_reasons_from_one_reading() -> None:
     job = snapshot.jobs[0]
     assert job.duration == 120 and job.total == 8
     assert job.reasons[-1].startswith("1 item(s) held by worker host-a pid 12")
+
+
+# -- issue 25, defect 10: strict parsing, sign-out, one key for the fleet -------------------
+
+
+@pytest.mark.anyio
+async def test_a_job_id_of_other_digits_is_400_and_touches_nothing(database_url: str) -> None:
+    """"²".isdigit() and "١".isdigit() are true: int() raises on the first (a 500) and reads the
+    second as 1 (job 1 cancelled). Only ASCII digits are a job id."""
+    first = await insert_job(database_url, "store-digits", 2)
+    async with client_of(database_url, api_token=TOKEN) as (client, _):
+        await client.post("/login", data={"token": TOKEN})
+        csrf = csrf_of((await client.get("/")).text)
+        arabic_one = "".join(chr(0x0660 + int(d)) for d in str(first))
+        for job_id in ("²", arabic_one, "1e3", "-1", " 1 2", "9" * 19):
+            form = {"job_id": job_id, "confirmed": "yes", "csrf": csrf}
+            response = await client.post("/dashboard/actions/cancel", data=form)
+            assert response.status_code == 400, (job_id, response.status_code)
+            assert "is not a job id" in response.text
+    rows = await query(database_url, "SELECT status FROM jobs WHERE id = %s", (first,))
+    assert rows == [("PENDING",)]
+
+
+@asynccontextmanager
+async def two_processes(
+    database_url: str, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Two apps, each with its own pool and its own memory, as two processes behind one load
+    balancer have; a client of each."""
+    async with client_of(database_url, **overrides) as (a, _), client_of(
+        database_url, **overrides
+    ) as (b, _):
+        yield a, b
+
+
+def carry_cookie(source: httpx.AsyncClient, target: httpx.AsyncClient) -> str:
+    cookie = source.cookies["listener_session"]
+    target.cookies.set("listener_session", cookie)
+    return cookie
+
+
+@pytest.mark.anyio
+async def test_sign_out_ends_the_session_in_every_process(database_url: str) -> None:
+    job_id = await insert_job(database_url, "store-out", 2)
+    async with two_processes(database_url, api_token=TOKEN) as (a, b):
+        await a.post("/login", data={"token": TOKEN})
+        csrf = csrf_of((await a.get("/")).text)
+        cookie = carry_cookie(a, b)
+        assert (await b.get("/dashboard/live")).status_code == 200
+        assert (await a.post("/logout", data={"csrf": csrf})).status_code == 303
+        # The copied cookie is dead: the same process refuses it at once...
+        a.cookies.set("listener_session", cookie)
+        assert (await a.get("/dashboard/live")).status_code == 401
+        # ...and every process refuses it for an action at once, and for a read within a second.
+        form = {"job_id": str(job_id), "confirmed": "yes", "csrf": csrf}
+        assert (await b.post("/dashboard/actions/cancel", data=form)).status_code == 401
+
+        async def refused() -> bool:
+            return (await b.get("/dashboard/live")).status_code == 401
+
+        await wait_until(refused, deadline=10)
+    rows = await query(database_url, "SELECT status FROM jobs WHERE id = %s", (job_id,))
+    assert rows == [("PENDING",)]
+
+
+@pytest.mark.anyio
+async def test_without_a_token_one_key_signs_for_the_whole_fleet(database_url: str) -> None:
+    """No API_TOKEN: the page of one process hands out the session and CSRF token, the action
+    lands on another (a load balancer's choice): it must hold there too."""
+    job_id = await insert_job(database_url, "store-lb", 2)
+    async with two_processes(database_url, dashboard_allow_actions_without_token=True) as (a, b):
+        csrf = csrf_of((await a.get("/")).text)
+        carry_cookie(a, b)
+        form = {"job_id": str(job_id), "confirmed": "yes", "csrf": csrf}
+        done = await b.post("/dashboard/actions/cancel", data=form)
+        assert done.status_code == 303, done.text
+        assert unquote(done.headers["location"]) == f"/?flash=job {job_id} cancelled"
+    assert await query(database_url, "SELECT count(*) FROM dashboard_keys") == [(1,)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ from tests.support import (
     running_worker,
     wait_for_counts,
     wait_until,
+    worker_is_ready,
 )
 from tests.support import make_settings as make_settings
 
@@ -165,7 +167,12 @@ async def test_serve_worker_http_serves_on_port_until_cancelled(
 async def test_health_is_503_while_the_worker_s_listener_is_down(database_url: str) -> None:
     settings = make_settings("http://127.0.0.1:9/v1")
     pool = await open_pool(database_url, settings, name="test-http")
-    worker = SimpleNamespace(listener=SimpleNamespace(connected=False))
+    worker = SimpleNamespace(
+        listener=SimpleNamespace(connected=False),
+        settings=settings,
+        last_beat=time.monotonic(),
+        live_workers=1,
+    )
     try:
         app = http.build_app(pool, settings, cast(Any, worker))
         transport = httpx.ASGITransport(app=app)
@@ -200,8 +207,12 @@ async def test_endpoints_report_a_database_that_is_gone(
             assert (await client.get("/health")).json()["workers"] == 0
             await query(pg_server.conninfo("postgres"), f'DROP DATABASE "{name}" WITH (FORCE)')
 
+            # /health shares one reading a second: the outage shows by the next one.
+            async def health_fails() -> bool:
+                return (await client.get("/health")).status_code == 503
+
+            await wait_until(health_fails)
             health = await client.get("/health")
-            assert health.status_code == 503
             body = health.json()
             assert (body["status"], body["database"]) == ("error", "error")
             assert body["error"].startswith("database unreachable")
@@ -287,5 +298,40 @@ async def test_the_snapshot_is_shared_by_requests_and_refreshed_after_max_age(
         now[0] = 1.0
         assert (await snapshot.get()).pending == 4
         assert snapshot.readings == 2
+    finally:
+        await pool.close()
+
+
+async def test_health_takes_nothing_from_the_worker_s_pool(database_url: str) -> None:
+    """/health is open to anyone: a flood of it must not queue for the worker's few connections
+    (the lease renewals wait in that queue). It answers from the heartbeat, and keeps
+    answering while every connection of the pool is taken."""
+    settings = make_settings("http://127.0.0.1:9/v1", db_pool_max=2, db_pool_min=2)
+    # The app's pool stands for the worker's: used by nothing else here, so that the worker's
+    # own claims and beats do not move its counts.
+    pool = await open_pool(database_url, settings, name="test-health-pool")
+    try:
+        async with running_worker(database_url, settings) as worker:
+            await wait_until(lambda: worker_is_ready(database_url, os.getpid()))
+            transport = httpx.ASGITransport(app=http.build_app(pool, settings, worker))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
+                before = pool.get_stats().get("requests_num", 0)
+                for _ in range(200):
+                    response = await client.get("/health")
+                    assert response.status_code == 200
+                assert pool.get_stats().get("requests_num", 0) == before
+                # Every connection held elsewhere (as a flood of queries would): still 200.
+                async with pool.connection() as one, pool.connection() as two:
+                    assert one is not two
+                    response = await client.get("/health")
+                    assert response.status_code == 200, response.text
+                    assert response.json() == {
+                        "status": "ok",
+                        "database": "ok",
+                        "listener": "connected",
+                        "workers": 1,
+                    }
     finally:
         await pool.close()

@@ -6,6 +6,7 @@ import random
 from collections import Counter
 
 from listener.ring import ReadyRing
+from tests.support import new_dispatcher
 
 
 def _entries(ring: ReadyRing) -> int:
@@ -379,6 +380,14 @@ def test_a_store_served_elsewhere_moves_on_here_too() -> None:
     ring = _ring_with("a", "b", "c")
     ring.advance("a")  # another process took a's turn
     assert ring.take(3) == ["b", "c", "a"]
+
+
+def test_a_served_notification_with_other_digits_is_ignored() -> None:
+    # "²".isdigit() is true and int("²") raises: the payload is not one of ours.
+    dispatcher = new_dispatcher(None, clock=lambda: 0.0)
+    dispatcher.ring.notify("store-a")
+    dispatcher.served_elsewhere("other\x1fstore-a\x1f²")  # raised ValueError
+    assert dispatcher.ring.take(1) == ["store-a"]
 
 
 def test_a_fresh_store_served_elsewhere_is_no_longer_new_here() -> None:

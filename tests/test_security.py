@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.support import (
     communicate,
     insert_job,
     make_settings,
+    query,
     run_listener,
     spawn_worker,
     wait_for_counts,
@@ -293,3 +295,132 @@ async def test_a_gateway_s_credentials_in_openai_base_url_are_never_printed(
     shown = run_listener("settings", OPENAI_BASE_URL=proxied)
     assert f"OPENAI_BASE_URL={masked}" in shown.stdout.splitlines()
     assert PROXY_PASSWORD not in output + shown.stdout + shown.stderr
+
+
+# -- DNS rebinding (issue 25, defect 3) ------------------------------------------------------
+
+
+async def test_a_request_naming_a_foreign_host_is_refused_but_health(database_url: str) -> None:
+    """A page whose name rebinds to this machine sends its own name in Host: 421 for it."""
+    settings = make_settings(NO_ADDRESS, allowed_hosts="dash.example.com, *.example.org")
+    pool = await open_pool(database_url, settings, name="test-hosts")
+    try:
+        async with (
+            serving(http.build_app(pool, settings), "127.0.0.1", 0) as server,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+        ):
+            port = server.port
+            for host in (f"rebind.attacker.example:{port}", "example.org", "localhost.evil.test"):
+                for path in ("/", "/metrics", "/api/rate-limiter/stats", "/dashboard/live"):
+                    response = await client.get(path, headers={"Host": host})
+                    assert response.status_code == 421, (host, path)
+                    assert "ALLOWED_HOSTS" in response.json()["error"]
+                refused = await client.post(
+                    "/dashboard/actions/pause", data={"instance_id": "s"}, headers={"Host": host}
+                )
+                assert refused.status_code == 421
+                # A platform's health check may name an internal address: /health answers.
+                assert (await client.get("/health", headers={"Host": host})).status_code == 200
+            allowed = (
+                f"localhost:{port}",
+                f"LOCALHOST.:{port}",
+                "app.localhost",
+                f"127.0.0.1:{port}",
+                f"[::1]:{port}",
+                "10.1.2.3",  # an address literal: no name to rebind
+                "dash.example.com",
+                "eu.example.org:443",
+            )
+            for host in allowed:
+                response = await client.get("/metrics", headers={"Host": host})
+                assert response.status_code == 200, host
+    finally:
+        await pool.close()
+
+
+async def test_without_api_token_the_dashboard_is_read_only_unless_allowed(
+    database_url: str,
+) -> None:
+    """No API_TOKEN: whoever reaches the port gets a session, so a session proves nothing; the
+    actions are refused (403, nothing changed) and not offered, unless a setting says so."""
+    job_id = await insert_job(database_url, "store-ro", 2)
+    settings = make_settings(NO_ADDRESS)
+    pool = await open_pool(database_url, settings, name="test-read-only")
+    try:
+        async with (
+            serving(http.build_app(pool, settings), "127.0.0.1", 0) as server,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+        ):
+            page = await client.get("/")
+            assert page.status_code == 200 and "store-ro" in page.text
+            assert "Read-only" in page.text
+            assert "/dashboard/actions/" not in page.text  # no button to press
+            csrf = re.search(r'data-csrf="([0-9a-f]+)"', page.text)
+            assert csrf, "the page still carries its CSRF token"
+            for action, form in (
+                ("cancel", {"job_id": str(job_id)}),
+                ("pause", {"instance_id": "store-ro"}),
+            ):
+                response = await client.post(
+                    f"/dashboard/actions/{action}",
+                    data={**form, "confirmed": "yes", "csrf": csrf.group(1)},
+                )
+                assert response.status_code == 403, action
+                assert "DASHBOARD_ALLOW_ACTIONS_WITHOUT_TOKEN" in response.text
+            assert (await client.post("/logout", data={"csrf": csrf.group(1)})).status_code == 403
+        rows = await query(database_url, "SELECT status FROM jobs WHERE id = %s", (job_id,))
+        assert rows == [("PENDING",)]
+        assert await query(database_url, "SELECT count(*) FROM stores") == [(0,)]
+    finally:
+        await pool.close()
+
+
+def test_bad_allowed_hosts_or_forwarded_allow_ips_is_one_line_and_exit_2() -> None:
+    for env in (
+        {"ALLOWED_HOSTS": "dash.example.com, http://x"},
+        {"FORWARDED_ALLOW_IPS": "10.0.0.1/8"},  # host bits set: uvicorn would match nothing
+        {"FORWARDED_ALLOW_IPS": "render"},
+        {"DASHBOARD_ALLOW_ACTIONS_WITHOUT_TOKEN": "maybe"},
+    ):
+        result = run_listener("settings", **env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        [line] = result.stderr.splitlines()
+        [name] = env
+        assert line.startswith(f"listener: invalid setting {name}: "), line
+
+
+# -- behind a TLS-terminating proxy (issue 25, defect 4) -------------------------------------
+
+
+async def test_sign_in_behind_a_proxy_uses_the_scheme_it_reports(
+    database_url: str, free_tcp_port: int, tmp_path: Path
+) -> None:
+    """A proxy at 127.0.0.2 (not loopback's 127.0.0.1, like Render's router) terminates TLS and
+    says `X-Forwarded-Proto: https`; the browser's Origin is https://. FORWARDED_ALLOW_IPS, read
+    from `.env` like every setting, makes the server believe it: the sign-in is same-origin."""
+    port = free_tcp_port
+    (tmp_path / ".env").write_text("FORWARDED_ALLOW_IPS=127.0.0.2\n")
+    env = {"DATABASE_URL": database_url, "API_TOKEN": TOKEN}
+    # `listener api` from a folder holding the `.env` (as a deployment's working directory).
+    async with api_process("--port", str(port), cwd=tmp_path, **env):
+        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(
+            transport=transport, base_url=f"http://127.0.0.1:{port}"
+        ) as proxy:
+            origin = f"https://localhost:{port}"
+            headers = {
+                "Host": f"localhost:{port}",
+                "Origin": origin,
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-For": "203.0.113.7",
+            }
+            signed = await proxy.post("/login", data={"token": TOKEN}, headers=headers)
+            assert signed.status_code == 303, signed.text
+            assert "Secure" in signed.headers["set-cookie"]
+            # Not from the trusted address: the header is not believed, the origin is http://.
+        untrusted = httpx.AsyncHTTPTransport(local_address="127.0.0.3")
+        async with httpx.AsyncClient(
+            transport=untrusted, base_url=f"http://127.0.0.1:{port}"
+        ) as other:
+            refused = await other.post("/login", data={"token": TOKEN}, headers=headers)
+        assert refused.status_code == 403

@@ -44,6 +44,9 @@ BAD_VALUES = {
     "port": "70000",
     "http_host": "",
     "api_token": "tiny-T0ken",
+    "allowed_hosts": "dash.example.com,http://x",
+    "dashboard_allow_actions_without_token": "maybe",
+    "forwarded_allow_ips": "10.0.0.1/8",
     "log_level": "LOUD",
 }
 SECRETS = {
@@ -194,3 +197,13 @@ def test_a_bad_retention_stops_the_program(
 def test_retention_of_zero_keeps_everything() -> None:
     assert Settings(retention_days=0).retention_days == 0
     assert Settings().retention_days == 14
+
+
+def test_a_database_url_port_of_other_digits_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "²".isdigit() is true: the check must not let libpq be the first to refuse it.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@db:5432\u00b2/app")
+    assert main(["worker"]) == EXIT_CONFIG
+    _out, err = capsys.readouterr()
+    assert err.startswith("listener: invalid setting DATABASE_URL: its port is not a number"), err

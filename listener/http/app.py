@@ -30,16 +30,12 @@ from listener.db import pool_stats
 from listener.errors import one_line
 from listener.http.auth import BearerTokenMiddleware
 from listener.http.dashboard import Dashboard
-from listener.http.fleet import (
-    DB_ERRORS,
-    Fleet,
-    FleetSnapshot,
-    count_live_workers,
-    usage,
-)
+from listener.http.fleet import DB_ERRORS, Fleet, FleetSnapshot, usage
+from listener.http.health import Beating, Health
+from listener.http.hosts import AllowedHosts, AllowedHostsMiddleware
 from listener.http.serve import EmbeddedServer, serving
 from listener.redact import redact
-from listener.settings import Settings, check_host
+from listener.settings import Settings, check_host, split_list
 
 if TYPE_CHECKING:
     from listener.worker import Worker
@@ -182,28 +178,19 @@ class FleetCollector(Collector):
 
 
 def build_app(
-    pool: AsyncConnectionPool, settings: Settings, worker: Worker | None = None
+    pool: AsyncConnectionPool, settings: Settings, worker: Worker | Beating | None = None
 ) -> Starlette:
     collector = FleetCollector(pool)
     snapshot = FleetSnapshot(pool, settings)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    checker = Health(pool, worker)
 
     async def health(request: Request) -> Response:
-        if worker is None:
-            listener = "not running"
-        else:
-            listener = "connected" if worker.listener.connected else "disconnected"
-        body: dict[str, Any] = {"status": "ok", "database": "ok", "listener": listener}
-        try:
-            body["workers"] = await count_live_workers(pool)
-        except DB_ERRORS as error:
-            body |= {"database": "error", "workers": None}
-            return _error(body, f"database unreachable: {one_line(error)}")
-        if listener == "disconnected":
-            # The worker cannot hear new work (it still sweeps): not healthy until reconnected.
-            return _error(body, "the worker's LISTEN connection is down")
-        return JSONResponse(body)
+        answer = await checker.answer()
+        if answer.status_code != 200:
+            return _error(answer.body, answer.reason)
+        return JSONResponse(answer.body)
 
     async def stats(request: Request) -> Response:
         try:
@@ -228,10 +215,14 @@ def build_app(
         return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     dashboard = Dashboard(pool, settings)
-    middleware = []
+    # Outermost: a request naming a foreign Host (DNS rebinding) goes no further.
+    hosts = AllowedHosts.from_settings(settings.allowed_hosts)
+    middleware = [Middleware(AllowedHostsMiddleware, hosts=hosts)]
     if settings.api_token is not None:
         middleware.append(
-            Middleware(BearerTokenMiddleware, token=settings.api_token, sessions=dashboard.sessions)
+            Middleware(
+                BearerTokenMiddleware, token=settings.api_token, signed_in=dashboard.signed_in
+            )
         )
     app = Starlette(
         routes=[
@@ -243,6 +234,7 @@ def build_app(
         middleware=middleware,
     )
     app.state.dashboard = dashboard
+    app.state.health = checker
     return app
 
 
@@ -285,7 +277,9 @@ async def serve_worker_http(
 ) -> None:
     """Serve on HTTP_HOST:PORT inside the current event loop until cancelled."""
     port = settings.port or DEFAULT_API_PORT
-    async with serving(build_app(pool, settings, worker), settings.http_host, port) as server:
+    app = build_app(pool, settings, worker)
+    trusted = split_list(settings.forwarded_allow_ips)
+    async with serving(app, settings.http_host, port, forwarded_allow_ips=trusted) as server:
         _announce(server, settings)
         task_status.started()
         await anyio.sleep_forever()
@@ -302,7 +296,9 @@ async def run_api(settings: Settings, conninfo: str, host: str, port: int) -> in
             await wait_for_database(conninfo)
             pool = await open_pool(conninfo, settings, name="listener-api")
             try:
-                async with serving(build_app(pool, settings), host, port) as server:
+                app = build_app(pool, settings)
+                trusted = split_list(settings.forwarded_allow_ips)
+                async with serving(app, host, port, forwarded_allow_ips=trusted) as server:
                     _announce(server, settings)
                     await anyio.sleep_forever()
             finally:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable
 
 from pydantic import SecretStr
 from starlette.requests import cookie_parser
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from listener.http.session import COOKIE, Sessions
+from listener.http.session import COOKIE
 
 OPEN_PATHS = frozenset({"/health", "/login"})
 OPEN_PREFIXES = ("/static/",)
@@ -75,10 +76,15 @@ class BearerTokenMiddleware:
     """Answers 401 (JSON, `WWW-Authenticate: Bearer`) to a request without the right token; a
     browser asking for the dashboard without a session is sent to the sign-in form instead."""
 
-    def __init__(self, app: ASGIApp, token: SecretStr, sessions: Sessions | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: SecretStr,
+        signed_in: Callable[[Scope], Awaitable[bool]] | None = None,
+    ) -> None:
         self.app = app
         self.token = token
-        self.sessions = sessions
+        self.signed_in = signed_in
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Only lifespan passes untouched: any kind of request unknown here is refused, not let in.
@@ -88,7 +94,7 @@ class BearerTokenMiddleware:
         elif self._allowed(scope):
             scope.setdefault("state", {})["auth"] = "bearer"
             await self.app(scope, receive, send)
-        elif scope["type"] == "http" and self._signed_in(scope):
+        elif scope["type"] == "http" and await self._signed_in(scope):
             scope.setdefault("state", {})["auth"] = "session"
             await self.app(scope, receive, send)
         elif scope["type"] == "http" and is_dashboard_path(path) and _wants_html(scope):
@@ -103,10 +109,10 @@ class BearerTokenMiddleware:
         else:
             await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION})
 
-    def _signed_in(self, scope: Scope) -> bool:
-        if self.sessions is None or not is_dashboard_path(str(scope.get("path", ""))):
+    async def _signed_in(self, scope: Scope) -> bool:
+        if self.signed_in is None or not is_dashboard_path(str(scope.get("path", ""))):
             return False
-        return self.sessions.verify(session_cookie(scope)) is not None
+        return await self.signed_in(scope)
 
     def _allowed(self, scope: Scope) -> bool:
         # The first Authorization header, as Starlette's own `Headers.get` would read it.

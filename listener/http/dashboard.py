@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
+import anyio
 import jinja2
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -21,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from listener.errors import one_line
 from listener.http.auth import session_cookie, token_matches
@@ -28,6 +31,7 @@ from listener.http.figures import Snapshot
 from listener.http.fleet import DB_ERRORS, DB_TIMEOUT_SECONDS
 from listener.http.session import COOKIE, MAX_AGE_SECONDS, Sessions, same_origin
 from listener.http.snapshot import REFRESH_SECONDS, SharedSnapshot
+from listener.http.store import SessionStore
 from listener.http.view import age, chart_bars, percent, progress_segments, store_page
 from listener.redact import redact
 from listener.settings import Settings
@@ -75,6 +79,9 @@ def _html(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
 
 # Views of one snapshot kept rendered; more distinct searches than this are rendered each time.
 MAX_FRAGMENTS = 64
+# A job id as a form sends it: ASCII digits within bigint (str.isdigit() also passes "²" and
+# "١", which int() refuses or reads as another number).
+_JOB_ID = re.compile(r"[0-9]{1,18}")
 
 
 def _own_origin(request: Request) -> str:
@@ -136,6 +143,13 @@ class Dashboard:
         self.pool = pool
         self.settings = settings
         self.sessions = Sessions(settings.api_token)
+        self.store = SessionStore(pool)
+        self._key_lock = anyio.Lock()
+        # Without API_TOKEN anyone who reaches the port holds a session: read-only unless the
+        # operator said otherwise.
+        self.actions = (
+            settings.api_token is not None or settings.dashboard_allow_actions_without_token
+        )
         self.snapshot = snapshot or SharedSnapshot(pool, settings)
         # Live fragments served, against the snapshot's readings: the sharing, made visible.
         self.live_served = 0
@@ -157,8 +171,30 @@ class Dashboard:
 
     # -- the page ---------------------------------------------------------------------------
 
-    def _nonce(self, request: Request) -> str | None:
-        return self.sessions.verify(session_cookie(request.scope))
+    async def _ready(self) -> None:
+        """The signing key loaded (no API_TOKEN: the fleet's, from PostgreSQL, once)."""
+        if self.sessions.ready:
+            return
+        async with self._key_lock:
+            if not self.sessions.ready:
+                self.sessions.use_secret(await self.store.shared_secret())
+
+    async def _session(self, scope: Scope, *, fresh: bool = False) -> str | None:
+        """The nonce of the request's session when it is ours, unexpired and not signed out;
+        `fresh` asks the database about the sign-out (for what changes state)."""
+        await self._ready()
+        nonce = self.sessions.verify(session_cookie(scope))
+        if nonce is None or await self.store.revoked(nonce, fresh=fresh):
+            return None
+        return nonce
+
+    async def signed_in(self, scope: Scope) -> bool:
+        """For the token's middleware: whether the request carries a live session."""
+        try:
+            return await self._session(scope, fresh=scope.get("method") == "POST") is not None
+        except DB_ERRORS as error:
+            logger.warning("[Dashboard] session not checked: %s", one_line(error))
+            return False
 
     def _context(
         self, request: Request, snapshot: Snapshot | None, csrf: str = ""
@@ -179,12 +215,16 @@ class Dashboard:
             "segments": progress_segments,
             "csrf": csrf,
             "signed_in": self.sessions.requires_sign_in,
+            "actions": self.actions,
             "refresh_ms": int(REFRESH_SECONDS * 1000),
         }
 
     async def page(self, request: Request) -> Response:
         snapshot = await self.snapshot.get()
-        nonce = self._nonce(request)
+        try:
+            nonce = await self._session(request.scope)
+        except DB_ERRORS as error:
+            return _unavailable(error)
         new_session = None
         if nonce is None and not self.sessions.requires_sign_in:
             # No API_TOKEN: hand out a session on the first visit, so actions carry a CSRF token.
@@ -247,9 +287,20 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
+        if not self.actions:
+            return _read_only()
         form = await _form(request)
-        if not self._csrf_ok(request, form):
-            return _html("refused.html", status_code=403)
+        try:
+            if not await self._csrf_ok(request, form):
+                return _html("refused.html", status_code=403)
+            cookie = session_cookie(request.scope)
+            issued = self.sessions.issued_at(cookie)
+            nonce = self.sessions.verify(cookie)
+            if nonce is not None and issued is not None:
+                # Ended in every process, not only in this browser: a copied cookie is dead too.
+                await self.store.revoke(nonce, issued + MAX_AGE_SECONDS)
+        except DB_ERRORS as error:
+            return _unavailable(error)
         target = "/login" if self.sessions.requires_sign_in else "/"
         response = RedirectResponse(target, status_code=303)
         response.delete_cookie(COOKIE, path="/")
@@ -257,7 +308,8 @@ class Dashboard:
 
     # -- actions ----------------------------------------------------------------------------
 
-    def _csrf_ok(self, request: Request, form: dict[str, str]) -> bool:
+    async def _csrf_ok(self, request: Request, form: dict[str, str]) -> bool:
+        """Raises one of DB_ERRORS when the session's sign-out cannot be looked up."""
         if request.scope.get("state", {}).get("auth") == "bearer":
             return True  # a header a foreign page cannot make a browser send
         if not same_origin(
@@ -266,25 +318,31 @@ class Dashboard:
             _own_origin(request),
         ):
             return False
-        nonce = self._nonce(request)
+        nonce = await self._session(request.scope, fresh=True)
         return nonce is not None and self.sessions.csrf_matches(nonce, form.get("csrf"))
 
     async def act(self, request: Request) -> Response:
         action = request.path_params["action"]
         if action not in ACTIONS:
             return _html("refused.html", status_code=404)
+        if not self.actions:
+            return _read_only()
         form = await _form(request)
-        if not self._csrf_ok(request, form):
-            return _html("refused.html", status_code=403)
+        try:
+            if not await self._csrf_ok(request, form):
+                return _html("refused.html", status_code=403)
+            nonce = await self._session(request.scope)
+        except DB_ERRORS as error:
+            return _unavailable(error)
         block, field, question, done = ACTIONS[action]
         target = form.get(field, "").strip()
-        if field == "job_id" and not target.isdigit():
-            return RedirectResponse("/?flash=" + _quote(f"no such job: {target!r}"), 303)
         if not target:
             return RedirectResponse("/?flash=" + _quote(f"{field} missing"), 303)
+        if field == "job_id" and not _JOB_ID.fullmatch(target):
+            reason = f"{target!r} is not a job id (a whole number, digits 0-9)."
+            return _html("refused.html", status_code=400, reason=reason)
         if form.get("confirmed") != "yes":
             # Without the script's confirm(): ask on a page of its own.
-            nonce = self._nonce(request)
             return _html(
                 "confirm.html",
                 question=question.format(target),
@@ -322,3 +380,18 @@ class Dashboard:
 
 def _quote(text: str) -> str:
     return quote(text, safe="")
+
+
+def _read_only() -> Response:
+    reason = (
+        "Without API_TOKEN the dashboard is read-only (anyone who reaches the port could act): "
+        "set API_TOKEN, or DASHBOARD_ALLOW_ACTIONS_WITHOUT_TOKEN=true on a trusted network."
+    )
+    return _html("refused.html", status_code=403, reason=reason)
+
+
+def _unavailable(error: BaseException) -> Response:
+    logger.warning("[Dashboard] session store unreachable: %s", one_line(error))
+    return _html(
+        "refused.html", status_code=503, reason="The database did not answer; try again."
+    )

@@ -6,6 +6,7 @@ Pure: rows in (the reading's and the census's), plain values out; `snapshot.py` 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from listener.http.waiting import (
 from listener.workerstats import WorkerStats, as_worker_stats
 
 CHART_MINUTES = 15
+_MINUTE = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass
@@ -223,7 +225,8 @@ def _minutes(workers: list[WorkerStats], now: datetime) -> list[int]:
         per_minute = stats.get("finishedPerMinute")
         if isinstance(per_minute, dict):
             for minute, count in per_minute.items():
-                if str(minute).isdigit():
+                # ASCII digits only: "²".isdigit() is true and int("²") raises.
+                if _MINUTE.fullmatch(str(minute)):
                     totals[int(minute)] += _int(count)
     current = int(now.timestamp() // 60)
     return [totals.get(m, 0) for m in range(current - CHART_MINUTES + 1, current + 1)]

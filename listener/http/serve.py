@@ -56,9 +56,19 @@ class EmbeddedServer(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def serving(
-    app: Any, host: str, port: int, *, stop_poll_seconds: float = 0.1
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    stop_poll_seconds: float = 0.1,
+    forwarded_allow_ips: list[str] | None = None,
 ) -> AsyncIterator[EmbeddedServer]:
-    """Serve `app` on host:port for the duration of the block; started when the block starts."""
+    """Serve `app` on host:port for the duration of the block; started when the block starts.
+
+    X-Forwarded-Proto and X-Forwarded-For are believed from `forwarded_allow_ips` only (loopback
+    when not given; never uvicorn's own reading of the environment, so that FORWARDED_ALLOW_IPS
+    is one setting, checked at start, also read from `.env`)."""
+    trusted = forwarded_allow_ips or ["127.0.0.1", "::1"]
     config = uvicorn.Config(
         app,
         host,
@@ -70,6 +80,9 @@ async def serving(
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
+        proxy_headers=True,
+        # uvicorn trusts everyone only for the string "*" alone, not for a list holding it.
+        forwarded_allow_ips="*" if "*" in trusted else trusted,
     )
     server = EmbeddedServer(config)
     server.stop_poll_seconds = stop_poll_seconds
