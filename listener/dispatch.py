@@ -423,9 +423,9 @@ class Dispatcher:
         self._backlogged = bool(items) and len(items) == sum(quotas)
         got = Counter(item.instance_id for item in items)
         for store, quota in zip(stores, quotas, strict=True):
-            if got[store] == 0:
-                # A turn that brought nothing is not service: weights count items started.
-                self.ring.refund(store)
+            # Weights share items, not turns: the turn pays for each item it brought (none: the
+            # turn is given back, a refusal is not service).
+            self.ring.charge(store, got[store])
             if got[store] < quota and (
                 self._notified_at.get(store, 0) <= since or self._held(store)
             ):
