@@ -413,7 +413,7 @@ class Dispatcher:
             await anyio.sleep(1.0)
             return
         if self.completer is not None and outcomes:
-            self.completer.written(outcomes, result.written)
+            self.completer.written(outcomes, result.written, result.deferred)
         items = result.items
         for held in result.held_back:
             if held.retry_in is not None:
