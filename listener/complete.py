@@ -82,10 +82,16 @@ class Completer:
         self._taken.set()
         return batch
 
-    def written(self, batch: list[Outcome], written: Iterable[int]) -> None:
-        """A batch is committed; `written`: the ids it wrote (the others had lost their lease)."""
-        ids = set(written)
-        superseded = [outcome for outcome in batch if outcome.item_id not in ids]
+    def written(
+        self, batch: list[Outcome], written: Iterable[int], deferred: Iterable[int] = ()
+    ) -> None:
+        """A batch is committed; `written`: the ids it wrote; `deferred`: the ids a claim left
+        alone because another transaction (a cancel) held their job, written here instead; the
+        others had lost their lease."""
+        ids, later = set(written), set(deferred)
+        if later:
+            self.give_back([outcome for outcome in batch if outcome.item_id in later])
+        superseded = [o for o in batch if o.item_id not in ids and o.item_id not in later]
         if superseded:
             logger.warning(
                 "[Worker] %d outcome(s) not written: their leases had expired and the items "

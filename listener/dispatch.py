@@ -416,7 +416,7 @@ class Dispatcher:
             await anyio.sleep(1.0)
             return
         if self.completer is not None and outcomes:
-            self.completer.written(outcomes, result.written)
+            self.completer.written(outcomes, result.written, result.deferred)
         items = result.items
         for held in result.held_back:
             if held.retry_in is not None:
@@ -426,9 +426,9 @@ class Dispatcher:
         self._backlogged = bool(items) and len(items) == sum(quotas)
         got = Counter(item.instance_id for item in items)
         for store, quota in zip(stores, quotas, strict=True):
-            if got[store] == 0:
-                # A turn that brought nothing is not service: weights count items started.
-                self.ring.refund(store)
+            # Weights share items, not turns: the turn pays for each item it brought (none: the
+            # turn is given back, a refusal is not service).
+            self.ring.charge(store, got[store])
             if got[store] < quota and (
                 self._notified_at.get(store, 0) <= since or self._held(store)
             ):

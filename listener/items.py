@@ -105,6 +105,8 @@ class ClaimResult:
     items: list[ClaimedItem]
     held_back: list[HeldBack]
     written: set[int] = field(default_factory=set)  # ids of the outcomes it wrote
+    # Ids of the outcomes it left alone: their job is held by another transaction (a cancel).
+    deferred: set[int] = field(default_factory=set)
 
 
 def split_quota(stores: Sequence[str], wanted: int, max_per_store: int) -> list[int]:
@@ -131,7 +133,8 @@ async def claim(
     """Claim items of `stores` (`quotas` of each), and write `outcomes` first in the same
     transaction, one round trip (under a budget each item would otherwise cost a round trip and
     a commit of its own for its outcome). The transaction then waits for the WAL flush, as every
-    outcome's commit does."""
+    outcome's commit does. It never waits for a job row: outcomes whose job another transaction
+    holds (a long cancel or retry) are left out (`deferred`) for the completer."""
     # In store order: the claim locks the `stores` rows of capped stores in this order, and
     # two claims that lock in one order never deadlock.
     ordered = sorted(zip(stores, quotas, strict=True))
@@ -147,14 +150,16 @@ async def claim(
     }
     sql = queries("items")
     written: set[int] = set()
+    deferred: set[int] = set()
     try:
         async with pool.connection() as conn:
             if outcomes:
                 async with conn.pipeline(), conn.transaction():
-                    finished = await _write_outcomes(conn, worker_id, outcomes)
+                    finished = await _write_outcomes(conn, worker_id, outcomes, wait=False)
                     cursor = await conn.execute(sql["claim"], params)
                     await conn.execute(sql["flush_at_commit"])
-                written = {int(row[0]) for row in await finished.fetchall()}
+                for id_, _job_id, status in await finished.fetchall():
+                    (written if status is not None else deferred).add(int(id_))
             else:
                 cursor = await conn.execute(sql["claim"], params)
             rows = await cursor.fetchall()
@@ -164,7 +169,7 @@ async def claim(
     items = [_claimed(row, options) for row in rows if row[0] is not None]
     items.sort(key=lambda item: item.id)
     held_back = [HeldBack(str(row[2]), row[7]) for row in rows if row[0] is None]
-    return ClaimResult(items, held_back, written)
+    return ClaimResult(items, held_back, written, deferred)
 
 
 def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> ClaimedItem:
@@ -222,19 +227,25 @@ async def finish(
             rows = await written.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
-    return {int(row[0]) for row in rows}
+    return {int(id_) for id_, _job_id, status in rows if status is not None}
 
 
 async def _write_outcomes(
-    conn: psycopg.AsyncConnection[Any], worker_id: str, outcomes: Sequence[Outcome]
+    conn: psycopg.AsyncConnection[Any],
+    worker_id: str,
+    outcomes: Sequence[Outcome],
+    wait: bool = True,
 ) -> psycopg.AsyncCursor[Any]:
     """Inside a transaction: the batch's jobs locked, the outcomes written, the jobs they
-    finish ended. The cursor returned yields the ids written."""
+    finish ended. The cursor returned yields (id, job id, status) of each outcome: status NULL
+    when its job was held elsewhere and it was not written (only with `wait` False: the jobs
+    held by others are skipped instead of waited for)."""
     sql = queries("items")
     jobs = {"job_ids": sorted({o.job_id for o in outcomes})}
-    await conn.execute(sql["lock_jobs_of_outcomes"], jobs)
+    if wait:
+        await conn.execute(sql["lock_jobs_of_outcomes"], jobs)
     written = await conn.execute(sql["finish_items"], outcome_params(worker_id, outcomes))
-    await conn.execute(sql["finish_jobs"], jobs)
+    await conn.execute(sql["finish_jobs" if wait else "finish_held_jobs"], jobs)
     return written
 
 

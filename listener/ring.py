@@ -6,10 +6,12 @@ claim came back short.
 
 Fairness model: weighted turns by stride scheduling. Each store in the ring has a
 *pass*; `take` serves the store with the lowest pass (ties: first come, first served)
-and moves its pass on by `STRIDE // weight`. Over any stretch during which a set of
-stores stays busy, each is served in proportion to its weight, smoothly interleaved
-(weights 1 and 2: a b b a b b, not a a b b b b), and with equal weights this is plain
-round robin. `vtime`, the pass of the latest store served, is where the ring is now.
+and moves its pass on by `STRIDE // weight`; once the claim is back, `charge` makes the
+turn pay that stride for each item it brought (a claim can hold several). Over any
+stretch during which a set of stores stays busy, each gets items in proportion to its
+weight, smoothly interleaved (weights 1 and 2: a b b a b b, not a a b b b b), and with
+equal weights this is plain round robin. `vtime`, the pass of the latest store served, is
+where the ring is now.
 
 A store that is not in the ring and is not owed a later pass is *fresh*: it is served
 before everyone else (fresh stores among themselves first come, first served), so a new
@@ -171,20 +173,28 @@ class ReadyRing:
         elif store in self._owed:
             self._owed[store] += step
 
-    def refund(self, store: str) -> None:
-        """The store's last turn brought nothing (its claim was refused: paused, at a cap, or
-        its items went to another process): give the turn back, so that refusals never count
-        as service and the store is not pushed behind the others for them."""
-        step = self._stride(store)
+    def charge(self, store: str, items: int) -> None:
+        """The store's last turn (`take`) brought `items` items: it pays a stride for each, so
+        that weights share items, not turns. `take` charged one; a turn of 5 items costs 5, and
+        one that brought nothing (its claim was refused: paused, at a cap, or its items went to
+        another process) is given back, so that refusals never count as service and the store
+        is not pushed behind the others for them. (Charged one per turn, claims of 5 items gave
+        weights 4:1 85/15 %: the heavier store's extra turns came in claims of its own.)"""
+        step = (items - 1) * self._stride(store)
+        if step == 0:
+            return
         if store in self._passes:
-            pass_ = self._passes[store] - step
-            self._schedule(store, max(pass_, self._vtime))
+            self._schedule(store, max(self._passes[store] + step, self._vtime))
             if self._tombstones() > len(self._live):
                 self._compact()
         elif store in self._owed:
-            self._owed[store] -= step
+            self._owed[store] += step
             if self._owed[store] <= self._vtime:
                 del self._owed[store]
+
+    def refund(self, store: str) -> None:
+        """The store's last turn brought nothing: `charge(store, 0)`."""
+        self.charge(store, 0)
 
     # -- inspection --------------------------------------------------------------
 

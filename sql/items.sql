@@ -160,17 +160,32 @@ FOR NO KEY UPDATE;
 -- Write a batch of outcomes in one statement. An outcome only lands while this worker still
 -- holds the item: one whose lease was reaped and re-claimed elsewhere is left alone. An item
 -- that would go back to PENDING in a cancelled job ends CANCELLED instead: nothing of a job
--- starts after its cancel.
-WITH outcome AS (
-    SELECT o.*,
-        CASE WHEN o.status = 'PENDING' THEN EXISTS (
-            SELECT 1 FROM job_items i JOIN jobs c ON c.id = i.job_id
-            WHERE i.id = o.id AND c.status = 'CANCELLED'
-        ) ELSE false END AS cancelled
+-- starts after its cancel. Only outcomes whose job row this transaction holds (the completer:
+-- lock_jobs_of_outcomes, waited for) or can take now are written; a job another transaction
+-- holds (a store-wide cancel or retry, minutes long) is skipped, not waited for, and its
+-- outcomes come back with a NULL status: a claim that carries them must not wait on a cancel,
+-- so it leaves them to the completer, which writes them alone. The job's status is read from
+-- the row as locked (its latest version, READ COMMITTED), not from this statement's snapshot:
+-- a cancel that committed between the snapshot and the lock is seen.
+WITH requested AS (
+    SELECT o.*
     FROM unnest(
         %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
         %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
     ) AS o(id, status, result, error, delay, refund, attempt)
+),
+held AS MATERIALIZED (
+    SELECT c.id, c.status
+    FROM jobs c
+    WHERE c.id IN (SELECT i.job_id FROM job_items i WHERE i.id = ANY (%(ids)s::bigint[]))
+    ORDER BY c.id
+    FOR NO KEY UPDATE SKIP LOCKED
+),
+outcome AS (
+    SELECT r.*, r.status = 'PENDING' AND held.status = 'CANCELLED' AS cancelled
+    FROM requested r
+    JOIN job_items i ON i.id = r.id
+    JOIN held ON held.id = i.job_id
 ),
 finished AS (
 UPDATE job_items j
@@ -208,7 +223,23 @@ room AS MATERIALIZED (
       )
 )
 SELECT id, job_id, status FROM finished
-WHERE (SELECT count(*) FROM room) >= 0;
+WHERE (SELECT count(*) FROM room) >= 0
+UNION ALL
+SELECT i.id, i.job_id, NULL
+FROM requested r
+JOIN job_items i ON i.id = r.id
+WHERE i.job_id NOT IN (SELECT id FROM held);
+
+-- finish_held_jobs --
+-- finish_jobs for a claim's outcomes: only the jobs this transaction holds or can take now (a
+-- cancel's are skipped, like their outcomes in finish_items, and end with the cancel or with
+-- the completer's write).
+SELECT listener_end_finished_jobs(ARRAY(
+    SELECT id FROM jobs
+    WHERE id = ANY (%(job_ids)s::bigint[])
+    ORDER BY id
+    FOR NO KEY UPDATE SKIP LOCKED
+));
 
 -- finish_jobs --
 -- After finish_items, in its transaction (which holds the jobs' rows: lock_jobs_of_outcomes),

@@ -218,3 +218,50 @@ async def test_outcomes_a_failed_claim_took_are_written_at_once(database_url: st
         assert completer.batches_written == 1
     finally:
         await pool.close()
+
+
+async def test_a_claim_does_not_wait_for_a_cancel_that_holds_the_job_of_an_outcome_it_carries(
+    database_url: str,
+) -> None:
+    # Issue 25, weakness 9: a store-wide cancel holds its jobs' rows until it commits (seconds at
+    # 100,000 items). A claim carrying an outcome of such a job used to wait for the row, up to
+    # the lock timeout, then fail, and its limiter slot was lost; now it leaves that outcome to
+    # the completer and claims at once.
+    job_id = await insert_job(database_url, "cancelled", 2)
+    await insert_job(database_url, "other", 1)
+    # A short lock timeout: the wait, before the fix, fails the claim quickly.
+    settings = make_settings("http://127.0.0.1:9/v1", db_lock_timeout_seconds=0.5)
+    pool = await open_pool(database_url, settings)
+    try:
+        first = await items_db.claim(pool, "w1", ["cancelled"], [1], 60.0, 65_536)
+        (item,) = first.items
+        completer = Completer(pool, "w1", lambda _w, _s: None, Random(1), hold_seconds=600)
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(completer.run, done)
+            try:
+                completer.emit(Outcome.completed(item, {"text": "answer"}))
+                carried = completer.take()
+                with psycopg.connect(database_url) as cancel:
+                    answer = cancel.execute("SELECT listener_cancel_job(%s)", [job_id]).fetchone()
+                    assert answer is not None and answer[0]["in_flight"] == 1
+                    # The cancel's transaction is open: it holds the job's row.
+                    result = await items_db.claim(
+                        pool, "w1", ["other"], [1], 60.0, 65_536, outcomes=carried
+                    )
+                    assert [i.instance_id for i in result.items] == ["other"]
+                    assert result.written == set() and result.deferred == {item.id}
+                    completer.written(carried, result.written, result.deferred)
+                    cancel.commit()
+                # The completer writes it alone once the row is free: the answer is kept, and the
+                # job ends CANCELLED with its last item.
+                await wait_for_counts(
+                    database_url,
+                    lambda counts: counts == {"COMPLETED": 1, "CANCELLED": 1, "PROCESSING": 1},
+                )
+            finally:
+                completer.close(give_up_after=5.0)
+        rows = await query(database_url, "SELECT status FROM jobs WHERE id = %s", (job_id,))
+    finally:
+        await pool.close()
+    assert rows == [("CANCELLED",)]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
+from listener.items import split_quota
 from listener.ring import ReadyRing
 from tests.support import new_dispatcher
 
@@ -433,3 +436,52 @@ def test_a_refused_turn_is_given_back() -> None:
     ring.notify("capped")
     counts = Counter(store for _ in range(12) for store in ring.take(1))
     assert counts == {"capped": 8, "a": 2, "b": 2}  # not pushed behind for the refusal
+
+
+# -- items, not turns (issue 25, weakness 7) ---------------------------------------------
+
+
+def _claims(
+    weights: dict[str, int], wanted: int, max_per_store: int, claims: int = 3000
+) -> dict[str, float]:
+    """The dispatcher's loop (`_claim_once`) against stores that never run dry: take the stores,
+    share `wanted` between them within the cap (the extras moving one store on each claim), and
+    charge each store for the items it got. Each store's share of the items, in %."""
+    ring = _weighted(weights)
+    got: Counter[str] = Counter()
+    for turn in range(claims):
+        stores = ring.take(min(wanted, len(ring)))
+        quotas = split_quota(stores, wanted, max_per_store)
+        shift = turn % len(quotas)
+        quotas = quotas[len(quotas) - shift :] + quotas[: len(quotas) - shift]
+        for store, quota in zip(stores, quotas, strict=True):
+            got[store] += quota
+            ring.charge(store, quota)
+    total = sum(got.values())
+    return {store: 100 * got[store] / total for store in weights}
+
+
+@pytest.mark.parametrize(
+    ("wanted", "max_per_store"),
+    [(1, 20), (5, 20), (10, 20), (64, 20), (32, 5), (3, 1)],
+    ids=["1-item", "5-item", "10-item", "64-item", "capped-at-5", "capped-at-1"],
+)
+@pytest.mark.parametrize(
+    "weights", [{"a": 4, "b": 1}, {"a": 8, "b": 1, "c": 1}, {"a": 1, "b": 2, "c": 4}]
+)
+def test_weights_share_the_items_whatever_a_claim_holds(
+    weights: dict[str, int], wanted: int, max_per_store: int
+) -> None:
+    # Charged one per turn, claims of 5 items gave 4:1 90/10 % and 8:1:1 91.7/4.2/4.2 %: the
+    # heavy store's turns came in claims of its own, each worth 5 items, the others' shared.
+    shares = _claims(weights, wanted, max_per_store)
+    total = sum(weights.values())
+    for store, weight in weights.items():
+        assert abs(shares[store] - 100 * weight / total) <= 3, shares
+
+
+def test_a_turn_pays_for_each_item_it_brought() -> None:
+    ring = _weighted({"a": 1, "b": 1})
+    assert ring.take(1) == ["a"]
+    ring.charge("a", 3)  # a claim of 3 items: a's next turn comes after 3 of b's
+    assert [store for _ in range(4) for store in ring.take(1)] == ["b", "b", "b", "a"]
