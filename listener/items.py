@@ -11,7 +11,9 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from listener.db import wrap
+from listener.errors import OutcomeRefused, one_line
 from listener.sqlfiles import queries
+from listener.storable import storable
 
 Status = Literal["COMPLETED", "FAILED", "PENDING"]
 
@@ -95,7 +97,9 @@ class HeldBack:
 class ClaimResult:
     items: list[ClaimedItem]
     held_back: list[HeldBack]
-    written: set[int] = field(default_factory=set)  # ids of the outcomes it wrote
+    # Ids of the outcomes it wrote; None: PostgreSQL refused one of them, none was written and
+    # the claim went out alone (the completer writes them, see `Completer.written`).
+    written: set[int] | None = field(default_factory=set)
 
 
 def split_quota(stores: Sequence[str], wanted: int, max_per_store: int) -> list[int]:
@@ -131,19 +135,17 @@ async def claim(
         "max_payload_bytes": max_payload_bytes,
         "announce": announce,
     }
-    sql = queries("items")
-    written: set[int] = set()
+    written: set[int] | None = set()
     try:
         async with pool.connection() as conn:
-            if outcomes:
-                async with conn.pipeline(), conn.transaction():
-                    finished = await _write_outcomes(conn, worker_id, outcomes)
-                    cursor = await conn.execute(sql["claim"], params)
-                    await conn.execute(sql["flush_at_commit"])
-                written = {int(row[0]) for row in await finished.fetchall()}
-            else:
-                cursor = await conn.execute(sql["claim"], params)
-            rows = await cursor.fetchall()
+            try:
+                rows, written = await _claim_writing(conn, worker_id, params, outcomes)
+            except OutcomeRefused:
+                # One of the outcomes cannot be stored: the claim goes out alone (its workers
+                # hold limiter slots), and the outcomes go back to the completer, which writes
+                # them alone and finds the one at fault (complete.py). None says so.
+                rows, written = await _claim_writing(conn, worker_id, params, ())
+                written = None
     except psycopg.Error as error:
         raise wrap(error, "claim failed") from error
     items = [ClaimedItem(*row[:7]) for row in rows if row[0] is not None]
@@ -152,12 +154,60 @@ async def claim(
     return ClaimResult(items, held_back, written)
 
 
+async def _claim_writing(
+    conn: psycopg.AsyncConnection[Any],
+    worker_id: str,
+    params: dict[str, Any],
+    outcomes: Sequence[Outcome],
+) -> tuple[list[tuple[Any, ...]], set[int]]:
+    """The claim's rows and the ids of the outcomes written in its transaction."""
+    sql = queries("items")
+    if not outcomes:
+        cursor = await conn.execute(sql["claim"], params)
+        return await cursor.fetchall(), set()
+    try:
+        async with conn.pipeline(), conn.transaction():
+            finished = await _write_outcomes(conn, worker_id, outcomes)
+            cursor = await conn.execute(sql["claim"], params)
+            await conn.execute(sql["flush_at_commit"])
+    except REFUSALS as error:
+        raise refused(error) from error
+    written = {int(row[0]) for row in await finished.fetchall()}
+    return await cursor.fetchall(), written
+
+
+# What says an outcome's data is at fault, not the database's state: SQLSTATE class 22 (data
+# exception: invalid JSON such as a NaN, a value out of range) is psycopg's DataError, as is a
+# NUL refused by the client; class 23 (a constraint) its IntegrityError; a string Python cannot
+# encode as UTF-8 fails before it is sent. Anything else (a lost connection, a lock timeout, a
+# failover) is the database's, and the same batch is written again later.
+REFUSALS = (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError)
+
+
+def refused(error: Exception) -> OutcomeRefused:
+    if isinstance(error, psycopg.Error):
+        return OutcomeRefused(error.diag.message_primary or one_line(error))
+    return OutcomeRefused(one_line(error))
+
+
+def _result_json(outcome: Outcome) -> str | None:
+    if outcome.result is None:
+        return None
+    try:
+        # NaN and Infinity pass here as JSON cannot hold them; jsonb refuses them (class 22).
+        return json.dumps(outcome.result)
+    except (TypeError, ValueError, RecursionError) as error:
+        raise OutcomeRefused(f"the result is not JSON ({one_line(error)})") from None
+
+
 def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """The parameters of `finish_items`: one array per column."""
+    """The parameters of `finish_items`: one array per column, each outcome made storable
+    first (`storable.py`)."""
+    outcomes = [storable(o) for o in outcomes]
     return {
         "ids": [o.item_id for o in outcomes],
         "statuses": [o.status for o in outcomes],
-        "results": [None if o.result is None else json.dumps(o.result) for o in outcomes],
+        "results": [_result_json(o) for o in outcomes],
         "errors": [o.error for o in outcomes],
         "delays": [o.delay for o in outcomes],
         "refunds": [o.refund for o in outcomes],
@@ -175,13 +225,18 @@ async def finish(
     outcomes, then each job with no open item left is ended (`sql/items.sql` says why this
     order is safe against a concurrent finisher and a cancel). An item this worker no longer
     holds (its lease expired and the item was reaped, perhaps done elsewhere) is left as it is.
+    An outcome PostgreSQL cannot store raises OutcomeRefused, and nothing of the batch is
+    written: the caller splits it (complete.py).
     """
     if not outcomes:
         return set()
     try:
         async with pool.connection() as conn:
-            async with conn.pipeline(), conn.transaction():
-                written = await _write_outcomes(conn, worker_id, outcomes)
+            try:
+                async with conn.pipeline(), conn.transaction():
+                    written = await _write_outcomes(conn, worker_id, outcomes)
+            except REFUSALS as error:
+                raise refused(error) from error
             rows = await written.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
