@@ -153,7 +153,13 @@ class Dispatcher:
     def served_elsewhere(self, payload: str) -> None:
         """`stores_served` from a claim: another process served the store; ours are ignored."""
         parts = payload.split("\x1f")
-        if len(parts) != 3 or parts[0] == self.worker_id or not parts[2].isdigit():
+        # isascii: "²".isdigit() is true, and int() refuses it.
+        if (
+            len(parts) != 3
+            or parts[0] == self.worker_id
+            or not parts[2].isascii()
+            or not parts[2].isdigit()
+        ):
             return
         # A process that started since our last heartbeat: tell it ours from now on.
         self._heard_others_until = self.clock() + OTHERS_HEARD_SECONDS

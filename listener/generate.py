@@ -7,6 +7,7 @@ off; the API's answer is turned into one of our errors, which the worker knows h
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +33,13 @@ SYSTEM_PROMPT = (
 # Fields shown to the model in this order; anything else in the payload follows as attributes.
 KNOWN_FIELDS = ("name", "description", "brand", "category", "price", "currency", "language")
 DEFAULT_RETRY_AFTER = 1.0
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+# The longest wait a header may ask for: "inf", "1e308" or a typo would otherwise hold every
+# worker of the fleet (or fail the limiter's pause); a day is more than any real reset.
+MAX_WAIT_SECONDS = 86_400.0
+# ASCII digits only: \d and str.isdigit() also take other scripts' digits and "²", which
+# float() and int() then refuse.
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -123,30 +130,36 @@ def _render(value: Any) -> str:
 
 
 def parse_duration(text: str | None) -> float | None:
-    """OpenAI's reset headers: '1s', '6m0s', '120ms', '1h2m3.5s'; also plain seconds."""
+    """OpenAI's reset headers: '1s', '6m0s', '120ms', '1h2m3.5s'; also plain seconds. None
+    for what is no finite duration ('inf', 'nan', garbage)."""
     if not text:
         return None
     text = text.strip()
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
-        pass
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    parts = _DURATION.findall(text)
-    if not parts or "".join(a + b for a, b in parts) != text:
-        return None
-    return sum(float(amount) * scale[unit] for amount, unit in parts)
+        scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+        parts = _DURATION.findall(text)
+        if not parts or "".join(a + b for a, b in parts) != text:
+            return None
+        seconds = sum(float(amount) * scale[unit] for amount, unit in parts)
+    # Before the max(): max(0.0, nan) is 0.0.
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _bounded(seconds: float) -> float:
+    return min(seconds, MAX_WAIT_SECONDS)
 
 
 def retry_after(headers: Mapping[str, str]) -> float:
     """How long a 429 asks us to wait, from the most precise header present."""
     milliseconds = parse_duration(headers.get("retry-after-ms"))
     if milliseconds is not None:
-        return milliseconds / 1000.0
+        return _bounded(milliseconds / 1000.0)
     for name in ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
         seconds = parse_duration(headers.get(name))
         if seconds is not None:
-            return seconds
+            return _bounded(seconds)
     return DEFAULT_RETRY_AFTER
 
 
@@ -157,10 +170,10 @@ def budget_pause(headers: Mapping[str, str], next_tokens: int) -> float | None:
     if remaining is not None and remaining.strip() == "0":
         pauses.append(parse_duration(headers.get("x-ratelimit-reset-requests")))
     tokens = headers.get("x-ratelimit-remaining-tokens")
-    if tokens is not None and tokens.strip().isdigit() and int(tokens) < next_tokens:
+    if tokens is not None and _DIGITS.fullmatch(tokens.strip()) and int(tokens) < next_tokens:
         pauses.append(parse_duration(headers.get("x-ratelimit-reset-tokens")))
     known = [p for p in pauses if p]
-    return max(known) if known else None
+    return _bounded(max(known)) if known else None
 
 
 class Generator:

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
                 " nor a connection string (host=... dbname=...)"
             ) from None
         port = str(parts.get("port", "5432"))
-        if not all(p.isdigit() for p in port.split(",")):
+        if not all(p.isascii() and p.isdigit() for p in port.split(",")):
             raise ValueError("its port is not a number")
         return value
 

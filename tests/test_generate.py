@@ -9,6 +9,7 @@ import pytest
 
 from listener.errors import PermanentItemError
 from listener.generate import (
+    MAX_WAIT_SECONDS,
     budget_pause,
     build_messages,
     parse_duration,
@@ -127,3 +128,26 @@ def test_a_spent_budget_in_the_headers_pauses_until_its_reset() -> None:
     assert budget_pause(low_tokens, next_tokens=500) == 0.75
     plenty = {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "90000"}
     assert budget_pause(plenty, next_tokens=500) is None
+
+
+@pytest.mark.parametrize("header", ["inf", "Infinity", "nan", "-inf", "1e400", "9" * 400 + "s"])
+def test_a_retry_header_that_is_no_finite_duration_falls_back_to_the_default(
+    header: str,
+) -> None:
+    assert parse_duration(header) is None
+    assert retry_after({"retry-after": header}) == 1.0
+    assert retry_after({"retry-after-ms": header, "retry-after": "2"}) == 2.0
+
+
+def test_a_huge_retry_header_is_cut_to_a_day() -> None:
+    assert retry_after({"retry-after": "1e300"}) == MAX_WAIT_SECONDS
+    assert retry_after({"retry-after-ms": "1e300"}) == MAX_WAIT_SECONDS
+    spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "99999h"}
+    assert budget_pause(spent, next_tokens=500) == MAX_WAIT_SECONDS
+
+
+@pytest.mark.parametrize("tokens", ["²", "٣", "1²"])
+def test_a_remaining_tokens_header_of_other_digits_is_ignored(tokens: str) -> None:
+    # "²".isdigit() is true and int("²") raises: the answer in hand must not be lost to it.
+    headers = {"x-ratelimit-remaining-tokens": tokens, "x-ratelimit-reset-tokens": "2s"}
+    assert budget_pause(headers, next_tokens=500) is None

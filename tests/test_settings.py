@@ -167,3 +167,9 @@ def test_a_bad_retention_stops_the_program(
 def test_retention_of_zero_keeps_everything() -> None:
     assert Settings(retention_days=0).retention_days == 0
     assert Settings().retention_days == 14
+
+
+def test_a_database_port_of_other_digits_is_refused_at_start() -> None:
+    # "²".isdigit() is true; the port must be refused here, not when a connection tries it.
+    with pytest.raises(ValueError, match="its port is not a number"):
+        Settings(database_url="postgresql://app@db:5²/app")
