@@ -172,3 +172,18 @@ SELECT j.id, j.instance_id, 'p' || n, jsonb_build_object('name', 'Product ' || n
        'COMPLETED', jsonb_build_object('text', repeat('A fine product. ', 20)), 1,
        now() - interval '30 days', now() - interval '30 days'
 FROM new_jobs j CROSS JOIN generate_series(1, %(items)s) n;
+
+-- add_open_jobs --
+-- `count` open jobs over 1,000 stores, one PENDING item each (bench.stranded_jobs).
+WITH new_jobs AS (
+    INSERT INTO jobs (instance_id)
+    SELECT 'store-' || (n %% 1000) FROM generate_series(1, %(count)s) n
+    RETURNING id, instance_id
+)
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+SELECT id, instance_id, 'p1', '{"name": "P"}'::jsonb FROM new_jobs;
+
+-- strand_jobs --
+-- Every `every`-th open job gets its items finished without being closed: stranded.
+UPDATE job_items SET status = 'COMPLETED', completed_at = now()
+WHERE job_id IN (SELECT id FROM jobs WHERE completed_at IS NULL AND id %% %(every)s = 0);
