@@ -112,8 +112,11 @@ class Worker:
         # Finished items by minute and store, for the dashboard's chart and per-store figures.
         self.throughput = Throughput()
         self.fatal: AuthenticationFailed | None = None
-        self.held: dict[int, str] = {}  # claimed items not yet written back: id -> store
-        self.running: dict[int, str] = {}  # items whose handler is running now
+        # Keyed by (item id, attempt): a frozen worker can claim its own item again once the
+        # lease expired, and the old claim's late outcome must not drop the new claim's entry
+        # (the heartbeat renews the leases of `held`).
+        self.held: dict[tuple[int, int], str] = {}  # claimed, not yet written back -> store
+        self.running: dict[tuple[int, int], str] = {}  # items whose handler is running now
         self._rng = random.Random()
         self._stopping = False
         self._idle_scopes: set[anyio.CancelScope] = set()
@@ -310,7 +313,7 @@ class Worker:
                 await self._process(item, grant)
 
     async def _process(self, item: ClaimedItem, grant: Any) -> None:
-        self.running[item.id] = item.instance_id
+        self.running[item.id, item.attempts] = item.instance_id
         outcome: Outcome | None = None
         try:
             outcome = await self._attempt(item, grant)
@@ -324,7 +327,7 @@ class Worker:
             outcome = Outcome.release(item)  # cancelled (shutdown): someone else will do it
             raise
         finally:
-            self.running.pop(item.id, None)
+            self.running.pop((item.id, item.attempts), None)
             if outcome is not None:
                 self._emit(outcome)
 
@@ -344,7 +347,7 @@ class Worker:
 
     def _on_claimed(self, claimed: list[ClaimedItem]) -> None:
         for item in claimed:
-            self.held[item.id] = item.instance_id
+            self.held[item.id, item.attempts] = item.instance_id
 
     def _emit(self, outcome: Outcome) -> None:
         self.completer.emit(outcome)
@@ -354,10 +357,10 @@ class Worker:
     def _on_written(self, batch: list[Outcome], superseded: list[Outcome]) -> None:
         self.counters.superseded += len(superseded)
         for outcome in superseded:
-            self.held.pop(outcome.item_id, None)
+            self.held.pop((outcome.item_id, outcome.attempt), None)
         now = time.time()
         for outcome in batch:
-            self.held.pop(outcome.item_id, None)
+            self.held.pop((outcome.item_id, outcome.attempt), None)
             if outcome.status in ("COMPLETED", "FAILED"):
                 self.throughput.record(outcome.instance_id, now)
             if outcome.status == "COMPLETED":
@@ -381,7 +384,7 @@ class Worker:
             self.worker_id,
             interval=self.heartbeat_interval,
             lease_seconds=self.settings.lease_seconds,
-            held=lambda: list(self.held),
+            held=lambda: sorted({item_id for item_id, _attempt in self.held}),
             stats=self.stats,
             listener_connected=lambda: self.listener.connected,
             on_others=self.dispatcher.others_alive,

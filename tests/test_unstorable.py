@@ -184,3 +184,23 @@ async def test_a_model_answer_holding_nul_lands_completed_and_says_it_was_cleane
         assert result["text"].endswith("it.\ufffd")
         assert result[CLEANED_KEY] == {"nul_removed": 1, "surrogates_replaced": 1}
     assert await query(database_url, "SELECT status FROM jobs") == [("COMPLETED",)]
+
+
+async def test_a_late_outcome_of_an_old_claim_keeps_the_new_claims_lease_renewed(
+    database_url: str,
+) -> None:
+    # A frozen worker's lease expired, the item was reaped and this same worker claimed it
+    # again (attempt 2); then the first claim's outcome comes back, refused as superseded. The
+    # second claim must still be held, so the heartbeat goes on renewing its lease.
+    from listener.assembly import open_worker
+
+    settings = make_settings("http://127.0.0.1:9/v1")
+    async with open_worker(settings, database_url) as worker:
+        first = ClaimedItem(5, 1, "store-f", "p1", "{}", 2, attempts=1)
+        again = ClaimedItem(5, 1, "store-f", "p1", "{}", 2, attempts=2)
+        worker._on_claimed([first])
+        worker._on_claimed([again])
+        worker._on_written([], [Outcome.completed(first, {"text": "late"})])
+        assert [item_id for item_id, _attempt in worker.held] == [5]
+        worker._on_written([Outcome.completed(again, {"text": "ok"})], [])
+        assert not worker.held
