@@ -204,3 +204,37 @@ async def test_a_late_outcome_of_an_old_claim_keeps_the_new_claims_lease_renewed
         assert [item_id for item_id, _attempt in worker.held] == [5]
         worker._on_written([Outcome.completed(again, {"text": "ok"})], [])
         assert not worker.held
+
+
+async def test_an_item_the_reaper_fails_frees_its_store_s_room_and_says_so(
+    database_url: str,
+) -> None:
+    # A store at its max_in_flight of 1: its worker died holding the item, on its last attempt.
+    # The reaper ends it FAILED: the store has room again, and every process must hear of it
+    # (no trigger announces an item that ends; only one back to PENDING).
+    import psycopg
+
+    from tests.support import heard_so_far
+
+    await query(database_url, "INSERT INTO stores (instance_id, max_in_flight) VALUES ('s-cap', 1)")
+    await insert_job(database_url, "s-cap", 2)
+    pool = await open_pool(database_url, make_settings("http://127.0.0.1:9/v1"))
+    try:
+        claimed = await items_db.claim(pool, "dead", ["s-cap"], [2], 60.0, 65_536)
+        assert len(claimed.items) == 1  # the cap
+        await query(
+            database_url,
+            "UPDATE job_items SET lease_expires_at = now() - interval '1 s'"
+            " WHERE status = 'PROCESSING'",
+        )
+        with (
+            psycopg.connect(database_url, autocommit=True) as listener,
+            psycopg.connect(database_url, autocommit=True) as conn,
+        ):
+            listener.execute("LISTEN job_items_ready")
+            heard_so_far(listener, conn, "job_items_ready")
+            reaped = await items_db.reap_expired(pool, max_attempts=1)
+            assert [status for _id, _store, status in reaped] == ["FAILED"]
+            assert heard_so_far(listener, conn, "job_items_ready") == ["s-cap"]
+    finally:
+        await pool.close()

@@ -276,7 +276,11 @@ FOR SHARE;
 -- reap_expired --
 -- Items whose worker stopped renewing their lease (killed, frozen, cut off): back to PENDING
 -- (the UPDATE trigger notifies every listener), or FAILED once they have used every attempt,
--- or CANCELLED when their job was cancelled. Only items of the jobs locked just before.
+-- or CANCELLED when their job was cancelled. Only items of the jobs locked just before. An item
+-- that ends (FAILED, CANCELLED) frees room under its store's max_in_flight, which no trigger
+-- announces (only items back to PENDING are): `room` notifies like finish_items does, or a
+-- store held at its cap would wait for the sweep.
+WITH reaped AS (
 UPDATE job_items j
 SET status = CASE
         WHEN c.status = 'CANCELLED' THEN 'CANCELLED'
@@ -301,7 +305,20 @@ WHERE c.id = j.job_id
     LIMIT 1000
     FOR UPDATE SKIP LOCKED
 )
-RETURNING j.id, j.job_id, j.instance_id, j.status;
+RETURNING j.id, j.job_id, j.instance_id, j.status
+),
+room AS MATERIALIZED (
+    SELECT pg_notify('job_items_ready', s.instance_id)
+    FROM (SELECT DISTINCT instance_id FROM reaped WHERE status <> 'PENDING') AS r
+    JOIN stores s ON s.instance_id = r.instance_id
+    WHERE s.max_in_flight IS NOT NULL
+      AND EXISTS (
+          SELECT 1 FROM job_items p
+          WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND p.run_after <= now()
+      )
+)
+SELECT id, job_id, instance_id, status FROM reaped
+WHERE (SELECT count(*) FROM room) >= 0;
 
 -- count_pending --
 SELECT count(*) FROM job_items WHERE status = 'PENDING';
