@@ -65,3 +65,12 @@ SELECT
     (SELECT count(*) FROM job_items WHERE status = 'PENDING') AS pending,
     (SELECT count(*) FROM job_items WHERE status = 'PENDING' AND run_after <= now()) AS ready,
     (SELECT count(*) FROM job_items WHERE status = 'PROCESSING') AS processing;
+
+-- close_stranded_jobs_before --
+-- The reaper's sweep before issue 25 (defect 6): every open job with items judged on each
+-- pass, in every process, with no lock (bench.stranded_jobs).
+SELECT count(*) FROM listener_end_finished_jobs(ARRAY(
+    SELECT j.id FROM jobs j
+    WHERE j.completed_at IS NULL
+      AND EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id)
+));

@@ -210,3 +210,18 @@ SELECT w.pid, i.kind, count(i.id), (w.stats ->> 'requestsInLastMinute')::int
 FROM worker_heartbeats w
 LEFT JOIN job_items i ON i.claimed_by = w.worker_id
 GROUP BY w.pid, i.kind, w.stats;
+
+-- add_open_jobs --
+-- `count` open jobs over 1,000 stores, one PENDING item each (bench.stranded_jobs).
+WITH new_jobs AS (
+    INSERT INTO jobs (instance_id)
+    SELECT 'store-' || (n %% 1000) FROM generate_series(1, %(count)s) n
+    RETURNING id, instance_id
+)
+INSERT INTO job_items (job_id, instance_id, product_id, payload)
+SELECT id, instance_id, 'p1', '{"name": "P"}'::jsonb FROM new_jobs;
+
+-- strand_jobs --
+-- Every `every`-th open job gets its items finished without being closed: stranded.
+UPDATE job_items SET status = 'COMPLETED', completed_at = now()
+WHERE job_id IN (SELECT id FROM jobs WHERE completed_at IS NULL AND id %% %(every)s = 0);

@@ -75,15 +75,10 @@ def handler_item(item: ClaimedItem, kind: Kind, settings: Settings) -> Item:
     )
 
 
-def as_result(value: Any) -> tuple[Result, str]:
-    """A handler's return value as a Result, and its value as JSON text (encoded once, here:
-    one that is not JSON is a bug of the handler, and must not reach the outcomes' batch)."""
-    result = value if isinstance(value, Result) else Result(value)
-    try:
-        text = json.dumps(result.value, ensure_ascii=False)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"the handler returned a value that is not JSON: {error}") from None
-    return result, text
+def as_result(value: Any) -> Result:
+    """A handler's return value as a Result. Its value is encoded once, when the outcome is
+    written: one that is not JSON then fails its item alone, with the reason (items.py)."""
+    return value if isinstance(value, Result) else Result(value)
 
 
 async def attempt(
@@ -102,7 +97,7 @@ async def attempt(
         work = handler_item(item, kind, settings)
         for _ in range(MAX_RATE_LIMITED_RETRIES):
             try:
-                result, text = as_result(await kind.handler(work))
+                result = as_result(await kind.handler(work))
             except BudgetExhausted as limited:
                 on_rate_limited()
                 logger.warning(
@@ -114,7 +109,7 @@ async def attempt(
                 grant = await limiter.acquire(estimate)
                 continue
             await _settle(limiter, grant, result, estimate, item)
-            return Outcome.completed(item, result.value, text)
+            return Outcome.completed(item, result.value)
         return Outcome.release(item, error="rate limited", delay=5.0)
     except FailItem as error:
         return Outcome.failed(item, str(error))

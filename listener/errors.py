@@ -36,6 +36,16 @@ class DatabaseError(ListenerError):
     """The database could not be reached or refused a statement."""
 
 
+class OutcomeRefused(DatabaseError):
+    """PostgreSQL refused the data of a batch of outcomes (SQLSTATE class 22 or 23: a value it
+    cannot store, a constraint), or it could not even be encoded: writing the same batch again
+    cannot help, one of its items is at fault. `reason`: what was refused, on one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"outcome(s) refused: {reason}")
+        self.reason = reason
+
+
 class MigrationError(ListenerError):
     """A migration failed; the message names the file and the statement."""
 

@@ -13,7 +13,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener.db import wrap
 from listener.handler import DEFAULT_KIND
+from listener.errors import OutcomeRefused, one_line
 from listener.sqlfiles import queries
+from listener.storable import storable
 
 Status = Literal["COMPLETED", "FAILED", "PENDING"]
 _NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
@@ -40,7 +42,7 @@ class Outcome:
 
     item_id: int
     status: Status
-    result: str | None = None  # the result as JSON text
+    result: Any = None
     error: str | None = None
     delay: float = 0.0  # seconds before a PENDING item may be claimed again
     refund: bool = False  # give the attempt back: the item was released, not tried
@@ -62,9 +64,8 @@ class Outcome:
         )
 
     @classmethod
-    def completed(cls, item: ClaimedItem, result: Any, text: str | None = None) -> Outcome:
-        """`text`: the result as JSON text already (the attempt encoded it to check it)."""
-        return cls.of(item, "COMPLETED", result=json.dumps(result) if text is None else text)
+    def completed(cls, item: ClaimedItem, result: Any) -> Outcome:
+        return cls.of(item, "COMPLETED", result=result)
 
     @classmethod
     def failed(cls, item: ClaimedItem, error: str) -> Outcome:
@@ -104,7 +105,9 @@ class HeldBack:
 class ClaimResult:
     items: list[ClaimedItem]
     held_back: list[HeldBack]
-    written: set[int] = field(default_factory=set)  # ids of the outcomes it wrote
+    # Ids of the outcomes it wrote; None: PostgreSQL refused one of them, none was written and
+    # the claim went out alone (the completer writes them, see `Completer.written`).
+    written: set[int] | None = field(default_factory=set)
     # Ids of the outcomes it left alone: their job is held by another transaction (a cancel).
     deferred: set[int] = field(default_factory=set)
 
@@ -148,21 +151,18 @@ async def claim(
         "kinds": list(kinds),
         "lane": lane,
     }
-    sql = queries("items")
-    written: set[int] = set()
+    written: set[int] | None = set()
     deferred: set[int] = set()
     try:
         async with pool.connection() as conn:
-            if outcomes:
-                async with conn.pipeline(), conn.transaction():
-                    finished = await _write_outcomes(conn, worker_id, outcomes, wait=False)
-                    cursor = await conn.execute(sql["claim"], params)
-                    await conn.execute(sql["flush_at_commit"])
-                for id_, _job_id, status in await finished.fetchall():
-                    (written if status is not None else deferred).add(int(id_))
-            else:
-                cursor = await conn.execute(sql["claim"], params)
-            rows = await cursor.fetchall()
+            try:
+                rows, written, deferred = await _claim_writing(conn, worker_id, params, outcomes)
+            except OutcomeRefused:
+                # One of the outcomes cannot be stored: the claim goes out alone (its workers
+                # hold limiter slots), and the outcomes go back to the completer, which writes
+                # them alone and finds the one at fault (complete.py). None says so.
+                rows, _, _ = await _claim_writing(conn, worker_id, params, ())
+                written, deferred = None, set()
     except psycopg.Error as error:
         raise wrap(error, "claim failed") from error
     options: dict[str, Mapping[str, Any]] = {}
@@ -194,12 +194,64 @@ def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> Clai
     )
 
 
+async def _claim_writing(
+    conn: psycopg.AsyncConnection[Any],
+    worker_id: str,
+    params: dict[str, Any],
+    outcomes: Sequence[Outcome],
+) -> tuple[list[tuple[Any, ...]], set[int], set[int]]:
+    """The claim's rows, the ids of the outcomes written in its transaction, and those it left
+    to the completer (their job is held by another transaction: a claim never waits for it)."""
+    sql = queries("items")
+    if not outcomes:
+        cursor = await conn.execute(sql["claim"], params)
+        return await cursor.fetchall(), set(), set()
+    try:
+        async with conn.pipeline(), conn.transaction():
+            finished = await _write_outcomes(conn, worker_id, outcomes, wait=False)
+            cursor = await conn.execute(sql["claim"], params)
+            await conn.execute(sql["flush_at_commit"])
+    except REFUSALS as error:
+        raise refused(error) from error
+    written: set[int] = set()
+    deferred: set[int] = set()
+    for id_, _job_id, status in await finished.fetchall():
+        (written if status is not None else deferred).add(int(id_))
+    return await cursor.fetchall(), written, deferred
+
+
+# What says an outcome's data is at fault, not the database's state: SQLSTATE class 22 (data
+# exception: invalid JSON such as a NaN, a value out of range) is psycopg's DataError, as is a
+# NUL refused by the client; class 23 (a constraint) its IntegrityError; a string Python cannot
+# encode as UTF-8 fails before it is sent. Anything else (a lost connection, a lock timeout, a
+# failover) is the database's, and the same batch is written again later.
+REFUSALS = (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError)
+
+
+def refused(error: Exception) -> OutcomeRefused:
+    if isinstance(error, psycopg.Error):
+        return OutcomeRefused(error.diag.message_primary or one_line(error))
+    return OutcomeRefused(one_line(error))
+
+
+def _result_json(outcome: Outcome) -> str | None:
+    if outcome.result is None:
+        return None
+    try:
+        # NaN and Infinity pass here as JSON cannot hold them; jsonb refuses them (class 22).
+        return json.dumps(outcome.result)
+    except (TypeError, ValueError, RecursionError) as error:
+        raise OutcomeRefused(f"the result is not JSON ({one_line(error)})") from None
+
+
 def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """The parameters of `finish_items`: one array per column."""
+    """The parameters of `finish_items`: one array per column, each outcome made storable
+    first (`storable.py`)."""
+    outcomes = [storable(o) for o in outcomes]
     return {
         "ids": [o.item_id for o in outcomes],
         "statuses": [o.status for o in outcomes],
-        "results": [o.result for o in outcomes],
+        "results": [_result_json(o) for o in outcomes],
         "errors": [o.error for o in outcomes],
         "delays": [o.delay for o in outcomes],
         "refunds": [o.refund for o in outcomes],
@@ -217,13 +269,18 @@ async def finish(
     outcomes, then each job with no open item left is ended (`sql/items.sql` says why this
     order is safe against a concurrent finisher and a cancel). An item this worker no longer
     holds (its lease expired and the item was reaped, perhaps done elsewhere) is left as it is.
+    An outcome PostgreSQL cannot store raises OutcomeRefused, and nothing of the batch is
+    written: the caller splits it (complete.py).
     """
     if not outcomes:
         return set()
     try:
         async with pool.connection() as conn:
-            async with conn.pipeline(), conn.transaction():
-                written = await _write_outcomes(conn, worker_id, outcomes)
+            try:
+                async with conn.pipeline(), conn.transaction():
+                    written = await _write_outcomes(conn, worker_id, outcomes)
+            except REFUSALS as error:
+                raise refused(error) from error
             rows = await written.fetchall()
     except psycopg.Error as error:
         raise wrap(error, "writing item outcomes failed") from error
@@ -249,15 +306,41 @@ async def _write_outcomes(
     return written
 
 
-async def close_stranded_jobs(pool: AsyncConnectionPool) -> int:
-    """Close jobs left open with every item finished; how many were closed."""
+# Any fixed 64-bit number, distinct from the migrations', retention's and statistics' locks.
+STRANDED_LOCK_KEY = 7_310_420_115_004
+# Open jobs judged per pass: a few milliseconds (bench.stranded_jobs); at one pass every 10 s a
+# process walks 200,000 open jobs in about half an hour, a fleet of N processes N times faster.
+STRANDED_CHUNK = 2_000
+
+
+@dataclass(frozen=True)
+class StrandedSweep:
+    """One pass of the stranded-jobs sweep; `after`: where the next pass starts."""
+
+    closed: int
+    judged: int
+    after: int
+    locked: bool  # False: another process was sweeping, nothing was judged
+
+
+async def close_stranded_jobs(
+    pool: AsyncConnectionPool, after: int = 0, chunk: int = STRANDED_CHUNK
+) -> StrandedSweep:
+    """Close the jobs left open with every item finished among the next `chunk` open jobs after
+    job id `after` (< 0: a random place). The walk wraps round: a pass that judged fewer than
+    `chunk` reached the end, and the next starts again at 0."""
+    params = {"key": STRANDED_LOCK_KEY, "after": after, "chunk": chunk}
     try:
         async with pool.connection() as conn:
-            cursor = await conn.execute(queries("items")["close_stranded_jobs"])
+            cursor = await conn.execute(queries("items")["close_stranded_jobs"], params)
             row = await cursor.fetchone()
     except psycopg.Error as error:
         raise wrap(error, "closing stranded jobs failed") from error
-    return int(row[0]) if row else 0
+    assert row is not None  # an aggregate-only SELECT always returns its row
+    locked, closed, judged, last_id = bool(row[0]), int(row[1]), int(row[2]), int(row[3])
+    if not locked:
+        return StrandedSweep(0, 0, after, False)
+    return StrandedSweep(closed, judged, last_id if judged == chunk else 0, True)
 
 
 async def extend_leases(

@@ -31,6 +31,7 @@ async def run_reaper(
     on_reaped: Callable[[int], None],
 ) -> None:
     statistics = StatisticsWatch(pool)
+    stranded_after = -1  # the stranded-jobs sweep's cursor: it starts at a random open job
     while True:
         # Statistics first, at start too: a worker started into a backlog that landed after
         # the table was analyzed empty would otherwise cache its plans before the first pass.
@@ -41,7 +42,8 @@ async def run_reaper(
         await anyio.sleep(reap_interval(lease_seconds))
         try:
             reaped = await items_db.reap_expired(pool, max_attempts)
-            stranded = await items_db.close_stranded_jobs(pool)
+            sweep = await items_db.close_stranded_jobs(pool, stranded_after)
+            stranded_after, stranded = sweep.after, sweep.closed
             async with pool.connection() as conn:
                 await conn.execute(queries("heartbeat")["forget_dead_workers"])
         except (DatabaseError, psycopg.Error) as error:

@@ -47,3 +47,12 @@ async def test_a_store_notified_while_its_claim_was_on_its_way_stays_in_the_ring
     assert sorted(item is not None for item in got) == [False, True]
     assert dispatcher.claims == 2
     assert "store-a" not in dispatcher.ring
+
+
+@pytest.mark.parametrize("count", ["²", "٣", "1²"])
+def test_a_served_notification_with_other_digits_is_ignored(count: str) -> None:
+    # "²".isdigit() is true and int("²") raises: the listener's callback must not fail on it.
+    dispatcher = new_dispatcher(None)
+    dispatcher.notify("store-a")
+    dispatcher.served_elsewhere(f"other\x1fstore-a\x1f{count}")
+    assert list(dispatcher.ring) == ["store-a"]

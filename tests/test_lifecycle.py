@@ -336,14 +336,49 @@ async def test_the_reapers_sweep_closes_a_job_left_open(database_url: str) -> No
         settings = make_settings("http://127.0.0.1:9/v1")
         pool = await open_pool(database_url, settings)
         try:
-            assert await items_db.close_stranded_jobs(pool) == 1
-            assert await items_db.close_stranded_jobs(pool) == 0
+            assert (await items_db.close_stranded_jobs(pool)).closed == 1
+            assert (await items_db.close_stranded_jobs(pool)).closed == 0
         finally:
             await pool.close()
         await heard.wait_for(1)
     assert heard.heard[0].payload["job_id"] == job_id
     assert job_row(database_url, job_id)[0] == "COMPLETED"
     assert job_row(database_url, open_job)[0] == "PENDING"
+
+
+async def test_the_sweep_walks_the_open_jobs_a_chunk_at_a_time_one_process_at_a_time(
+    database_url: str,
+) -> None:
+    # Ten open jobs; the eighth has every item finished. Chunks of three: 1-3, 4-6, then 7-9
+    # closes it, 10 ends the walk and the next pass starts again from the first job.
+    jobs = [await insert_job(database_url, "store-walk", 1) for _ in range(10)]
+    stranded = jobs[7]
+    await query(
+        database_url,
+        "UPDATE job_items SET status = 'FAILED', completed_at = now() WHERE job_id = %s",
+        (stranded,),
+    )
+    pool = await open_pool(database_url, make_settings("http://127.0.0.1:9/v1"))
+    try:
+        sweeps = []
+        after = 0
+        for _ in range(5):
+            sweep = await items_db.close_stranded_jobs(pool, after, chunk=3)
+            sweeps.append((sweep.closed, sweep.judged))
+            after = sweep.after
+        assert sweeps == [(0, 3), (0, 3), (1, 3), (0, 1), (0, 3)]
+        assert after == jobs[2]
+        # Another process sweeping holds the lock: this one skips its pass and keeps its place.
+        with psycopg.connect(database_url) as other:
+            other.execute("SELECT pg_advisory_xact_lock(%s)", (items_db.STRANDED_LOCK_KEY,))
+            busy = await items_db.close_stranded_jobs(pool, after, chunk=3)
+        assert (busy.locked, busy.judged, busy.after) == (False, 0, after)
+        # A random start (a process's first pass) still ends at the end and wraps round.
+        first = await items_db.close_stranded_jobs(pool, -1, chunk=100)
+        assert first.locked and first.after == 0
+    finally:
+        await pool.close()
+    assert job_row(database_url, stranded)[0] == "COMPLETED_WITH_ERRORS"
 
 
 async def test_two_finishers_of_a_jobs_last_items_end_it_at_once(database_url: str) -> None:

@@ -7,7 +7,9 @@ on elapsed wall time, so nothing here depends on the machine's speed.
 from __future__ import annotations
 
 import heapq
+import math
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -39,7 +41,7 @@ from listener.limiter.gcra import (
     to_micros,
     token_interval,
 )
-from listener.limiter.queue import START_TICK_US
+from listener.limiter.queue import MAX_PAUSE_SECONDS, START_TICK_US
 from listener.settings import Settings
 from tests.support import (
     query,
@@ -540,3 +542,16 @@ def test_make_limiter_picks_by_budget() -> None:
     free = make_limiter(pool, Settings(rate_limit_rpm=0, rate_limit_tpm=0))
     assert isinstance(free, LocalLimiter)
     assert isinstance(make_limiter(None, Settings()), LocalLimiter)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seconds", [math.inf, 1e300])
+async def test_an_endless_pause_is_cut_to_a_day_not_refused(seconds: float) -> None:
+    now = [1_000.0]
+    limiter = LocalLimiter(rpm=60, tpm=0, clock=lambda: now[0])
+    await limiter.pause(seconds, rate_limited=True)
+    paused_until = limiter.snapshot().paused_until
+    assert paused_until is not None
+    assert paused_until - time.time() == pytest.approx(MAX_PAUSE_SECONDS, abs=60)
+    with pytest.raises(ValueError):
+        await limiter.pause(math.nan, rate_limited=True)

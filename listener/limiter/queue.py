@@ -35,6 +35,8 @@ from listener.limiter import gcra
 logger = logging.getLogger("listener.limiter")
 
 WINDOW_SECONDS = 60.0
+# The longest pause: see `QueueLimiter.pause`.
+MAX_PAUSE_SECONDS = 86_400.0
 # One statement's batch; a larger queue simply takes several statements.
 MAX_BATCH = 256
 # When slots come closer than this (above 6,000 RPM), a process starts its slots of one tick
@@ -176,9 +178,13 @@ class QueueLimiter(abc.ABC):
                 self._settle(delta)
 
     async def pause(self, seconds: float, *, rate_limited: bool) -> None:
-        """Hold every waiter of every process for `seconds` from now."""
-        if not seconds >= 0 or math.isinf(seconds):
-            raise ValueError(f"a pause lasts a finite number of seconds >= 0, got {seconds!r}")
+        """Hold every waiter of every process for `seconds` from now (at most MAX_PAUSE_SECONDS:
+        a longer one, or an infinite one, is cut to it rather than refused)."""
+        if not seconds >= 0:  # NaN too
+            raise ValueError(f"a pause lasts a number of seconds >= 0, got {seconds!r}")
+        # A day: past it, a server's "wait" is no reset time but a broken header, and the
+        # microseconds of a huge one would not fit the limiter's interval.
+        seconds = min(seconds, MAX_PAUSE_SECONDS)
         if rate_limited:
             self._rate_limited_total += 1
         logger.info(

@@ -32,7 +32,7 @@ DEFAULT_RETRY_AFTER = 1.0
 # A server asking for a longer pause than this (or an infinite one) is wrong: the budget waits
 # a day at most, then the next 429 says again.
 MAX_RETRY_AFTER = 86_400.0
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
 
 
 def parse_duration(text: str | None) -> float | None:

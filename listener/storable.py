@@ -1,0 +1,99 @@
+"""Outcomes made storable before they are written: what PostgreSQL would refuse, and can be
+cleaned without changing what the item's answer says, is cleaned, and the result says so.
+
+A model's answer or an error's text can hold characters that neither `text` nor `jsonb` store:
+NUL (U+0000: `text` cannot hold it, `jsonb` refuses its escape) and unpaired UTF-16 surrogates
+(U+D800..U+DFFF alone: not UTF-8, and `jsonb` refuses their escapes). Left in, one of them made
+the whole batch's statement fail, again at every retry. NUL is removed (it carries nothing a
+reader sees) and an unpaired surrogate becomes U+FFFD, the replacement character, as any
+decoder would show it. What cannot be cleaned (a NaN in a result, a value some constraint
+refuses) is left to the database to refuse: the completer then fails that item alone
+(`complete.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from listener.items import Outcome
+
+# The key added to a result that was cleaned: {"nul_removed": n, "surrogates_replaced": m}.
+CLEANED_KEY = "cleaned_for_storage"
+REPLACEMENT = "\ufffd"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclass
+class Cleaning:
+    """What was changed, counted over every string of one value."""
+
+    nul_removed: int = 0
+    surrogates_replaced: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.nul_removed or self.surrogates_replaced)
+
+    def note(self) -> dict[str, int]:
+        return {"nul_removed": self.nul_removed, "surrogates_replaced": self.surrogates_replaced}
+
+    def text(self) -> str:
+        parts = []
+        if self.nul_removed:
+            parts.append(f"{self.nul_removed} NUL character(s) removed")
+        if self.surrogates_replaced:
+            parts.append(f"{self.surrogates_replaced} unpaired surrogate(s) replaced by U+FFFD")
+        return "; ".join(parts)
+
+
+def clean_text(text: str, cleaning: Cleaning) -> str:
+    if text.isascii():  # the common case, and ASCII holds no surrogate
+        if "\x00" not in text:
+            return text
+    elif _SURROGATE.search(text):
+        # Through UTF-16: two halves of a pair (a str built by hand) join into their character,
+        # and each unpaired one becomes one U+FFFD.
+        fixed = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        cleaning.surrogates_replaced += fixed.count(REPLACEMENT) - text.count(REPLACEMENT)
+        text = fixed
+    nul = text.count("\x00")
+    if nul:
+        cleaning.nul_removed += nul
+        text = text.replace("\x00", "")
+    return text
+
+
+def clean_value(value: Any, cleaning: Cleaning) -> Any:
+    """A JSON-like value with every string cleaned, keys included; anything else as it is."""
+    if isinstance(value, str):
+        return clean_text(value, cleaning)
+    if isinstance(value, dict):
+        return {
+            clean_text(k, cleaning) if isinstance(k, str) else k: clean_value(v, cleaning)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [clean_value(v, cleaning) for v in value]
+    return value
+
+
+def storable(outcome: Outcome) -> Outcome:
+    """The outcome as it can be stored: the same object when nothing needed cleaning.
+
+    A cleaned result carries CLEANED_KEY; a cleaned error text ends with a note in brackets (an
+    error has no result to carry it).
+    """
+    changes: dict[str, Any] = {}
+    if outcome.result is not None:
+        cleaning = Cleaning()
+        result = clean_value(outcome.result, cleaning)
+        if cleaning:
+            changes["result"] = {**result, CLEANED_KEY: cleaning.note()}
+    if outcome.error is not None:
+        cleaning = Cleaning()
+        error = clean_text(outcome.error, cleaning)
+        if cleaning:
+            changes["error"] = f"{error} [cleaned for storage: {cleaning.text()}]"
+    return replace(outcome, **changes) if changes else outcome
