@@ -12,8 +12,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from listener.db import wrap
-from listener.handler import DEFAULT_KIND
 from listener.errors import OutcomeRefused, one_line
+from listener.handler import DEFAULT_KIND
 from listener.sqlfiles import queries
 from listener.storable import storable
 

@@ -3,6 +3,7 @@ they cannot, and never a batch retried for ever behind one of them."""
 
 from __future__ import annotations
 
+import dataclasses
 from random import Random
 from typing import Any
 
@@ -12,12 +13,19 @@ import pytest
 from listener import items as items_db
 from listener.complete import Completer
 from listener.db import open_pool
-from listener.generate import Generation, Generator
+from listener.handler import Handler, Item, Result
 from listener.items import ClaimedItem, Outcome
-from listener.settings import Settings
 from listener.storable import CLEANED_KEY, Cleaning, clean_value, storable
 from listener.stub.server import StubConfig, run_stub
-from tests.support import SLACK, insert_job, make_settings, query, running_worker, wait_for_counts
+from tests.support import (
+    SLACK,
+    RecordingGenerator,
+    insert_job,
+    make_settings,
+    query,
+    running_worker,
+    wait_for_counts,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -158,18 +166,14 @@ async def test_a_claim_whose_outcomes_are_refused_still_claims_and_gives_them_ba
     assert rows[items[1].id][0] == "FAILED"
 
 
-class NulAnswers(Generator):
-    """The real handler against the stub; the model's answer then holds a NUL and a lone
+class NulAnswers(RecordingGenerator):
+    """The real OpenAI kinds against the stub; the model's answer then holds a NUL and a lone
     surrogate, as a real model's output may."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-
-    async def __call__(self, item: ClaimedItem) -> Generation:
-        generation = await super().__call__(item)
-        text = generation.result["text"]
-        result = {**generation.result, "text": f"{text}\x00\udc80"}
-        return Generation(result, generation.total_tokens, generation.pause_seconds)
+    async def call(self, handler: Handler, item: Item) -> Any:
+        answer: Result = await handler(item)
+        value = {**answer.value, "text": f"{answer.value['text']}\x00\udc80"}
+        return dataclasses.replace(answer, value=value)
 
 
 async def test_a_model_answer_holding_nul_lands_completed_and_says_it_was_cleaned(
