@@ -11,7 +11,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from listener.db import wrap
+from listener.db import database_call
 from listener.errors import OutcomeRefused, one_line
 from listener.handler import DEFAULT_KIND
 from listener.sqlfiles import queries
@@ -120,6 +120,7 @@ def split_quota(stores: Sequence[str], wanted: int, max_per_store: int) -> list[
     return [min(max_per_store, base + (1 if i < extra else 0)) for i in range(len(stores))]
 
 
+@database_call("claim failed")
 async def claim(
     pool: AsyncConnectionPool,
     worker_id: str,
@@ -153,18 +154,15 @@ async def claim(
     }
     written: set[int] | None = set()
     deferred: set[int] = set()
-    try:
-        async with pool.connection() as conn:
-            try:
-                rows, written, deferred = await _claim_writing(conn, worker_id, params, outcomes)
-            except OutcomeRefused:
-                # One of the outcomes cannot be stored: the claim goes out alone (its workers
-                # hold limiter slots), and the outcomes go back to the completer, which writes
-                # them alone and finds the one at fault (complete.py). None says so.
-                rows, _, _ = await _claim_writing(conn, worker_id, params, ())
-                written, deferred = None, set()
-    except psycopg.Error as error:
-        raise wrap(error, "claim failed") from error
+    async with pool.connection() as conn:
+        try:
+            rows, written, deferred = await _claim_writing(conn, worker_id, params, outcomes)
+        except OutcomeRefused:
+            # One of the outcomes cannot be stored: the claim goes out alone (its workers
+            # hold limiter slots), and the outcomes go back to the completer, which writes
+            # them alone and finds the one at fault (complete.py). None says so.
+            rows, _, _ = await _claim_writing(conn, worker_id, params, ())
+            written, deferred = None, set()
     options: dict[str, Mapping[str, Any]] = {}
     items = [_claimed(row, options) for row in rows if row[0] is not None]
     items.sort(key=lambda item: item.id)
@@ -260,6 +258,7 @@ def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any
     }
 
 
+@database_call("writing item outcomes failed")
 async def finish(
     pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]
 ) -> set[int]:
@@ -274,16 +273,13 @@ async def finish(
     """
     if not outcomes:
         return set()
-    try:
-        async with pool.connection() as conn:
-            try:
-                async with conn.pipeline(), conn.transaction():
-                    written = await _write_outcomes(conn, worker_id, outcomes)
-            except REFUSALS as error:
-                raise refused(error) from error
-            rows = await written.fetchall()
-    except psycopg.Error as error:
-        raise wrap(error, "writing item outcomes failed") from error
+    async with pool.connection() as conn:
+        try:
+            async with conn.pipeline(), conn.transaction():
+                written = await _write_outcomes(conn, worker_id, outcomes)
+        except REFUSALS as error:
+            raise refused(error) from error
+        rows = await written.fetchall()
     return {int(id_) for id_, _job_id, status in rows if status is not None}
 
 
@@ -323,6 +319,7 @@ class StrandedSweep:
     locked: bool  # False: another process was sweeping, nothing was judged
 
 
+@database_call("closing stranded jobs failed")
 async def close_stranded_jobs(
     pool: AsyncConnectionPool, after: int = 0, chunk: int = STRANDED_CHUNK
 ) -> StrandedSweep:
@@ -330,12 +327,9 @@ async def close_stranded_jobs(
     job id `after` (< 0: a random place). The walk wraps round: a pass that judged fewer than
     `chunk` reached the end, and the next starts again at 0."""
     params = {"key": STRANDED_LOCK_KEY, "after": after, "chunk": chunk}
-    try:
-        async with pool.connection() as conn:
-            cursor = await conn.execute(queries("items")["close_stranded_jobs"], params)
-            row = await cursor.fetchone()
-    except psycopg.Error as error:
-        raise wrap(error, "closing stranded jobs failed") from error
+    async with pool.connection() as conn:
+        cursor = await conn.execute(queries("items")["close_stranded_jobs"], params)
+        row = await cursor.fetchone()
     assert row is not None  # an aggregate-only SELECT always returns its row
     locked, closed, judged, last_id = bool(row[0]), int(row[1]), int(row[2]), int(row[3])
     if not locked:
@@ -343,58 +337,50 @@ async def close_stranded_jobs(
     return StrandedSweep(closed, judged, last_id if judged == chunk else 0, True)
 
 
+@database_call("extending leases failed")
 async def extend_leases(
     pool: AsyncConnectionPool, worker_id: str, item_ids: Sequence[int], lease_seconds: float
 ) -> None:
     if not item_ids:
         return
     params = {"ids": list(item_ids), "worker_id": worker_id, "lease_seconds": lease_seconds}
-    try:
-        async with pool.connection() as conn:
-            await conn.execute(queries("items")["extend_leases"], params)
-    except psycopg.Error as error:
-        raise wrap(error, "extending leases failed") from error
+    async with pool.connection() as conn:
+        await conn.execute(queries("items")["extend_leases"], params)
 
 
+@database_call("reaping expired leases failed")
 async def reap_expired(pool: AsyncConnectionPool, max_attempts: int) -> list[tuple[int, str, str]]:
     """Return (item id, store, new status) of every item whose lease had expired."""
     sql = queries("items")
-    try:
-        async with pool.connection() as conn:
-            async with conn.transaction():
-                cursor = await conn.execute(sql["lock_jobs_of_expired"])
-                job_ids = [int(row[0]) for row in await cursor.fetchall()]
-                if not job_ids:
-                    return []
-                cursor = await conn.execute(
-                    sql["reap_expired"], {"max_attempts": max_attempts, "job_ids": job_ids}
-                )
-                rows = await cursor.fetchall()
-            ended = sorted({int(r[1]) for r in rows if r[3] != "PENDING"})
-            if ended:
-                await conn.execute(sql["finish_jobs"], {"job_ids": ended})
-    except psycopg.Error as error:
-        raise wrap(error, "reaping expired leases failed") from error
+    async with pool.connection() as conn:
+        async with conn.transaction():
+            cursor = await conn.execute(sql["lock_jobs_of_expired"])
+            job_ids = [int(row[0]) for row in await cursor.fetchall()]
+            if not job_ids:
+                return []
+            cursor = await conn.execute(
+                sql["reap_expired"], {"max_attempts": max_attempts, "job_ids": job_ids}
+            )
+            rows = await cursor.fetchall()
+        ended = sorted({int(r[1]) for r in rows if r[3] != "PENDING"})
+        if ended:
+            await conn.execute(sql["finish_jobs"], {"job_ids": ended})
     return [(int(r[0]), str(r[2]), str(r[3])) for r in rows]
 
 
+@database_call("listing stores with pending items failed")
 async def ready_stores(
     conn: psycopg.AsyncConnection[Any], kinds: Sequence[str] = (DEFAULT_KIND,)
 ) -> list[ReadyStore]:
     """Stores with PENDING items of `kinds` and when the first is due, by a loose index scan
     (milliseconds at a million rows)."""
-    try:
-        cursor = await conn.execute(queries("items")["ready_stores"], {"kinds": list(kinds)})
-        return [ReadyStore(str(row[0]), float(row[1])) for row in await cursor.fetchall()]
-    except psycopg.Error as error:
-        raise wrap(error, "listing stores with pending items failed") from error
+    cursor = await conn.execute(queries("items")["ready_stores"], {"kinds": list(kinds)})
+    return [ReadyStore(str(row[0]), float(row[1])) for row in await cursor.fetchall()]
 
 
+@database_call("counting pending items failed")
 async def count_pending(pool: AsyncConnectionPool) -> int:
-    try:
-        async with pool.connection() as conn:
-            cursor = await conn.execute(queries("items")["count_pending"])
-            row = await cursor.fetchone()
-    except psycopg.Error as error:
-        raise wrap(error, "counting pending items failed") from error
+    async with pool.connection() as conn:
+        cursor = await conn.execute(queries("items")["count_pending"])
+        row = await cursor.fetchone()
     return int(row[0]) if row else 0
