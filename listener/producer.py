@@ -275,7 +275,7 @@ def _write(conn: psycopg.Connection[Any], job: PreparedJob, sql: dict[str, str])
         job_id = int(row[0])
         with conn.cursor().copy(sql["copy_items"]) as copy:
             for product_id, payload in job.items:
-                copy.write_row((job_id, job.store, product_id, payload))
+                copy.write_row((job_id, job.store, product_id, payload, job.priority, job.kind))
     return job_id
 
 
@@ -314,5 +314,7 @@ async def _write_async(
         job_id = int(row[0])
         async with conn.cursor().copy(sql["copy_items"]) as copy:
             for product_id, payload in job.items:
-                await copy.write_row((job_id, job.store, product_id, payload))
+                await copy.write_row(
+                    (job_id, job.store, product_id, payload, job.priority, job.kind)
+                )
     return job_id

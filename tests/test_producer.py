@@ -15,6 +15,7 @@ import listener
 from listener import InvalidJob, enqueue, enqueue_async
 from tests.support import (
     ROOT,
+    query,
     query_blocking,
     run_listener,
 )
@@ -87,6 +88,32 @@ async def test_enqueue_async(database_url: str) -> None:
         second = await enqueue_async(conn, "store-async", [{"name": "c"}])
     assert second > job_id
     assert counts(database_url) == (2, 3)
+
+
+# The producer writes each item's priority and kind itself, so the fill trigger's WHEN clause
+# skips it (a lookup of the job per row otherwise): with the trigger off, the NOT NULL columns
+# still get the job's values, where a COPY without them fails.
+FILLED = """SELECT i.job_id, i.priority, i.kind FROM job_items i ORDER BY i.id"""
+NO_FILL = "ALTER TABLE job_items DISABLE TRIGGER job_items_fill_priority"
+
+
+def test_items_carry_their_jobs_priority_and_kind_without_the_fill_trigger(
+    database_url: str,
+) -> None:
+    query_blocking(database_url, NO_FILL)
+    job_id = enqueue(database_url, "store-filled", [{"name": "a"}, {"name": "b"}], priority=7)
+    assert query_blocking(database_url, FILLED) == [
+        (job_id, 7, "product_description"),
+        (job_id, 7, "product_description"),
+    ]
+
+
+async def test_enqueue_async_gives_priority_and_kind_without_the_fill_trigger(
+    database_url: str,
+) -> None:
+    await query(database_url, NO_FILL)
+    job_id = await enqueue_async(database_url, "store-filled", [{"name": "c"}], priority=-3)
+    assert await query(database_url, FILLED) == [(job_id, -3, "product_description")]
 
 
 BAD_JOBS: list[tuple[str, Any, Any, dict[str, Any], str]] = [
