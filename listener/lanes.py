@@ -8,7 +8,6 @@ another. A lane of kinds that draw from no budget has no slot to wait for.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener.dispatch import Dispatcher
 from listener.handler import DEFAULT_BUDGET, App, Budget, Kind
-from listener.limiter import Limiter, LocalLimiter, PostgresLimiter, make_limiter
+from listener.limiter import Limiter, LocalLimiter, budget_limiter, make_limiter
 from listener.settings import Settings
 
 # A lane's name in `stores_served` and the logs: its budget's, or this for no budget.
@@ -49,11 +48,6 @@ def budget_groups(app: App) -> list[tuple[str, list[Kind]]]:
     return sorted(groups.items(), key=lambda group: (group[0] != DEFAULT_BUDGET, group[0]))
 
 
-def _kept(value: int, settings: Settings) -> int:
-    keep = 1 - settings.rate_limit_headroom_percent / 100
-    return max(1, math.floor(value * keep)) if value else 0
-
-
 def make_limiters(
     pool: AsyncConnectionPool | None, settings: Settings, app: App
 ) -> dict[str, Limiter]:
@@ -66,11 +60,9 @@ def make_limiters(
             limiters[name] = LocalLimiter(0, 0)
         else:
             budget: Budget = app.budgets[name]
-            rpm, tpm = _kept(budget.rpm, settings), _kept(budget.tpm, settings)
-            if pool is not None and (rpm or tpm):
-                limiters[name] = PostgresLimiter(pool, name, rpm, tpm)
-            else:
-                limiters[name] = LocalLimiter(rpm, tpm)
+            limiters[name] = budget_limiter(
+                pool, name, budget.rpm, budget.tpm, settings.rate_limit_headroom_percent
+            )
     return limiters
 
 

@@ -27,9 +27,23 @@ if TYPE_CHECKING:
 
 def make_limiter(pool: AsyncConnectionPool | None, settings: Settings) -> Limiter:
     """The limiter the settings ask for: shared through PostgreSQL when there is a budget."""
-    keep = 1 - settings.rate_limit_headroom_percent / 100
-    rpm = max(1, math.floor(settings.rate_limit_rpm * keep)) if settings.rate_limit_rpm else 0
-    tpm = max(1, math.floor(settings.rate_limit_tpm * keep)) if settings.rate_limit_tpm else 0
+    return budget_limiter(
+        pool,
+        settings.rate_limiter_name,
+        settings.rate_limit_rpm,
+        settings.rate_limit_tpm,
+        settings.rate_limit_headroom_percent,
+    )
+
+
+def budget_limiter(
+    pool: AsyncConnectionPool | None, name: str, rpm: int, tpm: int, headroom_percent: float
+) -> Limiter:
+    """The limiter of the budget `name` (its row), spacing requests for `headroom_percent` less
+    than `rpm` and `tpm`: shared through PostgreSQL when there is a budget and a pool."""
+    keep = 1 - headroom_percent / 100
+    rpm = max(1, math.floor(rpm * keep)) if rpm else 0
+    tpm = max(1, math.floor(tpm * keep)) if tpm else 0
     if pool is None or (rpm == 0 and tpm == 0):
         return LocalLimiter(rpm, tpm)
-    return PostgresLimiter(pool, settings.rate_limiter_name, rpm, tpm)
+    return PostgresLimiter(pool, name, rpm, tpm)
