@@ -639,3 +639,23 @@ def test_the_batch_and_flex_flags() -> None:
     for bad in (["--flex-unavailable-rate", "1.5"], ["--batch-processing-seconds", "-1"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+@pytest.mark.anyio
+async def test_flex_and_batch_fields_change_at_run_time_through_the_faults_endpoint() -> None:
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Product: Lamp"}
+    ]
+    async with stub_client(StubConfig(**SLOW)) as (_, client, control):
+        changed = await control.post(
+            "/stub/faults", json={"flex_unavailable_rate": 1, "batch_validating_seconds": 0}
+        )
+        assert changed.status_code == 200, changed.text
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(
+                model=MODEL, messages=messages, service_tier="flex"
+            )
+        batch = await start_batch(client, jsonl(product_lines(2)))
+        assert batch.status == "in_progress"  # validated at once
+        refused = await control.post("/stub/faults", json={"flex_unavailable_rate": "often"})
+        assert refused.status_code == 400
