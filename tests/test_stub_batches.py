@@ -162,6 +162,7 @@ async def test_a_batch_on_the_wall_clock_completes_with_every_answer() -> None:
     assert batch.request_counts.failed == 0
     assert batch.error_file_id is None
     assert set(outputs) == {f"item-{i}" for i in range(20)}
+    assert list(outputs) != [f"item-{i}" for i in range(20)]  # shuffled: match by custom_id
     assert batch.created_at <= (batch.in_progress_at or 0) <= (batch.completed_at or 0)
 
 
@@ -659,3 +660,17 @@ async def test_flex_and_batch_fields_change_at_run_time_through_the_faults_endpo
         assert batch.status == "in_progress"  # validated at once
         refused = await control.post("/stub/faults", json={"flex_unavailable_rate": "often"})
         assert refused.status_code == 400
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_takes_no_time_answers_completed_with_its_files() -> None:
+    # Its JSON is made at the moment its files were written: never "completed" without them.
+    config = StubConfig(
+        batch_validating_seconds=0, batch_processing_seconds=0, batch_finalizing_seconds=0
+    )
+    async with stub_client(config) as (_, client, _control):
+        batch = await start_batch(client, jsonl(product_lines(2)))
+        listed = (await client.batches.list()).data
+    assert batch.status == "completed"
+    assert batch.output_file_id is not None
+    assert [b.output_file_id for b in listed] == [batch.output_file_id]

@@ -225,11 +225,17 @@ class BatchStore:
         self._numbers += 1
         return self._numbers
 
-    def settle(self) -> None:
+    def settle(self) -> float:
+        """Write the files of the batches that have ended; the moment it settled them at, which
+        is what their JSON is to be made at (a later moment may have ended another)."""
         now = self.now()
         for batch in self._batches.values():
             if not batch.settled and now >= batch.end()[1]:
                 batch.settle(self.files)
+        return now
+
+    def as_json(self, batch: Batch) -> dict[str, Any]:
+        return batch.as_json(self.settle())
 
     def enqueued_tokens(self, model: str) -> int:
         """Prompt tokens of this model's batches that have not ended (the enqueued limit's)."""
@@ -243,7 +249,6 @@ class BatchStore:
     def add(self, batch: Batch, token_limit: int) -> Batch:
         """Store a new batch; it is to fail at validation when its file is invalid or its
         tokens would take the model's enqueued tokens past `token_limit` (0: no limit)."""
-        self.settle()
         batch.failure = list(batch.input.errors)
         model = batch.input.model
         if not batch.failure and model is not None and token_limit > 0:
@@ -261,12 +266,10 @@ class BatchStore:
         return batch
 
     def get(self, batch_id: str) -> Batch | None:
-        self.settle()
         return self._batches.get(batch_id)
 
     def page(self, limit: int, after: str | None) -> tuple[list[Batch], bool]:
         """Up to `limit` batches newest first, after the one named `after`; and whether more."""
-        self.settle()
         newest_first = list(reversed(self._batches.values()))
         if after is not None:
             ids = [b.id for b in newest_first]
@@ -283,7 +286,6 @@ class BatchStore:
             raise CannotCancel(f"Cannot cancel a batch with status '{status}'.")
         if batch.cancel_at is None:
             batch.cancel_at = now
-            self.settle()  # a cancel that takes no time ends it at once
         return batch
 
     def __len__(self) -> int:
