@@ -97,18 +97,22 @@ class Batch:
             return "validating"
         return "in_progress" if now < self.processed_at else "finalizing"
 
-    def _stop(self) -> float:
-        """When it stops running requests: cancelled, expired or done."""
-        return min(self.cancel_at or math.inf, self.expires_at, self.processed_at)
+    def _cut_at(self) -> float:
+        """When a cancel or the expiry stops it (infinity when neither does)."""
+        cancelled = math.inf if self.cancel_at is None else self.cancel_at
+        return min(cancelled, self.expires_at)
 
     def ran(self, now: float) -> int:
         """How many requests (the first ones in file order) have run by `now`."""
-        t = min(now, self._stop())
+        t = min(now, self._cut_at(), self.processed_at)
         if self.failure or t < self.validated_at:
             return 0
         if t >= self.processed_at:
             return self.size
-        return min(self.size, int(self.size * (t - self.validated_at) / self.timing.processing))
+        share = (t - self.validated_at) / self.timing.processing
+        # Rounded first: sums of times near 1.8e9 s and fractional durations can carry float
+        # noise, and an expiry at exactly half the processing must run half of the requests.
+        return min(self.size, math.floor(round(self.size * share, 6)))
 
     def settle(self, files: FileStore) -> None:
         """Write its output file (the successes, shuffled) and error file (the rest)."""
@@ -141,7 +145,7 @@ class Batch:
         ran = self.ran(now)
         ok = self.input.ok_before[ran]
         failed = (self.size - ok) if status in ("expired", "cancelled") else ran - ok
-        boundary = min(self.cancel_at or math.inf, self.expires_at)
+        boundary = self._cut_at()
         return {
             "id": self.id,
             "object": "batch",
@@ -168,7 +172,7 @@ class Batch:
             "completed_at": _at(end_at, now, ended == "completed"),
             "failed_at": _at(end_at, now, ended == "failed"),
             "expired_at": _at(end_at, now, ended == "expired"),
-            "cancelling_at": _at(self.cancel_at or 0.0, now, self.cancel_at is not None),
+            "cancelling_at": None if self.cancel_at is None else int(self.cancel_at),
             "cancelled_at": _at(end_at, now, ended == "cancelled"),
             "request_counts": {
                 "total": self.size if counted else 0,
