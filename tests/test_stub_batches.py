@@ -12,7 +12,7 @@ import argparse
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -30,10 +30,10 @@ from listener.stub.server import (
 from listener.stub.text import BATCH_400_MARKER, BATCH_ERROR_MARKER, FLEX_UNAVAILABLE_MARKER
 
 MODEL = "gpt-4o-mini"
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 HOUR = 3600.0
 # Each status lasts an hour, so only /stub/batches/advance moves a batch on.
-SLOW = {
+SLOW: dict[str, Any] = {
     "batch_validating_seconds": HOUR,
     "batch_processing_seconds": 4 * HOUR,
     "batch_finalizing_seconds": HOUR,
@@ -586,7 +586,8 @@ async def test_flex_counts_against_the_same_per_minute_limits() -> None:
 @pytest.mark.anyio
 async def test_advance_refuses_bad_input_and_the_api_key_guards_files_and_batches() -> None:
     async with stub_client(StubConfig(required_api_key="sk-right")) as (stub, client, control):
-        for bad in ({"seconds": -1}, {"seconds": "soon"}, {}, []):
+        bad_bodies: list[Any] = [{"seconds": -1}, {"seconds": "soon"}, {}, []]
+        for bad in bad_bodies:
             response = await control.post("/stub/batches/advance", json=bad)
             assert response.status_code == 400, bad
         with pytest.raises(openai.AuthenticationError):
