@@ -1,4 +1,4 @@
-"""19. Claims of a store whose higher-priority items wait out a backoff (issue 25, weakness 5):
+"""21. Claims of a store whose higher-priority items wait out a backoff (issue 25, weakness 5):
 `python -m bench.backoff_claims [--quick]`.
 
 Three stores in one database, each with 1,000 items at priority 0 due now, and 0, 100,000 and
