@@ -216,7 +216,7 @@ def test_only_due_items_announce_their_store(database_url: str) -> None:
         _load(conn, stores=2, per_store=3)
         conn.execute("UPDATE job_items SET status = 'PROCESSING'")
         listener.execute("LISTEN job_items_ready")
-        # A retry waiting out its backoff: nobody is told (its worker wakes the store later).
+        # A retry waiting out its backoff: nobody is told (the promote step does, when due).
         conn.execute(
             "UPDATE job_items SET status = 'PENDING', run_after = now() + interval '5 seconds'"
             " WHERE instance_id = 'store-1'"
