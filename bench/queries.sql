@@ -88,8 +88,9 @@ CROSS JOIN LATERAL generate_series(1, w.items) AS n
 ORDER BY j.id, n;
 
 -- backoff_half --
--- The oldest half of each named store's PENDING items waits out a retry's backoff.
-UPDATE job_items SET run_after = now() + interval '1 hour'
+-- The oldest half of each named store's PENDING items waits out a retry's backoff, flagged as a
+-- retry outcome leaves them.
+UPDATE job_items SET run_after = now() + interval '1 hour', in_backoff = true
 WHERE id IN (
     SELECT id FROM (
         SELECT id, row_number() OVER (PARTITION BY instance_id ORDER BY id) AS n,
@@ -249,8 +250,7 @@ CREATE INDEX IF NOT EXISTS bench_pending_before ON job_items (instance_id, prior
 
 -- backoff_due --
 -- `due` items of `store` in backoff whose run_after has come, as a retry's backoff becomes once
--- it ends (bench.backoff_claims times the promote step on them). The flag is given and run_after
--- is in the past, which job_items_mark_backoff would correct: the caller disables it meanwhile.
+-- it ends (bench.backoff_claims times the promote step on them).
 WITH job AS (
     INSERT INTO jobs (instance_id) VALUES (%(store)s) RETURNING id
 )

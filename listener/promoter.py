@@ -1,18 +1,18 @@
 """The promote step: items whose backoff has ended go back into the claim's range.
 
-An item waiting out a backoff is out of idx_job_items_pending (`job_items.in_backoff`, kept by
-a trigger), so a claim never reads past it, whatever its priority. Something must put it back
-when it is due: `promote_due` (sql/backoff.sql), one bounded statement that clears the flag of
-the earliest due items; its UPDATE announces their stores on job_items_ready like an insert,
-so every process of the fleet hears of them and claims them at once.
+An item waiting out a backoff is out of idx_job_items_pending (`job_items.in_backoff`, set by
+the retry outcome), so a claim never reads past it, whatever its priority. Something must put
+it back when it is due: `promote_due` (sql/backoff.sql), one bounded statement that clears the
+flag of the earliest due items; its UPDATE announces their stores on job_items_ready like an
+insert, so every process of the fleet hears of them and claims them at once.
 
 `Promoter` runs that statement on a timer aligned to the earliest due time: each pass says when
 the next item in backoff is due, and a retry this process writes (`due_in`) brings the timer
 forward. A retry written by another process is that process's to time, and the pass after it
 sees it anyway; with nothing known, a pass every `idle_seconds` (the safety sweep's interval)
-finds items dated later by other means (an operator's UPDATE of run_after, an insert scheduled
-for later). One process of the fleet promotes at a time (an advisory lock, tried, never waited
-for); the others' passes are then one probe of an index.
+finds items put in backoff by other means (an insert dated later, an operator's UPDATE). One
+process of the fleet promotes at a time (an advisory lock, tried, never waited for); the
+others' passes are then one probe of an index.
 """
 
 from __future__ import annotations

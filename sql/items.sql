@@ -202,10 +202,11 @@ SET status = CASE WHEN outcome.cancelled THEN 'CANCELLED' ELSE outcome.status EN
     error = outcome.error,
     completed_at = CASE WHEN outcome.status = 'PENDING' AND NOT outcome.cancelled
         THEN NULL ELSE now() END,
-    -- A retry waits out its backoff (job_items_mark_backoff takes it out of the claim's index
-    -- until promote_due puts it back); a release (delay 0) keeps its place in its store's line.
+    -- A retry waits out its backoff, out of the claim's index (in_backoff) until promote_due
+    -- puts it back when due; a release (delay 0) keeps its place in its store's line.
     run_after = CASE WHEN outcome.status = 'PENDING' AND outcome.delay > 0
         THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
+    in_backoff = outcome.status = 'PENDING' AND NOT outcome.cancelled AND outcome.delay > 0,
     -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
     attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
     -- A finished item keeps the name of the worker that did it, for the operator.
@@ -350,6 +351,7 @@ SET status = CASE
     completed_at = CASE WHEN j.attempts >= %(max_attempts)s OR c.status = 'CANCELLED'
         THEN now() ELSE NULL END,
     -- Back in its place in its store's line (run_after was due when it was claimed).
+    in_backoff = false,
     claimed_by = NULL,
     lease_expires_at = NULL,
     updated_at = now()

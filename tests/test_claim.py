@@ -184,26 +184,34 @@ def test_a_store_s_higher_priority_item_is_its_next_whatever_its_backlog(
     assert '"Index Name": "idx_job_items_pending"' in plan and '"Sort"' not in plan
 
 
-def test_the_rebuild_finds_stores_with_due_work_and_the_promote_step_the_first_backoff_due(
+def test_the_rebuild_finds_stores_with_work_and_when_their_first_item_is_due(
     database_url: str,
 ) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        _load(conn, stores=3, per_store=10)
+        _load(conn, stores=4, per_store=10)
+        # store-2: every item waits out a retry's backoff (flagged, as the outcome leaves them).
         conn.execute(
-            "UPDATE job_items SET run_after = now() + interval '30 seconds'"
+            "UPDATE job_items SET run_after = now() + interval '30 seconds', in_backoff = true"
             " WHERE instance_id = 'store-2'"
         )
+        # store-3 and store-4: dated later by an operator's UPDATE, not flagged.
         conn.execute(
             "UPDATE job_items SET priority = 5, run_after = now() + interval '60 seconds'"
             " WHERE instance_id = 'store-3' AND product_id = 'p1'"
+        )
+        conn.execute(
+            "UPDATE job_items SET run_after = now() + interval '45 seconds'"
+            " WHERE instance_id = 'store-4'"
         )
         rows = dict(conn.execute(queries("items")["ready_stores"], KINDS).fetchall())
         promotion = conn.execute(
             queries("backoff")["promote_due"], {"key": PROMOTE_LOCK_KEY, "batch": 100}
         ).fetchone()
-    assert rows == {"store-1": 0, "store-3": 0}  # store-3's other items are due
-    # store-2's items all wait out their backoff: the promote step knows when the first is due
-    # (and announces the store then); nothing is due yet.
+    assert rows.keys() == {"store-1", "store-3", "store-4"}
+    assert rows["store-1"] == 0 and rows["store-3"] == 0  # store-3's other items are due
+    assert 40 < rows["store-4"] <= 45  # the rebuild wakes it then
+    # store-2's items are out of the scan: the promote step knows when the first is due (and
+    # announces the store then); nothing is due yet.
     assert promotion is not None and promotion[:2] == (True, 0)
     assert 25 < promotion[2] <= 30
 
@@ -324,9 +332,9 @@ def _with_higher_priority_backoff(
         " FROM generate_series(1, %s) n",
         (job[0], store, in_backoff, in_backoff, in_backoff + due),
     )
-    # As a retry outcome leaves them: PENDING, due in an hour.
+    # As a retry outcome leaves them: PENDING, due in an hour, in backoff.
     conn.execute(
-        "UPDATE job_items SET run_after = now() + interval '1 hour'"
+        "UPDATE job_items SET run_after = now() + interval '1 hour', in_backoff = true"
         " WHERE instance_id = %s AND product_id LIKE 'backoff-%%'",
         (store,),
     )

@@ -1,6 +1,6 @@
-"""Items waiting out a backoff: out of the claim's range (job_items.in_backoff, kept by a trigger
-whoever writes the item) until the promote step puts them back at their due time and announces
-their store."""
+"""Items waiting out a backoff: out of the claim's range (job_items.in_backoff, set by the writers
+that put an item in backoff) until the promote step puts them back at their due time and
+announces their store."""
 
 from __future__ import annotations
 
@@ -68,53 +68,72 @@ def _flags(conn: psycopg.Connection[Any]) -> dict[str, tuple[str, bool]]:
     return {str(product): (str(status), bool(flag)) for product, status, flag in rows}
 
 
-def test_every_writer_leaves_the_flag_true_to_the_item(database_url: str) -> None:
+async def test_the_writers_that_put_an_item_in_backoff_flag_it(database_url: str) -> None:
+    await insert_job(database_url, "store-W", 5)
+    async with AsyncConnectionPool(database_url, min_size=1, max_size=2) as pool:
+        items = {item.product_id: item for item in await _claim(pool, "store-W")}
+        await items_db.finish(
+            pool,
+            "w",
+            [
+                Outcome.retry(items["p1"], "HTTP 500", delay=60.0),
+                Outcome.release(items["p2"], "HTTP 429", delay=30.0),
+                Outcome.release(items["p3"]),  # shutting down: due at once, its place kept
+                Outcome.failed(items["p4"], "bad payload"),
+            ],
+        )
+        # p5's worker died: the reaper gives it back, due now.
+        await query(
+            database_url,
+            "UPDATE job_items SET lease_expires_at = now() - interval '1 second'"
+            " WHERE product_id = 'p5'",
+        )
+        await items_db.reap_expired(pool, max_attempts=5)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        insert_backlog(conn, stores=1, per_store=4)
-        # An insert scheduled for later, and an operator's UPDATE of run_after: in backoff.
+        # An insert dated later waits like a retry (the insert trigger); one due now does not.
         conn.execute(
             "INSERT INTO job_items (job_id, instance_id, product_id, run_after)"
             " SELECT id, instance_id, 'later', now() + interval '1 hour' FROM jobs"
+            " UNION ALL SELECT id, instance_id, 'now', now() FROM jobs"
         )
+        flags = _flags(conn)
+    assert flags == {
+        "p1": ("PENDING", True),
+        "p2": ("PENDING", True),
+        "p3": ("PENDING", False),
+        "p4": ("FAILED", False),
+        "p5": ("PENDING", False),
+        "later": ("PENDING", True),
+        "now": ("PENDING", False),
+    }
+
+
+def test_an_item_an_operator_dates_later_is_claimed_when_due_only(database_url: str) -> None:
+    # The rare path left unflagged: the claim reads past it until due, never takes it early.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        insert_backlog(conn, stores=1, per_store=2)
         conn.execute(
-            "UPDATE job_items SET run_after = now() + interval '1 hour'"
-            " WHERE product_id IN ('p1', 'p2', 'p3')"
+            "UPDATE job_items SET run_after = now() + interval '1 hour' WHERE product_id = 'p1'"
         )
-        assert _flags(conn) == {
-            "p1": ("PENDING", True),
-            "p2": ("PENDING", True),
-            "p3": ("PENDING", True),
-            "p4": ("PENDING", False),
-            "later": ("PENDING", True),
-        }
-        # Any write of an item once due takes it out (an operator moving run_after back), and
-        # so does leaving PENDING (failed by hand); the operator's retry brings it back due.
-        conn.execute("UPDATE job_items SET run_after = now() WHERE product_id = 'p1'")
-        conn.execute(
-            "UPDATE job_items SET status = 'FAILED', error = 'by hand' WHERE product_id = 'p2'"
-        )
-        after_writes = _flags(conn)
-        conn.execute("SELECT listener_retry_job(id) FROM jobs")
-        retried = _flags(conn)["p2"]
-        # A cancel ends the items still in backoff: CANCELLED, out of backoff.
-        conn.execute("SELECT listener_cancel_job(id) FROM jobs")
-        cancelled = _flags(conn)
-    assert after_writes["p1"] == ("PENDING", False)
-    assert after_writes["p2"] == ("FAILED", False)
-    assert retried == ("PENDING", False)
-    assert set(cancelled.values()) == {("CANCELLED", False)}
+        with conn.transaction(force_rollback=True):
+            claimed = conn.execute(
+                "SELECT product_id FROM job_items WHERE id IN ("
+                " SELECT id FROM job_items WHERE instance_id = 'store-1' AND status = 'PENDING'"
+                " AND NOT in_backoff AND run_after <= now() ORDER BY priority DESC, run_after, id"
+                " LIMIT 5)"
+            ).fetchall()
+        flags = _flags(conn)
+    assert claimed == [("p2",)]
+    assert flags == {"p1": ("PENDING", False), "p2": ("PENDING", False)}
 
 
 def _flag_due_items(conn: psycopg.Connection[Any]) -> None:
     """Every item in backoff, due a minute ago (store-1's two): what a retry's backoff becomes
-    once it ends (set with the trigger off, rather than waiting for the time to pass)."""
-    with conn.transaction():
-        conn.execute("ALTER TABLE job_items DISABLE TRIGGER job_items_mark_backoff")
-        conn.execute(
-            "UPDATE job_items SET in_backoff = true, run_after = now() - CASE instance_id"
-            " WHEN 'store-1' THEN interval '2 minutes' ELSE interval '1 minute' END"
-        )
-        conn.execute("ALTER TABLE job_items ENABLE TRIGGER job_items_mark_backoff")
+    once it ends, without waiting for the time to pass."""
+    conn.execute(
+        "UPDATE job_items SET in_backoff = true, run_after = now() - CASE instance_id"
+        " WHEN 'store-1' THEN interval '2 minutes' ELSE interval '1 minute' END"
+    )
 
 
 async def test_the_promote_step_takes_a_bounded_batch_and_announces_each_store(
