@@ -88,8 +88,9 @@ CROSS JOIN LATERAL generate_series(1, w.items) AS n
 ORDER BY j.id, n;
 
 -- backoff_half --
--- The oldest half of each named store's PENDING items waits out a retry's backoff.
-UPDATE job_items SET run_after = now() + interval '1 hour'
+-- The oldest half of each named store's PENDING items waits out a retry's backoff, flagged as a
+-- retry outcome leaves them.
+UPDATE job_items SET run_after = now() + interval '1 hour', in_backoff = true
 WHERE id IN (
     SELECT id FROM (
         SELECT id, row_number() OVER (PARTITION BY instance_id ORDER BY id) AS n,
@@ -225,3 +226,37 @@ SELECT id, instance_id, 'p1', '{"name": "P"}'::jsonb FROM new_jobs;
 -- Every `every`-th open job gets its items finished without being closed: stranded.
 UPDATE job_items SET status = 'COMPLETED', completed_at = now()
 WHERE job_id IN (SELECT id FROM jobs WHERE completed_at IS NULL AND id %% %(every)s = 0);
+
+-- backoff_store --
+-- One store for bench.backoff_claims: `due` items at priority 0, due now, and `backoff` items at
+-- priority 10 waiting out a retry's backoff (an hour), as a retry outcome leaves them (the flag
+-- given, so the trigger has nothing to do). One job, one statement.
+WITH job AS (
+    INSERT INTO jobs (instance_id) VALUES (%(store)s) RETURNING id
+)
+INSERT INTO job_items (
+    job_id, instance_id, product_id, payload, priority, kind, run_after, in_backoff
+)
+SELECT job.id, %(store)s, 'p' || n, jsonb_build_object('name', 'Product ' || n),
+    CASE WHEN n <= %(backoff)s THEN 10 ELSE 0 END, 'product_description',
+    CASE WHEN n <= %(backoff)s THEN now() + interval '1 hour' ELSE now() END,
+    n <= %(backoff)s
+FROM job CROSS JOIN generate_series(1, %(backoff)s + %(due)s) AS n;
+
+-- pending_index_before --
+-- The claim's index as it was before items in backoff left it (bench.backoff_claims).
+CREATE INDEX IF NOT EXISTS bench_pending_before ON job_items (instance_id, priority DESC, run_after, id)
+    WHERE status = 'PENDING';
+
+-- backoff_due --
+-- `due` items of `store` in backoff whose run_after has come, as a retry's backoff becomes once
+-- it ends (bench.backoff_claims times the promote step on them).
+WITH job AS (
+    INSERT INTO jobs (instance_id) VALUES (%(store)s) RETURNING id
+)
+INSERT INTO job_items (
+    job_id, instance_id, product_id, payload, priority, kind, run_after, in_backoff
+)
+SELECT job.id, %(store)s, 'p' || n, jsonb_build_object('name', 'Product ' || n), 0,
+    'product_description', now() - interval '1 second', true
+FROM job CROSS JOIN generate_series(1, %(due)s) AS n;

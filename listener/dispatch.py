@@ -148,7 +148,8 @@ class Dispatcher:
         due: list[str] = []
         for ready in stores:
             if ready.due_in > 0:
-                # Only items waiting out a backoff: the store joins when the first is due.
+                # Only items not due yet that escaped the backoff flag (items in backoff are
+                # not in the scan): the store joins when the first is due.
                 self._wake_at_most(ready.instance_id, ready.due_in)
             elif not self._held(ready.instance_id):
                 due.append(ready.instance_id)
@@ -183,7 +184,9 @@ class Dispatcher:
         self._policy_changed.set()
 
     def wake_later(self, store: str, delay: float) -> None:
-        """A retried item becomes claimable after its backoff: look at its store again then."""
+        """Look at `store` again in `delay` seconds: its rpm_limit allows an item then, or the
+        scan found its first item due then (dated later by a write that bypassed the backoff
+        flag; items in backoff are announced by the promote step when due)."""
         at = self.clock() + delay
         heapq.heappush(self._wakeups, (at, store))
         self._earliest_wakeup[store] = min(at, self._earliest_wakeup.get(store, at))

@@ -35,6 +35,7 @@ from listener.items import ClaimedItem, Outcome, ReadyStore
 from listener.lanes import Lane, budget_groups, budget_rpm, lane_kinds
 from listener.limiter import Limiter, gcra
 from listener.listen import Listener
+from listener.promoter import Promoter
 from listener.registry import register_kinds
 from listener.settings import Settings
 from listener.throughput import Throughput
@@ -152,6 +153,9 @@ class Worker:
             if len(self.lanes) > 1
             else None
         )
+        # Items waiting out a backoff are out of the claim's range: this puts them back when
+        # due, and their stores' notification wakes the claimers of every process.
+        self.promoter = Promoter(pool, idle_seconds=settings.sweep_interval_seconds)
         self.listener = Listener(
             with_session_options(conninfo, settings),
             on_notify=self._notified,
@@ -261,6 +265,7 @@ class Worker:
                         services.start_soon(lane.dispatcher.run_policy_reload)
                         services.start_soon(lane.dispatcher.run_claim_log)
                     services.start_soon(self._heartbeat_loop)
+                    services.start_soon(self.promoter.run)
                     services.start_soon(
                         reaper.run_reaper,
                         self.pool,
@@ -473,9 +478,8 @@ class Worker:
             else:
                 self.counters.retried += 1
             if outcome.status == "PENDING" and outcome.delay > 0:
-                lane = self._lane_of.get(outcome.kind)
-                if lane is not None:
-                    lane.dispatcher.wake_later(outcome.instance_id, outcome.delay)
+                # In backoff until then: the promote step's notification wakes its store.
+                self.promoter.due_in(outcome.delay)
 
     def heartbeat_interval(self) -> float:
         return self.settings.heartbeat_seconds

@@ -57,6 +57,18 @@ WHERE status = 'PENDING'
 ORDER BY id
 LIMIT 1;
 
+-- backoff_overdue --
+-- Items still in backoff whose run_after has come: a live worker's promote step puts them back
+-- in the claim's range at once (at the latest SWEEP_INTERVAL_SECONDS later). The head of
+-- idx_job_items_backoff, at most %(cap)s rows.
+SELECT count(*), coalesce(extract(epoch FROM now() - min(run_after)), 0)::float8
+FROM (
+    SELECT run_after FROM job_items
+    WHERE status = 'PENDING' AND in_backoff AND run_after <= now()
+    ORDER BY run_after
+    LIMIT %(cap)s
+) AS overdue;
+
 -- expired_leases --
 -- PROCESSING items whose lease ran out: a live fleet's reaper returns them within seconds.
 SELECT count(*), coalesce(extract(epoch FROM now() - min(lease_expires_at)), 0)::float8,

@@ -3,7 +3,9 @@
 -- claim --
 -- One statement for every store of this turn: each LATERAL reads the head of one store's
 -- range of idx_job_items_pending (priority first, then due time, then id), so the cost is
--- (stores x limit), never the backlog nor the items waiting out a backoff. A store with caps or
+-- (stores x limit), never the backlog nor the items waiting out a backoff: those are out of
+-- the index (in_backoff) until promote_due (sql/backoff.sql) puts them back when due, however
+-- high their priority. A store with caps or
 -- a pause in `stores` gets what listener_claim_allowance grants (stores arrive sorted, so two
 -- claims lock their rows in one order); a store without a row costs one primary-key probe.
 -- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
@@ -33,6 +35,7 @@ picked AS (
         FROM job_items j
         WHERE j.instance_id = allowance.instance_id
           AND j.status = 'PENDING'
+          AND NOT j.in_backoff
           AND j.run_after <= now()
           AND j.kind = ANY (%(kinds)s::text[])
         ORDER BY j.priority DESC, j.run_after, j.id
@@ -101,19 +104,22 @@ SET LOCAL synchronous_commit = on;
 -- store_next_items --
 -- The single-store form of the claim's lookup, for EXPLAIN in tests and in the runbook.
 SELECT id FROM job_items
-WHERE instance_id = %(instance_id)s AND status = 'PENDING' AND run_after <= now()
+WHERE instance_id = %(instance_id)s AND status = 'PENDING' AND NOT in_backoff
+  AND run_after <= now()
 ORDER BY priority DESC, run_after, id
 LIMIT %(quota)s;
 
 -- ready_stores --
--- Each store with PENDING items and the seconds until its first is due (0: due now), by a
--- loose index scan: one probe per distinct (store, priority), so 10,000 stores over 1,000,000
+-- Each store with PENDING items out of backoff and the seconds until its first is due (0: due
+-- now; later only for an item dated later by a write that bypassed job_items_mark_backoff), by
+-- a loose index scan: one probe per distinct (store, priority), so 10,000 stores over 1,000,000
 -- pending rows cost about 10,000 probes, not a scan of the rows. Within a (store, priority)
--- range the index is in due order, so each range's head is its earliest item.
+-- range the index is in due order, so each range's head is its earliest item. Stores whose
+-- items all wait out a backoff are not listed: promote_due announces them when one is due.
 WITH RECURSIVE heads AS (
     (
         SELECT instance_id, priority, run_after FROM job_items
-        WHERE status = 'PENDING' AND kind = ANY (%(kinds)s::text[])
+        WHERE status = 'PENDING' AND NOT in_backoff AND kind = ANY (%(kinds)s::text[])
         ORDER BY instance_id, priority DESC, run_after, id
         LIMIT 1
     )
@@ -123,7 +129,8 @@ WITH RECURSIVE heads AS (
     CROSS JOIN LATERAL (
         (
             SELECT j.instance_id, j.priority, j.run_after FROM job_items j
-            WHERE j.status = 'PENDING' AND j.instance_id = heads.instance_id
+            WHERE j.status = 'PENDING' AND NOT j.in_backoff
+              AND j.instance_id = heads.instance_id
               AND j.priority < heads.priority AND j.kind = ANY (%(kinds)s::text[])
             ORDER BY j.priority DESC, j.run_after, j.id
             LIMIT 1
@@ -131,7 +138,8 @@ WITH RECURSIVE heads AS (
         UNION ALL
         (
             SELECT j.instance_id, j.priority, j.run_after FROM job_items j
-            WHERE j.status = 'PENDING' AND j.instance_id > heads.instance_id
+            WHERE j.status = 'PENDING' AND NOT j.in_backoff
+              AND j.instance_id > heads.instance_id
               AND j.kind = ANY (%(kinds)s::text[])
             ORDER BY j.instance_id, j.priority DESC, j.run_after, j.id
             LIMIT 1
@@ -194,9 +202,11 @@ SET status = CASE WHEN outcome.cancelled THEN 'CANCELLED' ELSE outcome.status EN
     error = outcome.error,
     completed_at = CASE WHEN outcome.status = 'PENDING' AND NOT outcome.cancelled
         THEN NULL ELSE now() END,
-    -- A retry waits out its backoff; a release (delay 0) keeps its place in its store's line.
+    -- A retry waits out its backoff, out of the claim's index (in_backoff) until promote_due
+    -- puts it back when due; a release (delay 0) keeps its place in its store's line.
     run_after = CASE WHEN outcome.status = 'PENDING' AND outcome.delay > 0
         THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
+    in_backoff = outcome.status = 'PENDING' AND NOT outcome.cancelled AND outcome.delay > 0,
     -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
     attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
     -- A finished item keeps the name of the worker that did it, for the operator.
@@ -219,7 +229,8 @@ room AS MATERIALIZED (
     WHERE s.max_in_flight IS NOT NULL
       AND EXISTS (
           SELECT 1 FROM job_items p
-          WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND p.run_after <= now()
+          WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND NOT p.in_backoff
+            AND p.run_after <= now()
       )
 )
 SELECT id, job_id, status FROM finished
@@ -340,6 +351,7 @@ SET status = CASE
     completed_at = CASE WHEN j.attempts >= %(max_attempts)s OR c.status = 'CANCELLED'
         THEN now() ELSE NULL END,
     -- Back in its place in its store's line (run_after was due when it was claimed).
+    in_backoff = false,
     claimed_by = NULL,
     lease_expires_at = NULL,
     updated_at = now()
@@ -362,7 +374,8 @@ room AS MATERIALIZED (
     WHERE s.max_in_flight IS NOT NULL
       AND EXISTS (
           SELECT 1 FROM job_items p
-          WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND p.run_after <= now()
+          WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND NOT p.in_backoff
+            AND p.run_after <= now()
       )
 )
 SELECT id, job_id, instance_id, status FROM reaped

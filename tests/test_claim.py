@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from listener.items import split_quota
+from listener.promoter import PROMOTE_LOCK_KEY
 from listener.sqlfiles import queries
 from tests.support import heard_so_far, insert_backlog
 
@@ -187,18 +188,32 @@ def test_the_rebuild_finds_stores_with_work_and_when_their_first_item_is_due(
     database_url: str,
 ) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        _load(conn, stores=3, per_store=10)
+        _load(conn, stores=4, per_store=10)
+        # store-2: every item waits out a retry's backoff (flagged, as the outcome leaves them).
         conn.execute(
-            "UPDATE job_items SET run_after = now() + interval '30 seconds'"
+            "UPDATE job_items SET run_after = now() + interval '30 seconds', in_backoff = true"
             " WHERE instance_id = 'store-2'"
         )
+        # store-3 and store-4: dated later by an operator's UPDATE, not flagged.
         conn.execute(
             "UPDATE job_items SET priority = 5, run_after = now() + interval '60 seconds'"
             " WHERE instance_id = 'store-3' AND product_id = 'p1'"
         )
+        conn.execute(
+            "UPDATE job_items SET run_after = now() + interval '45 seconds'"
+            " WHERE instance_id = 'store-4'"
+        )
         rows = dict(conn.execute(queries("items")["ready_stores"], KINDS).fetchall())
+        promotion = conn.execute(
+            queries("backoff")["promote_due"], {"key": PROMOTE_LOCK_KEY, "batch": 100}
+        ).fetchone()
+    assert rows.keys() == {"store-1", "store-3", "store-4"}
     assert rows["store-1"] == 0 and rows["store-3"] == 0  # store-3's other items are due
-    assert 25 < rows["store-2"] <= 30
+    assert 40 < rows["store-4"] <= 45  # the rebuild wakes it then
+    # store-2's items are out of the scan: the promote step knows when the first is due (and
+    # announces the store then); nothing is due yet.
+    assert promotion is not None and promotion[:2] == (True, 0)
+    assert 25 < promotion[2] <= 30
 
 
 def test_only_due_items_announce_their_store(database_url: str) -> None:
@@ -209,7 +224,7 @@ def test_only_due_items_announce_their_store(database_url: str) -> None:
         _load(conn, stores=2, per_store=3)
         conn.execute("UPDATE job_items SET status = 'PROCESSING'")
         listener.execute("LISTEN job_items_ready")
-        # A retry waiting out its backoff: nobody is told (its worker wakes the store later).
+        # A retry waiting out its backoff: nobody is told (the promote step does, when due).
         conn.execute(
             "UPDATE job_items SET status = 'PENDING', run_after = now() + interval '5 seconds'"
             " WHERE instance_id = 'store-1'"
@@ -299,3 +314,49 @@ def test_a_claim_under_a_budget_tells_the_fleet_which_stores_it_served(
         conn.execute(queries("items")["claim"], {**params, "announce": True}).fetchall()
         heard = sorted(heard_so_far(listener, conn, "stores_served"))
     assert heard == ["w1\x1fstore-1\x1f1\x1fopenai", "w1\x1fstore-2\x1f1\x1fopenai"]
+
+
+def _with_higher_priority_backoff(
+    conn: psycopg.Connection[Any], store: str, in_backoff: int, due: int
+) -> None:
+    """`store`: `in_backoff` items at priority 10 waiting out a retry's backoff (an hour), then
+    `due` items at priority 0, due now."""
+    job = conn.execute(
+        "INSERT INTO jobs (instance_id) VALUES (%s) RETURNING id", (store,)
+    ).fetchone()
+    assert job is not None
+    conn.execute(
+        "INSERT INTO job_items (job_id, instance_id, product_id, priority, payload)"
+        " SELECT %s, %s, CASE WHEN n <= %s THEN 'backoff-' ELSE 'due-' END || n,"
+        "   CASE WHEN n <= %s THEN 10 ELSE 0 END, '{}'::jsonb"
+        " FROM generate_series(1, %s) n",
+        (job[0], store, in_backoff, in_backoff, in_backoff + due),
+    )
+    # As a retry outcome leaves them: PENDING, due in an hour, in backoff.
+    conn.execute(
+        "UPDATE job_items SET run_after = now() + interval '1 hour', in_backoff = true"
+        " WHERE instance_id = %s AND product_id LIKE 'backoff-%%'",
+        (store,),
+    )
+
+
+def test_higher_priority_items_in_backoff_are_not_read_by_the_claim(database_url: str) -> None:
+    # Issue 25, weakness 5: the pending index orders priority before run_after, so a store's
+    # higher-priority items in backoff sat before its due ones, and each claim read past all
+    # of them (9.9 ms and 496 buffers at 100,000). Now they are out of the claim's range.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _with_higher_priority_backoff(conn, "store-few", in_backoff=2_000, due=50)
+        _with_higher_priority_backoff(conn, "store-many", in_backoff=20_000, due=50)
+        conn.execute("VACUUM ANALYZE job_items")
+        few = _claim_buffers(conn, _claim_params(["store-few"], [5]))
+        many = _claim_buffers(conn, _claim_params(["store-many"], [5]))
+        params = _claim_params(["store-many"], [5])
+        with conn.transaction(force_rollback=True):
+            taken = conn.execute(queries("items")["claim"], params).fetchall()
+        plan = _plan(conn, queries("items")["claim"], params)
+    # The due ones, in their order, nothing before its run_after.
+    assert [row[3] for row in taken] == [f"due-{n}" for n in range(20_001, 20_006)]
+    assert few[0] == many[0] == 5
+    # Ten times as many in backoff, the same few pages (reading past them cost hundreds more).
+    assert many[1] <= few[1] + 3, (few, many)
+    assert '"Index Name": "idx_job_items_pending"' in plan and '"Sort"' not in plan

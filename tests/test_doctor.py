@@ -408,3 +408,17 @@ def test_risky_settings_warn_and_secrets_stay_masked(database_url: str) -> None:
     assert "WORKER_CONCURRENCY 500 × 1 process(es) = 500 in flight" in check.summary
     assert "OPENAI_API_KEY=***" in check.data["settings"]
     assert "test-key" not in json.dumps(check.data) + "".join(check.lines)
+
+
+def test_items_past_their_backoff_that_nobody_promotes_fail(database_url: str) -> None:
+    assert doctor(database_url)["backoff"].status is Status.OK
+    insert_job_blocking(database_url, "store-A", 3)
+    # In backoff, due two minutes ago, and no worker to promote them.
+    execute(
+        database_url,
+        "UPDATE job_items SET in_backoff = true, run_after = now() - interval '2 minutes'",
+    )
+    check = doctor(database_url, make_settings(OFFLINE, sweep_interval_seconds=30))["backoff"]
+    assert check.status is Status.FAIL
+    assert check.summary.startswith("3 item(s) past their backoff still out of the claims")
+    assert "no live worker promotes them" in check.remedy

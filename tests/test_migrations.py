@@ -114,10 +114,12 @@ def test_down_one_reverts_only_the_last(database_url: str) -> None:
     runner = MigrationRunner(database_url, output=lambda _l: None)
     assert runner.down() == [load_migrations()[-1].name]
     diff = diff_against_schema(database_url)
-    assert "dashboard_revoked_sessions" in diff  # the last migration's table
+    # The last migration's column, index and trigger; nothing of the ones before it.
+    assert "in_backoff" in diff and "idx_job_items_backoff" in diff
+    assert "job_items_mark_backoff" in diff
+    assert "dashboard_revoked_sessions" not in diff
     assert "listener_end_finished_jobs" not in diff
     assert "idx_jobs_finished" not in diff
-    assert "idx_job_items_pending" not in diff
 
 
 def test_check_is_clean_and_sees_a_missing_migration(database_url: str) -> None:
@@ -303,5 +305,44 @@ def test_store_policy_migrations_keep_every_item_and_go_down_cleanly(
         ).fetchone()
     assert columns == [] and tables == []
     assert index is not None and "(instance_id, id) WHERE" in index[0]
+    runner.up()
+    assert diff_against_schema(empty_database_url) == ""
+
+
+def test_the_backoff_migration_flags_the_items_in_backoff_now(empty_database_url: str) -> None:
+    migrations = load_migrations()
+    backoff = [m.name for m in migrations].index("1730000026000_pending-backoff")
+    MigrationRunner(
+        empty_database_url, migrations=migrations[:backoff], output=lambda _l: None
+    ).up()
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO jobs (instance_id) VALUES ('store-1')")
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id, status, run_after)"
+            " VALUES (1, 'store-1', 'due', 'PENDING', now()),"
+            " (1, 'store-1', 'retry', 'PENDING', now() + interval '1 hour'),"
+            " (1, 'store-1', 'running', 'PROCESSING', now() + interval '1 hour'),"
+            " (1, 'store-1', 'failed', 'FAILED', now() + interval '1 hour')"
+        )
+    runner = MigrationRunner(empty_database_url, output=lambda _l: None)
+    assert runner.up() == [m.name for m in migrations[backoff:]]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        flags = dict(conn.execute("SELECT product_id, in_backoff FROM job_items").fetchall())
+        pending = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_job_items_pending'"
+        ).fetchone()
+    assert flags == {"due": False, "retry": True, "running": False, "failed": False}
+    assert pending is not None and "NOT in_backoff" in pending[0]
+    # Down: the old index back under its name, the column gone; up again: the schema's.
+    later = len(migrations) - backoff
+    assert runner.down(later)[-1] == "1730000026000_pending-backoff"
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        pending = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_job_items_pending'"
+        ).fetchone()
+        column = conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE column_name = 'in_backoff'"
+        ).fetchone()
+    assert pending is not None and "in_backoff" not in pending[0] and column is None
     runner.up()
     assert diff_against_schema(empty_database_url) == ""

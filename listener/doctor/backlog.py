@@ -89,6 +89,34 @@ def check_leases(ctx: Context) -> Check:
     return warn("leases", summary, "a worker died: its items are being reaped", **data)
 
 
+# Past this, the promote step of every live worker (one pass each SWEEP_INTERVAL_SECONDS at the
+# latest) would have run: nobody is promoting.
+BACKOFF_GRACE_SECONDS = 5.0
+BACKOFF_OVERDUE_CAP = 10_000
+
+
+def check_backoff(ctx: Context) -> Check:
+    row = ctx.one("backoff_overdue", cap=BACKOFF_OVERDUE_CAP)
+    count, overdue = (int(row[0]), float(row[1])) if row else (0, 0.0)
+    data = {"overdue": count, "overdue_seconds": overdue}
+    if not count:
+        return ok("backoff", "no item past its backoff left out of the claims", **data)
+    shown = f"{count:,}+" if count >= BACKOFF_OVERDUE_CAP else f"{count:,}"
+    summary = (
+        f"{shown} item(s) past their backoff still out of the claims (in_backoff),"
+        f" the oldest due {age(overdue)} ago"
+    )
+    if overdue > ctx.settings.sweep_interval_seconds + BACKOFF_GRACE_SECONDS:
+        return fail(
+            "backoff",
+            summary,
+            "no live worker promotes them: start `listener worker` (its promote step puts them"
+            " back at once) and see `workers`",
+            **data,
+        )
+    return warn("backoff", summary, "a worker's promote step is catching up", **data)
+
+
 def check_failures(ctx: Context) -> Check:
     row = ctx.one("recent_failures", cap=RECENT_FAILURES_CAP)
     count, error = (int(row[0]), row[1]) if row else (0, None)

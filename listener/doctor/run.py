@@ -69,6 +69,7 @@ def _in_order(ctx: Context, checks: _Checks) -> None:
         checks.run("claim plan", lambda: backlog.check_claim_plan(ctx, reading))
         checks.run("backlog", lambda: backlog.check_backlog(ctx, reading))
     checks.run("leases", lambda: backlog.check_leases(ctx))
+    checks.run("backoff", lambda: backlog.check_backoff(ctx))
     checks.run("failures", lambda: backlog.check_failures(ctx))
     checks.run("connections", lambda: connections.check_connections(ctx))
     checks.run("workers", lambda: fleet.check_workers(ctx))
