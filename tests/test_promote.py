@@ -60,7 +60,9 @@ async def test_a_retried_item_is_claimed_once_due_and_its_store_woken(database_u
         database_url, "SELECT claimed_at >= run_after, in_backoff FROM job_items"
     )
     assert on_time and not flag
-    assert promoter.passes == 2  # at start, then at the item's due time: no polling between
+    # A pass at start, then one at the item's due time (two if the first came a hair early):
+    # no polling between.
+    assert promoter.promoted == 1 and 2 <= promoter.passes <= 3
 
 
 def _flags(conn: psycopg.Connection[Any]) -> dict[str, tuple[str, bool]]:
