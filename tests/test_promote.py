@@ -186,3 +186,23 @@ def test_the_next_pass_is_timed_by_the_last_one_s_answer() -> None:
     assert seconds_to_next_pass(Promotion(True, 0, 90.0), 100, idle) == idle
     assert seconds_to_next_pass(Promotion(True, 100, 5.0), 100, idle) == 0.0  # more are due
     assert 0 < seconds_to_next_pass(Promotion(False, 0, None), 100, idle) < 1.0
+
+
+async def test_a_promoted_item_of_another_kind_wakes_the_processes_serving_it(
+    database_url: str,
+) -> None:
+    with (
+        psycopg.connect(database_url, autocommit=True) as conn,
+        psycopg.connect(database_url, autocommit=True) as listener,
+    ):
+        conn.execute("INSERT INTO jobs (instance_id, kind) VALUES ('store-K', 'summary')")
+        conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id)"
+            " SELECT id, instance_id, 'p1' FROM jobs"
+        )
+        conn.execute("UPDATE job_items SET in_backoff = true, run_after = now()")
+        listener.execute("LISTEN job_items_ready")
+        async with AsyncConnectionPool(database_url, min_size=1, max_size=1) as pool:
+            promotion = await promote_due(pool)
+        heard = heard_so_far(listener, conn, "job_items_ready")
+    assert promotion.promoted == 1 and heard == ["store-K\x1fsummary"]
