@@ -79,22 +79,23 @@ def seconds_to_next_pass(promotion: Promotion, batch: int, idle_seconds: float) 
 
 
 class Promoter:
+    """This process's promote step, on a timer aligned to the earliest item in backoff."""
+
     def __init__(
         self,
         pool: AsyncConnectionPool,
         idle_seconds: float,
-        on_promoted: Callable[[int], None] | None = None,
         batch: int = PROMOTE_BATCH,
         clock: Callable[[], float] = anyio.current_time,
         rng: random.Random | None = None,
     ) -> None:
         self.pool = pool
         self.idle_seconds = idle_seconds
-        self.on_promoted = on_promoted
         self.batch = batch
         self.clock = clock
         self.backoff = Backoff(base=0.2, cap=10.0, rng=rng or random.Random())
         self.passes = 0
+        self.promoted = 0  # items this process put back in the claims' range
         self._next_at = -math.inf  # the first pass at once: items may be due already
         self._changed = anyio.Event()
 
@@ -130,9 +131,8 @@ class Promoter:
                 continue
             self.backoff.reset()
             self.passes += 1
+            self.promoted += promotion.promoted
             if promotion.promoted:
                 logger.debug("[Promoter] %d item(s) due after their backoff", promotion.promoted)
-                if self.on_promoted is not None:
-                    self.on_promoted(promotion.promoted)
             after = self.clock() + seconds_to_next_pass(promotion, self.batch, self.idle_seconds)
             self._next_at = min(after, self._next_at)

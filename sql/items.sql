@@ -5,9 +5,9 @@
 -- range of idx_job_items_pending (priority first, then due time, then id), so the cost is
 -- (stores x limit), never the backlog nor the items waiting out a backoff: those are out of
 -- the index (in_backoff) until promote_due (sql/backoff.sql) puts them back when due, however
--- high their priority. A store with caps or
--- a pause in `stores` gets what listener_claim_allowance grants (stores arrive sorted, so two
--- claims lock their rows in one order); a store without a row costs one primary-key probe.
+-- high their priority. A store with caps or a pause in `stores` gets what
+-- listener_claim_allowance grants (stores arrive sorted, so two claims lock their rows in one
+-- order); a store without a row costs one primary-key probe.
 -- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
 -- alone): a claim lost in a crash only means its lease never existed and the item is PENDING
 -- again, which is what a crash does to it anyway. Outcomes keep the flush.
@@ -111,8 +111,8 @@ LIMIT %(quota)s;
 
 -- ready_stores --
 -- Each store with PENDING items out of backoff and the seconds until its first is due (0: due
--- now; later only for an item dated later by a write that bypassed job_items_mark_backoff), by
--- a loose index scan: one probe per distinct (store, priority), so 10,000 stores over 1,000,000
+-- now; later only for items an operator's UPDATE dated later without the flag), by a loose
+-- index scan: one probe per distinct (store, priority), so 10,000 stores over 1,000,000
 -- pending rows cost about 10,000 probes, not a scan of the rows. Within a (store, priority)
 -- range the index is in due order, so each range's head is its earliest item. Stores whose
 -- items all wait out a backoff are not listed: promote_due announces them when one is due.

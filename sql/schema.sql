@@ -156,8 +156,9 @@ CREATE TRIGGER job_items_mark_backoff
 -- One notification per distinct store per statement: a 10,000-item insert is one NOTIFY,
 -- and Postgres folds identical notifications within a transaction. Only items due now count:
 -- a retry waiting out its backoff is announced when the promote step takes it out of backoff
--- (an UPDATE like any other), at its due time, not when it was written. The payload is the store id for today's kind, and
--- '<store>\x1f<kind>' for the others: a process that serves some kinds only wakes for those.
+-- (an UPDATE like any other), at its due time, not when it was written. The payload is the
+-- store id for today's kind, and '<store>\x1f<kind>' for the others: a process that serves
+-- some kinds only wakes for those.
 CREATE FUNCTION job_items_notify_ready() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
