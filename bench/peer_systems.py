@@ -17,8 +17,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from bench.common import ROOT, add_backlog, sql
 from bench.peer_workers import PGQUEUER_ENTRYPOINT, PROCRASTINATE_TASK
@@ -57,7 +59,7 @@ def install(system: str, url: str) -> None:
         asyncio.run(go_app())
     elif system == "graphile":
         subprocess.run(
-            ["node", str(GRAPHILE_SCRIPT), str(graphile_modules()), "migrate", url],
+            ["node", str(GRAPHILE_SCRIPT), str(graphile_modules()), "migrate", node_url(url)],
             check=True,
             timeout=120,
         )
@@ -78,6 +80,16 @@ def graphile_modules() -> Path:
             timeout=600,
         )
     return folder
+
+
+def node_url(conninfo: str) -> str:
+    """A libpq connection string as the URL node-postgres reads (it takes no key=value form)."""
+    parts = conninfo_to_dict(conninfo)
+    user = quote(str(parts.get("user", "postgres")))
+    password = parts.get("password")
+    auth = f"{user}:{quote(str(password))}" if password else user
+    host, port = parts.get("host", "127.0.0.1"), parts.get("port", "5432")
+    return f"postgresql://{auth}@{host}:{port}/{quote(str(parts.get('dbname', 'postgres')))}"
 
 
 def node_version() -> str:
@@ -160,7 +172,8 @@ class PeerProcess:
         command = [sys.executable, "-m", "bench.peer_workers", system, url]
         if system == "graphile":
             modules = str(graphile_modules())
-            command = ["node", str(GRAPHILE_SCRIPT), modules, "work", url, preset or "defaults"]
+            target = node_url(url)
+            command = ["node", str(GRAPHILE_SCRIPT), modules, "work", target, preset or "defaults"]
         elif concurrency is not None:
             command += ["--concurrency", str(concurrency)]
         env = {
