@@ -15,6 +15,7 @@ to read, the absolute CPU only beside a peer measured in the same run.
 from __future__ import annotations
 
 import argparse
+import pstats
 import shutil
 import signal
 import subprocess
@@ -91,6 +92,34 @@ def read_samples(path: Path) -> list[tuple[list[str], int]]:
     return samples
 
 
+def cprofile_run(quick: bool) -> dict[str, Any]:
+    """The same backlog under cProfile timed by the worker's CPU time: the functions of ours by
+    the CPU spent in them and below (cProfile's own cost inflates each call, so the shares are
+    the figure, and the calls per item)."""
+    items = 20_000 if quick else 100_000
+    stats_file = Path(tempfile.mkdtemp(prefix="listener-cprofile-")) / "worker.prof"
+    with scratch_database("profile") as url:
+        proc = PeerProcess("listener", url, None, BENCH_CPROFILE=str(stats_file))
+        try:
+            proc.wait_for("ready", 60)
+            with psycopg.connect(url, autocommit=True) as conn:
+                add_backlog(conn, STORES, items // len(STORES))
+            while scalar(url, block("done", "listener")) < items:
+                time.sleep(0.1)
+        finally:
+            proc.stop()
+    stats = pstats.Stats(str(stats_file))
+    entries = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in entries.values()) or 1.0
+    ours = []
+    for (filename, line, function), (_cc, calls, _tt, cumulative, _callers) in entries.items():
+        if "/listener/" in filename or "/bench/" in filename or "psycopg" in filename:
+            where = filename.split("/site-packages/")[-1].split("/wt-speed/")[-1]
+            ours.append([f"{where}:{line} {function}", cumulative / total, calls / items])
+    ours.sort(key=lambda row: -row[1])
+    return {"quick": quick, "items": items, "cprofile": ours[:40]}
+
+
 def run(quick: bool, native: bool = False, keep: str | None = None) -> dict[str, Any]:
     items = 20_000 if quick else 100_000
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
@@ -163,7 +192,16 @@ def run(quick: bool, native: bool = False, keep: str | None = None) -> dict[str,
     }
 
 
+def cprofile_report(result: dict[str, Any]) -> str:
+    rows = [[f, f"{share:.1%}", f"{calls:.2f}"] for f, share, calls in result["cprofile"]]
+    headers = ["function (and below)", "share of worker CPU", "calls per item"]
+    table("cProfile, timed by CPU: functions by cumulative CPU", headers, rows)
+    return markdown_table(headers, rows) + "\n"
+
+
 def report(result: dict[str, Any]) -> str:
+    if "cprofile" in result:
+        return cprofile_report(result)
     line = (
         f"{result['items']:,} no-op items, one process at its defaults: worker CPU "
         f"{result['worker_cpu_ms_per_1k']:,.0f} ms / 1,000 items, database sessions "
@@ -189,6 +227,8 @@ def report(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any]) -> None:
+    if "cprofile" in result:
+        return
     fig, ax = new_figure(9, 4.5)
     labels = [s for s, _share, _us in result["steps"]]
     values = [us for _s, _share, us in result["steps"]]
@@ -206,9 +246,17 @@ def main() -> None:
         "--native", action="store_true", help="C frames too (psycopg's, libpq's); slower sampling"
     )
     parser.add_argument("--keep", metavar="FILE", help="also copy py-spy's raw samples here")
+    parser.add_argument(
+        "--cprofile", action="store_true", help="cProfile timed by CPU instead of py-spy"
+    )
     args = parser.parse_args()
-    name = NAME if not args.quick else f"{NAME}_quick"
-    timed(lambda quick: publish(name, run(quick, args.native, args.keep), report, plot), args.quick)
+    name = NAME + ("_cprofile" if args.cprofile else "") + ("_quick" if args.quick else "")
+
+    def go(quick: bool) -> dict[str, Any]:
+        result = cprofile_run(quick) if args.cprofile else run(quick, args.native, args.keep)
+        return publish(name, result, report, plot)
+
+    timed(go, args.quick)
 
 
 if __name__ == "__main__":

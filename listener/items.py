@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -236,24 +237,44 @@ def _result_json(outcome: Outcome) -> str | None:
     if outcome.result is None:
         return None
     try:
-        # NaN and Infinity pass here as JSON cannot hold them; jsonb refuses them (class 22).
+        # NaN and Infinity pass here as JSON cannot hold them; PostgreSQL refuses them (class 22).
         return json.dumps(outcome.result)
     except (TypeError, ValueError, RecursionError) as error:
         raise OutcomeRefused(f"the result is not JSON ({one_line(error)})") from None
 
 
+# What json.dumps (ASCII output) writes for the characters `storable` cleans: NUL and the
+# UTF-16 surrogates. A match is only a hint (an escaped backslash before "u0000" matches too):
+# the outcome then goes through `storable`, which finds what is really there.
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _outcome_json(outcome: Outcome) -> str:
+    """One outcome as an object of finish_items' JSON array. Cleaned (`storable.py`) only when
+    its encoded text hints at something to clean: most results need no walk of their values."""
+    result = _result_json(outcome)
+    error = None if outcome.error is None else json.dumps(outcome.error)
+    if (result is not None and _UNSTORABLE_ESCAPE.search(result)) or (
+        error is not None and _UNSTORABLE_ESCAPE.search(error)
+    ):
+        outcome = storable(outcome)
+        result = _result_json(outcome)
+        error = None if outcome.error is None else json.dumps(outcome.error)
+    # Statuses are our own literals; the numbers are Python's (repr of a float is valid JSON
+    # but for inf and nan, which PostgreSQL refuses, as it refuses them in an interval).
+    return (
+        f'{{"id":{int(outcome.item_id)},"status":"{outcome.status}",'
+        f'"result":{result or "null"},"error":{error or "null"},'
+        f'"delay":{float(outcome.delay)!r},"refund":{"true" if outcome.refund else "false"},'
+        f'"attempt":{int(outcome.attempt)}}}'
+    )
+
+
 def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """The parameters of `finish_items`: one array per column, each outcome made storable
-    first (`storable.py`)."""
-    outcomes = [storable(o) for o in outcomes]
+    """The parameters of `finish_items`: the outcomes as one JSON array (see its comment),
+    each outcome made storable first where it needs it (`storable.py`)."""
     return {
-        "ids": [o.item_id for o in outcomes],
-        "statuses": [o.status for o in outcomes],
-        "results": [_result_json(o) for o in outcomes],
-        "errors": [o.error for o in outcomes],
-        "delays": [o.delay for o in outcomes],
-        "refunds": [o.refund for o in outcomes],
-        "attempts": [o.attempt for o in outcomes],
+        "outcomes": "[" + ",".join([_outcome_json(o) for o in outcomes]) + "]",
         "worker_id": worker_id,
     }
 

@@ -86,16 +86,8 @@ def test_leases_and_the_limiter_commit_unflushed_outcomes_and_pauses_flushed(
         # The setting is the transaction's alone: the session is back to its default.
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
         # An outcome is what the client waits for: it keeps the flush.
-        outcome = {
-            "ids": claimed[:1],
-            "statuses": ["COMPLETED"],
-            "results": [json.dumps({"text": "ok"})],
-            "errors": [None],
-            "delays": [0.0],
-            "refunds": [False],
-            "attempts": [1],
-            "worker_id": "w1",
-        }
+        done_item = Outcome(claimed[0], "COMPLETED", {"text": "ok"}, attempt=1)
+        outcome = items_db.outcome_params("w1", [done_item])
         assert _sync_commit_after(conn, "finish_items", "items", **outcome) == "on"
         done = conn.execute("SELECT count(*) FROM job_items WHERE status = 'COMPLETED'")
         assert done.fetchone() == (1,)
