@@ -1,5 +1,6 @@
 """8. Database work per completed item: transactions, statements and WAL, at saturation and at
-450 RPM, for listener at its defaults (and pgqueuer at saturation, for scale).
+450 RPM, for listener at its defaults (and pgqueuer and Graphile Worker at its performance
+settings at saturation, for scale: Graphile deletes a job when it completes it).
 
 The figures are deltas of `pg_stat_database` (this database's commits and rollbacks),
 `pg_stat_statements` (statements executed: each is one round trip unless pipelined) and
@@ -131,7 +132,14 @@ def counters(admin: str, name: str) -> list[int]:
 
 
 def measure(
-    admin: str, url: str, system: str, wait: Any, source: str | None = None, **settings: str
+    admin: str,
+    url: str,
+    system: str,
+    wait: Any,
+    source: str | None = None,
+    preset: str | None = None,
+    loaded: int | None = None,
+    **settings: str,
 ) -> dict[str, Any]:
     """Counters around one worker process, per item it completed; `wait(url)` returns the polls
     it made once the phase is over."""
@@ -143,7 +151,7 @@ def measure(
     before = counters(admin, str(name))
     start = scalar(admin, sql("peers")["wal_position"])
     started = time.monotonic()
-    proc = PeerProcess(system, url, None, source, **settings)
+    proc = PeerProcess(system, url, None, source, preset, **settings)
     try:
         proc.wait_for("ready", 60)
         polls = wait(url)
@@ -155,7 +163,8 @@ def measure(
     stop = scalar(admin, sql("peers")["wal_position"])
     xacts, statements, records, fpi, wal = (b - a for a, b in zip(before, after, strict=True))
     xacts -= polls
-    items = int(scalar(url, block("done", system)))
+    # Graphile keeps no completed job: its items are the jobs loaded (all gone, `until_done`).
+    items = loaded if loaded is not None else int(scalar(url, block("done", system)))
     return {
         "items": items,
         "seconds": seconds,
@@ -194,9 +203,14 @@ def until_done(system: str, items: int) -> Any:
         with psycopg.connect(url, autocommit=True) as conn:
             while True:
                 polls += 1
-                row = conn.execute(block("done", system)).fetchone()
-                if row and row[0] >= items:
-                    return polls
+                if system == "graphile":
+                    row = conn.execute(block("left", system)).fetchone()
+                    if row and row[0] == 0:
+                        return polls
+                else:
+                    row = conn.execute(block("done", system)).fetchone()
+                    if row and row[0] >= items:
+                        return polls
                 time.sleep(0.2)
 
     return wait
@@ -253,6 +267,17 @@ def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict
                 load("pgqueuer", url, items)
                 phases["pgqueuer, saturation"] = measure(
                     admin, url, "pgqueuer", until_done("pgqueuer", items)
+                )
+        if "graphile" in phases_wanted:
+            with database(admin, "work_graphile", "graphile") as url:
+                load("graphile", url, items)
+                phases["graphile (performance settings), saturation"] = measure(
+                    admin,
+                    url,
+                    "graphile",
+                    until_done("graphile", items),
+                    preset="performance",
+                    loaded=items,
                 )
     return {"quick": quick, "baseline": baseline, "phases": phases}
 
@@ -322,7 +347,7 @@ def plot(result: dict[str, Any]) -> None:
     save_figure(fig, NAME)
 
 
-PHASES = ("saturation", "paced", "compressed", "pgqueuer")
+PHASES = ("saturation", "paced", "compressed", "pgqueuer", "graphile")
 
 
 def main() -> None:

@@ -20,6 +20,15 @@ SELECT graphile_worker.add_jobs(array(
            ::graphile_worker.job_spec
     FROM unnest(%(keys)s::text[]) AS k));
 
+-- add_jobs_graphile_payloads --
+-- bench.enqueue: the statement Graphile's addJobs sends (helpers.js, 0.18.0): the job specs as
+-- one JSON array, its rows returned.
+SELECT *
+FROM graphile_worker.add_jobs(
+    array(SELECT json_populate_recordset(NULL::graphile_worker.job_spec, %(specs)s::json)),
+    false
+);
+
 -- add_job_graphile --
 SELECT graphile_worker.add_job('noop', json_build_object('key', %(key)s::text));
 

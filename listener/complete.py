@@ -80,6 +80,10 @@ class Completer:
         self._queue.append(outcome)
         self._arrived.set()
 
+    def waiting(self) -> int:
+        """Outcomes handed over and not yet being written."""
+        return len(self._queue) + len(self._returned)
+
     def take(self) -> list[Outcome]:
         """The outcomes waiting, for a claim to write in its transaction; the claimer then calls
         `written` (it committed) or `give_back` (it failed). Nothing once closed: the last

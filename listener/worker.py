@@ -168,14 +168,15 @@ class Worker:
         rpm_setting, tpm_setting = budget_rpm(name, settings, self.app)
         rpm = binding_rpm(rpm_setting, tpm_setting, estimate)
         budgeted = rpm > 0
-        # Without a budget there is no slot to wait for: every worker passes at once. Passing
+        # Without a budget there is no slot to wait for and no gate: every worker passes at
+        # once (a gate of WORKER_CONCURRENCY permits for as many workers cost each item a
+        # cancellation checkpoint, 5 % of a process's CPU at full speed). Passing the gate
         # without a wait costs no turn of the event loop (fast_acquire): an idle worker woken
         # for a new item goes straight to the claim.
-        slot_gate = anyio.Semaphore(
-            slot_seekers(rpm, settings.worker_concurrency)
+        slot_gate = (
+            anyio.Semaphore(slot_seekers(rpm, settings.worker_concurrency), fast_acquire=True)
             if budgeted
-            else settings.worker_concurrency,
-            fast_acquire=True,
+            else None
         )
         dispatcher = Dispatcher(
             self.pool,
@@ -191,6 +192,7 @@ class Worker:
             concurrency=settings.worker_concurrency,
             kinds=sorted(kind.name for kind in kinds),
             lane=name,
+            outcomes_waiting=self.completer.waiting,
         )
         return Lane(
             name, {kind.name: kind for kind in kinds}, limiter, estimate, rpm, dispatcher, slot_gate
@@ -371,7 +373,7 @@ class Worker:
     # -- the work loop --------------------------------------------------------------------
 
     async def _work_loop(self, lane: Lane) -> None:
-        dispatcher = lane.dispatcher
+        dispatcher, gate = lane.dispatcher, lane.slot_gate
         while not self._stopping:
             item: ClaimedItem | None = None
             with anyio.CancelScope() as idle:
@@ -383,7 +385,9 @@ class Worker:
                     if self._capacity is not None:
                         await self._capacity.acquire()
                     try:
-                        async with lane.slot_gate:
+                        if gate is not None:
+                            await gate.acquire()
+                        try:
                             if not len(dispatcher.ring):
                                 continue  # the work went to others while this worker queued
                             try:
@@ -393,6 +397,9 @@ class Worker:
                                 logger.warning("[Worker] no limiter slot, retrying: %s", error)
                                 await anyio.sleep(self._backoff.next())
                                 continue
+                        finally:
+                            if gate is not None:
+                                gate.release()
                         self._backoff.reset()
                         item = await dispatcher.next_item()
                     finally:
@@ -455,6 +462,8 @@ class Worker:
     # -- services -------------------------------------------------------------------------
 
     def _on_written(self, batch: list[Outcome], superseded: list[Outcome]) -> None:
+        for each in self.lanes:
+            each.dispatcher.outcomes_written()
         self.counters.superseded += len(superseded)
         for outcome in superseded:
             self.held.pop((outcome.item_id, outcome.attempt), None)

@@ -13,7 +13,7 @@ import anyio
 import psycopg
 import pytest
 
-from listener import assembly
+from listener import assembly, dispatch
 from listener import items as items_db
 from listener.complete import Completer
 from listener.db import open_pool
@@ -27,7 +27,9 @@ from tests.support import (
     make_settings,
     query,
     running_worker,
+    status_counts,
     wait_for_counts,
+    wait_until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -257,3 +259,27 @@ async def test_a_claim_does_not_wait_for_a_cancel_that_holds_the_job_of_an_outco
     finally:
         await pool.close()
     assert rows == [("CANCELLED",)]
+
+
+async def test_claims_wait_while_the_completer_cannot_write(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The completer cannot write (another transaction holds the job's row, which it locks
+    # first): the claimer stops once OUTCOMES_WAITING_LIMIT outcomes wait, instead of claiming
+    # the whole backlog into PROCESSING; once the row is free, everything completes.
+    monkeypatch.setattr(dispatch, "OUTCOMES_WAITING_LIMIT", 40)
+    items = 1_000
+    job_id = await insert_job(database_url, "store-held", items)
+    settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=8)
+    async with await psycopg.AsyncConnection.connect(database_url) as blocker:
+        await blocker.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", [job_id])
+        async with running_worker(database_url, settings, InstantHandler()) as worker:
+            await wait_until(lambda: worker.dispatcher.held_for_outcomes > 0)
+            counts = await status_counts(database_url)
+            # The limit, the batch the completer is trying to write, two claims on their way
+            # and the items in the workers' hands: far from the backlog.
+            bound = 40 + 40 + 2 * worker.dispatcher.claim_size + settings.worker_concurrency
+            assert counts.get("PROCESSING", 0) <= bound, counts
+            assert counts.get("PENDING", 0) >= items - bound, counts
+            await blocker.rollback()
+            await wait_for_counts(database_url, lambda c: c == {"COMPLETED": items})
