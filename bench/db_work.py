@@ -117,11 +117,13 @@ def database(admin: str, name: str, system: str) -> Iterator[str]:
     yield url
 
 
-def by_statement(admin: str, name: str, items: int) -> list[tuple[float, str]]:
-    """The statements run most, per item: where the round trips go."""
+def by_statement(admin: str, name: str, items: int) -> list[tuple[float, str, float]]:
+    """The statements run most, per item: where the round trips go; and each one's time in
+    the server, in microseconds per item."""
     with psycopg.connect(admin, autocommit=True) as conn:
         rows = conn.execute(sql("peers")["by_statement"], {"dbname": name}).fetchall()
-    return [(calls / max(1, items), query[:120]) for calls, query in rows]
+    per = max(1, items)
+    return [(calls / per, query[:120], ms * 1000 / per) for calls, query, ms in rows]
 
 
 def counters(admin: str, name: str) -> list[int]:
@@ -324,8 +326,16 @@ def report(result: dict[str, Any]) -> str:
     text = markdown_table(HEADERS, rows(result)) + "\n"
     for phase, p in result["phases"].items():
         console.print(
-            f"[dim]{phase}: " + "; ".join(f"{n:.2f} {q[:60]}" for n, q in p["statements"])
+            f"[dim]{phase}: "
+            + "; ".join(f"{n:.3f}/item {us:.1f} µs/item {q[:60]}" for n, q, us in p["statements"])
         )
+        statements = [[q[:90], f"{n:.4f}", f"{us:.1f} µs"] for n, q, us in p["statements"]]
+        if statements and "compression" not in phase:
+            text += (
+                f"\n{phase}, the statements run most:\n\n"
+                + markdown_table(["statement", "calls/item", "server time/item"], statements)
+                + "\n"
+            )
         if (
             phase.startswith("listener,")
             and "compression" not in phase
@@ -344,7 +354,7 @@ def plot(result: dict[str, Any]) -> None:
     ax.bar_label(bars, fmt="{:,.0f}", fontsize=8)
     ax.set_ylabel("WAL bytes per completed item")
     ax.set_title("Database work per item")
-    save_figure(fig, NAME)
+    save_figure(fig, NAME if not result["quick"] else f"{NAME}_quick")
 
 
 PHASES = ("saturation", "paced", "compressed", "pgqueuer", "graphile")
@@ -357,8 +367,10 @@ def main() -> None:
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=PHASES)
     args = parser.parse_args()
     console.print("[dim]starting a PostgreSQL server of this run's own[/dim]")
+    # A quick run writes db_work_quick.*: it never replaces a full run's committed figures.
+    name = NAME if not args.quick else f"{NAME}_quick"
     timed(
-        lambda quick: publish(NAME, run(quick, args.baseline, args.phases), report, plot),
+        lambda quick: publish(name, run(quick, args.baseline, args.phases), report, plot),
         args.quick,
     )
 

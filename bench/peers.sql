@@ -81,8 +81,10 @@ FROM pg_stat_database d, pg_stat_wal w
 WHERE d.datname = %(dbname)s;
 
 -- by_statement --
--- The statements run most on this database: where the round trips go.
-SELECT calls, regexp_replace(left(query, 300), '\s+', ' ', 'g')
+-- The statements run most on this database: where the round trips go, and the time each
+-- statement took in the server (milliseconds, planning and execution).
+SELECT calls, regexp_replace(left(query, 300), '\s+', ' ', 'g'),
+       total_exec_time + total_plan_time
 FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
 WHERE d.datname = %(dbname)s AND s.query NOT LIKE '%%bench-poll%%'
 ORDER BY calls DESC
