@@ -263,7 +263,8 @@ def _outcome_json(outcome: Outcome) -> str:
     # Statuses are our own literals; the numbers are Python's (repr of a float is valid JSON
     # but for inf and nan, which PostgreSQL refuses, as it refuses them in an interval).
     return (
-        f'{{"id":{int(outcome.item_id)},"status":"{outcome.status}",'
+        f'{{"id":{int(outcome.item_id)},"job_id":{int(outcome.job_id)},'
+        f'"status":"{outcome.status}",'
         f'"result":{result or "null"},"error":{error or "null"},'
         f'"delay":{float(outcome.delay)!r},"refund":{"true" if outcome.refund else "false"},'
         f'"attempt":{int(outcome.attempt)}}}'

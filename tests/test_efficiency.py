@@ -88,7 +88,8 @@ def test_leases_and_the_limiter_commit_unflushed_outcomes_and_pauses_flushed(
         # The setting is the transaction's alone: the session is back to its default.
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
         # An outcome is what the client waits for: it keeps the flush.
-        done_item = Outcome(claimed[0], "COMPLETED", {"text": "ok"}, attempt=1)
+        (job_id,) = conn.execute("SELECT job_id FROM job_items WHERE id = %s", [claimed[0]])
+        done_item = Outcome(claimed[0], "COMPLETED", {"text": "ok"}, attempt=1, job_id=job_id[0])
         outcome = items_db.outcome_params("w1", [done_item])
         assert _sync_commit_after(conn, "finish_items", "items", **outcome) == "on"
         done = conn.execute("SELECT count(*) FROM job_items WHERE status = 'COMPLETED'")
