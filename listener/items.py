@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -282,7 +282,10 @@ def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any
 
 @database_call("writing item outcomes failed")
 async def finish(
-    pool: AsyncConnectionPool, worker_id: str, outcomes: Sequence[Outcome]
+    pool: AsyncConnectionPool,
+    worker_id: str,
+    outcomes: Sequence[Outcome],
+    open_jobs: Collection[int] = (),
 ) -> set[int]:
     """Write a batch of outcomes and end the jobs they finish; return the ids written.
 
@@ -291,14 +294,15 @@ async def finish(
     order is safe against a concurrent finisher and a cancel). An item this worker no longer
     holds (its lease expired and the item was reaped, perhaps done elsewhere) is left as it is.
     An outcome PostgreSQL cannot store raises OutcomeRefused, and nothing of the batch is
-    written: the caller splits it (complete.py).
+    written: the caller splits it (complete.py). `open_jobs`: jobs of the batch known to keep
+    an open item (this worker holds another of their items), not asked whether they are done.
     """
     if not outcomes:
         return set()
     async with pool.connection() as conn:
         try:
             async with conn.pipeline(), conn.transaction():
-                written = await _write_outcomes(conn, worker_id, outcomes)
+                written = await _write_outcomes(conn, worker_id, outcomes, open_jobs=open_jobs)
         except REFUSALS as error:
             raise refused(error) from error
         rows = await written.fetchall()
@@ -310,6 +314,7 @@ async def _write_outcomes(
     worker_id: str,
     outcomes: Sequence[Outcome],
     wait: bool = True,
+    open_jobs: Collection[int] = (),
 ) -> psycopg.AsyncCursor[Any]:
     """Inside a transaction: the batch's jobs locked, the outcomes written, the jobs they
     finish ended. The cursor returned yields (id, job id, status) of each outcome: status NULL
@@ -320,7 +325,11 @@ async def _write_outcomes(
     if wait:
         await conn.execute(sql["lock_jobs_of_outcomes"], jobs)
     written = await conn.execute(sql["finish_items"], outcome_params(worker_id, outcomes))
-    await conn.execute(sql["finish_jobs" if wait else "finish_held_jobs"], jobs)
+    # A job with an item still open cannot end now: at full speed most of a batch's jobs (a
+    # statement of 34 µs an item, bench.db_work) when the caller knows which (`open_jobs`).
+    ending = {"job_ids": [job for job in jobs["job_ids"] if job not in open_jobs]}
+    if ending["job_ids"]:
+        await conn.execute(sql["finish_jobs" if wait else "finish_held_jobs"], ending)
     return written
 
 

@@ -118,6 +118,9 @@ class Worker:
         # (item id, attempt): a claim of an item this worker claimed before (its lease expired
         # while it was frozen) is another entry, which the old claim's end does not remove.
         self.held: dict[tuple[int, int], str] = {}
+        # Items held per job: a batch of outcomes need not ask whether a job is finished while
+        # this worker holds another of its items (see `_jobs_still_held`).
+        self._held_per_job: Counter[int] = Counter()
         self.running: dict[tuple[int, int], str] = {}
         # The last heartbeat that renewed the leases and wrote the row (time.monotonic()), and
         # the live workers it counted: what /health answers from, without a query of its own.
@@ -141,6 +144,10 @@ class Worker:
             self._on_written,
             self._rng,
             hold_seconds=OUTCOME_HOLD_SECONDS if budgeted else 0.0,
+            # Under a budget claims write outcomes too, concurrently with the completer: a job
+            # skipped by one writer because the other held its last item could then be skipped
+            # by both. Without a budget the completer is the one writer.
+            still_held=(lambda _batch: set()) if budgeted else self._jobs_still_held,
         )
         self.lanes = [self._lane(name, kinds, limiters[name]) for name, kinds in groups]
         self._lane_of = lane_kinds(self.lanes)
@@ -454,7 +461,24 @@ class Worker:
 
     def _on_claimed(self, claimed: list[ClaimedItem]) -> None:
         for item in claimed:
-            self.held[(item.id, item.attempts)] = item.instance_id
+            key = (item.id, item.attempts)
+            if key not in self.held:
+                self._held_per_job[item.job_id] += 1
+            self.held[key] = item.instance_id
+
+    def _release_held(self, outcome: Outcome) -> None:
+        if self.held.pop((outcome.item_id, outcome.attempt), None) is not None:
+            left = self._held_per_job[outcome.job_id] - 1
+            if left > 0:
+                self._held_per_job[outcome.job_id] = left
+            else:
+                del self._held_per_job[outcome.job_id]
+
+    def _jobs_still_held(self, batch: list[Outcome]) -> set[int]:
+        """The batch's jobs of which this worker holds an item outside the batch: open for sure
+        (PROCESSING under this worker's lease, or back to PENDING if the lease was lost)."""
+        in_batch = Counter(o.job_id for o in batch if (o.item_id, o.attempt) in self.held)
+        return {job for job, count in in_batch.items() if self._held_per_job[job] > count}
 
     def _emit(self, outcome: Outcome) -> None:
         self.completer.emit(outcome)
@@ -466,10 +490,10 @@ class Worker:
             each.dispatcher.outcomes_written()
         self.counters.superseded += len(superseded)
         for outcome in superseded:
-            self.held.pop((outcome.item_id, outcome.attempt), None)
+            self._release_held(outcome)
         now = time.time()
         for outcome in batch:
-            self.held.pop((outcome.item_id, outcome.attempt), None)
+            self._release_held(outcome)
             if outcome.status in ("COMPLETED", "FAILED"):
                 self.throughput.record(outcome.instance_id, now)
             if outcome.status == "COMPLETED":

@@ -18,7 +18,7 @@ from listener import items as items_db
 from listener.complete import Completer
 from listener.db import open_pool
 from listener.handler import DEFAULT_KIND, App, Item, Kind, Result
-from listener.items import Outcome
+from listener.items import ClaimedItem, Outcome
 from listener.sqlfiles import queries
 from listener.stub.server import StubConfig, run_stub
 from tests.support import (
@@ -284,3 +284,24 @@ async def test_claims_wait_while_the_completer_cannot_write(
             assert counts.get("PENDING", 0) >= items - bound, counts
             await blocker.rollback()
             await wait_for_counts(database_url, lambda c: c == {"COMPLETED": items})
+
+
+async def test_a_batch_asks_only_about_jobs_the_worker_holds_no_other_item_of(
+    database_url: str,
+) -> None:
+    # Without a budget the completer is the one writer: a job of which this worker still holds
+    # another item is open for sure, and its end is asked by the batch that writes its last one.
+    settings = make_settings("http://127.0.0.1:9/v1")
+    async with running_worker(database_url, settings, InstantHandler()) as worker:
+
+        def item(item_id: int, job_id: int) -> ClaimedItem:
+            return ClaimedItem(item_id, job_id, "store-x", None, "{}", 2, attempts=1)
+
+        a1, a2, b1 = item(1, 10), item(2, 10), item(3, 20)
+        worker._on_claimed([a1, a2, b1])
+        first = [Outcome.completed(a1, None), Outcome.completed(b1, None)]
+        assert worker.completer.still_held(first) == {10}
+        worker._on_written(first, [])
+        assert worker.completer.still_held([Outcome.completed(a2, None)]) == set()
+        worker._on_written([Outcome.completed(a2, None)], [])
+        assert not worker.held
