@@ -177,7 +177,7 @@ WITH requested AS MATERIALIZED (
              refund bool, attempt int)
 ),
 -- The jobs come from the outcomes (their claim read them): the item's own job_id still decides
--- below, so an outcome that named another job is left out (returned unwritten), never written.
+-- below (`outcome`), so an outcome that named another job is never written.
 held AS MATERIALIZED (
     SELECT c.id, c.status
     FROM jobs c
@@ -186,9 +186,11 @@ held AS MATERIALIZED (
     FOR NO KEY UPDATE SKIP LOCKED
 ),
 outcome AS (
+    -- Each outcome's item by its primary key: the job the item is really in decides.
     SELECT r.*, r.status = 'PENDING' AND held.status = 'CANCELLED' AS cancelled
     FROM requested r
-    JOIN held ON held.id = r.job_id
+    JOIN job_items i ON i.id = r.id
+    JOIN held ON held.id = i.job_id
 ),
 finished AS (
 UPDATE job_items j
@@ -210,7 +212,12 @@ FROM outcome
 -- The claim's attempt number fences it too: a worker frozen past its lease (a stopped VM, a
 -- long GC) that wakes up after its item was reaped and claimed again cannot overwrite it.
 WHERE j.id = outcome.id AND j.status = 'PROCESSING' AND j.claimed_by = %(worker_id)s
-  AND j.attempts = outcome.attempt AND j.job_id = outcome.job_id
+  AND j.attempts = outcome.attempt
+  -- The batch's rows by their ids too (an array, as in the claim): on statistics taken while
+  -- the table was empty (a fresh or truncated table, until the statistics watch analyzes it),
+  -- the planner otherwise took the PROCESSING rows first and scanned the whole batch for each
+  -- (0.45 s for 500 outcomes in EXPLAIN ANALYZE; 0.15 s with this).
+  AND j.id = ANY (ARRAY(SELECT id FROM requested))
 RETURNING j.id, j.job_id, j.instance_id, j.status
 ),
 room AS MATERIALIZED (
