@@ -1,5 +1,6 @@
 """8. Database work per completed item: transactions, statements and WAL, at saturation and at
-450 RPM, for listener at its defaults (and pgqueuer at saturation, for scale).
+450 RPM, for listener at its defaults (and pgqueuer and Graphile Worker at its performance
+settings at saturation, for scale: Graphile deletes a job when it completes it).
 
 The figures are deltas of `pg_stat_database` (this database's commits and rollbacks),
 `pg_stat_statements` (statements executed: each is one round trip unless pipelined) and
@@ -116,11 +117,13 @@ def database(admin: str, name: str, system: str) -> Iterator[str]:
     yield url
 
 
-def by_statement(admin: str, name: str, items: int) -> list[tuple[float, str]]:
-    """The statements run most, per item: where the round trips go."""
+def by_statement(admin: str, name: str, items: int) -> list[tuple[float, str, float]]:
+    """The statements run most, per item: where the round trips go; and each one's time in
+    the server, in microseconds per item."""
     with psycopg.connect(admin, autocommit=True) as conn:
         rows = conn.execute(sql("peers")["by_statement"], {"dbname": name}).fetchall()
-    return [(calls / max(1, items), query[:120]) for calls, query in rows]
+    per = max(1, items)
+    return [(calls / per, query[:120], ms * 1000 / per) for calls, query, ms in rows]
 
 
 def counters(admin: str, name: str) -> list[int]:
@@ -131,7 +134,14 @@ def counters(admin: str, name: str) -> list[int]:
 
 
 def measure(
-    admin: str, url: str, system: str, wait: Any, source: str | None = None, **settings: str
+    admin: str,
+    url: str,
+    system: str,
+    wait: Any,
+    source: str | None = None,
+    preset: str | None = None,
+    loaded: int | None = None,
+    **settings: str,
 ) -> dict[str, Any]:
     """Counters around one worker process, per item it completed; `wait(url)` returns the polls
     it made once the phase is over."""
@@ -143,7 +153,7 @@ def measure(
     before = counters(admin, str(name))
     start = scalar(admin, sql("peers")["wal_position"])
     started = time.monotonic()
-    proc = PeerProcess(system, url, None, source, **settings)
+    proc = PeerProcess(system, url, None, source, preset, **settings)
     try:
         proc.wait_for("ready", 60)
         polls = wait(url)
@@ -155,7 +165,8 @@ def measure(
     stop = scalar(admin, sql("peers")["wal_position"])
     xacts, statements, records, fpi, wal = (b - a for a, b in zip(before, after, strict=True))
     xacts -= polls
-    items = int(scalar(url, block("done", system)))
+    # Graphile keeps no completed job: its items are the jobs loaded (all gone, `until_done`).
+    items = loaded if loaded is not None else int(scalar(url, block("done", system)))
     return {
         "items": items,
         "seconds": seconds,
@@ -194,9 +205,14 @@ def until_done(system: str, items: int) -> Any:
         with psycopg.connect(url, autocommit=True) as conn:
             while True:
                 polls += 1
-                row = conn.execute(block("done", system)).fetchone()
-                if row and row[0] >= items:
-                    return polls
+                if system == "graphile":
+                    row = conn.execute(block("left", system)).fetchone()
+                    if row and row[0] == 0:
+                        return polls
+                else:
+                    row = conn.execute(block("done", system)).fetchone()
+                    if row and row[0] >= items:
+                        return polls
                 time.sleep(0.2)
 
     return wait
@@ -254,6 +270,17 @@ def run(quick: bool, baseline: str | None, phases_wanted: Sequence[str]) -> dict
                 phases["pgqueuer, saturation"] = measure(
                     admin, url, "pgqueuer", until_done("pgqueuer", items)
                 )
+        if "graphile" in phases_wanted:
+            with database(admin, "work_graphile", "graphile") as url:
+                load("graphile", url, items)
+                phases["graphile (performance settings), saturation"] = measure(
+                    admin,
+                    url,
+                    "graphile",
+                    until_done("graphile", items),
+                    preset="performance",
+                    loaded=items,
+                )
     return {"quick": quick, "baseline": baseline, "phases": phases}
 
 
@@ -299,8 +326,16 @@ def report(result: dict[str, Any]) -> str:
     text = markdown_table(HEADERS, rows(result)) + "\n"
     for phase, p in result["phases"].items():
         console.print(
-            f"[dim]{phase}: " + "; ".join(f"{n:.2f} {q[:60]}" for n, q in p["statements"])
+            f"[dim]{phase}: "
+            + "; ".join(f"{n:.3f}/item {us:.1f} µs/item {q[:60]}" for n, q, us in p["statements"])
         )
+        statements = [[q[:90], f"{n:.4f}", f"{us:.1f} µs"] for n, q, us in p["statements"]]
+        if statements and "compression" not in phase:
+            text += (
+                f"\n{phase}, the statements run most:\n\n"
+                + markdown_table(["statement", "calls/item", "server time/item"], statements)
+                + "\n"
+            )
         if (
             phase.startswith("listener,")
             and "compression" not in phase
@@ -319,10 +354,10 @@ def plot(result: dict[str, Any]) -> None:
     ax.bar_label(bars, fmt="{:,.0f}", fontsize=8)
     ax.set_ylabel("WAL bytes per completed item")
     ax.set_title("Database work per item")
-    save_figure(fig, NAME)
+    save_figure(fig, NAME if not result["quick"] else f"{NAME}_quick")
 
 
-PHASES = ("saturation", "paced", "compressed", "pgqueuer")
+PHASES = ("saturation", "paced", "compressed", "pgqueuer", "graphile")
 
 
 def main() -> None:
@@ -332,8 +367,10 @@ def main() -> None:
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=PHASES)
     args = parser.parse_args()
     console.print("[dim]starting a PostgreSQL server of this run's own[/dim]")
+    # A quick run writes db_work_quick.*: it never replaces a full run's committed figures.
+    name = NAME if not args.quick else f"{NAME}_quick"
     timed(
-        lambda quick: publish(NAME, run(quick, args.baseline, args.phases), report, plot),
+        lambda quick: publish(name, run(quick, args.baseline, args.phases), report, plot),
         args.quick,
     )
 

@@ -1,8 +1,10 @@
 """6. Enqueue throughput: a 10,000-product job written by the producer API (`listener.enqueue`,
 one COPY) against one INSERT per item, `executemany` (psycopg pipelines it), the JSON-array
-INSERT the producer used before, and the batch enqueue of two PostgreSQL queues, pgqueuer and
-procrastinate, measured here on the same database (`pip install -e '.[peers]'`; they are
-skipped when not installed).
+INSERT the producer used before, and the batch enqueue of three PostgreSQL queues, pgqueuer,
+procrastinate and Graphile Worker (its `add_jobs`, the SQL function its `addJobs` calls, with
+the same products as payloads), measured here on the same database (`pip install -e
+'.[peers]'`; Graphile's schema installed by its own migrations through node, see
+bench.peer_systems; each is skipped when not installed). A --quick run writes enqueue_quick.*.
 
 Each method writes the same 10,000 products (about 200 bytes of JSON each), in one transaction,
 from a fresh connection already open; the tables are emptied between runs. Reported: the median
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -48,11 +51,13 @@ METHODS = {
     "insert_per_item": "one INSERT per item",
     "pgqueuer": "pgqueuer Queries.enqueue (batch)",
     "procrastinate": "procrastinate batch_defer",
+    "graphile": "graphile-worker add_jobs (batch)",
 }
 TARGET = 50_000  # items per second
 PEER_TABLES = {
     "pgqueuer": "TRUNCATE pgqueuer",
     "procrastinate": "TRUNCATE procrastinate_jobs CASCADE",
+    "graphile": "TRUNCATE graphile_worker._private_jobs CASCADE",
 }
 
 
@@ -132,6 +137,23 @@ def pgqueuer_batch(url: str, products: list[dict[str, Any]]) -> Callable[[], Non
     return run
 
 
+def graphile_batch(url: str, products: list[dict[str, Any]]) -> Callable[[], None] | None:
+    from bench.peer_systems import install
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return None
+    install("graphile", url)
+    conn = psycopg.connect(url)
+
+    def run() -> None:
+        # As its addJobs does: the specs encoded in one call, sent as one parameter.
+        specs = json.dumps([{"identifier": "describe", "payload": p} for p in products])
+        with conn.transaction():
+            conn.execute(sql("peers")["add_jobs_graphile_payloads"], {"specs": specs}).fetchall()
+
+    return run
+
+
 def procrastinate_batch(url: str, products: list[dict[str, Any]]) -> Callable[[], None] | None:
     try:
         import procrastinate
@@ -162,6 +184,7 @@ BUILDERS: dict[str, Callable[[str, list[dict[str, Any]]], Callable[[], None] | N
     "insert_per_item": insert_per_item,
     "pgqueuer": pgqueuer_batch,
     "procrastinate": procrastinate_batch,
+    "graphile": graphile_batch,
 }
 
 
@@ -258,14 +281,15 @@ def plot(result: dict[str, Any]) -> None:
     ax.axvline(result["target"], color="tab:red", linestyle="--", label="target 50,000/s")
     ax.set_xlabel("items enqueued per second (10,000-item job)")
     ax.legend()
-    save_figure(fig, NAME)
+    save_figure(fig, NAME if not result["quick"] else f"{NAME}_quick")
 
 
 def main(quick: bool) -> dict[str, Any]:
     result = run(quick)
     table("Enqueue: one 10,000-product job", HEADERS, rows(result))
     console.print(note(result))
-    return publish(NAME, result, report, plot)
+    # A quick run never replaces a full run's committed figures.
+    return publish(NAME if not quick else f"{NAME}_quick", result, report, plot)
 
 
 if __name__ == "__main__":

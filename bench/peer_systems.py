@@ -1,26 +1,37 @@
 """The peer systems as the benchmarks run them: each one's tables (installed, loaded, reset,
-counted) and its worker processes (`python -m bench.peer_workers`), and the CPU they use. Shared
-by bench.peers, bench.db_work and bench.fleet_budget."""
+counted) and its worker processes (`python -m bench.peer_workers`, or for Graphile Worker
+`node bench/graphile_worker.mjs`), and the CPU they use. Shared by bench.peers, bench.db_work
+and bench.fleet_budget."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from bench.common import ROOT, add_backlog, sql
 from bench.peer_workers import PGQUEUER_ENTRYPOINT, PROCRASTINATE_TASK
 
-SYSTEMS = ("listener", "pgqueuer", "procrastinate")
+SYSTEMS = ("listener", "pgqueuer", "procrastinate", "graphile")
+# Graphile Worker, Node: installed by npm into a scratch folder of the temporary directory
+# (kept between runs). 0.18.0 declares `engines: node >= 22.18`; npm warns on an older node
+# and the worker runs regardless (checked on node 20.20).
+GRAPHILE_VERSION = "0.18.0"
+GRAPHILE_SCRIPT = ROOT / "bench" / "graphile_worker.mjs"
+GRAPHILE_PRESETS = ("performance", "defaults")
 STORES = [f"store-{n:03d}" for n in range(100)]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -46,6 +57,44 @@ def install(system: str, url: str) -> None:
                 await app.schema_manager.apply_schema_async()
 
         asyncio.run(go_app())
+    elif system == "graphile":
+        subprocess.run(
+            ["node", str(GRAPHILE_SCRIPT), str(graphile_modules()), "migrate", node_url(url)],
+            check=True,
+            timeout=120,
+        )
+
+
+def graphile_modules() -> Path:
+    """The scratch folder holding `node_modules/graphile-worker` at GRAPHILE_VERSION."""
+    folder = Path(tempfile.gettempdir()) / f"listener-bench-graphile-{GRAPHILE_VERSION}"
+    if not (folder / "node_modules" / "graphile-worker" / "package.json").exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("graphile: npm (and node) are needed to install graphile-worker")
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", f"graphile-worker@{GRAPHILE_VERSION}"],
+            cwd=folder,
+            check=True,
+            timeout=600,
+        )
+    return folder
+
+
+def node_url(conninfo: str) -> str:
+    """A libpq connection string as the URL node-postgres reads (it takes no key=value form)."""
+    parts = conninfo_to_dict(conninfo)
+    user = quote(str(parts.get("user", "postgres")))
+    password = parts.get("password")
+    auth = f"{user}:{quote(str(password))}" if password else user
+    host, port = parts.get("host", "127.0.0.1"), parts.get("port", "5432")
+    return f"postgresql://{auth}@{host}:{port}/{quote(str(parts.get('dbname', 'postgres')))}"
+
+
+def node_version() -> str:
+    done = subprocess.run(["node", "--version"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() or "unknown"
 
 
 def procrastinate_app(url: str) -> Any:
@@ -81,6 +130,9 @@ def load(system: str, url: str, jobs: int, reset: bool = True, analyze: bool = T
         asyncio.run(_pgqueuer_enqueue(url, [b"x"] * jobs))
     elif system == "procrastinate" and jobs:
         asyncio.run(_procrastinate_defer(url, ["x"] * jobs))
+    elif system == "graphile" and jobs:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql("peers")["add_jobs_graphile"], {"keys": ["x"] * jobs})
     if analyze:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("ANALYZE")
@@ -114,10 +166,15 @@ class PeerProcess:
         url: str,
         concurrency: int | None,
         source: str | None = None,
+        preset: str | None = None,
         **settings: str,
     ) -> None:
         command = [sys.executable, "-m", "bench.peer_workers", system, url]
-        if concurrency is not None:
+        if system == "graphile":
+            modules = str(graphile_modules())
+            target = node_url(url)
+            command = ["node", str(GRAPHILE_SCRIPT), modules, "work", target, preset or "defaults"]
+        elif concurrency is not None:
             command += ["--concurrency", str(concurrency)]
         env = {
             "DATABASE_URL": url,

@@ -5,12 +5,17 @@ Each prints to stdout (flushed) `first <time.time()>` when its first job starts 
 `probe <key> <time.time()>` when a probe job (key starting with `probe-`) starts, so the
 harness measures the idle pickup on the same clock as the insert's commit. SIGTERM stops it.
 listener reads its other settings from the environment, like `python -m listener worker`.
+With BENCH_CPROFILE=<file>, the process runs under cProfile timed by its CPU time (not the wall
+clock: on a shared machine a process waiting for a core is not spending) and writes the
+statistics there when it stops (bench.profile_worker --cprofile).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import os
 import signal
 import sys
 import time
@@ -116,10 +121,19 @@ def main() -> None:
     args = parser.parse_args()
     reporter = Reporter()
     runner = RUNNERS[args.system]
-    if args.system == "listener":
-        anyio.run(runner, args.url, args.concurrency, reporter)
-    else:
-        asyncio.run(runner(args.url, args.concurrency, reporter))
+    profile_to = os.environ.get("BENCH_CPROFILE")
+    profile = cProfile.Profile(time.process_time) if profile_to else None
+    if profile is not None:
+        profile.enable()
+    try:
+        if args.system == "listener":
+            anyio.run(runner, args.url, args.concurrency, reporter)
+        else:
+            asyncio.run(runner(args.url, args.concurrency, reporter))
+    finally:
+        if profile is not None and profile_to:
+            profile.disable()
+            profile.dump_stats(profile_to)
     sys.exit(0)
 
 

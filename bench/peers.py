@@ -1,16 +1,21 @@
-"""7. Peers side by side: listener, pgqueuer and procrastinate on the same PostgreSQL, the same
-no-op jobs, interleaved, 3 repetitions; ratios against pgqueuer at its defaults.
+"""7. Peers side by side: listener, Graphile Worker (Node), pgqueuer and procrastinate on the same
+PostgreSQL, the same no-op jobs, interleaved, 3 repetitions; ratios against Graphile Worker at
+its performance page's settings (concurrency 24, pool 25, local queue 500, batched completion)
+with as many processes, or against pgqueuer at its defaults when Graphile did not run.
 
 Each system runs on its own scratch database of the same server, as worker processes of its own
-(`python -m bench.peer_workers`). Per repetition, in a rotating order, for each configuration:
-the backlog is loaded (20,000 jobs; listener's spread over 100 stores), the worker processes
-start, and throughput is jobs / (last completion committed - first job started): start-up is
-left out, the last write is in. Then the idle pickup: one process with nothing to do, one job
-inserted, commit returned -> handler started (same host, same clock), on an otherwise idle
-machine. (Not beside a busy core: there the harness's own process, woken by its commit's
-answer, runs late, and the figure shrinks by that delay, not by anything the systems do.)
-Then listener alone: a 10-store backlog, Jain's index of the stores' completions in each full
-second.
+(`python -m bench.peer_workers`; Graphile: `node bench/graphile_worker.mjs`, installed by npm
+into a scratch folder). Per repetition, in a rotating order, for each configuration: the backlog
+is loaded (100,000 jobs, 20,000 with --quick; listener's spread over 100 stores; Graphile's
+through its own `add_jobs`), the worker processes start, and throughput is jobs / (last
+completion committed - first job started): start-up is left out, the last write is in. (Graphile
+deletes a completed job and keeps no completion time: its last completion is when the harness
+first sees its table empty, polled every 2 ms near the end.) Then the idle pickup: one process
+with nothing to do, one job inserted, commit returned -> handler started (same host, same
+clock), on an otherwise idle machine. (Not beside a busy core: there the harness's own process,
+woken by its commit's answer, runs late, and the figure shrinks by that delay, not by anything
+the systems do.) Then listener alone: a 10-store backlog, Jain's index of the stores'
+completions in each full second.
 
 `pip install -e '.[peers]'` installs the pinned peers.
 """
@@ -46,6 +51,7 @@ from bench.common import (
     timed,
 )
 from bench.peer_systems import (
+    GRAPHILE_VERSION,
     SYSTEMS,
     PeerProcess,
     backend_cpu,
@@ -53,6 +59,7 @@ from bench.peer_systems import (
     cpu_seconds,
     install,
     load,
+    node_version,
     procrastinate_app,
     scalar,
 )
@@ -70,6 +77,7 @@ class Config:
     concurrency: int | None  # None: the system's default
     label: str
     source: str | None = None  # another checkout's listener (--baseline): before and after
+    preset: str | None = None  # Graphile's: "performance" or "defaults"
 
 
 def baseline_configs(source: str) -> list[Config]:
@@ -87,7 +95,23 @@ CONFIGS = [
     Config("pgqueuer", 1, None, "pgqueuer 1.6.0, defaults, 1 process"),
     Config("pgqueuer", 2, None, "pgqueuer 1.6.0, defaults, 2 processes"),
     Config("procrastinate", 1, None, "procrastinate 3.10.0, concurrency 10, 1 process"),
+    *(
+        Config(
+            "graphile",
+            n,
+            None,
+            f"graphile {GRAPHILE_VERSION}, {label}, {n} process{es}",
+            None,
+            preset,
+        )
+        for preset, label in (
+            ("performance", "performance settings"),
+            ("defaults", "defaults (concurrency 1)"),
+        )
+        for n, es in ((1, ""), (2, "es"))
+    ),
 ]
+GRAPHILE_PERFORMANCE = {c.processes: c.label for c in CONFIGS if c.preset == "performance"}
 
 
 def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
@@ -95,7 +119,7 @@ def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
     sessions (robust where the wall clock is not: the machine is shared)."""
     load(config.system, url, 0)
     procs = [
-        PeerProcess(config.system, url, config.concurrency, config.source)
+        PeerProcess(config.system, url, config.concurrency, config.source, config.preset)
         for _ in range(config.processes)
     ]
     try:
@@ -104,10 +128,7 @@ def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
         before = cpu_seconds([p.process.pid for p in procs]), backend_cpu(url)
         load(config.system, url, jobs, reset=False, analyze=False)
         deadline = time.monotonic() + 600
-        while scalar(url, block("done", config.system)) < jobs:
-            if time.monotonic() > deadline or any(p.process.poll() is not None for p in procs):
-                raise RuntimeError(f"{config.label}: the backlog did not drain")
-            time.sleep(0.1)
+        last = _wait_drained(config, url, jobs, procs, deadline)
         worker_cpu = cpu_seconds([p.process.pid for p in procs]) - before[0]
         sessions = backend_cpu(url)
         db_cpu = sum(cpu - before[1].get(pid, 0.0) for pid, cpu in sessions.items())
@@ -117,12 +138,39 @@ def throughput(config: Config, url: str, jobs: int) -> dict[str, float]:
         for proc in procs:
             proc.stop()
     first = min(p.first for p in procs if p.first is not None)
-    last = float(scalar(url, block("last_done", config.system)))
+    if last is None:
+        last = float(scalar(url, block("last_done", config.system)))
     return {
         "rate": jobs / (last - first),
         "worker_cpu_ms_per_1k": worker_cpu * 1e6 / jobs,
         "db_cpu_ms_per_1k": db_cpu * 1e6 / jobs,
     }
+
+
+def _wait_drained(
+    config: Config, url: str, jobs: int, procs: list[PeerProcess], deadline: float
+) -> float | None:
+    """Wait until every job is done; for Graphile, which keeps no completion time, the time
+    the harness first saw its table empty (None: read the system's own last completion)."""
+
+    def check() -> None:
+        if time.monotonic() > deadline or any(p.process.poll() is not None for p in procs):
+            raise RuntimeError(f"{config.label}: the backlog did not drain")
+
+    if config.system != "graphile":
+        while scalar(url, block("done", config.system)) < jobs:
+            check()
+            time.sleep(0.1)
+        return None
+    # One connection, named so that backend_cpu leaves it out; the cheap probe near the end.
+    with psycopg.connect(url, autocommit=True, application_name="bench-poll") as conn:
+        while (conn.execute(block("left", "graphile")).fetchone() or (0,))[0] > jobs // 50:
+            check()
+            time.sleep(0.05)
+        while (conn.execute(block("any_left", "graphile")).fetchone() or (False,))[0]:
+            check()
+            time.sleep(0.002)
+        return time.time()
 
 
 # -- idle pickup ------------------------------------------------------------------------------
@@ -138,15 +186,19 @@ async def _insert_probe(
         from pgqueuer import Queries
 
         await Queries.from_psycopg_connection(conn).enqueue(PGQUEUER_ENTRYPOINT, key.encode())
+    elif system == "graphile":
+        await conn.execute(sql("peers")["add_job_graphile"], {"key": key})
     else:
         await app.tasks[PROCRASTINATE_TASK].defer_async(key=key)
     return time.time()
 
 
-def idle_pickup(system: str, url: str, trials: int, source: str | None = None) -> list[float]:
+def idle_pickup(
+    system: str, url: str, trials: int, source: str | None = None, preset: str | None = None
+) -> list[float]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(block("reset", system))
-    proc = PeerProcess(system, url, None, source)
+    proc = PeerProcess(system, url, None, source, preset)
 
     async def go() -> list[float]:
         waits = []
@@ -217,13 +269,20 @@ def run(
     systems: Sequence[str] = SYSTEMS,
     reps: int | None = None,
 ) -> dict[str, Any]:
-    jobs, default_reps, trials = (5_000, 1, 20) if quick else (20_000, 3, 100)
+    jobs, default_reps, trials = (20_000, 1, 20) if quick else (100_000, 3, 100)
     reps = reps or default_reps
     configs = [c for c in CONFIGS if c.system in systems]
     configs += baseline_configs(baseline) if baseline else []
-    idle_runs = [(system, system, None) for system in systems]
+    idle_runs: list[tuple[str, str, str | None, str | None]] = [
+        (system, system, None, None) for system in systems if system != "graphile"
+    ]
+    if "graphile" in systems:
+        idle_runs += [
+            (f"graphile ({preset})", "graphile", None, preset)
+            for preset in ("performance", "defaults")
+        ]
     if baseline:
-        idle_runs.append(("listener BEFORE", "listener", baseline))
+        idle_runs.append(("listener BEFORE", "listener", baseline, None))
     rates: dict[str, list[dict[str, float]]] = defaultdict(list)
     processes = {config.label: config.processes for config in configs}
     idle: dict[str, list[float]] = defaultdict(list)
@@ -232,9 +291,11 @@ def run(
         scratch_database("peers_listener") as listener_url,
         scratch_database("peers_pgqueuer") as pgqueuer_url,
         scratch_database("peers_procrastinate") as procrastinate_url,
+        scratch_database("peers_graphile") as graphile_url,
     ):
         urls = {"listener": listener_url, "pgqueuer": pgqueuer_url}
         urls["procrastinate"] = procrastinate_url
+        urls["graphile"] = graphile_url
         for system in set(systems):
             install(system, urls[system])
         for rep in range(reps):
@@ -247,14 +308,16 @@ def run(
                     f"worker {rate['worker_cpu_ms_per_1k']:,.0f} ms, "
                     f"database {rate['db_cpu_ms_per_1k']:,.0f} ms"
                 )
-            for name, system, source in idle_runs[rep % 3 :] + idle_runs[: rep % 3]:
-                idle[name] += idle_pickup(system, urls[system], trials // reps, source)
+            turn = rep % len(idle_runs)
+            for name, system, source, preset in idle_runs[turn:] + idle_runs[:turn]:
+                idle[name] += idle_pickup(system, urls[system], trials // reps, source, preset)
             fair.append(fairness(listener_url, FAIR_JOBS_QUICK if quick else FAIR_JOBS))
     return {
         "quick": quick,
         "baseline": baseline,
         "jobs": jobs,
         "repetitions": reps,
+        "node": node_version() if "graphile" in systems else None,
         "throughput": {
             label: {
                 "runs": [r["rate"] for r in runs],
@@ -276,13 +339,17 @@ def run(
 
 def rows(result: dict[str, Any]) -> list[list[str]]:
     through = result["throughput"]
-    # Against pgqueuer at its defaults with as many processes (1 when it ran no such config);
-    # against listener's own first row when pgqueuer did not run at all.
+    # Against Graphile at its performance settings with as many processes; against pgqueuer at
+    # its defaults when Graphile did not run; against listener's own first row when neither did.
     pgqueuer = {c.processes: c.label for c in CONFIGS if c.system == "pgqueuer"}
 
     def base(entry: dict[str, Any]) -> float:
-        label = pgqueuer.get(entry.get("processes", 1), pgqueuer[1])
-        return float(through.get(label, next(iter(through.values())))["median"])
+        processes = entry.get("processes", 1)
+        for peer in (GRAPHILE_PERFORMANCE, pgqueuer):
+            label = peer.get(processes, peer[1])
+            if label in through:
+                return float(through[label]["median"])
+        return float(next(iter(through.values()))["median"])
 
     return [
         [
@@ -309,7 +376,7 @@ def report(result: dict[str, Any]) -> str:
         "configuration",
         "jobs/s (median)",
         "each run",
-        "vs pgqueuer, same processes",
+        "vs graphile perf. (or pgqueuer), same processes",
         "worker CPU / 1,000 jobs",
         "database CPU / 1,000 jobs",
     ]
@@ -347,12 +414,12 @@ def plot(result: dict[str, Any]) -> None:
     ax.tick_params(axis="x", labelsize=7)
     ax.set_ylabel("no-op jobs per second")
     ax.set_title(f"Peers side by side, {result['jobs']:,} jobs, median of {result['repetitions']}")
-    save_figure(fig, NAME)
+    save_figure(fig, NAME if not result["quick"] else f"{NAME}_quick")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="5,000 jobs, 1 run, 20 trials")
+    parser.add_argument("--quick", action="store_true", help="20,000 jobs, 1 run, 20 trials")
     parser.add_argument(
         "--baseline",
         metavar="DIR",
@@ -360,13 +427,15 @@ def main() -> None:
         "<commit> listener | tar -x -C DIR`): its worker runs too, for before/after",
     )
     parser.add_argument(
-        "--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS, help="default: all three"
+        "--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS, help="default: all four"
     )
     parser.add_argument("--reps", type=int, help="repetitions (default: 1 quick, 3 full)")
     args = parser.parse_args()
+    # A quick run writes peers_quick.*: it never replaces a full run's committed figures.
+    name = NAME if not args.quick else f"{NAME}_quick"
     timed(
         lambda quick: publish(
-            NAME, run(quick, args.baseline, args.systems, args.reps), report, plot
+            name, run(quick, args.baseline, args.systems, args.reps), report, plot
         ),
         args.quick,
     )

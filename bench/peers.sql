@@ -10,6 +10,36 @@ TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics;
 -- reset_procrastinate --
 TRUNCATE procrastinate_jobs CASCADE;
 
+-- reset_graphile --
+TRUNCATE graphile_worker._private_jobs, graphile_worker._private_job_queues CASCADE;
+
+-- add_jobs_graphile --
+-- Graphile's own batch enqueue (what its `addJobs` calls): one no-op job per key.
+SELECT graphile_worker.add_jobs(array(
+    SELECT row('noop', json_build_object('key', k), NULL, NULL, NULL, NULL, NULL, NULL)
+           ::graphile_worker.job_spec
+    FROM unnest(%(keys)s::text[]) AS k));
+
+-- add_jobs_graphile_payloads --
+-- bench.enqueue: the statement Graphile's addJobs sends (helpers.js, 0.18.0): the job specs as
+-- one JSON array, its rows returned.
+SELECT *
+FROM graphile_worker.add_jobs(
+    array(SELECT json_populate_recordset(NULL::graphile_worker.job_spec, %(specs)s::json)),
+    false
+);
+
+-- add_job_graphile --
+SELECT graphile_worker.add_job('noop', json_build_object('key', %(key)s::text));
+
+-- left_graphile --
+-- bench-poll: Graphile deletes a job when it completes; the jobs not done yet.
+SELECT count(*) FROM graphile_worker._private_jobs;
+
+-- any_left_graphile --
+-- bench-poll: cheaper than the count near the end of a run.
+SELECT EXISTS (SELECT FROM graphile_worker._private_jobs);
+
 -- done_listener --
 -- bench-poll: jobs done so far (bench.db_work leaves these polls out of its counts).
 SELECT count(*) FROM job_items WHERE status = 'COMPLETED';
@@ -38,7 +68,8 @@ SELECT instance_id, extract(epoch FROM completed_at)::float8 FROM job_items;
 -- other_sessions --
 -- The sessions on this database but this one (a worker's pool and LISTEN connections).
 SELECT pid FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend';
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+  AND application_name <> 'bench-poll';
 
 -- counters --
 -- This database's transactions and statements (the harness's polls left out), the server's WAL.
@@ -50,8 +81,10 @@ FROM pg_stat_database d, pg_stat_wal w
 WHERE d.datname = %(dbname)s;
 
 -- by_statement --
--- The statements run most on this database: where the round trips go.
-SELECT calls, regexp_replace(left(query, 300), '\s+', ' ', 'g')
+-- The statements run most on this database: where the round trips go, and the time each
+-- statement took in the server (milliseconds, planning and execution).
+SELECT calls, regexp_replace(left(query, 300), '\s+', ' ', 'g'),
+       total_exec_time + total_plan_time
 FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
 WHERE d.datname = %(dbname)s AND s.query NOT LIKE '%%bench-poll%%'
 ORDER BY calls DESC

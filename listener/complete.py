@@ -49,11 +49,16 @@ class Completer:
         on_written: Callable[[list[Outcome], list[Outcome]], None],
         rng: random.Random,
         hold_seconds: float = 0.0,
+        still_held: Callable[[list[Outcome]], set[int]] = lambda _batch: set(),
     ) -> None:
         self.pool = pool
         self.worker_id = worker_id
         self.on_written = on_written
         self.hold_seconds = hold_seconds
+        # The jobs of a batch this worker still holds other items of: their items are open, so
+        # the batch need not ask whether they are finished (the batch that writes the last one
+        # of them asks). Only where this completer is the worker's one writer of outcomes.
+        self.still_held = still_held
         self.backoff = Backoff(base=0.2, cap=10.0, rng=rng)
         self._queue: deque[Outcome] = deque()
         # Given back by a claim: written here, at once, and never handed to a claim again (one
@@ -79,6 +84,10 @@ class Completer:
             return
         self._queue.append(outcome)
         self._arrived.set()
+
+    def waiting(self) -> int:
+        """Outcomes handed over and not yet being written."""
+        return len(self._queue) + len(self._returned)
 
     def take(self) -> list[Outcome]:
         """The outcomes waiting, for a claim to write in its transaction; the claimer then calls
@@ -169,7 +178,7 @@ class Completer:
             part = parts.pop()
             try:
                 written = await self._retrying(
-                    partial(items_db.finish, self.pool, self.worker_id, part),
+                    partial(self._finish, part),
                     f"{len(part)} outcome(s)",
                     "their leases will expire and the items will be tried again",
                 )
@@ -185,6 +194,10 @@ class Completer:
                 logger.debug("completer wrote %d outcome(s) alone", len(part))
                 self.batches_written += 1
                 self.written(part, written)
+
+    async def _finish(self, batch: list[Outcome]) -> set[int]:
+        # Asked at each attempt: a retry comes later, when this worker may hold other items.
+        return await items_db.finish(self.pool, self.worker_id, batch, self.still_held(batch))
 
     async def _fail_unstorable(self, outcome: Outcome, error: OutcomeRefused) -> None:
         """The one outcome of a refused batch: its item ends FAILED, saying why."""
@@ -203,7 +216,7 @@ class Completer:
         )
         try:
             written = await self._retrying(
-                partial(items_db.finish, self.pool, self.worker_id, [failure]),
+                partial(self._finish, [failure]),
                 "1 outcome",
                 "its lease will expire and the item will be tried again",
             )

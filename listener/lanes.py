@@ -33,7 +33,8 @@ class Lane:
     # Requests a minute the budget allows (0: no budget; every worker passes at once).
     rpm: int
     dispatcher: Dispatcher
-    slot_gate: anyio.Semaphore
+    # Workers that may wait for a slot at once; None without a budget (nothing to wait for).
+    slot_gate: anyio.Semaphore | None
 
     @property
     def budgeted(self) -> bool:

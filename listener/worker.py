@@ -119,6 +119,9 @@ class Worker:
         # (item id, attempt): a claim of an item this worker claimed before (its lease expired
         # while it was frozen) is another entry, which the old claim's end does not remove.
         self.held: dict[tuple[int, int], str] = {}
+        # Items held per job: a batch of outcomes need not ask whether a job is finished while
+        # this worker holds another of its items (see `_jobs_still_held`).
+        self._held_per_job: Counter[int] = Counter()
         self.running: dict[tuple[int, int], str] = {}
         # The last heartbeat that renewed the leases and wrote the row (time.monotonic()), and
         # the live workers it counted: what /health answers from, without a query of its own.
@@ -142,6 +145,10 @@ class Worker:
             self._on_written,
             self._rng,
             hold_seconds=OUTCOME_HOLD_SECONDS if budgeted else 0.0,
+            # Under a budget claims write outcomes too, concurrently with the completer: a job
+            # skipped by one writer because the other held its last item could then be skipped
+            # by both. Without a budget the completer is the one writer.
+            still_held=(lambda _batch: set()) if budgeted else self._jobs_still_held,
         )
         self.lanes = [self._lane(name, kinds, limiters[name]) for name, kinds in groups]
         self._lane_of = lane_kinds(self.lanes)
@@ -172,14 +179,15 @@ class Worker:
         rpm_setting, tpm_setting = budget_rpm(name, settings, self.app)
         rpm = binding_rpm(rpm_setting, tpm_setting, estimate)
         budgeted = rpm > 0
-        # Without a budget there is no slot to wait for: every worker passes at once. Passing
+        # Without a budget there is no slot to wait for and no gate: every worker passes at
+        # once (a gate of WORKER_CONCURRENCY permits for as many workers cost each item a
+        # cancellation checkpoint, 5 % of a process's CPU at full speed). Passing the gate
         # without a wait costs no turn of the event loop (fast_acquire): an idle worker woken
         # for a new item goes straight to the claim.
-        slot_gate = anyio.Semaphore(
-            slot_seekers(rpm, settings.worker_concurrency)
+        slot_gate = (
+            anyio.Semaphore(slot_seekers(rpm, settings.worker_concurrency), fast_acquire=True)
             if budgeted
-            else settings.worker_concurrency,
-            fast_acquire=True,
+            else None
         )
         dispatcher = Dispatcher(
             self.pool,
@@ -195,6 +203,7 @@ class Worker:
             concurrency=settings.worker_concurrency,
             kinds=sorted(kind.name for kind in kinds),
             lane=name,
+            outcomes_waiting=self.completer.waiting,
         )
         return Lane(
             name, {kind.name: kind for kind in kinds}, limiter, estimate, rpm, dispatcher, slot_gate
@@ -376,7 +385,7 @@ class Worker:
     # -- the work loop --------------------------------------------------------------------
 
     async def _work_loop(self, lane: Lane) -> None:
-        dispatcher = lane.dispatcher
+        dispatcher, gate = lane.dispatcher, lane.slot_gate
         while not self._stopping:
             item: ClaimedItem | None = None
             with anyio.CancelScope() as idle:
@@ -388,7 +397,9 @@ class Worker:
                     if self._capacity is not None:
                         await self._capacity.acquire()
                     try:
-                        async with lane.slot_gate:
+                        if gate is not None:
+                            await gate.acquire()
+                        try:
                             if not len(dispatcher.ring):
                                 continue  # the work went to others while this worker queued
                             try:
@@ -398,6 +409,9 @@ class Worker:
                                 logger.warning("[Worker] no limiter slot, retrying: %s", error)
                                 await anyio.sleep(self._backoff.next())
                                 continue
+                        finally:
+                            if gate is not None:
+                                gate.release()
                         self._backoff.reset()
                         item = await dispatcher.next_item()
                     finally:
@@ -452,7 +466,24 @@ class Worker:
 
     def _on_claimed(self, claimed: list[ClaimedItem]) -> None:
         for item in claimed:
-            self.held[(item.id, item.attempts)] = item.instance_id
+            key = (item.id, item.attempts)
+            if key not in self.held:
+                self._held_per_job[item.job_id] += 1
+            self.held[key] = item.instance_id
+
+    def _release_held(self, outcome: Outcome) -> None:
+        if self.held.pop((outcome.item_id, outcome.attempt), None) is not None:
+            left = self._held_per_job[outcome.job_id] - 1
+            if left > 0:
+                self._held_per_job[outcome.job_id] = left
+            else:
+                del self._held_per_job[outcome.job_id]
+
+    def _jobs_still_held(self, batch: list[Outcome]) -> set[int]:
+        """The batch's jobs of which this worker holds an item outside the batch: open for sure
+        (PROCESSING under this worker's lease, or back to PENDING if the lease was lost)."""
+        in_batch = Counter(o.job_id for o in batch if (o.item_id, o.attempt) in self.held)
+        return {job for job, count in in_batch.items() if self._held_per_job[job] > count}
 
     def _emit(self, outcome: Outcome) -> None:
         self.completer.emit(outcome)
@@ -460,12 +491,14 @@ class Worker:
     # -- services -------------------------------------------------------------------------
 
     def _on_written(self, batch: list[Outcome], superseded: list[Outcome]) -> None:
+        for each in self.lanes:
+            each.dispatcher.outcomes_written()
         self.counters.superseded += len(superseded)
         for outcome in superseded:
-            self.held.pop((outcome.item_id, outcome.attempt), None)
+            self._release_held(outcome)
         now = time.time()
         for outcome in batch:
-            self.held.pop((outcome.item_id, outcome.attempt), None)
+            self._release_held(outcome)
             if outcome.status in ("COMPLETED", "FAILED"):
                 self.throughput.record(outcome.instance_id, now)
             if outcome.status == "COMPLETED":

@@ -13,12 +13,12 @@ import anyio
 import psycopg
 import pytest
 
-from listener import assembly
+from listener import assembly, dispatch
 from listener import items as items_db
 from listener.complete import Completer
 from listener.db import open_pool
 from listener.handler import DEFAULT_KIND, App, Item, Kind, Result
-from listener.items import Outcome
+from listener.items import ClaimedItem, Outcome
 from listener.sqlfiles import queries
 from listener.stub.server import StubConfig, run_stub
 from tests.support import (
@@ -27,7 +27,9 @@ from tests.support import (
     make_settings,
     query,
     running_worker,
+    status_counts,
     wait_for_counts,
+    wait_until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -86,16 +88,9 @@ def test_leases_and_the_limiter_commit_unflushed_outcomes_and_pauses_flushed(
         # The setting is the transaction's alone: the session is back to its default.
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
         # An outcome is what the client waits for: it keeps the flush.
-        outcome = {
-            "ids": claimed[:1],
-            "statuses": ["COMPLETED"],
-            "results": [json.dumps({"text": "ok"})],
-            "errors": [None],
-            "delays": [0.0],
-            "refunds": [False],
-            "attempts": [1],
-            "worker_id": "w1",
-        }
+        (job_id,) = conn.execute("SELECT job_id FROM job_items WHERE id = %s", [claimed[0]])
+        done_item = Outcome(claimed[0], "COMPLETED", {"text": "ok"}, attempt=1, job_id=job_id[0])
+        outcome = items_db.outcome_params("w1", [done_item])
         assert _sync_commit_after(conn, "finish_items", "items", **outcome) == "on"
         done = conn.execute("SELECT count(*) FROM job_items WHERE status = 'COMPLETED'")
         assert done.fetchone() == (1,)
@@ -265,3 +260,48 @@ async def test_a_claim_does_not_wait_for_a_cancel_that_holds_the_job_of_an_outco
     finally:
         await pool.close()
     assert rows == [("CANCELLED",)]
+
+
+async def test_claims_wait_while_the_completer_cannot_write(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The completer cannot write (another transaction holds the job's row, which it locks
+    # first): the claimer stops once OUTCOMES_WAITING_LIMIT outcomes wait, instead of claiming
+    # the whole backlog into PROCESSING; once the row is free, everything completes.
+    monkeypatch.setattr(dispatch, "OUTCOMES_WAITING_LIMIT", 40)
+    items = 1_000
+    job_id = await insert_job(database_url, "store-held", items)
+    settings = make_settings("http://127.0.0.1:9/v1", worker_concurrency=8)
+    async with await psycopg.AsyncConnection.connect(database_url) as blocker:
+        await blocker.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", [job_id])
+        async with running_worker(database_url, settings, InstantHandler()) as worker:
+            await wait_until(lambda: worker.dispatcher.held_for_outcomes > 0)
+            counts = await status_counts(database_url)
+            # The limit, the batch the completer is trying to write, two claims on their way
+            # and the items in the workers' hands: far from the backlog.
+            bound = 40 + 40 + 2 * worker.dispatcher.claim_size + settings.worker_concurrency
+            assert counts.get("PROCESSING", 0) <= bound, counts
+            assert counts.get("PENDING", 0) >= items - bound, counts
+            await blocker.rollback()
+            await wait_for_counts(database_url, lambda c: c == {"COMPLETED": items})
+
+
+async def test_a_batch_asks_only_about_jobs_the_worker_holds_no_other_item_of(
+    database_url: str,
+) -> None:
+    # Without a budget the completer is the one writer: a job of which this worker still holds
+    # another item is open for sure, and its end is asked by the batch that writes its last one.
+    settings = make_settings("http://127.0.0.1:9/v1")
+    async with running_worker(database_url, settings, InstantHandler()) as worker:
+
+        def item(item_id: int, job_id: int) -> ClaimedItem:
+            return ClaimedItem(item_id, job_id, "store-x", None, "{}", 2, attempts=1)
+
+        a1, a2, b1 = item(1, 10), item(2, 10), item(3, 20)
+        worker._on_claimed([a1, a2, b1])
+        first = [Outcome.completed(a1, None), Outcome.completed(b1, None)]
+        assert worker.completer.still_held(first) == {10}
+        worker._on_written(first, [])
+        assert worker.completer.still_held([Outcome.completed(a2, None)]) == set()
+        worker._on_written([Outcome.completed(a2, None)], [])
+        assert not worker.held

@@ -65,6 +65,42 @@ async def _rows(database_url: str) -> dict[int, tuple[Any, ...]]:
     return {int(r[0]): tuple(r[1:]) for r in rows}
 
 
+async def test_a_batch_of_outcomes_lands_field_by_field_as_one_json_document(
+    database_url: str,
+) -> None:
+    # finish_items reads the batch as one JSON document: each field of each outcome lands,
+    # NULL where Python had None, a backslash-u text as written (a hint to look, not a NUL),
+    # a NUL cleaned, a quote and a non-ASCII letter as they are.
+    pool, claimed = await _claimed(database_url, 4)
+    done, looks_escaped, nul, retried = claimed
+    try:
+        written = await items_db.finish(
+            pool,
+            "w1",
+            [
+                Outcome.completed(done, {"text": 'a "quoted" é', "n": 1.5, "none": None}),
+                Outcome.completed(looks_escaped, {"text": "C:\\u0000 and \\ud800"}),
+                Outcome.completed(nul, {"text": "a\x00b"}),
+                Outcome.retry(retried, 'it said "no" \u00e9', delay=0.0),
+            ],
+        )
+    finally:
+        await pool.close()
+    assert written == {item.id for item in claimed}
+    rows = await _rows(database_url)
+    assert rows[done.id] == ("COMPLETED", {"text": 'a "quoted" é', "n": 1.5, "none": None}, None)
+    assert rows[looks_escaped.id] == ("COMPLETED", {"text": "C:\\u0000 and \\ud800"}, None)
+    assert rows[nul.id][:2] == (
+        "COMPLETED",
+        {"text": "ab", CLEANED_KEY: {"nul_removed": 1, "surrogates_replaced": 0}},
+    )
+    assert rows[retried.id] == ("PENDING", None, 'it said "no" é')
+    attempts = await query(
+        database_url, "SELECT attempts FROM job_items WHERE id = %s", [retried.id]
+    )
+    assert attempts == [(1,)]  # a retry keeps its attempt (a release would give it back)
+
+
 async def test_one_poisoned_outcome_fails_alone_and_the_completer_keeps_going(
     database_url: str,
 ) -> None:
