@@ -98,6 +98,9 @@ class Promoter:
         self.promoted = 0  # items this process put back in the claims' range
         self._next_at = -math.inf  # the first pass at once: items may be due already
         self._changed = anyio.Event()
+        # Set after each pass and then replaced: a caller (a test) can wait for the pass in
+        # course to be counted, not only for its commit's notification.
+        self.passed = anyio.Event()
 
     def due_in(self, delay: float) -> None:
         """An item this process put in backoff is due in `delay` seconds: a pass then."""
@@ -132,6 +135,8 @@ class Promoter:
             self.backoff.reset()
             self.passes += 1
             self.promoted += promotion.promoted
+            self.passed.set()
+            self.passed = anyio.Event()
             if promotion.promoted:
                 logger.debug("[Promoter] %d item(s) due after their backoff", promotion.promoted)
             after = self.clock() + seconds_to_next_pass(promotion, self.batch, self.idle_seconds)

@@ -50,8 +50,14 @@ async def test_a_retried_item_is_claimed_once_due_and_its_store_woken(database_u
             await listener.execute("LISTEN job_items_ready")
             promoter.due_in(0.3)  # what the worker does once the retry is written
             heard = None
+            passed = promoter.passed
             async for notify in listener.notifies(timeout=10 * SLACK, stop_after=1):
                 heard = notify.payload
+            # The notification arrives at the pass's commit, before the pass is counted.
+            with anyio.fail_after(10 * SLACK):
+                while promoter.promoted == 0:
+                    await passed.wait()
+                    passed = promoter.passed
             services.cancel_scope.cancel()
         assert heard == "store-R"
         (again,) = await _claim(pool, "store-R")
