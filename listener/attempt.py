@@ -109,7 +109,9 @@ async def attempt(
                 grant = await limiter.acquire(estimate)
                 continue
             await _settle(limiter, grant, result, estimate, item)
-            return Outcome.completed(item, result.value)
+            return Outcome.completed(
+                item, result.value, result.usage, result.model, result.served_tier
+            )
         return Outcome.release(item, error="rate limited", delay=5.0)
     except FailItem as error:
         return Outcome.failed(item, str(error))

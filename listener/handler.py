@@ -42,6 +42,10 @@ DEFAULT_KIND = "product_description"
 DEFAULT_BUDGET = "openai"
 # jobs_kind_valid in sql/schema.sql.
 KIND_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+# job_items_served_tier_valid in sql/schema.sql: the tiers a priced call can be served on.
+SERVED_TIERS = ("realtime", "flex", "batch")
+# The token counts a result's usage may carry (listener_usage_tokens reads them).
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,20 @@ class Result:
     `cost`: what the call actually cost its budget, in the budget's token units (None: the
     estimate reserved before it stands). `pause`: the budget's owner says it is spent for this
     many seconds (a rate-limit header saying 0 remaining): every process drawing from it waits.
+
+    Metering, for what each store costs (stored with the item, priced when read): `usage`, the
+    call's token counts ({"prompt_tokens", "completion_tokens", "cached_tokens"}: whole numbers,
+    0 or more; other keys are dropped), `model`, the model that answered, and `served_tier`,
+    the tier that served it (one of SERVED_TIERS; None: no priced call served it). A value
+    that does not fit is dropped with a warning; the item's answer is kept.
     """
 
     value: Any
     cost: int | None = None
     pause: float | None = None
+    usage: Mapping[str, int] | None = None
+    model: str | None = None
+    served_tier: str | None = None
 
 
 class Handler(Protocol):

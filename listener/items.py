@@ -50,6 +50,10 @@ class Outcome:
     attempt: int = 0  # the claim's attempt number; an outcome of an older claim is not written
     job_id: int = 0
     kind: str = field(default=DEFAULT_KIND, compare=False)
+    # What the call cost, for a COMPLETED item (Result's metering, checked by storable.py).
+    usage: Mapping[str, int] | None = None
+    model: str | None = None
+    served_tier: str | None = None
 
     @classmethod
     def of(cls, item: ClaimedItem, status: Status, **fields: Any) -> Outcome:
@@ -64,8 +68,17 @@ class Outcome:
         )
 
     @classmethod
-    def completed(cls, item: ClaimedItem, result: Any) -> Outcome:
-        return cls.of(item, "COMPLETED", result=result)
+    def completed(
+        cls,
+        item: ClaimedItem,
+        result: Any,
+        usage: Mapping[str, int] | None = None,
+        model: str | None = None,
+        served_tier: str | None = None,
+    ) -> Outcome:
+        return cls.of(
+            item, "COMPLETED", result=result, usage=usage, model=model, served_tier=served_tier
+        )
 
     @classmethod
     def failed(cls, item: ClaimedItem, error: str) -> Outcome:
@@ -254,6 +267,9 @@ def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any
         "delays": [o.delay for o in outcomes],
         "refunds": [o.refund for o in outcomes],
         "attempts": [o.attempt for o in outcomes],
+        "usages": [None if o.usage is None else json.dumps(dict(o.usage)) for o in outcomes],
+        "models": [o.model for o in outcomes],
+        "served_tiers": [o.served_tier for o in outcomes],
         "worker_id": worker_id,
     }
 

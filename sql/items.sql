@@ -171,8 +171,9 @@ WITH requested AS (
     SELECT o.*
     FROM unnest(
         %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
-        %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
-    ) AS o(id, status, result, error, delay, refund, attempt)
+        %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[], %(usages)s::jsonb[],
+        %(models)s::text[], %(served_tiers)s::text[]
+    ) AS o(id, status, result, error, delay, refund, attempt, usage, model, served_tier)
 ),
 held AS MATERIALIZED (
     SELECT c.id, c.status
@@ -199,6 +200,11 @@ SET status = CASE WHEN outcome.cancelled THEN 'CANCELLED' ELSE outcome.status EN
         THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
     -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
     attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+    -- What the call cost (a completion's; NULL otherwise): job_items_record_usage copies a
+    -- completion's tokens into the store's usage ledger in this statement.
+    usage = outcome.usage,
+    model = outcome.model,
+    served_tier = outcome.served_tier,
     -- A finished item keeps the name of the worker that did it, for the operator.
     claimed_by = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE j.claimed_by END,
     lease_expires_at = NULL,

@@ -11,10 +11,12 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NoReturn
 
 import jsonschema
 import openai
+from openai.types import CompletionUsage
 
 from listener.errors import (
     BudgetExhausted,
@@ -206,12 +208,20 @@ class ChatHandler:
                 "total_tokens": total,
             },
         }
+        metered = partial(
+            Result,
+            cost=total,
+            pause=pause,
+            usage=_usage(usage),
+            model=completion.model or self.model,
+            served_tier=served_tier(completion.service_tier, "realtime"),
+        )
         if self._validator is None:
             if message.content is None:
                 raise RetryItem("OpenAI answered without a completion")
-            return Result({"text": message.content, **result}, cost=total, pause=pause)
+            return metered({"text": message.content, **result})
         output = self._structured(item, message.content, message.refusal)
-        return Result({"output": output, **result}, cost=total, pause=pause)
+        return metered({"output": output, **result})
 
     def _structured(self, item: Item, content: str | None, refusal: str | None) -> Any:
         """The answer as data that fits the kind's schema. A refusal or an answer that does not
@@ -237,6 +247,29 @@ class ChatHandler:
         if item.attempt < 2 and item.attempt < item.max_attempts:
             raise RetryItem(reason, after=0.0)
         raise FailItem(reason)
+
+
+def served_tier(reported: str | None, requested: str) -> str:
+    """Our tier for the `service_tier` a response reports: "flex" is flex, any other answer
+    ("default", "auto", "priority", ...) the standard price list, realtime; a response that
+    says nothing was served as requested."""
+    if reported is None:
+        return requested
+    return "flex" if reported == "flex" else "realtime"
+
+
+def _usage(usage: CompletionUsage | None) -> dict[str, int] | None:
+    """The response's usage as stored: prompt (cached included, as OpenAI counts them),
+    cached and completion tokens."""
+    if usage is None:
+        return None
+    details = usage.prompt_tokens_details
+    cached = details.cached_tokens if details is not None else None
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": cached or 0,
+    }
 
 
 def _describe(error: openai.APIStatusError) -> str:
