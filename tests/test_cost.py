@@ -9,13 +9,17 @@ import json
 import logging
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from listener import enqueue, usage
 from listener.costs import fleet_total, money, store_costs, top_stores
+from listener.db import open_pool
+from listener.http import app as http
 from listener.openai import prices
 from listener.openai.chat import served_tier
 from listener.openai.prices import Price, PriceTableError
@@ -284,3 +288,53 @@ def test_store_show_prints_today_and_month_cost_and_savings(database_url: str) -
     assert text.returncode == 0, text.stderr
     assert "unpriced" in text.stdout and "gpt-9-giant" in text.stdout
     assert "OPENAI_PRICES_FILE" in text.stdout
+
+
+async def test_metrics_and_dashboard_show_each_store_s_cost_and_savings(
+    database_url: str, tmp_path: Path
+) -> None:
+    _complete(database_url, "bulk", "gpt-4o-mini", "batch", 2_000_000, 1_000_000)
+    _complete(database_url, "live", "gpt-4o-mini", "realtime", 1_000_000, 0)
+    _complete(database_url, "odd", "gpt-9-giant", "realtime", 10, 10)
+    settings = make_settings("http://127.0.0.1:9/v1")
+    pool = await open_pool(database_url, settings, name="test-cost-http")
+    try:
+        app = http.build_app(pool, settings)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            metrics = await client.get("/metrics")
+            page = await client.get("/")
+    finally:
+        await pool.close()
+    assert metrics.status_code == 200
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.text)
+        for sample in family.samples
+    }
+
+    def store(name: str, store: str, period: str, tier: str) -> float:
+        labels = (("period", period), ("store", store), ("tier", tier))
+        return samples[f"listener_store_{name}_usd", labels]
+
+    assert store("cost", "bulk", "month", "batch") == pytest.approx(0.15 + 0.30)
+    assert store("saved", "bulk", "today", "batch") == pytest.approx(0.45)
+    assert store("cost", "live", "month", "realtime") == pytest.approx(0.15)
+    assert store("saved", "live", "month", "realtime") == 0
+    fleet_saved = samples["listener_saved_usd", (("period", "month"), ("tier", "batch"))]
+    assert fleet_saved == pytest.approx(0.45)
+    assert samples["listener_unpriced_items", (("period", "month"),)] == 1
+    assert samples["listener_price_table_read_timestamp_seconds", ()] > 0
+    assert page.status_code == 200
+    html = page.text
+    assert 'id="cost-month">$0.6000 + 1 unpriced item(s)<' in html
+    assert 'id="saved-month">$0.4500<' in html
+    assert 'data-cost-store="bulk"' in html and "gpt-9-giant" in html
+
+
+def test_a_bad_price_file_stops_the_http_app_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text('read_on = 2026-12-07\n[models."m".realtime]\ninput = "free"\n')
+    settings = make_settings("http://127.0.0.1:9/v1", openai_prices_file=str(path))
+    with pytest.raises(PriceTableError, match="a number"):
+        http.build_app(cast(Any, None), settings)
