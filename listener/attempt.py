@@ -72,6 +72,7 @@ def handler_item(item: ClaimedItem, kind: Kind, settings: Settings) -> Item:
         options=item.options,
         attempt=item.attempts,
         max_attempts=kind.max_attempts or settings.max_attempts,
+        tier=item.tier,
     )
 
 

@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from listener.errors import ConfigurationError
+from listener.tiers import BATCH, REALTIME, TIERS
 
 # The kind of every job that names none (the column's default): today's product description.
 DEFAULT_KIND = "product_description"
@@ -57,6 +58,8 @@ class Item:
     options: Mapping[str, Any]  # the job's options over its store's defaults
     attempt: int  # 1 on the first try
     max_attempts: int
+    # The tier it runs on: 'realtime' or 'flex' here ('batch' items go to the batch path).
+    tier: str = REALTIME
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ class Kind:
     required_options: frozenset[str] = frozenset()
     # Called once when the worker closes (an HTTP client's connections, say).
     aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
+    # The tier of a job that names none (listener.tiers), and whether a batch runner serves its
+    # batch-tier items (the OpenAI chat kinds): a job may ask for 'batch' only then.
+    tier: str = REALTIME
+    batch: bool = False
 
     def __post_init__(self) -> None:
         if not KIND_NAME.match(self.name):
@@ -113,6 +120,14 @@ class Kind:
             raise ConfigurationError(f"kind {self.name}: max_attempts must be at least 1")
         if self.estimate < 0:
             raise ConfigurationError(f"kind {self.name}: estimate must not be negative")
+        if self.tier not in TIERS:
+            raise ConfigurationError(
+                f"kind {self.name}: tier {self.tier!r} is not one of {', '.join(TIERS)}"
+            )
+        if self.tier == BATCH and not self.batch:
+            raise ConfigurationError(
+                f"kind {self.name}: tier 'batch' needs a handler that can batch (batch=True)"
+            )
         if self.options is not None and not self.required_options <= self.options:
             missing = ", ".join(sorted(self.required_options - self.options))
             raise ConfigurationError(
@@ -160,6 +175,7 @@ class App:
         estimate: int = 1,
         options: Iterable[str] | None = None,
         required_options: Iterable[str] = (),
+        tier: str = REALTIME,
     ) -> Callable[[Handler], Handler]:
         """Register the decorated async function as the handler of kind `name`."""
 
@@ -173,6 +189,7 @@ class App:
                     estimate=estimate,
                     options=None if options is None else frozenset(options),
                     required_options=frozenset(required_options),
+                    tier=tier,
                 )
             )
             return handler

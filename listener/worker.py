@@ -326,7 +326,7 @@ class Worker:
         # What producers may enqueue. A database that refuses it now must not keep the worker
         # from working: the next start registers them.
         try:
-            await register_kinds(self.pool, self.app)
+            await register_kinds(self.pool, self.app, self.settings.auto_rule)
         except DatabaseError as error:
             logger.warning("[Worker] could not register the kinds it serves: %s", error)
             return

@@ -43,6 +43,10 @@ def openai_app(settings: Settings) -> App:
                 options=spec.options,
                 required_options=spec.required_options,
                 aclose=close,
+                tier=spec.tier,
+                # Its request body is a batch line's (ChatHandler.request), its answers are
+                # checked alike: the batch path (listener/batches/) serves its batch tier.
+                batch=True,
             )
         )
     return app
