@@ -105,6 +105,14 @@ CREATE TABLE job_items (
     -- The batch that holds (or held) it: status PROCESSING and claimed_by 'batch:<id>' while
     -- the batch runs, with no lease (the reaper leaves it to the batch path).
     openai_batch_id bigint REFERENCES openai_batches (id) ON DELETE SET NULL,
+    -- What the item's call cost: the usage it reported ({prompt_tokens, completion_tokens,
+    -- cached_tokens}), the model that answered, and the tier that served it (NULL: no priced
+    -- call served it). Money is computed when read, from store_usage_* and the price table.
+    usage jsonb,
+    model text,
+    served_tier text,
+    CONSTRAINT job_items_usage_object CHECK (jsonb_typeof(usage) = 'object'),
+    CONSTRAINT job_items_served_tier_valid CHECK (served_tier IN ('realtime', 'flex', 'batch')),
     CONSTRAINT job_items_status_check
         CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED')),
     CONSTRAINT job_items_instance_id_valid
@@ -652,3 +660,80 @@ CREATE TABLE dashboard_revoked_sessions (
     nonce text PRIMARY KEY,
     expires_at timestamptz NOT NULL
 );
+
+-- What each store costs: a trigger copies each completion's tokens into a per-store ledger, and
+-- a compactor folds it into one row per store, day (UTC), model and tier; reports read these
+-- two small tables, never job_items, and survive retention deleting the jobs.
+-- A token count of a usage object: a JSON number from 0 to 10^15 (rounded), anything else 0.
+-- Never raises: a malformed usage must not fail the statement that completes its item.
+CREATE FUNCTION listener_usage_tokens(usage jsonb, field text) RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(usage -> field) = 'number'
+            AND (usage ->> field)::numeric BETWEEN 0 AND 1e15
+        THEN round((usage ->> field)::numeric)::bigint
+        ELSE 0
+    END
+$$;
+
+-- Completions not yet folded into store_usage_daily: appended to (never updated), so writers
+-- of outcomes never wait on each other for it.
+CREATE TABLE store_usage_recent (
+    instance_id text NOT NULL,
+    day date NOT NULL,
+    model text NOT NULL,
+    served_tier text NOT NULL,
+    items bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX idx_store_usage_recent_store_day ON store_usage_recent (instance_id, day);
+
+-- One row per store, day (UTC), model and tier: written by the compactor alone (one process
+-- of the fleet at a time).
+CREATE TABLE store_usage_daily (
+    instance_id text NOT NULL,
+    day date NOT NULL,
+    model text NOT NULL,
+    served_tier text NOT NULL,
+    items bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    PRIMARY KEY (instance_id, day, model, served_tier)
+);
+
+CREATE INDEX idx_store_usage_daily_day ON store_usage_daily (day);
+
+-- Statement-level, with the rows before and after: an item counts once, when it becomes
+-- COMPLETED with a served tier (a later update of a completed item adds nothing).
+CREATE FUNCTION job_items_record_usage() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO store_usage_recent (
+        instance_id, day, model, served_tier, items, prompt_tokens, cached_tokens,
+        completion_tokens
+    )
+    SELECT n.instance_id, (coalesce(n.completed_at, now()) AT TIME ZONE 'UTC')::date,
+        coalesce(n.model, ''), n.served_tier, count(*),
+        sum(listener_usage_tokens(n.usage, 'prompt_tokens')),
+        sum(listener_usage_tokens(n.usage, 'cached_tokens')),
+        sum(listener_usage_tokens(n.usage, 'completion_tokens'))
+    FROM completed_items n
+    WHERE n.status = 'COMPLETED' AND n.served_tier IS NOT NULL
+      AND n.id IN (
+          SELECT o.id FROM previous_items o
+          WHERE o.status <> 'COMPLETED' OR o.served_tier IS NULL
+      )
+    GROUP BY 1, 2, 3, 4;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER job_items_record_usage
+    AFTER UPDATE ON job_items
+    REFERENCING OLD TABLE AS previous_items NEW TABLE AS completed_items
+    FOR EACH STATEMENT EXECUTE FUNCTION job_items_record_usage();
