@@ -115,7 +115,7 @@ def test_down_one_reverts_only_the_last(database_url: str) -> None:
     assert runner.down() == [load_migrations()[-1].name]
     diff = diff_against_schema(database_url)
     assert "store_usage_daily" in diff  # the last migration's table
-    assert "openai_batches" not in diff
+    assert "listener_item_tier" not in diff
     assert "listener_end_finished_jobs" not in diff
     assert "idx_jobs_finished" not in diff
     assert "dashboard_revoked_sessions" not in diff
