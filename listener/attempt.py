@@ -82,6 +82,25 @@ def as_result(value: Any) -> Result:
     return value if isinstance(value, Result) else Result(value)
 
 
+def retry_outcome(
+    item: ClaimedItem,
+    error: RetryItem,
+    max_attempts: int,
+    settings: Settings,
+    rng: random.Random,
+) -> Outcome:
+    """A retry after backoff, or FAILED once the item has used its attempts: the rule of every
+    attempt, real-time or a batch's line."""
+    if item.attempts >= max_attempts:
+        return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
+    delay = error.after
+    if delay is None:
+        delay = retry_delay(
+            item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, rng
+        )
+    return Outcome.retry(item, str(error), delay)
+
+
 async def attempt(
     item: ClaimedItem,
     grant: Any,
@@ -115,14 +134,7 @@ async def attempt(
     except FailItem as error:
         return Outcome.failed(item, str(error))
     except RetryItem as error:
-        if item.attempts >= max_attempts:
-            return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
-        delay = error.after
-        if delay is None:
-            delay = retry_delay(
-                item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, rng
-            )
-        return Outcome.retry(item, str(error), delay)
+        return retry_outcome(item, error, max_attempts, settings, rng)
     except DatabaseError as error:
         # The budget's row was unreachable before any answer (pause, acquire): not the item's
         # fault, and nothing was paid for.

@@ -29,13 +29,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from listener.errors import ConfigurationError
 from listener.tiers import BATCH, REALTIME, TIERS
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
 
 # The kind of every job that names none (the column's default): today's product description.
 DEFAULT_KIND = "product_description"
@@ -78,6 +81,14 @@ class Result:
 
 class Handler(Protocol):
     def __call__(self, item: Item, /) -> Awaitable[Any]: ...
+
+
+class Service(Protocol):
+    """A task the worker runs beside its claims while it runs (the OpenAI batch path), given
+    its pool and the app it serves; cancelled when the worker stops, so every step of it must
+    be safe to cut off and repeat."""
+
+    def __call__(self, pool: AsyncConnectionPool, app: App, /) -> Coroutine[Any, Any, None]: ...
 
 
 @dataclass(frozen=True)
@@ -138,9 +149,15 @@ class Kind:
 class App:
     """A registry of kinds (and of the budgets they draw from) that a worker serves."""
 
-    def __init__(self, kinds: Iterable[Kind] = (), budgets: Iterable[Budget] = ()) -> None:
+    def __init__(
+        self,
+        kinds: Iterable[Kind] = (),
+        budgets: Iterable[Budget] = (),
+        services: Iterable[Service] = (),
+    ) -> None:
         self._kinds: dict[str, Kind] = {}
         self._budgets: dict[str, Budget] = {}
+        self.services: list[Service] = list(services)
         for budget in budgets:
             self.add_budget(budget)
         for kind in kinds:
@@ -198,7 +215,7 @@ class App:
 
     def merged(self, other: App) -> App:
         """This app's kinds and budgets, then `other`'s (a name in both is an error)."""
-        app = App(self, self._budgets.values())
+        app = App(self, self._budgets.values(), [*self.services, *other.services])
         for budget in other.budgets.values():
             app.add_budget(budget)
         for kind in other:
@@ -218,6 +235,7 @@ class App:
         return App(
             (dataclasses.replace(kind, handler=watch(kind.handler)) for kind in self),
             self._budgets.values(),
+            self.services,
         )
 
     def only(self, names: Iterable[str]) -> App:
@@ -229,7 +247,7 @@ class App:
                 f"invalid setting WORKER_KINDS: no kind named {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(self._kinds))})"
             )
-        return App((self._kinds[name] for name in wanted), self._budgets.values())
+        return App((self._kinds[name] for name in wanted), self._budgets.values(), self.services)
 
     @property
     def budgets(self) -> Mapping[str, Budget]:

@@ -282,6 +282,8 @@ class Worker:
                         )
                     await self._log_pending()
                     await self._register_kinds()
+                    for service in self.app.services:
+                        services.start_soon(service, self.pool, self.app)
                 if not self._stopping:
                     task_status.started()
                     async with anyio.create_task_group() as workers:

@@ -31,8 +31,9 @@ def openai_app(settings: Settings) -> App:
             closed = True
             await client.close()
 
+    handlers: dict[str, ChatHandler] = {}
     for spec in kind_specs(settings).values():
-        handler = ChatHandler(spec, settings, client)
+        handler = handlers[spec.name] = ChatHandler(spec, settings, client)
         app.add(
             Kind(
                 spec.name,
@@ -49,6 +50,10 @@ def openai_app(settings: Settings) -> App:
                 batch=True,
             )
         )
+    # Imported here: listener.batches builds on this package's modules.
+    from listener.batches.runner import BatchRunner
+
+    app.services.append(BatchRunner(settings, client, handlers))
     return app
 
 
