@@ -72,6 +72,7 @@ def handler_item(item: ClaimedItem, kind: Kind, settings: Settings) -> Item:
         options=item.options,
         attempt=item.attempts,
         max_attempts=kind.max_attempts or settings.max_attempts,
+        tier=item.tier,
     )
 
 
@@ -79,6 +80,25 @@ def as_result(value: Any) -> Result:
     """A handler's return value as a Result. Its value is encoded once, when the outcome is
     written: one that is not JSON then fails its item alone, with the reason (items.py)."""
     return value if isinstance(value, Result) else Result(value)
+
+
+def retry_outcome(
+    item: ClaimedItem,
+    error: RetryItem,
+    max_attempts: int,
+    settings: Settings,
+    rng: random.Random,
+) -> Outcome:
+    """A retry after backoff, or FAILED once the item has used its attempts: the rule of every
+    attempt, real-time or a batch's line."""
+    if item.attempts >= max_attempts:
+        return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
+    delay = error.after
+    if delay is None:
+        delay = retry_delay(
+            item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, rng
+        )
+    return Outcome.retry(item, str(error), delay)
 
 
 async def attempt(
@@ -116,14 +136,7 @@ async def attempt(
     except FailItem as error:
         return Outcome.failed(item, str(error))
     except RetryItem as error:
-        if item.attempts >= max_attempts:
-            return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
-        delay = error.after
-        if delay is None:
-            delay = retry_delay(
-                item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, rng
-            )
-        return Outcome.retry(item, str(error), delay)
+        return retry_outcome(item, error, max_attempts, settings, rng)
     except DatabaseError as error:
         # The budget's row was unreachable before any answer (pause, acquire): not the item's
         # fault, and nothing was paid for.

@@ -20,6 +20,7 @@ from listener.database import resolve_database
 from listener.errors import ConfigurationError, ListenerError, UsageError
 from listener.handler import DEFAULT_BUDGET, DEFAULT_KIND, App
 from listener.settings import Settings
+from listener.tiers import TIERS
 
 if TYPE_CHECKING:
     from listener.worker import Worker
@@ -145,6 +146,7 @@ def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
         priority=priority,
         kind=args.kind,
         options=options,
+        tier=args.tier,
     )
     _say(str(job_id))
     return 0
@@ -309,6 +311,12 @@ def register(commands: Any) -> None:
     )
     enqueue.add_argument(
         "--options", help='the job\'s options as a JSON object, e.g. \'{"language": "French"}\''
+    )
+    enqueue.add_argument(
+        "--tier",
+        choices=TIERS,
+        help="realtime, batch (OpenAI's Batch API: half the price, within 24 h), flex or auto "
+        "(batch when large or of low priority); default: the kind's",
     )
     enqueue.set_defaults(handler=_enqueue)
 

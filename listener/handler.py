@@ -29,12 +29,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from listener.errors import ConfigurationError
+from listener.tiers import BATCH, REALTIME, TIERS
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
 
 # The kind of every job that names none (the column's default): today's product description.
 DEFAULT_KIND = "product_description"
@@ -61,6 +65,8 @@ class Item:
     options: Mapping[str, Any]  # the job's options over its store's defaults
     attempt: int  # 1 on the first try
     max_attempts: int
+    # The tier it runs on: 'realtime' or 'flex' here ('batch' items go to the batch path).
+    tier: str = REALTIME
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,14 @@ class Handler(Protocol):
     def __call__(self, item: Item, /) -> Awaitable[Any]: ...
 
 
+class Service(Protocol):
+    """A task the worker runs beside its claims while it runs (the OpenAI batch path), given
+    its pool and the app it serves; cancelled when the worker stops, so every step of it must
+    be safe to cut off and repeat."""
+
+    def __call__(self, pool: AsyncConnectionPool, app: App, /) -> Coroutine[Any, Any, None]: ...
+
+
 @dataclass(frozen=True)
 class Budget:
     """A named, fleet-wide budget of requests (and tokens) a minute: one limiter row."""
@@ -115,6 +129,10 @@ class Kind:
     required_options: frozenset[str] = frozenset()
     # Called once when the worker closes (an HTTP client's connections, say).
     aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
+    # The tier of a job that names none (listener.tiers), and whether a batch runner serves its
+    # batch-tier items (the OpenAI chat kinds): a job may ask for 'batch' only then.
+    tier: str = REALTIME
+    batch: bool = False
 
     def __post_init__(self) -> None:
         if not KIND_NAME.match(self.name):
@@ -126,6 +144,14 @@ class Kind:
             raise ConfigurationError(f"kind {self.name}: max_attempts must be at least 1")
         if self.estimate < 0:
             raise ConfigurationError(f"kind {self.name}: estimate must not be negative")
+        if self.tier not in TIERS:
+            raise ConfigurationError(
+                f"kind {self.name}: tier {self.tier!r} is not one of {', '.join(TIERS)}"
+            )
+        if self.tier == BATCH and not self.batch:
+            raise ConfigurationError(
+                f"kind {self.name}: tier 'batch' needs a handler that can batch (batch=True)"
+            )
         if self.options is not None and not self.required_options <= self.options:
             missing = ", ".join(sorted(self.required_options - self.options))
             raise ConfigurationError(
@@ -136,9 +162,15 @@ class Kind:
 class App:
     """A registry of kinds (and of the budgets they draw from) that a worker serves."""
 
-    def __init__(self, kinds: Iterable[Kind] = (), budgets: Iterable[Budget] = ()) -> None:
+    def __init__(
+        self,
+        kinds: Iterable[Kind] = (),
+        budgets: Iterable[Budget] = (),
+        services: Iterable[Service] = (),
+    ) -> None:
         self._kinds: dict[str, Kind] = {}
         self._budgets: dict[str, Budget] = {}
+        self.services: list[Service] = list(services)
         for budget in budgets:
             self.add_budget(budget)
         for kind in kinds:
@@ -173,6 +205,7 @@ class App:
         estimate: int = 1,
         options: Iterable[str] | None = None,
         required_options: Iterable[str] = (),
+        tier: str = REALTIME,
     ) -> Callable[[Handler], Handler]:
         """Register the decorated async function as the handler of kind `name`."""
 
@@ -186,6 +219,7 @@ class App:
                     estimate=estimate,
                     options=None if options is None else frozenset(options),
                     required_options=frozenset(required_options),
+                    tier=tier,
                 )
             )
             return handler
@@ -194,7 +228,7 @@ class App:
 
     def merged(self, other: App) -> App:
         """This app's kinds and budgets, then `other`'s (a name in both is an error)."""
-        app = App(self, self._budgets.values())
+        app = App(self, self._budgets.values(), [*self.services, *other.services])
         for budget in other.budgets.values():
             app.add_budget(budget)
         for kind in other:
@@ -214,6 +248,7 @@ class App:
         return App(
             (dataclasses.replace(kind, handler=watch(kind.handler)) for kind in self),
             self._budgets.values(),
+            self.services,
         )
 
     def only(self, names: Iterable[str]) -> App:
@@ -225,7 +260,7 @@ class App:
                 f"invalid setting WORKER_KINDS: no kind named {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(self._kinds))})"
             )
-        return App((self._kinds[name] for name in wanted), self._budgets.values())
+        return App((self._kinds[name] for name in wanted), self._budgets.values(), self.services)
 
     @property
     def budgets(self) -> Mapping[str, Budget]:

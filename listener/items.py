@@ -16,6 +16,7 @@ from listener.errors import OutcomeRefused, one_line
 from listener.handler import DEFAULT_KIND
 from listener.sqlfiles import queries
 from listener.storable import storable
+from listener.tiers import REALTIME
 
 Status = Literal["COMPLETED", "FAILED", "PENDING"]
 _NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
@@ -34,6 +35,7 @@ class ClaimedItem:
     kind: str = DEFAULT_KIND
     # The job's options over its store's (`stores.options`), as the claim read them.
     options: Mapping[str, Any] = field(default_factory=lambda: _NO_OPTIONS, compare=False)
+    tier: str = REALTIME  # 'realtime' or 'flex': the claim never takes batch-tier items
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> Clai
     """A row of the claim: its columns in the claim's SELECT order. `parsed`: the options read
     so far, by their text (a claim's items share their job's, parsed once, read-only)."""
     (id_, job_id, store, product_id, payload_text, payload_bytes, attempts, _retry_in, kind,
-     options_text) = row  # fmt: skip
+     options_text, tier) = row  # fmt: skip
     text = options_text or "{}"
     options = parsed.get(text)
     if options is None:
@@ -202,6 +204,7 @@ def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> Clai
         attempts=attempts,
         kind=kind,
         options=options,
+        tier=tier,
     )
 
 

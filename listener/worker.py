@@ -288,6 +288,8 @@ class Worker:
                     )
                     await self._log_pending()
                     await self._register_kinds()
+                    for service in self.app.services:
+                        services.start_soon(service, self.pool, self.app)
                 if not self._stopping:
                     task_status.started()
                     async with anyio.create_task_group() as workers:
@@ -332,7 +334,7 @@ class Worker:
         # What producers may enqueue. A database that refuses it now must not keep the worker
         # from working: the next start registers them.
         try:
-            await register_kinds(self.pool, self.app)
+            await register_kinds(self.pool, self.app, self.settings.auto_rule)
         except DatabaseError as error:
             logger.warning("[Worker] could not register the kinds it serves: %s", error)
             return

@@ -25,7 +25,11 @@ CREATE TABLE jobs (
     kind text NOT NULL DEFAULT 'product_description',
     options jsonb NOT NULL DEFAULT '{}'::jsonb,
     CONSTRAINT jobs_kind_valid CHECK (kind ~ '^[a-z][a-z0-9_.-]{0,62}$'),
-    CONSTRAINT jobs_options_object CHECK (jsonb_typeof(options) = 'object')
+    CONSTRAINT jobs_options_object CHECK (jsonb_typeof(options) = 'object'),
+    -- How its items reach OpenAI (docs/guides/cost-tiers.md): NULL is its kind's default tier;
+    -- 'auto' is resolved into each item's own tier (job_items.tier) when the items are written.
+    tier text,
+    CONSTRAINT jobs_tier_valid CHECK (tier IN ('realtime', 'batch', 'flex', 'auto'))
 );
 
 CREATE INDEX idx_jobs_instance_id ON jobs (instance_id);
@@ -35,6 +39,40 @@ CREATE INDEX idx_jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT 
 
 -- The reaper's sweep for jobs never closed reads the open jobs only.
 CREATE INDEX idx_jobs_open ON jobs (id) WHERE completed_at IS NULL;
+
+-- OpenAI batches of ours, one row per batch file (listener/batches/): recorded before and after
+-- each call to OpenAI, so that every step can be repeated after a crash. `state` is our step:
+-- collected (items taken) -> uploaded (input file at OpenAI) -> submitting (batches.create
+-- called, or about to be: a restart adopts the batch by its metadata) -> submitted (polled)
+-- -> finished (every item written or returned; `outcome` says how it ended).
+CREATE TABLE openai_batches (
+    id bigserial PRIMARY KEY,
+    kind text NOT NULL,
+    model text NOT NULL,
+    state text NOT NULL DEFAULT 'collected',
+    input_file_id text,
+    openai_batch_id text UNIQUE,
+    status text,  -- OpenAI's: validating, in_progress, finalizing, completed, failed, ...
+    request_count integer NOT NULL DEFAULT 0,
+    completed_count integer NOT NULL DEFAULT 0,
+    failed_count integer NOT NULL DEFAULT 0,
+    -- Our estimate of its prompt tokens: what it adds to OpenAI's enqueued-token count.
+    estimated_tokens bigint NOT NULL DEFAULT 0,
+    output_file_id text,
+    error_file_id text,
+    outcome text,
+    last_error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    uploaded_at timestamptz,
+    submitted_at timestamptz,
+    polled_at timestamptz,
+    finished_at timestamptz,
+    CONSTRAINT openai_batches_state_valid
+        CHECK (state IN ('collected', 'uploaded', 'submitting', 'submitted', 'finished'))
+);
+
+-- Each step reads the batches not finished yet.
+CREATE INDEX idx_openai_batches_open ON openai_batches (id) WHERE state <> 'finished';
 
 CREATE TABLE job_items (
     id bigserial PRIMARY KEY,
@@ -60,6 +98,13 @@ CREATE TABLE job_items (
     -- No default either: its job's (job_items_fill_priority), so a process serving some kinds
     -- claims only those.
     kind text NOT NULL,
+    -- The tier the item is served on, resolved from its job's (never 'auto'): no default, the
+    -- fill trigger resolves it (listener_item_tier) unless the insert names it (the producer's
+    -- COPY does). 'batch' items are collected into OpenAI batch files, never claimed one by one.
+    tier text NOT NULL,
+    -- The batch that holds (or held) it: status PROCESSING and claimed_by 'batch:<id>' while
+    -- the batch runs, with no lease (the reaper leaves it to the batch path).
+    openai_batch_id bigint REFERENCES openai_batches (id) ON DELETE SET NULL,
     -- What the item's call cost: the usage it reported ({prompt_tokens, completion_tokens,
     -- cached_tokens}), the model that answered, and the tier that served it (NULL: no priced
     -- call served it). Money is computed when read, from store_usage_* and the price table.
@@ -77,7 +122,8 @@ CREATE TABLE job_items (
         ),
     -- A btree entry holds at most 2704 bytes: refuse a longer product id with a clear name.
     CONSTRAINT job_items_product_id_length CHECK (octet_length(product_id) <= 1024),
-    CONSTRAINT job_items_priority_range CHECK (priority BETWEEN -100 AND 100)
+    CONSTRAINT job_items_priority_range CHECK (priority BETWEEN -100 AND 100),
+    CONSTRAINT job_items_tier_valid CHECK (tier IN ('realtime', 'batch', 'flex'))
 );
 
 -- The checklist's indexes (the first three existed before the optimisation).
@@ -91,8 +137,18 @@ CREATE INDEX idx_job_items_status_id ON job_items (status, id);
 -- this small index: finished rows never enter it, so its size is the backlog, not the history.
 -- Within a store: priority first, then due time, so items waiting out a retry's backoff sit
 -- behind the due ones of their priority and a claim never reads past them.
+-- Batch-tier items are not in it: the real-time claim never takes them nor reads past them.
 CREATE INDEX idx_job_items_pending ON job_items (instance_id, priority DESC, run_after, id)
-    WHERE status = 'PENDING';
+    WHERE status = 'PENDING' AND tier <> 'batch';
+
+-- The batch collector's own: the due batch-tier items of a kind, store by store.
+CREATE INDEX idx_job_items_batch_pending
+    ON job_items (kind, instance_id, priority DESC, run_after, id)
+    WHERE status = 'PENDING' AND tier = 'batch';
+
+-- The items a batch still holds (its outcome, a cancel's "is any still wanted").
+CREATE INDEX idx_job_items_in_batch ON job_items (openai_batch_id)
+    WHERE status = 'PROCESSING' AND openai_batch_id IS NOT NULL;
 
 -- "Is this job finished?" after each completion batch, without walking the job's done items.
 CREATE INDEX idx_job_items_open_job ON job_items (job_id)
@@ -112,21 +168,56 @@ CREATE TRIGGER job_items_fill_instance_id
     FOR EACH ROW WHEN (NEW.instance_id IS NULL)
     EXECUTE FUNCTION job_items_fill_instance_id();
 
--- Producers need not know about priorities nor kinds: an item takes its job's unless it says
--- otherwise.
+-- An item's tier from its job's (NULL: the kind's default, as its workers registered it), the
+-- kind and the item's priority. 'auto' is 'batch' for a kind that can batch and a priority at
+-- or under the fleet's AUTO_BATCH_MAX_PRIORITY; the size half of the rule (AUTO_BATCH_MIN_ITEMS)
+-- needs the job's item count, which only the producer knows (it writes the tier itself). A kind
+-- no worker has registered yet takes 'realtime' for 'auto' (nothing says it can batch).
+CREATE FUNCTION listener_item_tier(job_tier text, item_kind text, item_priority integer)
+    RETURNS text
+    LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    kind_tier text;
+    can_batch boolean;
+    max_priority integer;
+    wanted text;
+BEGIN
+    SELECT k.tier, k.batchable, k.auto_batch_max_priority
+    INTO kind_tier, can_batch, max_priority
+    FROM job_kinds k WHERE k.name = item_kind;
+    wanted := coalesce(job_tier, kind_tier, 'realtime');
+    IF wanted = 'auto' THEN
+        RETURN CASE WHEN can_batch AND item_priority <= max_priority
+            THEN 'batch' ELSE 'realtime' END;
+    END IF;
+    IF wanted = 'batch' AND can_batch IS FALSE THEN
+        RAISE EXCEPTION 'kind % cannot run on the batch tier (its handler cannot batch)',
+            item_kind USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN wanted;
+END;
+$$;
+
+-- Producers need not know about priorities, kinds nor tiers: an item takes its job's unless it
+-- says otherwise.
 CREATE FUNCTION job_items_fill_priority() RETURNS trigger
     LANGUAGE plpgsql AS $$
+DECLARE
+    job_tier text;
 BEGIN
-    SELECT coalesce(NEW.priority, j.priority), coalesce(NEW.kind, j.kind)
-    INTO NEW.priority, NEW.kind
+    SELECT coalesce(NEW.priority, j.priority), coalesce(NEW.kind, j.kind), j.tier
+    INTO NEW.priority, NEW.kind, job_tier
     FROM jobs j WHERE j.id = NEW.job_id;
+    IF NEW.tier IS NULL THEN
+        NEW.tier := listener_item_tier(job_tier, NEW.kind, NEW.priority);
+    END IF;
     RETURN NEW;
 END;
 $$;
 
 CREATE TRIGGER job_items_fill_priority
     BEFORE INSERT ON job_items
-    FOR EACH ROW WHEN (NEW.priority IS NULL OR NEW.kind IS NULL)
+    FOR EACH ROW WHEN (NEW.priority IS NULL OR NEW.kind IS NULL OR NEW.tier IS NULL)
     EXECUTE FUNCTION job_items_fill_priority();
 
 -- One notification per distinct store per statement: a 10,000-item insert is one NOTIFY,
@@ -141,7 +232,7 @@ BEGIN
         THEN s.instance_id ELSE s.instance_id || E'\x1f' || s.kind END)
     FROM (
         SELECT DISTINCT instance_id, kind FROM ready_items
-        WHERE status = 'PENDING' AND run_after <= now()
+        WHERE status = 'PENDING' AND run_after <= now() AND tier <> 'batch'
     ) s;
     RETURN NULL;
 END;
@@ -244,6 +335,7 @@ $$;
 
 -- Cancel a job: its PENDING items become CANCELLED at once; items in flight finish and keep
 -- their result, and none goes back to PENDING (a retry or a release of one becomes CANCELLED);
+-- items waiting in an OpenAI batch are CANCELLED at once too (their late lines are ignored);
 -- the job ends CANCELLED when the last of them is written. Idempotent: a finished job is left
 -- as it is, and the answer says so ("changed": false).
 CREATE FUNCTION listener_cancel_job(job_id bigint) RETURNS jsonb
@@ -272,7 +364,8 @@ BEGIN
     WHERE id = job.id;
     UPDATE job_items i
     SET status = 'CANCELLED', completed_at = now(), updated_at = now()
-    WHERE i.job_id = job.id AND i.status = 'PENDING';
+    WHERE i.job_id = job.id
+      AND (i.status = 'PENDING' OR (i.status = 'PROCESSING' AND i.openai_batch_id IS NOT NULL));
     GET DIAGNOSTICS cancelled = ROW_COUNT;
     -- Wait for outcomes being written now, and make later ones wait for this commit: then
     -- either this count sees an outcome, or its writer's finish_jobs (after it) sees the cancel.
@@ -542,7 +635,15 @@ CREATE TABLE job_kinds (
     budget text,
     registered_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT job_kinds_name_valid CHECK (name ~ '^[a-z][a-z0-9_.-]{0,62}$')
+    CONSTRAINT job_kinds_name_valid CHECK (name ~ '^[a-z][a-z0-9_.-]{0,62}$'),
+    -- Its default tier, whether its handler can batch, and the fleet's `auto` rule
+    -- (AUTO_BATCH_MIN_ITEMS, AUTO_BATCH_MAX_PRIORITY), as its latest worker registered them:
+    -- the producer and the fill trigger resolve tiers from here.
+    tier text NOT NULL DEFAULT 'realtime',
+    batchable boolean NOT NULL DEFAULT false,
+    auto_batch_min_items integer,
+    auto_batch_max_priority integer,
+    CONSTRAINT job_kinds_tier_valid CHECK (tier IN ('realtime', 'batch', 'flex', 'auto'))
 );
 
 -- The dashboard's sessions across processes: the key that signs them when there is no API_TOKEN

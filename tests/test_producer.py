@@ -203,6 +203,7 @@ def test_importing_the_package_loads_no_worker_code() -> None:
             "listener.producer",
             "listener.registry",
             "listener.sqlfiles",
+            "listener.tiers",
         ]
     )
     assert listener.__all__ == [

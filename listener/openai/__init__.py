@@ -31,8 +31,9 @@ def openai_app(settings: Settings) -> App:
             closed = True
             await client.close()
 
+    handlers: dict[str, ChatHandler] = {}
     for spec in kind_specs(settings).values():
-        handler = ChatHandler(spec, settings, client)
+        handler = handlers[spec.name] = ChatHandler(spec, settings, client)
         app.add(
             Kind(
                 spec.name,
@@ -43,8 +44,16 @@ def openai_app(settings: Settings) -> App:
                 options=spec.options,
                 required_options=spec.required_options,
                 aclose=close,
+                tier=spec.tier,
+                # Its request body is a batch line's (ChatHandler.request), its answers are
+                # checked alike: the batch path (listener/batches/) serves its batch tier.
+                batch=True,
             )
         )
+    # Imported here: listener.batches builds on this package's modules.
+    from listener.batches.runner import BatchRunner
+
+    app.services.append(BatchRunner(settings, client, handlers))
     return app
 
 

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import jsonschema
 import openai
 from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion
 
 from listener.errors import (
     BudgetExhausted,
@@ -193,7 +194,12 @@ class ChatHandler:
             raise RetryItem(f"OpenAI error {error.status_code}: {_describe(error)}") from None
         except (ValueError, openai.APIResponseValidationError) as error:
             raise RetryItem(f"malformed response from OpenAI: {error}") from None
-        pause = budget_pause(raw.headers, self.estimate_tokens())
+        return self.answer(item, completion, budget_pause(raw.headers, self.estimate_tokens()))
+
+    def answer(self, item: Item, completion: ChatCompletion, pause: float | None = None) -> Result:
+        """The completion checked and turned into the item's Result; a bad answer raises
+        RetryItem or FailItem. A batch's output line goes through here too (listener.batches),
+        so batch answers are checked exactly as real-time ones."""
         if not completion.choices:
             raise RetryItem("OpenAI answered without a completion")
         message = completion.choices[0].message

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import signal
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
-from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -29,24 +26,16 @@ from starlette.routing import Route
 
 # An `X as X` import is a re-export: tests and the demo import those names from here.
 from listener.http.serve import serving
+from listener.stub.answer import BAD_BODY, completion_body, read_chat_request
+from listener.stub.batch_api import batch_routes
 from listener.stub.state import StubConfig as StubConfig
 from listener.stub.state import StubState as StubState
-from listener.stub.text import (
-    INVALID_MARKER,
-    REFUSE_MARKER,
-    estimate_tokens,
-    generate_description,
-    object_for_schema,
-    text_of,
-)
 from listener.stub.text import extract_product_name as extract_product_name
 from listener.stub.window import SlidingWindow as SlidingWindow
 from listener.stub.window import format_duration as format_duration
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 256  # what OpenAI reserves against TPM when max_tokens is absent
-_BAD_BODY = "Invalid request body: expected JSON with a 'messages' list."
 _MALFORMED_BODY = '{"id": "chatcmpl-broken", "choices": ['
 _MODEL = {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "stub"}
 
@@ -63,6 +52,14 @@ _FAULTS: dict[int, tuple[str, str, str | None]] = {
     429: ("Rate limit reached (injected fault).", "requests", "rate_limit_exceeded"),
     503: ("The engine is currently overloaded, please try again later.", "server_error", None),
 }
+# What OpenAI answers when flex processing has no capacity for a request: a 429 that is not a
+# rate limit (no retry-after); the usual handling is to retry later or on the default tier.
+FLEX_UNAVAILABLE = (
+    "Resource unavailable: flex processing has no capacity for this request right now. "
+    "Please retry later, or use the default service tier.",
+    "resource_unavailable",
+    "resource_unavailable",
+)
 _SERVER_ERROR = ("The server had an error while processing your request.", "server_error", None)
 
 
@@ -70,20 +67,6 @@ def _injected_error(status: int, headers: dict[str, str]) -> JSONResponse:
     if status == 429:
         headers = {**headers, "retry-after": "1", "retry-after-ms": "1000"}
     return _error(status, *_FAULTS.get(status, _SERVER_ERROR), headers)
-
-
-def _answer(response_format: Any, prompt: str) -> tuple[str | None, str | None]:
-    """The message's content and refusal: plain text, or a JSON object fitting the request's
-    `json_schema` (refused, or made not to fit, when the prompt asks the stub to)."""
-    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
-        return generate_description(prompt), None
-    if REFUSE_MARKER in prompt:
-        return None, "I'm sorry, I can't help with that request."
-    if INVALID_MARKER in prompt:
-        return json.dumps({"unexpected": prompt[:40]}), None
-    spec = response_format.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    return json.dumps(object_for_schema(schema, prompt), ensure_ascii=False), None
 
 
 def build_app(state: StubState) -> Starlette:
@@ -99,19 +82,9 @@ def build_app(state: StubState) -> Starlette:
             state.unauthorized_total += 1
             return _injected_error(401, base)
         try:
-            payload = await request.json()
-            messages = payload["messages"]
-            model = str(payload.get("model", "gpt-4o-mini"))
-            texts = [text_of(m.get("content")) for m in messages]
-            last_user = next(
-                (text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
-                "",
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return _error(400, _BAD_BODY, "invalid_request_error", None, base)
-        prompt_tokens = estimate_tokens("".join(texts))
-        max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
-        cost = prompt_tokens + int(max_tokens or DEFAULT_MAX_TOKENS)
+            chat = read_chat_request(await request.json())
+        except ValueError:  # BadChatRequest, or a body that is not JSON
+            return _error(400, BAD_BODY, "invalid_request_error", None, base)
 
         if cfg.fail_next_status:
             base.update(state.limit_headers(state.clock()))
@@ -132,39 +105,27 @@ def build_app(state: StubState) -> Starlette:
             cfg.malformed_next -= 1
             state.errors_injected_total += 1
             return Response(_MALFORMED_BODY, 200, base, media_type="application/json")
+        if chat.flex:
+            state.flex_total += 1
+            if state.flex_unavailable(chat.last_user):
+                # Before admission: a refused flex request uses none of the per-minute budget.
+                state.flex_unavailable_total += 1
+                return _error(
+                    429, *FLEX_UNAVAILABLE, {**base, **state.limit_headers(state.clock())}
+                )
 
-        admission = state.admit(model, cost)
+        admission = state.admit(chat.model, chat.cost)
         headers = {**base, **admission.headers}
         if not admission.allowed:
             state.rate_limited_total += 1
             return _error(
                 429, admission.message, admission.limit_type, "rate_limit_exceeded", headers
             )
-        if cfg.latency > 0:
-            await anyio.sleep(cfg.latency)
-        content, refusal = _answer(payload.get("response_format"), last_user)
-        completion_tokens = estimate_tokens(content or refusal or "")
+        latency = cfg.latency + (cfg.flex_latency if chat.flex else 0.0)
+        if latency > 0:
+            await anyio.sleep(latency)
         state.completed_total += 1
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        message = {"role": "assistant", "content": content, "refusal": refusal}
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "system_fingerprint": "fp_stub",
-                "choices": [
-                    {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
-                ],
-                "usage": usage,
-            },
-            headers=headers,
-        )
+        return JSONResponse(completion_body(chat), headers=headers)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_MODEL]})
@@ -194,6 +155,7 @@ def build_app(state: StubState) -> Starlette:
             Route("/stub/stats", stats, methods=["GET"]),
             Route("/stub/reset", reset, methods=["POST"]),
             Route("/stub/faults", faults, methods=["GET", "POST"]),
+            *batch_routes(state),
         ]
     )
 
@@ -262,6 +224,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fail-rate", type=float, default=0.0, help="probability of a 500")
     parser.add_argument("--seed", type=int, default=0, help="seed of the failures' randomness")
+    batch = parser.add_argument_group("the Batch API (/v1/files, /v1/batches)")
+    for status, default in (("validating", 1.0), ("processing", 5.0), ("finalizing", 1.0)):
+        batch.add_argument(
+            f"--batch-{status}-seconds",
+            type=_seconds,
+            default=default,
+            help=f"seconds a batch spends {status.replace('processing', 'in progress')}",
+        )
+    batch.add_argument(
+        "--batch-cancelling-seconds",
+        type=_seconds,
+        default=1.0,
+        help="seconds a cancelled batch stays cancelling",
+    )
+    batch.add_argument(
+        "--batch-completion-window-seconds",
+        type=_seconds,
+        default=86_400.0,
+        help="a batch not finished this long after its creation expires (OpenAI: 24h)",
+    )
+    batch.add_argument(
+        "--batch-error-rate",
+        type=_rate,
+        default=0.0,
+        help="share of a batch's requests answered 500 in its error file (seeded by --seed)",
+    )
+    batch.add_argument(
+        "--batch-enqueued-token-limit",
+        type=_count,
+        default=0,
+        help="prompt tokens of unfinished batches per model; a batch past it fails, 0 = unlimited",
+    )
+    batch.add_argument(
+        "--batch-max-requests", type=_count, default=50_000, help="requests in one input file"
+    )
+    batch.add_argument(
+        "--batch-max-bytes", type=_count, default=200 * 1024 * 1024, help="bytes of one input file"
+    )
+    flex = parser.add_argument_group('service_tier="flex"')
+    flex.add_argument(
+        "--flex-unavailable-rate",
+        type=_rate,
+        default=0.0,
+        help='share of flex requests answered 429 "resource unavailable" (seeded by --seed)',
+    )
+    flex.add_argument(
+        "--flex-latency", type=_seconds, default=0.0, help="extra seconds per flex answer"
+    )
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate from 0 to 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def config_from_args(args: argparse.Namespace) -> StubConfig:

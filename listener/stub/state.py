@@ -12,6 +12,9 @@ from typing import Any
 
 import anyio
 
+from listener.stub.batches import BatchStore
+from listener.stub.files import FileStore
+from listener.stub.text import FLEX_UNAVAILABLE_MARKER
 from listener.stub.window import SlidingWindow, ceil_ignoring_float_noise, format_duration
 
 
@@ -30,6 +33,20 @@ class StubConfig:
     timeout_next: int = 0
     hang_seconds: float = 30.0
     malformed_next: int = 0
+    # The Batch API: how long a batch spends in each status (seconds of the batch clock), its
+    # completion window, the share of its requests that fail, OpenAI's limits on a file.
+    batch_validating_seconds: float = 1.0
+    batch_processing_seconds: float = 5.0
+    batch_finalizing_seconds: float = 1.0
+    batch_cancelling_seconds: float = 1.0
+    batch_completion_window_seconds: float = 86_400.0
+    batch_error_rate: float = 0.0
+    batch_enqueued_token_limit: int = 0  # prompt tokens per model; 0 = unlimited
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
+    # service_tier="flex": the share of requests answered "resource unavailable", extra latency.
+    flex_unavailable_rate: float = 0.0
+    flex_latency: float = 0.0
 
 
 # What POST /stub/faults may change; not window_seconds, which would make the peak meaningless.
@@ -65,12 +82,18 @@ class StubState:
         self.rate_limited_total = 0
         self.errors_injected_total = 0
         self.unauthorized_total = 0
+        self.flex_total = 0
+        self.flex_unavailable_total = 0
+        # Files and batches outlive a reset, which is of the counters and windows.
+        self.files = FileStore()
+        self.batches = BatchStore(self.files)
         # Created lazily: anyio.Event needs a running event loop.
         self._release: anyio.Event | None = None
 
     def reset(self) -> None:
         self.requests_total = self.completed_total = self.rate_limited_total = 0
         self.errors_injected_total = self.unauthorized_total = 0
+        self.flex_total = self.flex_unavailable_total = 0
         self.requests.clear()
         self.tokens.clear()
 
@@ -82,6 +105,10 @@ class StubState:
             "rate_limited_total": self.rate_limited_total,
             "errors_injected_total": self.errors_injected_total,
             "unauthorized_total": self.unauthorized_total,
+            "flex_total": self.flex_total,
+            "flex_unavailable_total": self.flex_unavailable_total,
+            "files": len(self.files),
+            "batches": len(self.batches),
             "window_seconds": self.requests.length,
             "max_requests_in_any_window": self.requests.peak,
             "max_tokens_in_any_window": self.tokens.peak,
@@ -105,6 +132,13 @@ class StubState:
                 setattr(self.config, name, type(current)(value))
         if "seed" in updates:
             self.random.seed(self.config.seed)
+
+    def flex_unavailable(self, prompt: str) -> bool:
+        """Whether a flex request finds no capacity: by its marker, or by the seeded rate."""
+        if FLEX_UNAVAILABLE_MARKER in prompt:
+            return True
+        rate = self.config.flex_unavailable_rate
+        return rate > 0 and self.random.random() < rate
 
     def admit(self, model: str, cost: int) -> Admission:
         """Check both limits and record the request if admitted; must not await inside."""

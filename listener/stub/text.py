@@ -115,3 +115,11 @@ def _fit(schema: Any, name: str, text: str, key: str) -> Any:
     if isinstance(minimum, int) and len(value) < minimum:
         value = value.ljust(minimum, ".")
     return value
+
+
+# Markers of the Batch API and the flex tier: a batch line whose prompt holds BATCH_ERROR ends
+# in the error file with a 500 body, BATCH_400 with a 400 body; a flex request whose prompt
+# holds FLEX_UNAVAILABLE is answered "resource unavailable" (429), whatever the configured rate.
+BATCH_ERROR_MARKER = "STUB:BATCH_ERROR"
+BATCH_400_MARKER = "STUB:BATCH_400"
+FLEX_UNAVAILABLE_MARKER = "STUB:FLEX_UNAVAILABLE"
