@@ -59,7 +59,7 @@ claimed AS (
         CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s
             THEN j.payload::text END AS payload_text,
         octet_length(j.payload::text) AS payload_bytes,
-        j.attempts, j.kind, j.tier
+        j.attempts, j.kind, j.tier, j.deferred_since
 ),
 options AS MATERIALIZED (
     -- Each claimed job's options over its store's defaults: a probe of `jobs` and of `stores`
@@ -83,14 +83,15 @@ announced AS MATERIALIZED (
     GROUP BY instance_id
 )
 SELECT c.id, c.job_id, c.instance_id, c.product_id, c.payload_text, c.payload_bytes,
-    c.attempts, NULL::float8 AS retry_in, c.kind, o.options::text AS options, c.tier
+    c.attempts, NULL::float8 AS retry_in, c.kind, o.options::text AS options, c.tier,
+    c.deferred_since
 FROM claimed c
 LEFT JOIN options o ON o.job_id = c.job_id
 WHERE (SELECT count(*) FROM announced) >= 0
 UNION ALL
 -- One row per store its policy held back (paused, at max_in_flight, over rpm_limit): the
 -- claimer takes it out of the ring until it is due (retry_in seconds) or notified.
-SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL, NULL
+SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL, NULL, NULL
 FROM allowance
 WHERE granted < quota;
 
@@ -174,8 +175,9 @@ WITH requested AS (
     FROM unnest(
         %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
         %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[], %(usages)s::jsonb[],
-        %(models)s::text[], %(served_tiers)s::text[]
-    ) AS o(id, status, result, error, delay, refund, attempt, usage, model, served_tier)
+        %(models)s::text[], %(served_tiers)s::text[], %(deferrals)s::bool[]
+    ) AS o(id, status, result, error, delay, refund, attempt, usage, model, served_tier,
+        deferred)
 ),
 held AS MATERIALIZED (
     SELECT c.id, c.status
@@ -208,6 +210,10 @@ SET status = CASE WHEN outcome.cancelled THEN 'CANCELLED' ELSE outcome.status EN
     usage = coalesce(outcome.usage, j.usage),
     model = coalesce(outcome.model, j.model),
     served_tier = coalesce(outcome.served_tier, j.served_tier),
+    -- A deferral's clock starts at the claim of the first attempt deferred (flex: its first
+    -- flex request), and runs on through later deferrals.
+    deferred_since = CASE WHEN outcome.deferred THEN coalesce(j.deferred_since, j.claimed_at)
+        ELSE j.deferred_since END,
     -- A finished item keeps the name of the worker that did it, for the operator.
     claimed_by = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE j.claimed_by END,
     lease_expires_at = NULL,
