@@ -29,7 +29,7 @@ from starlette.routing import Route
 from listener.db import pool_stats
 from listener.errors import one_line
 from listener.http.auth import BearerTokenMiddleware
-from listener.http.costs import CostReport, FleetCosts, cost_metrics
+from listener.http.costs import COST_SECONDS, CostReport, FleetCosts, cost_metrics
 from listener.http.dashboard import Dashboard
 from listener.http.fleet import DB_ERRORS, Fleet, FleetSnapshot, usage
 from listener.http.health import Beating, Health
@@ -183,12 +183,16 @@ class FleetCollector(Collector):
 
 
 def build_app(
-    pool: AsyncConnectionPool, settings: Settings, worker: Worker | Beating | None = None
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    worker: Worker | Beating | None = None,
+    *,
+    cost_seconds: float = COST_SECONDS,
 ) -> Starlette:
     collector = FleetCollector(pool)
     snapshot = FleetSnapshot(pool, settings)
     # Read at start: a broken OPENAI_PRICES_FILE stops the process with one line.
-    costs = CostReport(pool, prices.load(settings.openai_prices_file))
+    costs = CostReport(pool, prices.load(settings.openai_prices_file), period=cost_seconds)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     checker = Health(pool, worker)
