@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from listener import enqueue, usage
+from listener import App, Item, Result, enqueue, usage
 from listener.costs import fleet_total, money, store_costs, top_stores
 from listener.db import open_pool
 from listener.http import app as http
@@ -338,3 +338,50 @@ def test_a_bad_price_file_stops_the_http_app_with_one_line(tmp_path: Path) -> No
     settings = make_settings("http://127.0.0.1:9/v1", openai_prices_file=str(path))
     with pytest.raises(PriceTableError, match="a number"):
         http.build_app(cast(Any, None), settings)
+
+
+async def test_a_handler_of_our_own_meters_through_the_seam_and_bad_metering_is_dropped(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App()
+
+    @app.kind("metered", budget=None)
+    async def metered(item: Item) -> Result:
+        if item.payload["good"]:
+            used = {"prompt_tokens": 1_000_000, "completion_tokens": 10, "reasoning": 7}
+            return Result({"ok": 1}, usage=used, model="gpt-4o-mini", served_tier="realtime")
+        return Result({"ok": 2}, usage={"prompt_tokens": -5}, model="m", served_tier="priority")
+
+    settings = make_settings("http://127.0.0.1:9/v1")
+    with caplog.at_level(logging.WARNING, logger="listener.storable"):
+        async with running_worker(database_url, settings, app):
+            job = enqueue(
+                database_url,
+                "own",
+                [{"id": "good", "good": True}, {"id": "bad", "good": False}],
+                kind="metered",
+            )
+            await wait_until(lambda: job_done(database_url, job))
+    rows = await query(
+        database_url,
+        "SELECT product_id, status, result, usage, model, served_tier FROM job_items"
+        " WHERE job_id = %s ORDER BY product_id",
+        (job,),
+    )
+    assert rows == [
+        # A metering that does not fit is dropped; the answer is kept.
+        ("bad", "COMPLETED", {"ok": 2}, None, "m", None),
+        # Keys other than the token counts are not stored.
+        (
+            "good",
+            "COMPLETED",
+            {"ok": 1},
+            {"prompt_tokens": 1_000_000, "completion_tokens": 10},
+            "gpt-4o-mini",
+            "realtime",
+        ),
+    ]
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "usage prompt_tokens is -5" in messages and "served tier 'priority'" in messages
+    (cost,) = store_costs(usage.read_usage(database_url, "own"), prices.load_built_in()).values()
+    assert cost.month.items == 1 and cost.month.cost_usd == pytest.approx(0.15 + 10 * 0.6 / 1e6)
