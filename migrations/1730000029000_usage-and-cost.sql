@@ -62,6 +62,22 @@ CREATE TABLE store_usage_daily (
 
 CREATE INDEX idx_store_usage_daily_day ON store_usage_daily (day);
 
+-- The same by month (its first day), written with the daily rows in the compactor's statement:
+-- the fleet's month reads stores x models x tiers rows, not stores x days x models x tiers.
+CREATE TABLE store_usage_monthly (
+    instance_id text NOT NULL,
+    month date NOT NULL,
+    model text NOT NULL,
+    served_tier text NOT NULL,
+    items bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    PRIMARY KEY (instance_id, month, model, served_tier)
+);
+
+CREATE INDEX idx_store_usage_monthly_month ON store_usage_monthly (month);
+
 -- Statement-level, with the rows before and after: an item counts once, when it becomes
 -- COMPLETED with a served tier (a later update of a completed item adds nothing).
 CREATE FUNCTION job_items_record_usage() RETURNS trigger
@@ -95,6 +111,7 @@ CREATE TRIGGER job_items_record_usage
 -- down --
 DROP TRIGGER job_items_record_usage ON job_items;
 DROP FUNCTION job_items_record_usage();
+DROP TABLE store_usage_monthly;
 DROP TABLE store_usage_daily;
 DROP TABLE store_usage_recent;
 DROP FUNCTION listener_usage_tokens(jsonb, text);

@@ -711,6 +711,22 @@ CREATE TABLE store_usage_daily (
 
 CREATE INDEX idx_store_usage_daily_day ON store_usage_daily (day);
 
+-- The same by month (its first day), written with the daily rows in the compactor's statement:
+-- the fleet's month reads stores x models x tiers rows, not stores x days x models x tiers.
+CREATE TABLE store_usage_monthly (
+    instance_id text NOT NULL,
+    month date NOT NULL,
+    model text NOT NULL,
+    served_tier text NOT NULL,
+    items bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    PRIMARY KEY (instance_id, month, model, served_tier)
+);
+
+CREATE INDEX idx_store_usage_monthly_month ON store_usage_monthly (month);
+
 -- Statement-level, with the rows before and after: an item counts once, when it becomes
 -- COMPLETED with a served tier (a later update of a completed item adds nothing).
 CREATE FUNCTION job_items_record_usage() RETURNS trigger
