@@ -341,3 +341,25 @@ async def test_a_worker_runs_the_batch_path_on_its_timer(database_url: str) -> N
 
 async def _finished(conninfo: str, job: int) -> bool:
     return (await job_status(conninfo, job))[1]
+
+
+async def test_why_waiting_names_the_batch_its_items_are_in(database_url: str) -> None:
+    from listener.http.snapshot import SharedSnapshot
+
+    async with batch_env(database_url) as env:
+        job = enqueue(database_url, "a", products(3), tier="batch")
+        waiting = await SharedSnapshot(env.pool, env.settings).get()
+        assert waiting is not None
+        (before,) = [j for j in waiting.jobs if j.id == job]
+        await env.run_pass()
+        await env.advance(HOUR + 60)  # validated: in progress
+        await env.run_pass()  # polled
+        snapshot = await SharedSnapshot(env.pool, env.settings).get()
+        (openai_batch,) = await env.openai_batches()
+    assert snapshot is not None
+    (row,) = [j for j in snapshot.jobs if j.id == job]
+    assert any("wait to be collected into an OpenAI batch" in r for r in before.reasons)
+    assert not any("next in line" in r or "turn" in r for r in before.reasons), before.reasons
+    (said,) = [r for r in row.reasons if "OpenAI batch" in r]
+    assert said.startswith(f"3 item(s) in OpenAI batch {openai_batch.id}, submitted ")
+    assert said.endswith(" ago, in_progress"), said
