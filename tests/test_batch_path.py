@@ -8,6 +8,7 @@ import json
 import logging
 import random
 
+import anyio
 import pytest
 
 from listener import enqueue
@@ -363,3 +364,22 @@ async def test_why_waiting_names_the_batch_its_items_are_in(database_url: str) -
     (said,) = [r for r in row.reasons if "OpenAI batch" in r]
     assert said.startswith(f"3 item(s) in OpenAI batch {openai_batch.id}, submitted ")
     assert said.endswith(" ago, in_progress"), said
+
+
+async def test_status_of_a_job_names_its_batches(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from listener import show
+
+    async with batch_env(database_url) as env:
+        job = enqueue(database_url, "a", products(2), tier="batch")
+        await env.run_pass()
+        (openai_batch,) = await env.openai_batches()
+        await anyio.to_thread.run_sync(show.status, database_url, job, 10, True)
+    document = json.loads(capsys.readouterr().out)
+    (hold,) = document["batches"]
+    assert (hold["openai_batch_id"], hold["state"], hold["items"]) == (
+        openai_batch.id,
+        "submitted",
+        2,
+    )
