@@ -12,7 +12,7 @@ import argparse
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -30,10 +30,10 @@ from listener.stub.server import (
 from listener.stub.text import BATCH_400_MARKER, BATCH_ERROR_MARKER, FLEX_UNAVAILABLE_MARKER
 
 MODEL = "gpt-4o-mini"
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 HOUR = 3600.0
 # Each status lasts an hour, so only /stub/batches/advance moves a batch on.
-SLOW = {
+SLOW: dict[str, Any] = {
     "batch_validating_seconds": HOUR,
     "batch_processing_seconds": 4 * HOUR,
     "batch_finalizing_seconds": HOUR,
@@ -162,6 +162,7 @@ async def test_a_batch_on_the_wall_clock_completes_with_every_answer() -> None:
     assert batch.request_counts.failed == 0
     assert batch.error_file_id is None
     assert set(outputs) == {f"item-{i}" for i in range(20)}
+    assert list(outputs) != [f"item-{i}" for i in range(20)]  # shuffled: match by custom_id
     assert batch.created_at <= (batch.in_progress_at or 0) <= (batch.completed_at or 0)
 
 
@@ -585,7 +586,8 @@ async def test_flex_counts_against_the_same_per_minute_limits() -> None:
 @pytest.mark.anyio
 async def test_advance_refuses_bad_input_and_the_api_key_guards_files_and_batches() -> None:
     async with stub_client(StubConfig(required_api_key="sk-right")) as (stub, client, control):
-        for bad in ({"seconds": -1}, {"seconds": "soon"}, {}, []):
+        bad_bodies: list[Any] = [{"seconds": -1}, {"seconds": "soon"}, {}, []]
+        for bad in bad_bodies:
             response = await control.post("/stub/batches/advance", json=bad)
             assert response.status_code == 400, bad
         with pytest.raises(openai.AuthenticationError):
@@ -639,3 +641,37 @@ def test_the_batch_and_flex_flags() -> None:
     for bad in (["--flex-unavailable-rate", "1.5"], ["--batch-processing-seconds", "-1"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+@pytest.mark.anyio
+async def test_flex_and_batch_fields_change_at_run_time_through_the_faults_endpoint() -> None:
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Product: Lamp"}
+    ]
+    async with stub_client(StubConfig(**SLOW)) as (_, client, control):
+        changed = await control.post(
+            "/stub/faults", json={"flex_unavailable_rate": 1, "batch_validating_seconds": 0}
+        )
+        assert changed.status_code == 200, changed.text
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(
+                model=MODEL, messages=messages, service_tier="flex"
+            )
+        batch = await start_batch(client, jsonl(product_lines(2)))
+        assert batch.status == "in_progress"  # validated at once
+        refused = await control.post("/stub/faults", json={"flex_unavailable_rate": "often"})
+        assert refused.status_code == 400
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_takes_no_time_answers_completed_with_its_files() -> None:
+    # Its JSON is made at the moment its files were written: never "completed" without them.
+    config = StubConfig(
+        batch_validating_seconds=0, batch_processing_seconds=0, batch_finalizing_seconds=0
+    )
+    async with stub_client(config) as (_, client, _control):
+        batch = await start_batch(client, jsonl(product_lines(2)))
+        listed = (await client.batches.list()).data
+    assert batch.status == "completed"
+    assert batch.output_file_id is not None
+    assert [b.output_file_id for b in listed] == [batch.output_file_id]

@@ -181,7 +181,7 @@ def batch_routes(state: StubState) -> list[Route]:
             rng,
         )
         batches.add(batch, cfg.batch_enqueued_token_limit)
-        return JSONResponse(batch.as_json(batches.now()))
+        return JSONResponse(batches.as_json(batch))
 
     async def list_batches(request: Request) -> Response:
         if (refused := _unauthorized(state, request)) is not None:
@@ -190,7 +190,7 @@ def batch_routes(state: StubState) -> list[Route]:
         if limit is None:
             return _invalid(f"limit must be an integer from 1 to {MAX_PAGE}.", "limit")
         found, has_more = batches.page(limit, request.query_params.get("after"))
-        now = batches.now()
+        now = batches.settle()
         return JSONResponse(_page_json([b.as_json(now) for b in found], has_more))
 
     async def batch_object(request: Request) -> Response:
@@ -199,7 +199,7 @@ def batch_routes(state: StubState) -> list[Route]:
         batch = batches.get(request.path_params["batch_id"])
         if batch is None:
             return _not_found("Batch", request.path_params["batch_id"])
-        return JSONResponse(batch.as_json(batches.now()))
+        return JSONResponse(batches.as_json(batch))
 
     async def cancel_batch(request: Request) -> Response:
         if (refused := _unauthorized(state, request)) is not None:
@@ -210,7 +210,7 @@ def batch_routes(state: StubState) -> list[Route]:
             return _invalid(str(exc), status=409)
         if batch is None:
             return _not_found("Batch", request.path_params["batch_id"])
-        return JSONResponse(batch.as_json(batches.now()))
+        return JSONResponse(batches.as_json(batch))
 
     async def advance(request: Request) -> Response:
         try:

@@ -97,18 +97,22 @@ class Batch:
             return "validating"
         return "in_progress" if now < self.processed_at else "finalizing"
 
-    def _stop(self) -> float:
-        """When it stops running requests: cancelled, expired or done."""
-        return min(self.cancel_at or math.inf, self.expires_at, self.processed_at)
+    def _cut_at(self) -> float:
+        """When a cancel or the expiry stops it (infinity when neither does)."""
+        cancelled = math.inf if self.cancel_at is None else self.cancel_at
+        return min(cancelled, self.expires_at)
 
     def ran(self, now: float) -> int:
         """How many requests (the first ones in file order) have run by `now`."""
-        t = min(now, self._stop())
+        t = min(now, self._cut_at(), self.processed_at)
         if self.failure or t < self.validated_at:
             return 0
         if t >= self.processed_at:
             return self.size
-        return min(self.size, int(self.size * (t - self.validated_at) / self.timing.processing))
+        share = (t - self.validated_at) / self.timing.processing
+        # Rounded first: sums of times near 1.8e9 s and fractional durations can carry float
+        # noise, and an expiry at exactly half the processing must run half of the requests.
+        return min(self.size, math.floor(round(self.size * share, 6)))
 
     def settle(self, files: FileStore) -> None:
         """Write its output file (the successes, shuffled) and error file (the rest)."""
@@ -141,7 +145,7 @@ class Batch:
         ran = self.ran(now)
         ok = self.input.ok_before[ran]
         failed = (self.size - ok) if status in ("expired", "cancelled") else ran - ok
-        boundary = min(self.cancel_at or math.inf, self.expires_at)
+        boundary = self._cut_at()
         return {
             "id": self.id,
             "object": "batch",
@@ -168,7 +172,7 @@ class Batch:
             "completed_at": _at(end_at, now, ended == "completed"),
             "failed_at": _at(end_at, now, ended == "failed"),
             "expired_at": _at(end_at, now, ended == "expired"),
-            "cancelling_at": _at(self.cancel_at or 0.0, now, self.cancel_at is not None),
+            "cancelling_at": None if self.cancel_at is None else int(self.cancel_at),
             "cancelled_at": _at(end_at, now, ended == "cancelled"),
             "request_counts": {
                 "total": self.size if counted else 0,
@@ -225,11 +229,17 @@ class BatchStore:
         self._numbers += 1
         return self._numbers
 
-    def settle(self) -> None:
+    def settle(self) -> float:
+        """Write the files of the batches that have ended; the moment it settled them at, which
+        is what their JSON is to be made at (a later moment may have ended another)."""
         now = self.now()
         for batch in self._batches.values():
             if not batch.settled and now >= batch.end()[1]:
                 batch.settle(self.files)
+        return now
+
+    def as_json(self, batch: Batch) -> dict[str, Any]:
+        return batch.as_json(self.settle())
 
     def enqueued_tokens(self, model: str) -> int:
         """Prompt tokens of this model's batches that have not ended (the enqueued limit's)."""
@@ -243,7 +253,6 @@ class BatchStore:
     def add(self, batch: Batch, token_limit: int) -> Batch:
         """Store a new batch; it is to fail at validation when its file is invalid or its
         tokens would take the model's enqueued tokens past `token_limit` (0: no limit)."""
-        self.settle()
         batch.failure = list(batch.input.errors)
         model = batch.input.model
         if not batch.failure and model is not None and token_limit > 0:
@@ -261,12 +270,10 @@ class BatchStore:
         return batch
 
     def get(self, batch_id: str) -> Batch | None:
-        self.settle()
         return self._batches.get(batch_id)
 
     def page(self, limit: int, after: str | None) -> tuple[list[Batch], bool]:
         """Up to `limit` batches newest first, after the one named `after`; and whether more."""
-        self.settle()
         newest_first = list(reversed(self._batches.values()))
         if after is not None:
             ids = [b.id for b in newest_first]
@@ -283,7 +290,6 @@ class BatchStore:
             raise CannotCancel(f"Cannot cancel a batch with status '{status}'.")
         if batch.cancel_at is None:
             batch.cancel_at = now
-            self.settle()  # a cancel that takes no time ends it at once
         return batch
 
     def __len__(self) -> int:

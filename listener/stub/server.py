@@ -3,9 +3,11 @@
 Status codes, error bodies and retry-after / x-ratelimit-* headers mimic api.openai.com so
 that the real ``openai`` client's parsing and retry logic are exercised unchanged.
 
-The pieces: `stub_state` (configuration, counters, admission), `stub_window` (the sliding
-window and the header durations), `stub_text` (what it answers); here the HTTP app, running it
-in the caller's loop or as its own process, and its command line.
+The pieces: `state` (configuration, counters, admission), `window` (the sliding window and
+the header durations), `text` and `answer` (what it answers), `batch_api` (the Files and
+Batches API, over `files`, `batch_input` and `batches`); here the HTTP app with the chat
+endpoint and its flex tier, running it in the caller's loop or as its own process, and its
+command line.
 """
 
 from __future__ import annotations
