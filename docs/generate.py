@@ -66,6 +66,17 @@ DESCRIPTIONS: dict[str, str] = {
         "schema...), beside the built-in ones; one of the same name replaces the built-in. "
         "See the kinds and handlers guide."
     ),
+    "openai_prices_file": (
+        "A TOML price table (per model and tier, dollars per 1M input / cached input / output "
+        "tokens, with the date it was read) in place of the built-in one; see the costs guide."
+    ),
+    "flex_fallback_seconds": (
+        "How long a flex item's \"resource unavailable\" answers are retried with backoff, "
+        "from its first flex attempt, before its request goes out on the standard tier."
+    ),
+    "openai_flex_timeout_seconds": (
+        "One flex request's timeout (OpenAI advises about 15 minutes: flex answers are slower)."
+    ),
     "allowed_hosts": (
         "Host names the HTTP app answers for, comma-separated (`dash.example.com`, "
         "`*.example.com`; `*`: any); `localhost`, `*.localhost`, IP addresses and Render's "

@@ -22,6 +22,7 @@ from listener.backoff import retry_delay
 from listener.errors import (
     BudgetExhausted,
     DatabaseError,
+    DeferItem,
     FailItem,
     RetryItem,
     StopWorker,
@@ -73,6 +74,7 @@ def handler_item(item: ClaimedItem, kind: Kind, settings: Settings) -> Item:
         attempt=item.attempts,
         max_attempts=kind.max_attempts or settings.max_attempts,
         tier=item.tier,
+        deferred_since=item.deferred_since,
     )
 
 
@@ -129,10 +131,14 @@ async def attempt(
                 grant = await limiter.acquire(estimate)
                 continue
             await _settle(limiter, grant, result, estimate, item)
-            return Outcome.completed(item, result.value)
+            return Outcome.completed(
+                item, result.value, result.usage, result.model, result.served_tier
+            )
         return Outcome.release(item, error="rate limited", delay=5.0)
     except FailItem as error:
         return Outcome.failed(item, str(error))
+    except DeferItem as error:
+        return Outcome.deferral(item, str(error), max(0.0, error.after))
     except RetryItem as error:
         return retry_outcome(item, error, max_attempts, settings, rng)
     except DatabaseError as error:

@@ -261,8 +261,10 @@ def _store(args: argparse.Namespace, settings: Settings) -> int:
 
 def _store_show(args: argparse.Namespace, settings: Settings) -> int:
     from listener import show
+    from listener.openai import prices
 
-    show.stores(resolve_database(settings), args.store, args.limit, args.json)
+    table = prices.load(settings.openai_prices_file)
+    show.stores(resolve_database(settings), args.store, args.limit, args.json, table)
     return 0
 
 
@@ -322,7 +324,10 @@ def register(commands: Any) -> None:
     actions = store.add_subparsers(
         dest="action", required=True, metavar="ACTION", help="one of the actions below"
     )
-    show = actions.add_parser("show", help="weight, caps, paused, backlog, in flight, last minute")
+    show = actions.add_parser(
+        "show",
+        help="weight, caps, paused, backlog, in flight, last minute; cost today and this month",
+    )
     show.add_argument(
         "store", nargs="?", help="one store (default: every store with a row or work)"
     )

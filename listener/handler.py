@@ -14,7 +14,9 @@
 ones. A handler is an async callable from an `Item` to a `Result` (or to any JSON value, which
 becomes the result); the error it raises steers the item: `RetryItem` (again later),
 `FailItem` (FAILED now), `BudgetExhausted` (the budget is spent: every process drawing from it
-pauses, the item waits in place), `StopWorker` (the process cannot serve anything: it stops).
+pauses, the item waits in place), `DeferItem` (not now, not the item's fault: back to PENDING
+for a while, its attempt given back, `Item.deferred_since` counting), `StopWorker` (the process
+cannot serve anything: it stops).
 
 Each kind draws from a named budget: `"openai"` (RATE_LIMIT_RPM / RATE_LIMIT_TPM, shared by the
 fleet), another the app declares with `app.budget(name, rpm=..., tpm=...)`, or None (no limit).
@@ -31,11 +33,13 @@ import importlib
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from listener.errors import ConfigurationError
 from listener.tiers import BATCH, REALTIME, TIERS
+from listener.tiers import SERVED_TIERS as TIERS_SERVED
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -46,6 +50,11 @@ DEFAULT_KIND = "product_description"
 DEFAULT_BUDGET = "openai"
 # jobs_kind_valid in sql/schema.sql.
 KIND_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+# job_items_served_tier_valid in sql/schema.sql: the tiers a priced call can be served on
+# (listener.tiers.SERVED_TIERS, the tiers an item runs on).
+SERVED_TIERS = TIERS_SERVED
+# The token counts a result's usage may carry (listener_usage_tokens reads them).
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,8 @@ class Item:
     max_attempts: int
     # The tier it runs on: 'realtime' or 'flex' here ('batch' items go to the batch path).
     tier: str = REALTIME
+    # When its handler first deferred it (DeferItem), by the database's clock; None: never.
+    deferred_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -72,11 +83,20 @@ class Result:
     `cost`: what the call actually cost its budget, in the budget's token units (None: the
     estimate reserved before it stands). `pause`: the budget's owner says it is spent for this
     many seconds (a rate-limit header saying 0 remaining): every process drawing from it waits.
+
+    Metering, for what each store costs (stored with the item, priced when read): `usage`, the
+    call's token counts ({"prompt_tokens", "completion_tokens", "cached_tokens"}: whole numbers,
+    0 or more; other keys are dropped), `model`, the model that answered, and `served_tier`,
+    the tier that served it (one of SERVED_TIERS; None: no priced call served it). A value
+    that does not fit is dropped with a warning; the item's answer is kept.
     """
 
     value: Any
     cost: int | None = None
     pause: float | None = None
+    usage: Mapping[str, int] | None = None
+    model: str | None = None
+    served_tier: str | None = None
 
 
 class Handler(Protocol):

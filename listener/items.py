@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ class ClaimedItem:
     # The job's options over its store's (`stores.options`), as the claim read them.
     options: Mapping[str, Any] = field(default_factory=lambda: _NO_OPTIONS, compare=False)
     tier: str = REALTIME  # 'realtime' or 'flex': the claim never takes batch-tier items
+    deferred_since: datetime | None = None  # when its handler first deferred it (DeferItem)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,12 @@ class Outcome:
     attempt: int = 0  # the claim's attempt number; an outcome of an older claim is not written
     job_id: int = 0
     kind: str = field(default=DEFAULT_KIND, compare=False)
+    # What the call cost, for a COMPLETED item (Result's metering, checked by storable.py).
+    usage: Mapping[str, int] | None = None
+    model: str | None = None
+    served_tier: str | None = None
+    # A deferral (DeferItem): the item's deferred_since is set, if it is not yet.
+    deferred: bool = False
 
     @classmethod
     def of(cls, item: ClaimedItem, status: Status, **fields: Any) -> Outcome:
@@ -66,8 +74,17 @@ class Outcome:
         )
 
     @classmethod
-    def completed(cls, item: ClaimedItem, result: Any) -> Outcome:
-        return cls.of(item, "COMPLETED", result=result)
+    def completed(
+        cls,
+        item: ClaimedItem,
+        result: Any,
+        usage: Mapping[str, int] | None = None,
+        model: str | None = None,
+        served_tier: str | None = None,
+    ) -> Outcome:
+        return cls.of(
+            item, "COMPLETED", result=result, usage=usage, model=model, served_tier=served_tier
+        )
 
     @classmethod
     def failed(cls, item: ClaimedItem, error: str) -> Outcome:
@@ -81,6 +98,11 @@ class Outcome:
     def release(cls, item: ClaimedItem, error: str | None = None, delay: float = 0.0) -> Outcome:
         """Back to PENDING with the attempt given back: the item itself was not at fault."""
         return cls.of(item, "PENDING", error=error, delay=delay, refund=True)
+
+    @classmethod
+    def deferral(cls, item: ClaimedItem, error: str, delay: float) -> Outcome:
+        """A release its handler asked for (DeferItem): its deferred_since starts, if not yet."""
+        return cls.of(item, "PENDING", error=error, delay=delay, refund=True, deferred=True)
 
 
 @dataclass(frozen=True)
@@ -176,7 +198,7 @@ def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> Clai
     """A row of the claim: its columns in the claim's SELECT order. `parsed`: the options read
     so far, by their text (a claim's items share their job's, parsed once, read-only)."""
     (id_, job_id, store, product_id, payload_text, payload_bytes, attempts, _retry_in, kind,
-     options_text, tier) = row  # fmt: skip
+     options_text, tier, deferred_since) = row  # fmt: skip
     text = options_text or "{}"
     options = parsed.get(text)
     if options is None:
@@ -192,6 +214,7 @@ def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> Clai
         kind=kind,
         options=options,
         tier=tier,
+        deferred_since=deferred_since,
     )
 
 
@@ -257,6 +280,10 @@ def outcome_params(worker_id: str, outcomes: Sequence[Outcome]) -> dict[str, Any
         "delays": [o.delay for o in outcomes],
         "refunds": [o.refund for o in outcomes],
         "attempts": [o.attempt for o in outcomes],
+        "usages": [None if o.usage is None else json.dumps(dict(o.usage)) for o in outcomes],
+        "models": [o.model for o in outcomes],
+        "served_tiers": [o.served_tier for o in outcomes],
+        "deferrals": [o.deferred for o in outcomes],
         "worker_id": worker_id,
     }
 

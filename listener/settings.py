@@ -52,6 +52,14 @@ class UncheckedSettings(BaseSettings):
     # The app's own kinds for the OpenAI handler (TOML, one table per kind), beside the built-in
     # ones (listener/openai/kinds.toml); a kind of the same name replaces the built-in.
     openai_kinds_file: str | None = Field(default=None, min_length=1)
+    # What each model costs per tier (TOML, the shape of listener/openai/prices.toml), in place
+    # of the built-in table; read when a process that prices usage starts.
+    openai_prices_file: str | None = Field(default=None, min_length=1)
+    # Flex: a "resource unavailable" answer is retried with backoff for this long after the
+    # item's first flex attempt, then the request goes out on the standard tier. OpenAI advises
+    # a long client timeout for flex requests (about 15 minutes).
+    flex_fallback_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    openai_flex_timeout_seconds: float = Field(default=900.0, gt=0, le=86_400)
 
     # `listener worker --app`'s default: 'package.module:attribute' naming a listener.App whose
     # kinds the worker serves beside the OpenAI ones (the Procfile's way to say --app).

@@ -15,8 +15,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from listener import jobs, policy
+from listener import jobs, policy, usage
+from listener.costs import PERIODS, StoreCost, money, store_costs
 from listener.errors import ListenerError
+from listener.openai.prices import PriceTable
 
 
 @dataclass(frozen=True)
@@ -126,15 +128,31 @@ def status(url: str, job_id: int | None, limit: int, as_json: bool) -> None:
     console.print(per_store)
 
 
-def stores(url: str, store: str | None, limit: int, as_json: bool) -> None:
-    """Each store's policy and work: one store, or the first `limit` with a row or work."""
+def stores(
+    url: str, store: str | None, limit: int, as_json: bool, prices: PriceTable | None = None
+) -> None:
+    """Each store's policy and work: one store, or the first `limit` with a row or work; with
+    `prices`, what each costs today and this month (UTC) and what batch and flex saved."""
     rows = [StoreRow(*row) for row in policy.show(url, store, limit)]
+    costs = {} if prices is None else store_costs(usage.read_usage(url, store), prices)
+    if store is not None and not rows and store in costs:
+        rows = [StoreRow(store, 1, None, None, False, 0, 0, 0)]  # no work now, but a cost
     if as_json:
-        _json({"stores": [asdict(row) for row in rows]})
+        document: dict[str, Any] = {
+            "stores": [
+                {**asdict(row), **({} if prices is None else {"cost": _cost(costs, row.store)})}
+                for row in rows
+            ]
+        }
+        if prices is not None:
+            document["prices"] = _prices_note(prices)
+        _json(document)
         return
     headers = ("store", "weight", "rpm", "max in flight", "paused", "backlog", "in flight")
-    table = Table(*headers, "last minute", title="Stores")
+    priced = ("cost today", "cost this month", "saved this month") if prices else ()
+    table = Table(*headers, "last minute", *priced, title="Stores")
     for row in rows:
+        cost = costs.get(row.store, StoreCost(row.store))
         table.add_row(
             Text(row.store),
             str(row.weight),
@@ -144,5 +162,56 @@ def stores(url: str, store: str | None, limit: int, as_json: bool) -> None:
             str(row.backlog),
             str(row.in_flight),
             str(row.last_minute),
+            *(
+                (money(cost.today), money(cost.month), f"${cost.month.saved_usd:,.4f}")
+                if prices
+                else ()
+            ),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if prices is not None and store is not None:
+        _print_tiers(console, costs.get(store, StoreCost(store)), prices)
+
+
+def _cost(costs: dict[str, StoreCost], store: str) -> dict[str, Any]:
+    return costs.get(store, StoreCost(store)).as_dict()
+
+
+def _prices_note(prices: PriceTable) -> dict[str, Any]:
+    return {
+        "table": prices.origin,
+        "read_on": prices.read_on.isoformat(),
+        "currency": prices.currency,
+        "periods": "UTC: today since 00:00, this month since the 1st",
+    }
+
+
+def _print_tiers(console: Console, cost: StoreCost, prices: PriceTable) -> None:
+    """One store's cost by tier, and what is unpriced and why."""
+    table = Table("period", "tier", "items", "prompt", "cached", "completion", "cost", "saved")
+    table.title = f"Cost of {cost.store} (UTC; prices of {prices.read_on.isoformat()})"
+    for name in PERIODS:
+        period = cost.period(name)
+        for tier, figures in period.as_dict()["tiers"].items():
+            table.add_row(
+                name,
+                tier,
+                f"{figures['items']:,}",
+                f"{figures['prompt_tokens']:,}",
+                f"{figures['cached_tokens']:,}",
+                f"{figures['completion_tokens']:,}",
+                "unpriced"
+                if figures["unpriced_items"] == figures["items"]
+                else f"${figures['cost_usd']:,.4f}",
+                f"${figures['saved_usd']:,.4f}",
+            )
+    console.print(table)
+    if cost.month.unpriced_models:
+        console.print(
+            Text(
+                f"unpriced: {cost.month.unpriced_items:,} item(s) of model(s) "
+                f"{', '.join(sorted(cost.month.unpriced_models))} this month: not in the price "
+                f"table ({prices.origin}); set OPENAI_PRICES_FILE to a table that lists them"
+            )
+        )

@@ -22,7 +22,7 @@ import anyio
 from anyio.abc import TaskStatus
 from psycopg_pool import AsyncConnectionPool
 
-from listener import heartbeat, reaper, retention
+from listener import heartbeat, reaper, retention, usage
 from listener import items as items_db
 from listener.attempt import attempt
 from listener.backoff import Backoff
@@ -280,6 +280,12 @@ class Worker:
                             # Processes of a fleet started together do not all try at once.
                             self._rng.uniform(*RETENTION_FIRST_DELAY),
                         )
+                    services.start_soon(
+                        usage.run_compactor,
+                        self.pool.connection,
+                        usage.COMPACT_INTERVAL,
+                        self._rng.uniform(*RETENTION_FIRST_DELAY),
+                    )
                     await self._log_pending()
                     await self._register_kinds()
                     for service in self.app.services:

@@ -11,6 +11,9 @@ ALTER TABLE job_items
     ADD COLUMN usage jsonb,
     ADD COLUMN model text,
     ADD COLUMN served_tier text,
+    -- When its handler first deferred it (DeferItem: flex had no capacity), for a handler that
+    -- stops waiting after a while from there; the claim of the attempt that was deferred.
+    ADD COLUMN deferred_since timestamptz,
     ADD CONSTRAINT job_items_usage_object CHECK (jsonb_typeof(usage) = 'object'),
     ADD CONSTRAINT job_items_served_tier_valid
         CHECK (served_tier IN ('realtime', 'flex', 'batch'));
@@ -98,6 +101,7 @@ DROP FUNCTION listener_usage_tokens(jsonb, text);
 ALTER TABLE job_items
     DROP CONSTRAINT job_items_served_tier_valid,
     DROP CONSTRAINT job_items_usage_object,
+    DROP COLUMN deferred_since,
     DROP COLUMN served_tier,
     DROP COLUMN model,
     DROP COLUMN usage;

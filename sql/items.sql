@@ -59,7 +59,7 @@ claimed AS (
         CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s
             THEN j.payload::text END AS payload_text,
         octet_length(j.payload::text) AS payload_bytes,
-        j.attempts, j.kind, j.tier
+        j.attempts, j.kind, j.tier, j.deferred_since
 ),
 options AS MATERIALIZED (
     -- Each claimed job's options over its store's defaults: a probe of `jobs` and of `stores`
@@ -83,14 +83,15 @@ announced AS MATERIALIZED (
     GROUP BY instance_id
 )
 SELECT c.id, c.job_id, c.instance_id, c.product_id, c.payload_text, c.payload_bytes,
-    c.attempts, NULL::float8 AS retry_in, c.kind, o.options::text AS options, c.tier
+    c.attempts, NULL::float8 AS retry_in, c.kind, o.options::text AS options, c.tier,
+    c.deferred_since
 FROM claimed c
 LEFT JOIN options o ON o.job_id = c.job_id
 WHERE (SELECT count(*) FROM announced) >= 0
 UNION ALL
 -- One row per store its policy held back (paused, at max_in_flight, over rpm_limit): the
 -- claimer takes it out of the ring until it is due (retry_in seconds) or notified.
-SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL, NULL
+SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL, NULL, NULL
 FROM allowance
 WHERE granted < quota;
 
@@ -173,8 +174,10 @@ WITH requested AS (
     SELECT o.*
     FROM unnest(
         %(ids)s::bigint[], %(statuses)s::text[], %(results)s::jsonb[], %(errors)s::text[],
-        %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[]
-    ) AS o(id, status, result, error, delay, refund, attempt)
+        %(delays)s::float8[], %(refunds)s::bool[], %(attempts)s::int[], %(usages)s::jsonb[],
+        %(models)s::text[], %(served_tiers)s::text[], %(deferrals)s::bool[]
+    ) AS o(id, status, result, error, delay, refund, attempt, usage, model, served_tier,
+        deferred)
 ),
 held AS MATERIALIZED (
     SELECT c.id, c.status
@@ -201,6 +204,16 @@ SET status = CASE WHEN outcome.cancelled THEN 'CANCELLED' ELSE outcome.status EN
         THEN now() + make_interval(secs => outcome.delay) ELSE j.run_after END,
     -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
     attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+    -- What the call cost, for a completion: job_items_record_usage copies its tokens into the
+    -- store's usage ledger in this statement. An outcome that carries none keeps what the item
+    -- has (the Batch API's writer records it just before: batches.sql record_usage).
+    usage = coalesce(outcome.usage, j.usage),
+    model = coalesce(outcome.model, j.model),
+    served_tier = coalesce(outcome.served_tier, j.served_tier),
+    -- A deferral's clock starts at the claim of the first attempt deferred (flex: its first
+    -- flex request), and runs on through later deferrals.
+    deferred_since = CASE WHEN outcome.deferred THEN coalesce(j.deferred_since, j.claimed_at)
+        ELSE j.deferred_since END,
     -- A finished item keeps the name of the worker that did it, for the operator.
     claimed_by = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE j.claimed_by END,
     lease_expires_at = NULL,

@@ -111,6 +111,9 @@ CREATE TABLE job_items (
     usage jsonb,
     model text,
     served_tier text,
+    -- When its handler first deferred it (DeferItem: flex had no capacity), for a handler that
+    -- stops waiting after a while from there; the claim of the attempt that was deferred.
+    deferred_since timestamptz,
     CONSTRAINT job_items_usage_object CHECK (jsonb_typeof(usage) = 'object'),
     CONSTRAINT job_items_served_tier_valid CHECK (served_tier IN ('realtime', 'flex', 'batch')),
     CONSTRAINT job_items_status_check
