@@ -44,6 +44,18 @@ class FailedItem:
 
 
 @dataclass(frozen=True)
+class BatchHold:
+    """An OpenAI batch holding some of a job's items (listener/batches)."""
+
+    batch: int  # ours (openai_batches.id)
+    openai_batch_id: str | None
+    state: str
+    status: str | None
+    submitted_at: datetime | None
+    items: int
+
+
+@dataclass(frozen=True)
 class BacklogRow:
     store: str
     pending: int
@@ -74,9 +86,10 @@ def status(url: str, job_id: int | None, limit: int, as_json: bool) -> None:
             raise ListenerError(f"no job {job_id}")
         rows = [JobRow(*row)]
         failed = [FailedItem(*item) for item in jobs.failed_items(url, job_id, limit)]
+        batches = [BatchHold(*row) for row in jobs.job_batches(url, job_id)]
     else:
         rows = [JobRow(*row) for row in jobs.recent_jobs(url, limit)]
-        failed = []
+        failed, batches = [], []
     backlog = [BacklogRow(*row) for row in jobs.backlog_by_store(url, limit)]
     if as_json:
         document: dict[str, Any] = {
@@ -85,6 +98,7 @@ def status(url: str, job_id: int | None, limit: int, as_json: bool) -> None:
         }
         if job_id is not None:
             document["failed_items"] = [asdict(item) for item in failed]
+            document["batches"] = [asdict(hold) for hold in batches]
         _json(document)
         return
     console = Console()
@@ -100,6 +114,13 @@ def status(url: str, job_id: int | None, limit: int, as_json: bool) -> None:
                 f"  FAILED item {item.item} ({item.product_id}, {item.attempts} attempt(s)): "
                 f"{item.error}"
             )
+        )
+    for hold in batches:
+        where = hold.openai_batch_id or f"batch {hold.batch} of ours"
+        status = f", {hold.status}" if hold.status else ""
+        since = f", submitted {hold.submitted_at:%Y-%m-%d %H:%M} UTC" if hold.submitted_at else ""
+        console.print(
+            Text(f"  {hold.items} item(s) in OpenAI batch {where} ({hold.state}{status}{since})")
         )
     per_store = Table("store", "pending", "processing", title="Backlog per store")
     for entry in backlog:

@@ -169,7 +169,112 @@ BEGIN
 END;
 $$;
 
+CREATE OR REPLACE FUNCTION listener_claim_allowance(
+    store text, wanted integer, OUT granted integer, OUT retry_in double precision
+)
+    LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    tolerance constant interval := interval '0.5 seconds';
+    started constant timestamptz := now();
+    is_paused boolean;
+    rpm integer;
+    in_flight_cap integer;
+    in_flight integer;
+    room integer;
+    step interval;
+    tat timestamptz;
+BEGIN
+    granted := wanted;
+    SELECT s.paused, s.rpm_limit, s.max_in_flight INTO is_paused, rpm, in_flight_cap
+    FROM stores s WHERE s.instance_id = store
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF is_paused THEN
+        granted := 0;
+        RETURN;
+    END IF;
+    IF in_flight_cap IS NOT NULL THEN
+        -- Items in an OpenAI batch hold no real-time slot: they are not in flight here.
+        SELECT count(*) INTO in_flight FROM job_items j
+        WHERE j.instance_id = store AND j.status = 'PROCESSING' AND j.openai_batch_id IS NULL;
+        granted := least(granted, greatest(in_flight_cap - in_flight, 0));
+    END IF;
+    IF rpm IS NOT NULL AND granted > 0 THEN
+        step := (interval '60 seconds' + tolerance) / rpm;
+        SELECT t.rpm_tat INTO tat FROM store_throttles t WHERE t.instance_id = store;
+        tat := coalesce(tat, started);
+        room := granted;
+        granted := 0;
+        WHILE granted < room AND tat <= started LOOP
+            tat := greatest(tat, started - tolerance) + step;
+            granted := granted + 1;
+        END LOOP;
+        IF granted > 0 THEN
+            INSERT INTO store_throttles AS t (instance_id, rpm_tat) VALUES (store, tat)
+            ON CONFLICT (instance_id) DO UPDATE SET rpm_tat = excluded.rpm_tat;
+        END IF;
+        IF granted < room THEN
+            retry_in := greatest(0, extract(epoch FROM tat - started));
+        END IF;
+    END IF;
+END;
+$$;
+
 -- down --
+CREATE OR REPLACE FUNCTION listener_claim_allowance(
+    store text, wanted integer, OUT granted integer, OUT retry_in double precision
+)
+    LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    tolerance constant interval := interval '0.5 seconds';
+    started constant timestamptz := now();
+    is_paused boolean;
+    rpm integer;
+    in_flight_cap integer;
+    in_flight integer;
+    room integer;
+    step interval;
+    tat timestamptz;
+BEGIN
+    granted := wanted;
+    SELECT s.paused, s.rpm_limit, s.max_in_flight INTO is_paused, rpm, in_flight_cap
+    FROM stores s WHERE s.instance_id = store
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF is_paused THEN
+        granted := 0;
+        RETURN;
+    END IF;
+    IF in_flight_cap IS NOT NULL THEN
+        SELECT count(*) INTO in_flight FROM job_items j
+        WHERE j.instance_id = store AND j.status = 'PROCESSING';
+        granted := least(granted, greatest(in_flight_cap - in_flight, 0));
+    END IF;
+    IF rpm IS NOT NULL AND granted > 0 THEN
+        step := (interval '60 seconds' + tolerance) / rpm;
+        SELECT t.rpm_tat INTO tat FROM store_throttles t WHERE t.instance_id = store;
+        tat := coalesce(tat, started);
+        room := granted;
+        granted := 0;
+        WHILE granted < room AND tat <= started LOOP
+            tat := greatest(tat, started - tolerance) + step;
+            granted := granted + 1;
+        END LOOP;
+        IF granted > 0 THEN
+            INSERT INTO store_throttles AS t (instance_id, rpm_tat) VALUES (store, tat)
+            ON CONFLICT (instance_id) DO UPDATE SET rpm_tat = excluded.rpm_tat;
+        END IF;
+        IF granted < room THEN
+            retry_in := greatest(0, extract(epoch FROM tat - started));
+        END IF;
+    END IF;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION listener_cancel_job(job_id bigint) RETURNS jsonb
     LANGUAGE plpgsql AS $$
 #variable_conflict use_column

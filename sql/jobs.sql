@@ -56,3 +56,12 @@ SELECT id, product_id, attempts, error FROM job_items
 WHERE job_id = %(job_id)s AND status = 'FAILED'
 ORDER BY id
 LIMIT %(limit)s;
+
+-- job_batches --
+-- The OpenAI batches holding the job's items now, and how many of them each.
+SELECT b.id, b.openai_batch_id, b.state, b.status, b.submitted_at, count(*) AS items
+FROM job_items i
+JOIN openai_batches b ON b.id = i.openai_batch_id
+WHERE i.job_id = %(job_id)s AND i.status = 'PROCESSING'
+GROUP BY b.id
+ORDER BY b.id;

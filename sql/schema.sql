@@ -601,8 +601,9 @@ BEGIN
         RETURN;
     END IF;
     IF in_flight_cap IS NOT NULL THEN
+        -- Items in an OpenAI batch hold no real-time slot: they are not in flight here.
         SELECT count(*) INTO in_flight FROM job_items j
-        WHERE j.instance_id = store AND j.status = 'PROCESSING';
+        WHERE j.instance_id = store AND j.status = 'PROCESSING' AND j.openai_batch_id IS NULL;
         granted := least(granted, greatest(in_flight_cap - in_flight, 0));
     END IF;
     IF rpm IS NOT NULL AND granted > 0 THEN

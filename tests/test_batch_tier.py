@@ -213,3 +213,24 @@ def test_the_claim_does_not_read_past_a_store_s_batch_items(database_url: str) -
     assert with_batch[0] == without[0] == 1
     assert with_batch[1] <= without[1] + 5, (with_batch, without)
     assert plan is not None and '"Index Name": "idx_job_items_pending"' in json.dumps(plan[0])
+
+
+def test_items_in_a_batch_take_no_room_under_a_store_s_max_in_flight(database_url: str) -> None:
+    """A store capped at 1 item in flight, with 3 in an OpenAI batch, still gets its real-time
+    item: batch items hold no real-time slot (listener_claim_allowance). Failed before (0)."""
+    enqueue(database_url, "capped", _products(3), tier="batch")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO openai_batches (kind, model) VALUES ('product_description', 'm')"
+            " RETURNING id"
+        ).fetchone()
+        assert row is not None
+        conn.execute(
+            "UPDATE job_items SET status = 'PROCESSING', openai_batch_id = %s,"
+            " claimed_by = 'batch:' || %s",
+            (row[0], row[0]),
+        )
+        conn.execute("INSERT INTO stores (instance_id, max_in_flight) VALUES ('capped', 1)")
+        realtime = enqueue(conn, "capped", _products(1))
+        rows = conn.execute(queries("items")["claim"], _claim_params(["capped"], [1])).fetchall()
+    assert [r[1] for r in rows if r[0] is not None] == [realtime]

@@ -210,6 +210,7 @@ def test_importing_the_package_loads_no_worker_code() -> None:
         "App",
         "Budget",
         "BudgetExhausted",
+        "DeferItem",
         "FailItem",
         "InvalidJob",
         "Item",

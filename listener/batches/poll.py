@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
 import openai
 
 from listener.batches.context import Context
@@ -115,7 +116,7 @@ async def _download(ctx: Context, file_id: str | None, into: ReadLines, what: st
         logger.warning("[Batch] its %s file %s is gone: its items are retried", what, file_id)
         return
     ctx.checkpoint("api:files.content")
-    read_lines(content.content.decode("utf-8", "replace"), into)
+    await anyio.to_thread.run_sync(read_lines, content.content.decode("utf-8", "replace"), into)
 
 
 async def _write_files(ctx: Context, row: BatchRow, handler: ChatHandler, batch: Any) -> None:
@@ -132,7 +133,9 @@ async def _write_files(ctx: Context, row: BatchRow, handler: ChatHandler, batch:
             rng=ctx.rng,
         )  # fmt: skip
 
-    decided = outcomes_of(items, read, decide, f"{row.id} ({name})")
+    # Tens of thousands of answers parsed and checked: off the event loop, whose claims must
+    # not wait.
+    decided = await anyio.to_thread.run_sync(outcomes_of, items, read, decide, f"{row.id} ({name})")
     written = await write_outcomes(ctx.conn, row.id, decided, ctx.committed)
     done = sum(1 for one in decided if one.outcome.status == "COMPLETED")
     await finish(ctx, row, str(batch.status), None)

@@ -12,6 +12,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
+import anyio
 import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
@@ -70,9 +71,11 @@ async def step_lock(pool: AsyncConnectionPool, key: int) -> AsyncIterator[Connec
         try:
             yield conn
         finally:
-            # A connection going back to the pool must not keep the lock (a cancelled step).
-            if not conn.closed:
-                await conn.execute(queries("batches")["unlock"], {"key": key})
+            # A connection going back to the pool must not keep the lock, not even when the
+            # step is being cancelled (the worker stopping): shielded.
+            with anyio.CancelScope(shield=True):
+                if not conn.closed and not conn.broken:
+                    await conn.execute(queries("batches")["unlock"], {"key": key})
 
 
 @database_call("reading the batches failed")

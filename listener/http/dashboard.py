@@ -411,6 +411,4 @@ def _read_only() -> Response:
 
 def _unavailable(error: BaseException) -> Response:
     logger.warning("[Dashboard] session store unreachable: %s", one_line(error))
-    return _html(
-        "refused.html", status_code=503, reason="The database did not answer; try again."
-    )
+    return _html("refused.html", status_code=503, reason="The database did not answer; try again.")
