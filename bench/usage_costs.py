@@ -1,8 +1,10 @@
 """What recording and reporting each store's cost costs (issue 27, part 4).
 
-1. The write: `finish_items` completing batches of 100 metered items, with the usage trigger
-   (`job_items_record_usage`) on and off, interleaved round by round in one run, so the ratio is
-   measured under the same load.
+1. The writes, with the usage trigger (`job_items_record_usage`, a row trigger filtered by its
+   WHEN clause) on and off, interleaved round by round in one run, so the ratio is measured
+   under the same load: `finish_items` completing batches of 100 metered items (the trigger
+   adds a ledger row each), and a claim-like UPDATE of 20 PENDING items to PROCESSING (the
+   trigger's WHEN clause leaves them out).
 2. The reads: one store's month (`store show`, a page's row) and the whole fleet's month
    (`/metrics`, the dashboard's Cost section) at 10,000 stores x 31 days x 2 tiers in the daily
    rollup plus a ledger of 20,000 rows not folded yet (quick: 1,000 stores); the fleet's month
@@ -87,8 +89,45 @@ def writes(url: str, rounds: int) -> dict[str, Any]:
                 batch, ids = ids[:BATCH], ids[BATCH:]
                 timings[mode].append(_finish(conn, batch))
         conn.execute("ALTER TABLE job_items ENABLE TRIGGER job_items_record_usage")
+        claims = _claims(conn, rounds * 5)
     on, off = summary(timings["trigger on"]), summary(timings["trigger off"])
-    return {"trigger_on": on, "trigger_off": off, "ratio_p50": on["p50"] / off["p50"]}
+    return {
+        "trigger_on": on,
+        "trigger_off": off,
+        "ratio_p50": on["p50"] / off["p50"],
+        "claim_trigger_on": claims["trigger on"],
+        "claim_trigger_off": claims["trigger off"],
+        "claim_ratio_p50": claims["trigger on"]["p50"] / claims["trigger off"]["p50"],
+    }
+
+
+def _claims(conn: psycopg.Connection[Any], rounds: int) -> dict[str, dict[str, float]]:
+    ids = [
+        int(r[0])
+        for r in conn.execute(
+            "INSERT INTO job_items (job_id, instance_id, product_id)"
+            " SELECT j.id, j.instance_id, 'c' || n FROM jobs j"
+            " CROSS JOIN generate_series(1, %s) n RETURNING id",
+            (rounds * 2 * 20 // 100 + 1,),
+        ).fetchall()
+    ]
+    conn.execute("VACUUM (ANALYZE) job_items")
+    timings: dict[str, list[float]] = {"trigger on": [], "trigger off": []}
+    order = ("trigger on", "trigger off")
+    for r in range(rounds):
+        for mode in order if r % 2 == 0 else order[::-1]:
+            switch = "ENABLE" if mode == "trigger on" else "DISABLE"
+            conn.execute(f"ALTER TABLE job_items {switch} TRIGGER job_items_record_usage")
+            batch, ids = ids[:20], ids[20:]
+            started = time.perf_counter()
+            conn.execute(
+                "UPDATE job_items SET status = 'PROCESSING', claimed_at = now(),"
+                " claimed_by = 'bench', attempts = attempts + 1 WHERE id = ANY(%s)",
+                (batch,),
+            )
+            timings[mode].append(time.perf_counter() - started)
+    conn.execute("ALTER TABLE job_items ENABLE TRIGGER job_items_record_usage")
+    return {mode: summary(values) for mode, values in timings.items()}
 
 
 def reads(url: str, stores: int, days: int, samples: int) -> dict[str, Any]:
@@ -165,13 +204,17 @@ def main() -> None:
             [
                 [f"finish {BATCH} items, trigger on", *_ms(w["trigger_on"])],
                 [f"finish {BATCH} items, trigger off", *_ms(w["trigger_off"])],
+                ["claim 20 items, trigger on", *_ms(w["claim_trigger_on"])],
+                ["claim 20 items, trigger off", *_ms(w["claim_trigger_off"])],
                 ["one store's month", *_ms(r["one_store"])],
                 [f"fleet's month ({r['stores']:,} stores): monthly rollup", *_ms(r["fleet"])],
                 [f"fleet's month: the {r['daily_rows']:,} daily rows", *_ms(r["fleet_from_daily"])],
             ],
         )
     )  # fmt: skip
-    console.print(f"trigger on / off, p50: {w['ratio_p50']:.2f}")
+    console.print(
+        f"trigger on / off, p50: finish {w['ratio_p50']:.2f}, claim {w['claim_ratio_p50']:.2f}"
+    )
     console.print(f"fleet's month, daily rows / monthly rollup, p50: {r['ratio_p50']:.1f}")
     if not args.quick:
         write_json(NAME, result)
