@@ -9,7 +9,8 @@
   window is priced per item from the items it finished, which asked the same requests);
 - writing a 50,000-line output file: the batch path's outcome writer (lines read, each checked
   by ChatHandler.answer, written through finish_items in chunks) against a real PostgreSQL,
-  items per second.
+  items per second, paced as the poll step paces it (listener/batches/pace.py: at most half the
+  time, so a worker's claims go on beside it).
 
 One `listener worker` process and the stub in its own process (real HTTP, the stub's batch
 clock on the wall: validating 1 s, processing 5 s, finalizing 1 s). The machine is shared, so
@@ -161,7 +162,8 @@ async def _output_write(url: str) -> dict[str, Any]:
     from listener.assembly import served_app
     from listener.batches.collect import collect_kind
     from listener.batches.context import Context
-    from listener.batches.outcome import line_outcome, outcomes_of, read_lines, write_outcomes
+    from listener.batches.outcome import ReadLines, line_outcome, write_outcomes
+    from listener.batches.poll import decide_all, read_file
     from listener.batches.store import batch_items
     from listener.settings import load_settings
 
@@ -181,8 +183,9 @@ async def _output_write(url: str) -> dict[str, Any]:
         rng = random.Random(1)
         kind = app["product_description"]
         started = time.perf_counter()
-        read = read_lines(lines)
-        decided = outcomes_of(
+        read = ReadLines()
+        await read_file(lines, read)  # what the poll step does, paced as it is
+        decided = await decide_all(
             items,
             read,
             lambda item, line: line_outcome(item, line, batch="batch_bench", kind=kind,
@@ -235,8 +238,8 @@ def output_write() -> dict[str, Any]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    seconds = 20.0 if quick else 60.0
-    rounds = 1 if quick else 2
+    seconds = 15.0 if quick else 60.0
+    rounds = 2 if quick else 3
     plan = [("batch", "batch"), ("realtime", "realtime"), ("none", None)]
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in plan}
     for round_ in range(rounds):

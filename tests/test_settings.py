@@ -44,6 +44,14 @@ BAD_VALUES = {
     "shutdown_grace_seconds": "-5",
     "pool_stats_interval_seconds": "never",
     "retention_days": "-1",
+    "auto_batch_min_items": "0",
+    "auto_batch_max_priority": "-102",
+    "batch_poll_seconds": "0",
+    "batch_max_requests": "50001",
+    "batch_max_bytes": "200000001",
+    "batch_max_per_store": "0",
+    "batch_enqueued_token_limit": "-1",
+    "batch_retry_seconds": "-1",
     "port": "70000",
     "http_host": "",
     "api_token": "tiny-T0ken",
@@ -112,6 +120,10 @@ CONTRADICTIONS = {
     "tokens": (
         {"OPENAI_MAX_TOKENS": "4000", "RATE_LIMIT_TPM": "1000"},
         "OPENAI_MAX_TOKENS (4000) is larger than RATE_LIMIT_TPM (1000)",
+    ),
+    "batch_share": (
+        {"BATCH_MAX_PER_STORE": "20000", "BATCH_MAX_REQUESTS": "10000"},
+        "BATCH_MAX_PER_STORE (20000) is larger than BATCH_MAX_REQUESTS (10000)",
     ),
     "embedded": (
         {"LISTENER_EMBEDDED": "1", "DATABASE_URL": "postgresql://app:hunter2@db/app"},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ import pydantic
 from openai.types.chat import ChatCompletion
 
 from listener.attempt import handler_item, retry_outcome
+from listener.batches.pace import rest
 from listener.batches.store import Connection, claimed_by
 from listener.db import database_call
 from listener.errors import FailItem, RetryItem, one_line
@@ -37,9 +39,9 @@ from listener.sqlfiles import queries
 
 logger = logging.getLogger("listener.batches")
 
-# Outcomes a transaction writes: 50,000 lines are 25 transactions, not 50,000 round trips, and
-# each is short enough that the claims on the same database go on between them.
-CHUNK = 2_000
+# Outcomes a transaction writes: 50,000 lines are 50 transactions, not 50,000 round trips, each
+# short, with a rest after it (pace.py).
+CHUNK = 1_000
 # Lines that never ran: the request is not at fault and its attempt is given back.
 NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})
 
@@ -53,27 +55,40 @@ class ReadLines:
     duplicates: int = 0
 
 
-def read_lines(text: str, into: ReadLines | None = None) -> ReadLines:
-    """Each line of a JSONL file; a truncated or corrupt line is counted and skipped (its item,
-    left without an answer, is retried)."""
-    read = into or ReadLines()
-    for raw in text.splitlines():
-        if not raw.strip():
-            continue
+def parse_lines(texts: Sequence[str]) -> list[dict[str, Any] | None]:
+    """Each line's JSON object with a string custom_id; None for one that is not (truncated,
+    corrupt, not an object)."""
+    parsed: list[dict[str, Any] | None] = []
+    for raw in texts:
         try:
             line = json.loads(raw)
         except ValueError:
-            read.bad += 1
+            parsed.append(None)
             continue
-        custom_id = line.get("custom_id") if isinstance(line, dict) else None
-        if not isinstance(custom_id, str):
-            read.bad += 1
-            continue
-        if custom_id in read.lines:
-            read.duplicates += 1
-            continue
-        read.lines[custom_id] = line
-    return read
+        ok = isinstance(line, dict) and isinstance(line.get("custom_id"), str)
+        parsed.append(line if ok else None)
+    return parsed
+
+
+def gather_lines(parsed: Iterable[dict[str, Any] | None], into: ReadLines) -> ReadLines:
+    for line in parsed:
+        if line is None:
+            into.bad += 1
+        elif line["custom_id"] in into.lines:
+            into.duplicates += 1
+        else:
+            into.lines[line["custom_id"]] = line
+    return into
+
+
+def split_lines(text: str) -> list[str]:
+    return [raw for raw in text.splitlines() if raw.strip()]
+
+
+def read_lines(text: str, into: ReadLines | None = None) -> ReadLines:
+    """Each line of a JSONL file; a truncated or corrupt line is counted and skipped (its item,
+    left without an answer, is retried)."""
+    return gather_lines(parse_lines(split_lines(text)), into or ReadLines())
 
 
 @dataclass(frozen=True)
@@ -151,14 +166,9 @@ def line_outcome(
     return LineOutcome(Outcome.completed(item, result.value), _usage(completion), completion.model)
 
 
-def outcomes_of(
-    items: Sequence[ClaimedItem],
-    read: ReadLines,
-    decide: Callable[[ClaimedItem, Mapping[str, Any] | None], LineOutcome],
-    batch: str,
-) -> list[LineOutcome]:
-    """Each held item's outcome; lines for ids the batch does not hold are logged and left."""
-    held = {str(item.id): item for item in items}
+def log_unmatched(items: Sequence[ClaimedItem], read: ReadLines, batch: str) -> None:
+    """Lines for ids the batch does not hold, and lines that could not be read: logged."""
+    held = {str(item.id) for item in items}
     foreign = [custom_id for custom_id in read.lines if custom_id not in held]
     if foreign:
         logger.warning(
@@ -176,6 +186,16 @@ def outcomes_of(
             read.bad,
             read.duplicates,
         )
+
+
+def outcomes_of(
+    items: Sequence[ClaimedItem],
+    read: ReadLines,
+    decide: Callable[[ClaimedItem, Mapping[str, Any] | None], LineOutcome],
+    batch: str,
+) -> list[LineOutcome]:
+    """Each held item's outcome; lines for ids the batch does not hold are logged and left."""
+    log_unmatched(items, read, batch)
     return [decide(item, read.lines.get(str(item.id))) for item in items]
 
 
@@ -194,6 +214,7 @@ async def write_outcomes(
     """Write the outcomes, CHUNK a transaction; the number of items written."""
     written = 0
     for chunk in _chunks(decided, CHUNK):
+        began = time.monotonic()
         try:
             written += await _write_chunk(conn, batch_id, chunk)
         except REFUSALS as error:
@@ -202,6 +223,7 @@ async def write_outcomes(
             for one in chunk:
                 written += await _write_alone(conn, batch_id, one)
         on_commit()
+        await rest(began)  # the claims on the same database go on between chunks
     return written
 
 

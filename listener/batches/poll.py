@@ -16,22 +16,27 @@ the same files again, which changes nothing already written.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import anyio
 import openai
 
 from listener.batches.context import Context
 from listener.batches.outcome import (
+    LineOutcome,
     ReadLines,
+    gather_lines,
     line_outcome,
-    outcomes_of,
-    read_lines,
+    log_unmatched,
+    parse_lines,
+    split_lines,
     write_outcomes,
 )
+from listener.batches.pace import SLICE, paced
 from listener.batches.store import BatchRow, batch_items, execute, still_wanted
 from listener.batches.submit import finish, give_back
 from listener.errors import one_line
+from listener.items import ClaimedItem
 from listener.openai.chat import ChatHandler
 
 logger = logging.getLogger("listener.batches")
@@ -116,7 +121,25 @@ async def _download(ctx: Context, file_id: str | None, into: ReadLines, what: st
         logger.warning("[Batch] its %s file %s is gone: its items are retried", what, file_id)
         return
     ctx.checkpoint("api:files.content")
-    await anyio.to_thread.run_sync(read_lines, content.content.decode("utf-8", "replace"), into)
+    await read_file(content.content.decode("utf-8", "replace"), into)
+
+
+async def read_file(text: str, into: ReadLines) -> None:
+    """A file's lines parsed, paced (pace.py), into `into`."""
+    gather_lines(await paced(parse_lines, split_lines(text), SLICE * 4), into)
+
+
+async def decide_all(
+    items: Sequence[ClaimedItem],
+    read: ReadLines,
+    decide: Callable[[ClaimedItem, Mapping[str, Any] | None], LineOutcome],
+    batch: str,
+) -> list[LineOutcome]:
+    """Each held item's outcome from its line: tens of thousands of answers checked, paced."""
+    log_unmatched(items, read, batch)
+    return await paced(
+        lambda part: [decide(item, read.lines.get(str(item.id))) for item in part], items
+    )
 
 
 async def _write_files(ctx: Context, row: BatchRow, handler: ChatHandler, batch: Any) -> None:
@@ -133,9 +156,7 @@ async def _write_files(ctx: Context, row: BatchRow, handler: ChatHandler, batch:
             rng=ctx.rng,
         )  # fmt: skip
 
-    # Tens of thousands of answers parsed and checked: off the event loop, whose claims must
-    # not wait.
-    decided = await anyio.to_thread.run_sync(outcomes_of, items, read, decide, f"{row.id} ({name})")
+    decided = await decide_all(items, read, decide, f"{row.id} ({name})")
     written = await write_outcomes(ctx.conn, row.id, decided, ctx.committed)
     done = sum(1 for one in decided if one.outcome.status == "COMPLETED")
     await finish(ctx, row, str(batch.status), None)

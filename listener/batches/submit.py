@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
-import anyio
 import openai
 
 from listener.attempt import handler_item
 from listener.batches.context import Context
 from listener.batches.outcome import LineOutcome, write_outcomes
+from listener.batches.pace import paced
 from listener.batches.store import BatchRow, batch_items, enqueued_tokens, execute
 from listener.errors import FailItem, one_line
+from listener.handler import Kind
 from listener.items import ClaimedItem, Outcome
 from listener.openai.chat import ChatHandler
 
@@ -49,42 +50,43 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     return len(text) // 4 + 8
 
 
-def _lines(
-    ctx: Context, row: BatchRow, handler: ChatHandler, items: Sequence[ClaimedItem]
-) -> tuple[list[bytes], list[LineOutcome], int]:
-    """The file's lines, the items left out (failed, or past the byte limit), the tokens."""
-    kind = ctx.app[row.kind]
-    lines: list[bytes] = []
-    tokens = 0
-    size = 0
-    left: list[LineOutcome] = []
-    for item in items:
-        try:
-            body = handler.request(handler_item(item, kind, ctx.settings))
-        except FailItem as error:
-            left.append(LineOutcome(Outcome.failed(item, str(error))))
-            continue
-        line = json.dumps(
-            {"custom_id": str(item.id), "method": "POST", "url": ENDPOINT, "body": body},
-            ensure_ascii=False,
-            separators=(",", ":"),
-        ).encode()
-        if size + len(line) + 1 > ctx.settings.batch_max_bytes:
-            left.append(LineOutcome(Outcome.release(item, error="over the batch file's size")))
-            continue
-        lines.append(line)
-        size += len(line) + 1
-        tokens += estimate_tokens(body)
-    return lines, left, tokens
+def _line(
+    ctx: Context, handler: ChatHandler, kind: Kind, item: ClaimedItem
+) -> tuple[bytes, int] | LineOutcome:
+    """The item's input line and its prompt tokens, or its outcome when no request can be
+    built for it (a template field it lacks: the item's fault)."""
+    try:
+        body = handler.request(handler_item(item, kind, ctx.settings))
+    except FailItem as error:
+        return LineOutcome(Outcome.failed(item, str(error)))
+    line = json.dumps(
+        {"custom_id": str(item.id), "method": "POST", "url": ENDPOINT, "body": body},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
+    return line, estimate_tokens(body)
 
 
 async def build_input(ctx: Context, row: BatchRow, handler: ChatHandler) -> InputFile | None:
     """The JSONL input file of the items the batch holds. An item whose request cannot be built
     (a template field it lacks) fails now; those past the file's byte limit go back to PENDING
     with their attempt given back. None: no line is left."""
+    kind = ctx.app[row.kind]
     items = await batch_items(ctx.conn, row.id, ctx.settings.max_payload_bytes)
-    # Seconds of templating for 50,000 items: off the event loop, whose claims must not wait.
-    lines, left, tokens = await anyio.to_thread.run_sync(_lines, ctx, row, handler, items)
+    # Seconds of templating for 50,000 items: paced, off the event loop (pace.py).
+    built = await paced(lambda part: [_line(ctx, handler, kind, item) for item in part], items)
+    lines: list[bytes] = []
+    left: list[LineOutcome] = []
+    tokens = size = 0
+    for item, made in zip(items, built, strict=True):
+        if isinstance(made, LineOutcome):
+            left.append(made)
+        elif size + len(made[0]) + 1 > ctx.settings.batch_max_bytes:
+            left.append(LineOutcome(Outcome.release(item, error="over the batch file's size")))
+        else:
+            lines.append(made[0])
+            size += len(made[0]) + 1
+            tokens += made[1]
     if left:
         await write_outcomes(ctx.conn, row.id, left, ctx.committed)
     if not lines:
