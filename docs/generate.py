@@ -66,6 +66,17 @@ DESCRIPTIONS: dict[str, str] = {
         "schema...), beside the built-in ones; one of the same name replaces the built-in. "
         "See the kinds and handlers guide."
     ),
+    "openai_prices_file": (
+        "A TOML price table (per model and tier, dollars per 1M input / cached input / output "
+        "tokens, with the date it was read) in place of the built-in one; see the costs guide."
+    ),
+    "flex_fallback_seconds": (
+        "How long a flex item's \"resource unavailable\" answers are retried with backoff, "
+        "from its first flex attempt, before its request goes out on the standard tier."
+    ),
+    "openai_flex_timeout_seconds": (
+        "One flex request's timeout (OpenAI advises about 15 minutes: flex answers are slower)."
+    ),
     "allowed_hosts": (
         "Host names the HTTP app answers for, comma-separated (`dash.example.com`, "
         "`*.example.com`; `*`: any); `localhost`, `*.localhost`, IP addresses and Render's "
@@ -124,6 +135,32 @@ DESCRIPTIONS: dict[str, str] = {
     "retention_days": (
         "Jobs that finished longer ago are deleted with their items by the fleet, in small "
         "batches. 0 keeps everything."
+    ),
+    "auto_batch_min_items": (
+        "An `auto`-tier job of at least this many items runs on OpenAI's Batch API "
+        "(docs/guides/cost-tiers.md); the producer applies it, where the job's size is known."
+    ),
+    "auto_batch_max_priority": (
+        "An `auto`-tier job of this priority or lower runs on the Batch API (a plain INSERT "
+        "applies this half of the rule only); -101: never by priority."
+    ),
+    "batch_poll_seconds": (
+        "How often each step of the batch path runs (collect, upload, submit, poll), one "
+        "process of the fleet at a time."
+    ),
+    "batch_max_requests": "Items in one batch input file at most (OpenAI's limit: 50,000).",
+    "batch_max_bytes": "Bytes in one batch input file at most (OpenAI's limit: 200 MB).",
+    "batch_max_per_store": (
+        "One store's items in one batch file at most: stores are taken round robin, so a "
+        "100,000-product import cannot fill a file while another store's 500 wait."
+    ),
+    "batch_enqueued_token_limit": (
+        "The prompt tokens our submitted, unfinished batches may hold at OpenAI at once (the "
+        "account's enqueued-token limit); a batch that would pass it waits. 0: no limit of ours."
+    ),
+    "batch_retry_seconds": (
+        "A batch OpenAI refused for its enqueued-token limit: its items wait this long, then "
+        "go into a new batch (never lost)."
     ),
     "port": "Serve HTTP (the dashboard, `/health`, the stats, `/metrics`) from the worker.",
     "http_host": (

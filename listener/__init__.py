@@ -10,7 +10,7 @@ only (psycopg), nothing of the worker.
 # (pyproject.toml's dynamic version), `listener --version` prints it.
 __version__ = "0.1.0"
 
-from listener.errors import BudgetExhausted, FailItem, RetryItem, StopWorker
+from listener.errors import BudgetExhausted, DeferItem, FailItem, RetryItem, StopWorker
 from listener.handler import App, Budget, Item, Kind, Result
 from listener.producer import InvalidJob, enqueue, enqueue_async
 
@@ -18,6 +18,7 @@ __all__ = [
     "App",
     "Budget",
     "BudgetExhausted",
+    "DeferItem",
     "FailItem",
     "InvalidJob",
     "Item",

@@ -22,6 +22,7 @@ from listener.backoff import retry_delay
 from listener.errors import (
     BudgetExhausted,
     DatabaseError,
+    DeferItem,
     FailItem,
     RetryItem,
     StopWorker,
@@ -72,6 +73,8 @@ def handler_item(item: ClaimedItem, kind: Kind, settings: Settings) -> Item:
         options=item.options,
         attempt=item.attempts,
         max_attempts=kind.max_attempts or settings.max_attempts,
+        tier=item.tier,
+        deferred_since=item.deferred_since,
     )
 
 
@@ -79,6 +82,25 @@ def as_result(value: Any) -> Result:
     """A handler's return value as a Result. Its value is encoded once, when the outcome is
     written: one that is not JSON then fails its item alone, with the reason (items.py)."""
     return value if isinstance(value, Result) else Result(value)
+
+
+def retry_outcome(
+    item: ClaimedItem,
+    error: RetryItem,
+    max_attempts: int,
+    settings: Settings,
+    rng: random.Random,
+) -> Outcome:
+    """A retry after backoff, or FAILED once the item has used its attempts: the rule of every
+    attempt, real-time or a batch's line."""
+    if item.attempts >= max_attempts:
+        return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
+    delay = error.after
+    if delay is None:
+        delay = retry_delay(
+            item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, rng
+        )
+    return Outcome.retry(item, str(error), delay)
 
 
 async def attempt(
@@ -109,19 +131,16 @@ async def attempt(
                 grant = await limiter.acquire(estimate)
                 continue
             await _settle(limiter, grant, result, estimate, item)
-            return Outcome.completed(item, result.value)
+            return Outcome.completed(
+                item, result.value, result.usage, result.model, result.served_tier
+            )
         return Outcome.release(item, error="rate limited", delay=5.0)
     except FailItem as error:
         return Outcome.failed(item, str(error))
+    except DeferItem as error:
+        return Outcome.deferral(item, str(error), max(0.0, error.after))
     except RetryItem as error:
-        if item.attempts >= max_attempts:
-            return Outcome.failed(item, f"gave up after {item.attempts} attempt(s): {error}")
-        delay = error.after
-        if delay is None:
-            delay = retry_delay(
-                item.attempts, settings.retry_base_seconds, settings.retry_cap_seconds, rng
-            )
-        return Outcome.retry(item, str(error), delay)
+        return retry_outcome(item, error, max_attempts, settings, rng)
     except DatabaseError as error:
         # The budget's row was unreachable before any answer (pause, acquire): not the item's
         # fault, and nothing was paid for.

@@ -20,6 +20,7 @@ from listener.database import resolve_database
 from listener.errors import ConfigurationError, ListenerError, UsageError
 from listener.handler import DEFAULT_BUDGET, DEFAULT_KIND, App
 from listener.settings import Settings
+from listener.tiers import TIERS
 
 if TYPE_CHECKING:
     from listener.worker import Worker
@@ -145,6 +146,7 @@ def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
         priority=priority,
         kind=args.kind,
         options=options,
+        tier=args.tier,
     )
     _say(str(job_id))
     return 0
@@ -259,8 +261,10 @@ def _store(args: argparse.Namespace, settings: Settings) -> int:
 
 def _store_show(args: argparse.Namespace, settings: Settings) -> int:
     from listener import show
+    from listener.openai import prices
 
-    show.stores(resolve_database(settings), args.store, args.limit, args.json)
+    table = prices.load(settings.openai_prices_file)
+    show.stores(resolve_database(settings), args.store, args.limit, args.json, table)
     return 0
 
 
@@ -308,13 +312,22 @@ def register(commands: Any) -> None:
     enqueue.add_argument(
         "--options", help='the job\'s options as a JSON object, e.g. \'{"language": "French"}\''
     )
+    enqueue.add_argument(
+        "--tier",
+        choices=TIERS,
+        help="realtime, batch (OpenAI's Batch API: half the price, within 24 h), flex or auto "
+        "(batch when large or of low priority); default: the kind's",
+    )
     enqueue.set_defaults(handler=_enqueue)
 
     store = commands.add_parser("store", help="a store's weight, caps and pause")
     actions = store.add_subparsers(
         dest="action", required=True, metavar="ACTION", help="one of the actions below"
     )
-    show = actions.add_parser("show", help="weight, caps, paused, backlog, in flight, last minute")
+    show = actions.add_parser(
+        "show",
+        help="weight, caps, paused, backlog, in flight, last minute; cost today and this month",
+    )
     show.add_argument(
         "store", nargs="?", help="one store (default: every store with a row or work)"
     )

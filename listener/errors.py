@@ -68,6 +68,17 @@ class RetryItem(ListenerError):
         self.after = after
 
 
+class DeferItem(ListenerError):
+    """Not now, and not the item's fault (flex capacity unavailable): the item goes back to
+    PENDING for `after` seconds with its attempt given back, and its next attempt is claimed
+    like any other (taking a budget slot). `Item.deferred_since` then says since when its
+    handler has been deferring it, so the handler can stop waiting after a while."""
+
+    def __init__(self, reason: str, after: float) -> None:
+        super().__init__(reason)
+        self.after = after
+
+
 class BudgetExhausted(ListenerError):
     """The budget the item draws from is spent for `retry_after` seconds (a 429): every process
     drawing from it pauses, and the item is tried again in place, its attempt not counted."""

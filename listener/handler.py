@@ -14,7 +14,9 @@
 ones. A handler is an async callable from an `Item` to a `Result` (or to any JSON value, which
 becomes the result); the error it raises steers the item: `RetryItem` (again later),
 `FailItem` (FAILED now), `BudgetExhausted` (the budget is spent: every process drawing from it
-pauses, the item waits in place), `StopWorker` (the process cannot serve anything: it stops).
+pauses, the item waits in place), `DeferItem` (not now, not the item's fault: back to PENDING
+for a while, its attempt given back, `Item.deferred_since` counting), `StopWorker` (the process
+cannot serve anything: it stops).
 
 Each kind draws from a named budget: `"openai"` (RATE_LIMIT_RPM / RATE_LIMIT_TPM, shared by the
 fleet), another the app declares with `app.budget(name, rpm=..., tpm=...)`, or None (no limit).
@@ -29,12 +31,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from listener.errors import ConfigurationError
+from listener.tiers import BATCH, REALTIME, TIERS
+from listener.tiers import SERVED_TIERS as TIERS_SERVED
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
 
 # The kind of every job that names none (the column's default): today's product description.
 DEFAULT_KIND = "product_description"
@@ -42,6 +50,11 @@ DEFAULT_KIND = "product_description"
 DEFAULT_BUDGET = "openai"
 # jobs_kind_valid in sql/schema.sql.
 KIND_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+# job_items_served_tier_valid in sql/schema.sql: the tiers a priced call can be served on
+# (listener.tiers.SERVED_TIERS, the tiers an item runs on).
+SERVED_TIERS = TIERS_SERVED
+# The token counts a result's usage may carry (listener_usage_tokens reads them).
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,10 @@ class Item:
     options: Mapping[str, Any]  # the job's options over its store's defaults
     attempt: int  # 1 on the first try
     max_attempts: int
+    # The tier it runs on: 'realtime' or 'flex' here ('batch' items go to the batch path).
+    tier: str = REALTIME
+    # When its handler first deferred it (DeferItem), by the database's clock; None: never.
+    deferred_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -66,15 +83,32 @@ class Result:
     `cost`: what the call actually cost its budget, in the budget's token units (None: the
     estimate reserved before it stands). `pause`: the budget's owner says it is spent for this
     many seconds (a rate-limit header saying 0 remaining): every process drawing from it waits.
+
+    Metering, for what each store costs (stored with the item, priced when read): `usage`, the
+    call's token counts ({"prompt_tokens", "completion_tokens", "cached_tokens"}: whole numbers,
+    0 or more; other keys are dropped), `model`, the model that answered, and `served_tier`,
+    the tier that served it (one of SERVED_TIERS; None: no priced call served it). A value
+    that does not fit is dropped with a warning; the item's answer is kept.
     """
 
     value: Any
     cost: int | None = None
     pause: float | None = None
+    usage: Mapping[str, int] | None = None
+    model: str | None = None
+    served_tier: str | None = None
 
 
 class Handler(Protocol):
     def __call__(self, item: Item, /) -> Awaitable[Any]: ...
+
+
+class Service(Protocol):
+    """A task the worker runs beside its claims while it runs (the OpenAI batch path), given
+    its pool and the app it serves; cancelled when the worker stops, so every step of it must
+    be safe to cut off and repeat."""
+
+    def __call__(self, pool: AsyncConnectionPool, app: App, /) -> Coroutine[Any, Any, None]: ...
 
 
 @dataclass(frozen=True)
@@ -102,6 +136,10 @@ class Kind:
     required_options: frozenset[str] = frozenset()
     # Called once when the worker closes (an HTTP client's connections, say).
     aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
+    # The tier of a job that names none (listener.tiers), and whether a batch runner serves its
+    # batch-tier items (the OpenAI chat kinds): a job may ask for 'batch' only then.
+    tier: str = REALTIME
+    batch: bool = False
 
     def __post_init__(self) -> None:
         if not KIND_NAME.match(self.name):
@@ -113,6 +151,14 @@ class Kind:
             raise ConfigurationError(f"kind {self.name}: max_attempts must be at least 1")
         if self.estimate < 0:
             raise ConfigurationError(f"kind {self.name}: estimate must not be negative")
+        if self.tier not in TIERS:
+            raise ConfigurationError(
+                f"kind {self.name}: tier {self.tier!r} is not one of {', '.join(TIERS)}"
+            )
+        if self.tier == BATCH and not self.batch:
+            raise ConfigurationError(
+                f"kind {self.name}: tier 'batch' needs a handler that can batch (batch=True)"
+            )
         if self.options is not None and not self.required_options <= self.options:
             missing = ", ".join(sorted(self.required_options - self.options))
             raise ConfigurationError(
@@ -123,9 +169,15 @@ class Kind:
 class App:
     """A registry of kinds (and of the budgets they draw from) that a worker serves."""
 
-    def __init__(self, kinds: Iterable[Kind] = (), budgets: Iterable[Budget] = ()) -> None:
+    def __init__(
+        self,
+        kinds: Iterable[Kind] = (),
+        budgets: Iterable[Budget] = (),
+        services: Iterable[Service] = (),
+    ) -> None:
         self._kinds: dict[str, Kind] = {}
         self._budgets: dict[str, Budget] = {}
+        self.services: list[Service] = list(services)
         for budget in budgets:
             self.add_budget(budget)
         for kind in kinds:
@@ -160,6 +212,7 @@ class App:
         estimate: int = 1,
         options: Iterable[str] | None = None,
         required_options: Iterable[str] = (),
+        tier: str = REALTIME,
     ) -> Callable[[Handler], Handler]:
         """Register the decorated async function as the handler of kind `name`."""
 
@@ -173,6 +226,7 @@ class App:
                     estimate=estimate,
                     options=None if options is None else frozenset(options),
                     required_options=frozenset(required_options),
+                    tier=tier,
                 )
             )
             return handler
@@ -181,7 +235,7 @@ class App:
 
     def merged(self, other: App) -> App:
         """This app's kinds and budgets, then `other`'s (a name in both is an error)."""
-        app = App(self, self._budgets.values())
+        app = App(self, self._budgets.values(), [*self.services, *other.services])
         for budget in other.budgets.values():
             app.add_budget(budget)
         for kind in other:
@@ -201,6 +255,7 @@ class App:
         return App(
             (dataclasses.replace(kind, handler=watch(kind.handler)) for kind in self),
             self._budgets.values(),
+            self.services,
         )
 
     def only(self, names: Iterable[str]) -> App:
@@ -212,7 +267,7 @@ class App:
                 f"invalid setting WORKER_KINDS: no kind named {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(self._kinds))})"
             )
-        return App((self._kinds[name] for name in wanted), self._budgets.values())
+        return App((self._kinds[name] for name in wanted), self._budgets.values(), self.services)
 
     @property
     def budgets(self) -> Mapping[str, Budget]:

@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from listener.errors import OutcomeRefused, one_line
 from listener.handler import DEFAULT_KIND
 from listener.sqlfiles import queries
 from listener.storable import storable
+from listener.tiers import REALTIME
 
 Status = Literal["COMPLETED", "FAILED", "PENDING"]
 _NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
@@ -35,6 +37,8 @@ class ClaimedItem:
     kind: str = DEFAULT_KIND
     # The job's options over its store's (`stores.options`), as the claim read them.
     options: Mapping[str, Any] = field(default_factory=lambda: _NO_OPTIONS, compare=False)
+    tier: str = REALTIME  # 'realtime' or 'flex': the claim never takes batch-tier items
+    deferred_since: datetime | None = None  # when its handler first deferred it (DeferItem)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,12 @@ class Outcome:
     attempt: int = 0  # the claim's attempt number; an outcome of an older claim is not written
     job_id: int = 0
     kind: str = field(default=DEFAULT_KIND, compare=False)
+    # What the call cost, for a COMPLETED item (Result's metering, checked by storable.py).
+    usage: Mapping[str, int] | None = None
+    model: str | None = None
+    served_tier: str | None = None
+    # A deferral (DeferItem): the item's deferred_since is set, if it is not yet.
+    deferred: bool = False
 
     @classmethod
     def of(cls, item: ClaimedItem, status: Status, **fields: Any) -> Outcome:
@@ -65,8 +75,17 @@ class Outcome:
         )
 
     @classmethod
-    def completed(cls, item: ClaimedItem, result: Any) -> Outcome:
-        return cls.of(item, "COMPLETED", result=result)
+    def completed(
+        cls,
+        item: ClaimedItem,
+        result: Any,
+        usage: Mapping[str, int] | None = None,
+        model: str | None = None,
+        served_tier: str | None = None,
+    ) -> Outcome:
+        return cls.of(
+            item, "COMPLETED", result=result, usage=usage, model=model, served_tier=served_tier
+        )
 
     @classmethod
     def failed(cls, item: ClaimedItem, error: str) -> Outcome:
@@ -80,6 +99,11 @@ class Outcome:
     def release(cls, item: ClaimedItem, error: str | None = None, delay: float = 0.0) -> Outcome:
         """Back to PENDING with the attempt given back: the item itself was not at fault."""
         return cls.of(item, "PENDING", error=error, delay=delay, refund=True)
+
+    @classmethod
+    def deferral(cls, item: ClaimedItem, error: str, delay: float) -> Outcome:
+        """A release its handler asked for (DeferItem): its deferred_since starts, if not yet."""
+        return cls.of(item, "PENDING", error=error, delay=delay, refund=True, deferred=True)
 
 
 @dataclass(frozen=True)
@@ -175,7 +199,7 @@ def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> Clai
     """A row of the claim: its columns in the claim's SELECT order. `parsed`: the options read
     so far, by their text (a claim's items share their job's, parsed once, read-only)."""
     (id_, job_id, store, product_id, payload_text, payload_bytes, attempts, _retry_in, kind,
-     options_text) = row  # fmt: skip
+     options_text, tier, deferred_since) = row  # fmt: skip
     text = options_text or "{}"
     options = parsed.get(text)
     if options is None:
@@ -190,6 +214,8 @@ def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> Clai
         attempts=attempts,
         kind=kind,
         options=options,
+        tier=tier,
+        deferred_since=deferred_since,
     )
 
 
@@ -254,12 +280,20 @@ def _outcome_json(outcome: Outcome) -> str:
     its encoded text hints at something to clean: most results need no walk of their values."""
     result = _result_json(outcome)
     error = None if outcome.error is None else json.dumps(outcome.error)
-    if (result is not None and _UNSTORABLE_ESCAPE.search(result)) or (
-        error is not None and _UNSTORABLE_ESCAPE.search(error)
+    metered = (
+        outcome.usage is not None or outcome.model is not None or outcome.served_tier is not None
+    )
+    if (
+        metered
+        or (result is not None and _UNSTORABLE_ESCAPE.search(result))
+        or (error is not None and _UNSTORABLE_ESCAPE.search(error))
     ):
         outcome = storable(outcome)
         result = _result_json(outcome)
         error = None if outcome.error is None else json.dumps(outcome.error)
+    usage = None if outcome.usage is None else json.dumps(dict(outcome.usage))
+    model = None if outcome.model is None else json.dumps(outcome.model)
+    tier = None if outcome.served_tier is None else json.dumps(outcome.served_tier)
     # Statuses are our own literals; the numbers are Python's (repr of a float is valid JSON
     # but for inf and nan, which PostgreSQL refuses, as it refuses them in an interval).
     return (
@@ -267,7 +301,9 @@ def _outcome_json(outcome: Outcome) -> str:
         f'"status":"{outcome.status}",'
         f'"result":{result or "null"},"error":{error or "null"},'
         f'"delay":{float(outcome.delay)!r},"refund":{"true" if outcome.refund else "false"},'
-        f'"attempt":{int(outcome.attempt)}}}'
+        f'"attempt":{int(outcome.attempt)},"usage":{usage or "null"},'
+        f'"model":{model or "null"},"served_tier":{tier or "null"},'
+        f'"deferred":{"true" if outcome.deferred else "false"}}}'
     )
 
 

@@ -64,3 +64,7 @@ def backlog_by_store(conninfo: str, limit: int = 20) -> list[tuple[Any, ...]]:
 
 def failed_items(conninfo: str, job_id: int, limit: int = 10) -> list[tuple[Any, ...]]:
     return _fetch(conninfo, "failed_items", {"job_id": job_id, "limit": limit})
+
+
+def job_batches(conninfo: str, job_id: int) -> list[tuple[Any, ...]]:
+    return _fetch(conninfo, "job_batches", {"job_id": job_id})

@@ -35,6 +35,7 @@ from listener.registry import (
     lookup_kind_async,
 )
 from listener.sqlfiles import queries
+from listener.tiers import BATCH, REALTIME, TIERS, AutoRule, resolve
 
 # The tables' CHECKs (sql/schema.sql): keep them in step.
 MAX_STORE_BYTES = 255  # jobs_instance_id_valid, job_items_instance_id_valid
@@ -59,6 +60,7 @@ class PreparedJob:
     kind: str = DEFAULT_KIND
     options: str = "{}"  # the job's options as JSON text
     option_names: tuple[str, ...] = ()
+    tier: str | None = None  # as asked; None: the kind's default
 
 
 def _has_control_character(text: str) -> bool:
@@ -147,6 +149,14 @@ def check_kind(kind: object) -> str:
     return kind
 
 
+def check_tier(tier: object) -> str | None:
+    if tier is None:
+        return None
+    if not isinstance(tier, str) or tier not in TIERS:
+        raise InvalidJob(f"invalid tier {tier!r}: one of {', '.join(TIERS)} (or none: the kind's)")
+    return tier
+
+
 def check_options(options: object) -> tuple[str, tuple[str, ...]]:
     """The options as JSON text, and their names."""
     if options is None:
@@ -170,8 +180,10 @@ def prepare(
     priority: object = 0,
     kind: object = DEFAULT_KIND,
     options: object = None,
+    tier: object = None,
 ) -> PreparedJob:
     """Check a job as the tables would, without writing anything."""
+    checked_tier = check_tier(tier)
     checked_store = check_store(store)
     checked_priority = check_priority(priority)
     checked_kind = check_kind(kind)
@@ -188,7 +200,13 @@ def prepare(
             )
         items.append((_product_id(product, index), _payload(product, index)))
     return PreparedJob(
-        checked_store, checked_priority, items, checked_kind, options_text, option_names
+        checked_store,
+        checked_priority,
+        items,
+        checked_kind,
+        options_text,
+        option_names,
+        checked_tier,
     )
 
 
@@ -212,7 +230,35 @@ def _job_params(job: PreparedJob) -> dict[str, Any]:
         "priority": job.priority,
         "kind": job.kind,
         "options": job.options,
+        "tier": job.tier,
     }
+
+
+def item_tier(job: PreparedJob, row: tuple[Any, ...]) -> str:
+    """The tier of the job's items, from what create_job read of its kind's registration;
+    'batch' for a kind whose handler cannot batch is refused (the transaction rolls back)."""
+    _id, kind_tier, batchable, auto_min_items, auto_max_priority = row
+    registered = kind_tier is not None
+    rule = (
+        AutoRule(int(auto_min_items), int(auto_max_priority))
+        if auto_min_items is not None and auto_max_priority is not None
+        else None
+    )
+    tier = resolve(
+        job.tier,
+        kind_default=str(kind_tier) if registered else REALTIME,
+        batchable=bool(batchable),
+        rule=rule,
+        count=len(job.items),
+        priority=job.priority,
+    )
+    # A kind no worker has registered yet (today's, before the first start) is taken at its word.
+    if tier == BATCH and registered and not batchable:
+        raise InvalidJob(
+            f"kind {job.kind} cannot run on the batch tier: its handler cannot batch "
+            "(use realtime or flex)"
+        )
+    return tier
 
 
 def check_registered(job: PreparedJob, registered: RegisteredKind | None, known: list[str]) -> None:
@@ -247,14 +293,18 @@ def enqueue(
     priority: int = 0,
     kind: str = DEFAULT_KIND,
     options: dict[str, Any] | None = None,
+    tier: str | None = None,
 ) -> int:
     """Create a job with one item per product; return the job id.
 
     `target` is a connection string, or an open connection whose transaction the job joins.
     `kind` names the work its items need (a kind some worker registered: refused otherwise),
     `options` the job's options for it (over its store's defaults; each one its kind declares).
+    `tier`: realtime, batch, flex or auto (listener.tiers); None: the kind's default. `auto`
+    is resolved here, where the job's size is known (AUTO_BATCH_MIN_ITEMS, as the fleet's
+    workers registered it).
     """
-    job = prepare(store, products, priority, kind, options)
+    job = prepare(store, products, priority, kind, options, tier)
     sql = queries("jobs")
     try:
         if isinstance(target, str):
@@ -272,10 +322,12 @@ def _write(conn: psycopg.Connection[Any], job: PreparedJob, sql: dict[str, str])
             check_registered(job, registered, [] if registered else known_names(conn))
         row = conn.execute(sql["create_job"], _job_params(job)).fetchone()
         assert row is not None
-        job_id = int(row[0])
+        job_id, tier = int(row[0]), item_tier(job, row)
         with conn.cursor().copy(sql["copy_items"]) as copy:
             for product_id, payload in job.items:
-                copy.write_row((job_id, job.store, product_id, payload, job.priority, job.kind))
+                copy.write_row(
+                    (job_id, job.store, product_id, payload, job.priority, job.kind, tier)
+                )
     return job_id
 
 
@@ -287,9 +339,10 @@ async def enqueue_async(
     priority: int = 0,
     kind: str = DEFAULT_KIND,
     options: dict[str, Any] | None = None,
+    tier: str | None = None,
 ) -> int:
     """`enqueue` for asyncio and trio apps (psycopg's async connection)."""
-    job = prepare(store, products, priority, kind, options)
+    job = prepare(store, products, priority, kind, options, tier)
     sql = queries("jobs")
     try:
         if isinstance(target, str):
@@ -311,10 +364,10 @@ async def _write_async(
         cursor = await conn.execute(sql["create_job"], _job_params(job))
         row = await cursor.fetchone()
         assert row is not None
-        job_id = int(row[0])
+        job_id, tier = int(row[0]), item_tier(job, row)
         async with conn.cursor().copy(sql["copy_items"]) as copy:
             for product_id, payload in job.items:
                 await copy.write_row(
-                    (job_id, job.store, product_id, payload, job.priority, job.kind)
+                    (job_id, job.store, product_id, payload, job.priority, job.kind, tier)
                 )
     return job_id

@@ -12,6 +12,7 @@ import psycopg
 
 from listener.errors import database_call
 from listener.sqlfiles import queries
+from listener.tiers import REALTIME, AutoRule
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -25,10 +26,13 @@ class RegisteredKind:
     options: frozenset[str] | None  # None: any option
     required_options: frozenset[str]
     budget: str | None
+    tier: str = REALTIME  # its default tier
+    batchable: bool = False
+    auto: AutoRule | None = None  # the fleet's `auto` rule, as its latest worker registered it
 
 
 @database_call("registering the worker's kinds failed")
-async def register_kinds(pool: AsyncConnectionPool, app: App) -> None:
+async def register_kinds(pool: AsyncConnectionPool, app: App, auto: AutoRule) -> None:
     kinds = list(app)
     params = {
         "names": [kind.name for kind in kinds],
@@ -36,6 +40,10 @@ async def register_kinds(pool: AsyncConnectionPool, app: App) -> None:
         "options": ["" if k.options is None else "\x1f".join(sorted(k.options)) for k in kinds],
         "required": ["\x1f".join(sorted(kind.required_options)) for kind in kinds],
         "budgets": [kind.budget or "" for kind in kinds],
+        "tiers": [kind.tier for kind in kinds],
+        "batchable": [kind.batch for kind in kinds],
+        "auto_min_items": auto.min_items,
+        "auto_max_priority": auto.max_priority,
     }
     async with pool.connection() as conn:
         await conn.execute(queries("kinds")["register_kinds"], params)
@@ -62,12 +70,17 @@ async def known_names_async(conn: psycopg.AsyncConnection[Any]) -> list[str]:
 
 
 def _registered(row: tuple[Any, ...]) -> RegisteredKind:
-    name, options, required, budget = row
+    name, options, required, budget, tier, batchable, auto_min_items, auto_max_priority = row
     return RegisteredKind(
         name=str(name),
         options=None if options is None else frozenset(options),
         required_options=frozenset(required or ()),
         budget=budget,
+        tier=str(tier),
+        batchable=bool(batchable),
+        auto=None
+        if auto_min_items is None or auto_max_priority is None
+        else AutoRule(int(auto_min_items), int(auto_max_priority)),
     )
 
 

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listener.errors import ConfigurationError
 from listener.handler import KIND_NAME
+from listener.tiers import AutoRule
 
 # 'package.module:attribute': what `--app` and WORKER_APP name.
 APP_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -51,6 +52,14 @@ class UncheckedSettings(BaseSettings):
     # The app's own kinds for the OpenAI handler (TOML, one table per kind), beside the built-in
     # ones (listener/openai/kinds.toml); a kind of the same name replaces the built-in.
     openai_kinds_file: str | None = Field(default=None, min_length=1)
+    # What each model costs per tier (TOML, the shape of listener/openai/prices.toml), in place
+    # of the built-in table; read when a process that prices usage starts.
+    openai_prices_file: str | None = Field(default=None, min_length=1)
+    # Flex: a "resource unavailable" answer is retried with backoff for this long after the
+    # item's first flex attempt, then the request goes out on the standard tier. OpenAI advises
+    # a long client timeout for flex requests (about 15 minutes).
+    flex_fallback_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    openai_flex_timeout_seconds: float = Field(default=900.0, gt=0, le=86_400)
 
     # `listener worker --app`'s default: 'package.module:attribute' naming a listener.App whose
     # kinds the worker serves beside the OpenAI ones (the Procfile's way to say --app).
@@ -80,6 +89,23 @@ class UncheckedSettings(BaseSettings):
     # Finished jobs (and their items) older than this are deleted by the fleet; 0 keeps them.
     # 450 items a minute is 650,000 rows a day.
     retention_days: int = Field(default=14, ge=0, le=36_500)
+
+    # `auto`-tier jobs go to OpenAI's Batch API when they have at least AUTO_BATCH_MIN_ITEMS
+    # items or a priority at or under AUTO_BATCH_MAX_PRIORITY (-101: never by priority);
+    # real-time otherwise. A plain INSERT applies the priority half only (its size is unknown).
+    auto_batch_min_items: int = Field(default=1000, ge=1)
+    auto_batch_max_priority: int = Field(default=-1, ge=-101, le=100)
+    # The batch path (listener/batches/): how often each step runs, the limits of one input
+    # file (OpenAI's: 50,000 requests, 200 MB), one store's share of a file, and our ceiling on
+    # the prompt tokens enqueued at OpenAI at once (the account's enqueued-token limit; 0: none).
+    batch_poll_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    batch_max_requests: int = Field(default=50_000, ge=1, le=50_000)
+    batch_max_bytes: int = Field(default=200_000_000, ge=10_000, le=200_000_000)
+    batch_max_per_store: int = Field(default=10_000, ge=1, le=50_000)
+    batch_enqueued_token_limit: int = Field(default=2_000_000, ge=0)
+    # A batch OpenAI refused for its enqueued-token limit: its items wait this long, then go
+    # into a new batch.
+    batch_retry_seconds: float = Field(default=300.0, ge=0, le=86_400)
 
     port: int | None = Field(default=None, ge=1, le=65535)
     # Loopback unless told otherwise: the stats and metrics are for the operator, and a
@@ -165,6 +191,10 @@ class UncheckedSettings(BaseSettings):
         """How often a worker renews its leases: a few times per lease, at least every 5 s."""
         return max(0.5, min(5.0, self.lease_seconds / 3))
 
+    @property
+    def auto_rule(self) -> AutoRule:
+        return AutoRule(self.auto_batch_min_items, self.auto_batch_max_priority)
+
     @field_validator("http_host")
     @classmethod
     def _http_host(cls, value: str) -> str:
@@ -240,6 +270,11 @@ def relation_errors(settings: UncheckedSettings) -> list[str]:
         problems.append(
             f"OPENAI_MAX_TOKENS ({settings.openai_max_tokens}) is larger than RATE_LIMIT_TPM "
             f"({settings.rate_limit_tpm}): one request could need more than a minute's budget"
+        )
+    if settings.batch_max_per_store > settings.batch_max_requests:
+        problems.append(
+            f"BATCH_MAX_PER_STORE ({settings.batch_max_per_store}) is larger than "
+            f"BATCH_MAX_REQUESTS ({settings.batch_max_requests}): no batch file holds that many"
         )
     if settings.listener_embedded and settings.database_url:
         problems.append(

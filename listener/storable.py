@@ -13,12 +13,23 @@ refuses) is left to the database to refuse: the completer then fails that item a
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from listener.handler import SERVED_TIERS, USAGE_KEYS
+
 if TYPE_CHECKING:
     from listener.items import Outcome
+
+logger = logging.getLogger(__name__)
+
+# listener_usage_tokens (sql/schema.sql) reads counts up to 10^15; a larger one is a bug.
+MAX_TOKENS = 10**15
+# A model name is a label in reports and metrics, not data: longer is a bug.
+MAX_MODEL_LENGTH = 200
 
 # The key added to a result that was cleaned: {"nul_removed": n, "surrogates_replaced": m}.
 CLEANED_KEY = "cleaned_for_storage"
@@ -79,13 +90,68 @@ def clean_value(value: Any, cleaning: Cleaning) -> Any:
     return value
 
 
+def checked_usage(usage: Any, item_id: int) -> dict[str, int] | None:
+    """The usage counts a handler reported, as stored: whole numbers 0..10^15 of USAGE_KEYS.
+    Anything else is a handler's bug: dropped with a warning (the answer is kept)."""
+    if usage is None:
+        return None
+    if not isinstance(usage, Mapping):
+        logger.warning("[Worker] item %d: usage is not a mapping, not recorded", item_id)
+        return None
+    counts = {}
+    for key in USAGE_KEYS:
+        value = usage.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+            logger.warning(
+                "[Worker] item %d: usage %s is %r, not a token count; usage not recorded",
+                item_id,
+                key,
+                value,
+            )
+            return None
+        counts[key] = value
+    return counts
+
+
+def _metering(outcome: Outcome) -> dict[str, Any]:
+    """The changes that make an outcome's metering storable (a COMPLETED outcome's only)."""
+    if outcome.status != "COMPLETED":
+        if outcome.usage is None and outcome.model is None and outcome.served_tier is None:
+            return {}
+        return {"usage": None, "model": None, "served_tier": None}
+    changes: dict[str, Any] = {}
+    usage = checked_usage(outcome.usage, outcome.item_id)
+    if usage != outcome.usage:
+        changes["usage"] = usage
+    if outcome.model is not None and (
+        not isinstance(outcome.model, str) or len(outcome.model) > MAX_MODEL_LENGTH
+    ):
+        logger.warning("[Worker] item %d: model %r not recorded", outcome.item_id, outcome.model)
+        changes["model"] = None
+    elif outcome.model is not None:
+        model = clean_text(outcome.model, Cleaning())
+        if model != outcome.model:
+            changes["model"] = model
+    if outcome.served_tier is not None and outcome.served_tier not in SERVED_TIERS:
+        logger.warning(
+            "[Worker] item %d: served tier %r is none of %s; its cost is not recorded",
+            outcome.item_id,
+            outcome.served_tier,
+            ", ".join(SERVED_TIERS),
+        )
+        changes["served_tier"] = None
+    return changes
+
+
 def storable(outcome: Outcome) -> Outcome:
     """The outcome as it can be stored: the same object when nothing needed cleaning.
 
     A cleaned result carries CLEANED_KEY; a cleaned error text ends with a note in brackets (an
     error has no result to carry it).
     """
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = _metering(outcome)
     if outcome.result is not None:
         cleaning = Cleaning()
         result = clean_value(outcome.result, cleaning)

@@ -22,7 +22,7 @@ import anyio
 from anyio.abc import TaskStatus
 from psycopg_pool import AsyncConnectionPool
 
-from listener import heartbeat, reaper, retention
+from listener import heartbeat, reaper, retention, usage
 from listener import items as items_db
 from listener.attempt import attempt
 from listener.backoff import Backoff
@@ -294,8 +294,16 @@ class Worker:
                             # Processes of a fleet started together do not all try at once.
                             self._rng.uniform(*RETENTION_FIRST_DELAY),
                         )
+                    services.start_soon(
+                        usage.run_compactor,
+                        self.pool.connection,
+                        usage.COMPACT_INTERVAL,
+                        self._rng.uniform(*RETENTION_FIRST_DELAY),
+                    )
                     await self._log_pending()
                     await self._register_kinds()
+                    for service in self.app.services:
+                        services.start_soon(service, self.pool, self.app)
                 if not self._stopping:
                     task_status.started()
                     async with anyio.create_task_group() as workers:
@@ -340,7 +348,7 @@ class Worker:
         # What producers may enqueue. A database that refuses it now must not keep the worker
         # from working: the next start registers them.
         try:
-            await register_kinds(self.pool, self.app)
+            await register_kinds(self.pool, self.app, self.settings.auto_rule)
         except DatabaseError as error:
             logger.warning("[Worker] could not register the kinds it serves: %s", error)
             return

@@ -19,10 +19,11 @@ FROM (SELECT 1) AS one
 LEFT JOIN rate_limiters l ON l.name = %(name)s;
 
 -- in_flight --
--- Items a worker holds now: a handful per worker, read through the status index.
+-- Items a worker holds now: a handful per worker, read through the status index. Items in an
+-- OpenAI batch (thousands, no lease) are told by their batch instead (open_batches).
 SELECT id, job_id, instance_id, claimed_by, claimed_at, lease_expires_at
 FROM job_items
-WHERE status = 'PROCESSING'
+WHERE status = 'PROCESSING' AND openai_batch_id IS NULL
 ORDER BY id
 LIMIT %(limit)s;
 
@@ -37,11 +38,25 @@ SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
         AS other,
     min(i.run_after) FILTER (WHERE i.status = 'PENDING' AND i.run_after > now()) AS backoff_until,
     count(i.id) FILTER (WHERE i.status = 'PENDING' AND i.run_after <= now()) AS ready,
-    j.kind
+    j.kind,
+    -- The batch path's part: items waiting to be collected, and those in our batches.
+    count(i.id) FILTER (WHERE i.status = 'PENDING' AND i.tier = 'batch') AS pending_batch,
+    count(i.id) FILTER (WHERE i.status = 'PROCESSING' AND i.openai_batch_id IS NOT NULL)
+        AS in_batches,
+    min(i.openai_batch_id) FILTER (WHERE i.status = 'PROCESSING') AS batch_id,
+    count(DISTINCT i.openai_batch_id) FILTER (WHERE i.status = 'PROCESSING') AS batches
 FROM (SELECT * FROM jobs ORDER BY id DESC LIMIT %(limit)s) j
 LEFT JOIN job_items i ON i.job_id = j.id
 GROUP BY j.id, j.instance_id, j.status, j.created_at, j.completed_at, j.kind
 ORDER BY j.id DESC;
+
+-- open_batches --
+-- Our OpenAI batches not finished yet (a few): what "why waiting" says of the items they hold.
+SELECT id, openai_batch_id, state, status, created_at, submitted_at
+FROM openai_batches
+WHERE state <> 'finished'
+ORDER BY id
+LIMIT 1000;
 
 -- features --
 -- What this database offers the actions: the store policy's table, the job lifecycle's functions.

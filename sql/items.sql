@@ -37,6 +37,7 @@ picked AS (
           AND j.status = 'PENDING'
           AND NOT j.in_backoff
           AND j.run_after <= now()
+          AND j.tier <> 'batch'
           AND j.kind = ANY (%(kinds)s::text[])
         ORDER BY j.priority DESC, j.run_after, j.id
         LIMIT allowance.granted
@@ -61,7 +62,7 @@ claimed AS (
         CASE WHEN octet_length(j.payload::text) <= %(max_payload_bytes)s
             THEN j.payload::text END AS payload_text,
         octet_length(j.payload::text) AS payload_bytes,
-        j.attempts, j.kind
+        j.attempts, j.kind, j.tier, j.deferred_since
 ),
 options AS MATERIALIZED (
     -- Each claimed job's options over its store's defaults: a probe of `jobs` and of `stores`
@@ -85,14 +86,15 @@ announced AS MATERIALIZED (
     GROUP BY instance_id
 )
 SELECT c.id, c.job_id, c.instance_id, c.product_id, c.payload_text, c.payload_bytes,
-    c.attempts, NULL::float8 AS retry_in, c.kind, o.options::text AS options
+    c.attempts, NULL::float8 AS retry_in, c.kind, o.options::text AS options, c.tier,
+    c.deferred_since
 FROM claimed c
 LEFT JOIN options o ON o.job_id = c.job_id
 WHERE (SELECT count(*) FROM announced) >= 0
 UNION ALL
 -- One row per store its policy held back (paused, at max_in_flight, over rpm_limit): the
 -- claimer takes it out of the ring until it is due (retry_in seconds) or notified.
-SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL
+SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL, NULL, NULL
 FROM allowance
 WHERE granted < quota;
 
@@ -105,21 +107,22 @@ SET LOCAL synchronous_commit = on;
 -- The single-store form of the claim's lookup, for EXPLAIN in tests and in the runbook.
 SELECT id FROM job_items
 WHERE instance_id = %(instance_id)s AND status = 'PENDING' AND NOT in_backoff
-  AND run_after <= now()
+  AND run_after <= now() AND tier <> 'batch'
 ORDER BY priority DESC, run_after, id
 LIMIT %(quota)s;
 
 -- ready_stores --
--- Each store with PENDING items out of backoff and the seconds until its first is due (0: due
--- now; later only for items an operator's UPDATE dated later without the flag), by a loose
--- index scan: one probe per distinct (store, priority), so 10,000 stores over 1,000,000
+-- Each store with PENDING real-time (and flex) items out of backoff and the seconds until its
+-- first is due (0: due now; later only for items an operator's UPDATE dated later without the
+-- flag), by a loose index scan: one probe per distinct (store, priority), so 10,000 stores over 1,000,000
 -- pending rows cost about 10,000 probes, not a scan of the rows. Within a (store, priority)
 -- range the index is in due order, so each range's head is its earliest item. Stores whose
 -- items all wait out a backoff are not listed: promote_due announces them when one is due.
 WITH RECURSIVE heads AS (
     (
         SELECT instance_id, priority, run_after FROM job_items
-        WHERE status = 'PENDING' AND NOT in_backoff AND kind = ANY (%(kinds)s::text[])
+        WHERE status = 'PENDING' AND NOT in_backoff AND tier <> 'batch'
+          AND kind = ANY (%(kinds)s::text[])
         ORDER BY instance_id, priority DESC, run_after, id
         LIMIT 1
     )
@@ -129,7 +132,7 @@ WITH RECURSIVE heads AS (
     CROSS JOIN LATERAL (
         (
             SELECT j.instance_id, j.priority, j.run_after FROM job_items j
-            WHERE j.status = 'PENDING' AND NOT j.in_backoff
+            WHERE j.status = 'PENDING' AND NOT j.in_backoff AND j.tier <> 'batch'
               AND j.instance_id = heads.instance_id
               AND j.priority < heads.priority AND j.kind = ANY (%(kinds)s::text[])
             ORDER BY j.priority DESC, j.run_after, j.id
@@ -138,7 +141,7 @@ WITH RECURSIVE heads AS (
         UNION ALL
         (
             SELECT j.instance_id, j.priority, j.run_after FROM job_items j
-            WHERE j.status = 'PENDING' AND NOT j.in_backoff
+            WHERE j.status = 'PENDING' AND NOT j.in_backoff AND j.tier <> 'batch'
               AND j.instance_id > heads.instance_id
               AND j.kind = ANY (%(kinds)s::text[])
             ORDER BY j.instance_id, j.priority DESC, j.run_after, j.id
@@ -182,7 +185,7 @@ WITH requested AS MATERIALIZED (
     SELECT o.*
     FROM json_to_recordset(%(outcomes)s::json)
         AS o(id bigint, job_id bigint, status text, result jsonb, error text, delay float8,
-             refund bool, attempt int)
+             refund bool, attempt int, usage jsonb, model text, served_tier text, deferred bool)
 ),
 -- The jobs come from the outcomes (their claim read them): the item's own job_id still decides
 -- below (`outcome`), so an outcome that named another job is never written.
@@ -214,6 +217,16 @@ SET status = CASE WHEN outcome.cancelled THEN 'CANCELLED' ELSE outcome.status EN
     in_backoff = outcome.status = 'PENDING' AND NOT outcome.cancelled AND outcome.delay > 0,
     -- A release (shutdown, rate limit) gives the attempt back: the item was never really tried.
     attempts = CASE WHEN outcome.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+    -- What the call cost, for a completion: job_items_record_usage copies its tokens into the
+    -- store's usage ledger in this statement. An outcome that carries none keeps what the item
+    -- has (the Batch API's writer records it just before: batches.sql record_usage).
+    usage = coalesce(outcome.usage, j.usage),
+    model = coalesce(outcome.model, j.model),
+    served_tier = coalesce(outcome.served_tier, j.served_tier),
+    -- A deferral's clock starts at the claim of the first attempt deferred (flex: its first
+    -- flex request), and runs on through later deferrals.
+    deferred_since = CASE WHEN outcome.deferred THEN coalesce(j.deferred_since, j.claimed_at)
+        ELSE j.deferred_since END,
     -- A finished item keeps the name of the worker that did it, for the operator.
     claimed_by = CASE WHEN outcome.status = 'PENDING' THEN NULL ELSE j.claimed_by END,
     lease_expires_at = NULL,
@@ -240,7 +253,7 @@ room AS MATERIALIZED (
       AND EXISTS (
           SELECT 1 FROM job_items p
           WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND NOT p.in_backoff
-            AND p.run_after <= now()
+            AND p.run_after <= now() AND p.tier <> 'batch'
       )
 )
 SELECT id, job_id, status FROM finished
@@ -386,7 +399,7 @@ room AS MATERIALIZED (
       AND EXISTS (
           SELECT 1 FROM job_items p
           WHERE p.instance_id = s.instance_id AND p.status = 'PENDING' AND NOT p.in_backoff
-            AND p.run_after <= now()
+            AND p.run_after <= now() AND p.tier <> 'batch'
       )
 )
 SELECT id, job_id, instance_id, status FROM reaped

@@ -1,15 +1,22 @@
 -- Jobs as a client submits them, and their progress.
 
 -- create_job --
-INSERT INTO jobs (instance_id, priority, kind, options)
-VALUES (%(instance_id)s, %(priority)s, %(kind)s, %(options)s::jsonb)
-RETURNING id;
+-- With what the fleet registered of its kind (no row: no worker has served it yet), from which
+-- the producer resolves its items' tier: no round trip of its own.
+WITH job AS (
+    INSERT INTO jobs (instance_id, priority, kind, options, tier)
+    VALUES (%(instance_id)s, %(priority)s, %(kind)s, %(options)s::jsonb, %(tier)s)
+    RETURNING id, kind
+)
+SELECT job.id, k.tier, k.batchable, k.auto_batch_min_items, k.auto_batch_max_priority
+FROM job LEFT JOIN job_kinds k ON k.name = job.kind;
 
 -- copy_items --
 -- Every item of the job in one COPY: one statement, so the trigger sends one notification.
--- Each item carries its job's priority and kind, which the producer knows: the fill triggers'
--- WHEN clauses then skip them, instead of a lookup of the job per row (bench.notify_commits).
-COPY job_items (job_id, instance_id, product_id, payload, priority, kind) FROM STDIN;
+-- Each item carries its job's priority, kind and resolved tier, which the producer knows: the
+-- fill triggers' WHEN clauses then skip them, instead of a lookup of the job per row
+-- (bench.notify_commits).
+COPY job_items (job_id, instance_id, product_id, payload, priority, kind, tier) FROM STDIN;
 
 -- job_progress --
 SELECT j.id, j.instance_id, j.status, j.created_at, j.completed_at,
@@ -49,3 +56,12 @@ SELECT id, product_id, attempts, error FROM job_items
 WHERE job_id = %(job_id)s AND status = 'FAILED'
 ORDER BY id
 LIMIT %(limit)s;
+
+-- job_batches --
+-- The OpenAI batches holding the job's items now, and how many of them each.
+SELECT b.id, b.openai_batch_id, b.state, b.status, b.submitted_at, count(*) AS items
+FROM job_items i
+JOIN openai_batches b ON b.id = i.openai_batch_id
+WHERE i.job_id = %(job_id)s AND i.status = 'PROCESSING'
+GROUP BY b.id
+ORDER BY b.id;

@@ -25,7 +25,11 @@ CREATE TABLE jobs (
     kind text NOT NULL DEFAULT 'product_description',
     options jsonb NOT NULL DEFAULT '{}'::jsonb,
     CONSTRAINT jobs_kind_valid CHECK (kind ~ '^[a-z][a-z0-9_.-]{0,62}$'),
-    CONSTRAINT jobs_options_object CHECK (jsonb_typeof(options) = 'object')
+    CONSTRAINT jobs_options_object CHECK (jsonb_typeof(options) = 'object'),
+    -- How its items reach OpenAI (docs/guides/cost-tiers.md): NULL is its kind's default tier;
+    -- 'auto' is resolved into each item's own tier (job_items.tier) when the items are written.
+    tier text,
+    CONSTRAINT jobs_tier_valid CHECK (tier IN ('realtime', 'batch', 'flex', 'auto'))
 );
 
 CREATE INDEX idx_jobs_instance_id ON jobs (instance_id);
@@ -35,6 +39,40 @@ CREATE INDEX idx_jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT 
 
 -- The reaper's sweep for jobs never closed reads the open jobs only.
 CREATE INDEX idx_jobs_open ON jobs (id) WHERE completed_at IS NULL;
+
+-- OpenAI batches of ours, one row per batch file (listener/batches/): recorded before and after
+-- each call to OpenAI, so that every step can be repeated after a crash. `state` is our step:
+-- collected (items taken) -> uploaded (input file at OpenAI) -> submitting (batches.create
+-- called, or about to be: a restart adopts the batch by its metadata) -> submitted (polled)
+-- -> finished (every item written or returned; `outcome` says how it ended).
+CREATE TABLE openai_batches (
+    id bigserial PRIMARY KEY,
+    kind text NOT NULL,
+    model text NOT NULL,
+    state text NOT NULL DEFAULT 'collected',
+    input_file_id text,
+    openai_batch_id text UNIQUE,
+    status text,  -- OpenAI's: validating, in_progress, finalizing, completed, failed, ...
+    request_count integer NOT NULL DEFAULT 0,
+    completed_count integer NOT NULL DEFAULT 0,
+    failed_count integer NOT NULL DEFAULT 0,
+    -- Our estimate of its prompt tokens: what it adds to OpenAI's enqueued-token count.
+    estimated_tokens bigint NOT NULL DEFAULT 0,
+    output_file_id text,
+    error_file_id text,
+    outcome text,
+    last_error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    uploaded_at timestamptz,
+    submitted_at timestamptz,
+    polled_at timestamptz,
+    finished_at timestamptz,
+    CONSTRAINT openai_batches_state_valid
+        CHECK (state IN ('collected', 'uploaded', 'submitting', 'submitted', 'finished'))
+);
+
+-- Each step reads the batches not finished yet.
+CREATE INDEX idx_openai_batches_open ON openai_batches (id) WHERE state <> 'finished';
 
 CREATE TABLE job_items (
     id bigserial PRIMARY KEY,
@@ -65,6 +103,24 @@ CREATE TABLE job_items (
     -- run_after. Set by the writers that put an item in backoff (finish_items, the insert
     -- trigger job_items_mark_backoff); meaningless once the item leaves PENDING.
     in_backoff boolean NOT NULL DEFAULT false,
+    -- The tier the item is served on, resolved from its job's (never 'auto'): no default, the
+    -- fill trigger resolves it (listener_item_tier) unless the insert names it (the producer's
+    -- COPY does). 'batch' items are collected into OpenAI batch files, never claimed one by one.
+    tier text NOT NULL,
+    -- The batch that holds (or held) it: status PROCESSING and claimed_by 'batch:<id>' while
+    -- the batch runs, with no lease (the reaper leaves it to the batch path).
+    openai_batch_id bigint REFERENCES openai_batches (id) ON DELETE SET NULL,
+    -- What the item's call cost: the usage it reported ({prompt_tokens, completion_tokens,
+    -- cached_tokens}), the model that answered, and the tier that served it (NULL: no priced
+    -- call served it). Money is computed when read, from store_usage_* and the price table.
+    usage jsonb,
+    model text,
+    served_tier text,
+    -- When its handler first deferred it (DeferItem: flex had no capacity), for a handler that
+    -- stops waiting after a while from there; the claim of the attempt that was deferred.
+    deferred_since timestamptz,
+    CONSTRAINT job_items_usage_object CHECK (jsonb_typeof(usage) = 'object'),
+    CONSTRAINT job_items_served_tier_valid CHECK (served_tier IN ('realtime', 'flex', 'batch')),
     CONSTRAINT job_items_status_check
         CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED')),
     CONSTRAINT job_items_instance_id_valid
@@ -74,7 +130,8 @@ CREATE TABLE job_items (
         ),
     -- A btree entry holds at most 2704 bytes: refuse a longer product id with a clear name.
     CONSTRAINT job_items_product_id_length CHECK (octet_length(product_id) <= 1024),
-    CONSTRAINT job_items_priority_range CHECK (priority BETWEEN -100 AND 100)
+    CONSTRAINT job_items_priority_range CHECK (priority BETWEEN -100 AND 100),
+    CONSTRAINT job_items_tier_valid CHECK (tier IN ('realtime', 'batch', 'flex'))
 );
 
 -- The checklist's indexes (the first three existed before the optimisation).
@@ -91,14 +148,24 @@ CREATE INDEX idx_job_items_status_id ON job_items (status, id);
 -- and every claim would read past them all. Within a store: priority first, then due time,
 -- then id. An item an operator's UPDATE dates later is not flagged: it stays in this index, a
 -- claim reads past it until it is due (never takes it before), and the rebuild wakes its store
--- then; a rare path, left at that cost.
+-- then; a rare path, left at that cost. Batch-tier items are not in it: the real-time claim
+-- never takes them nor reads past them.
 CREATE INDEX idx_job_items_pending ON job_items (instance_id, priority DESC, run_after, id)
-    WHERE status = 'PENDING' AND NOT in_backoff;
+    WHERE status = 'PENDING' AND NOT in_backoff AND tier <> 'batch';
 
 -- The items in backoff, by due time: the promote step reads the head of this range (the items
 -- due now, and when the next one is), whatever their number.
 CREATE INDEX idx_job_items_backoff ON job_items (run_after)
     WHERE status = 'PENDING' AND in_backoff;
+
+-- The batch collector's own: the due batch-tier items of a kind, store by store.
+CREATE INDEX idx_job_items_batch_pending
+    ON job_items (kind, instance_id, priority DESC, run_after, id)
+    WHERE status = 'PENDING' AND tier = 'batch';
+
+-- The items a batch still holds (its outcome, a cancel's "is any still wanted").
+CREATE INDEX idx_job_items_in_batch ON job_items (openai_batch_id)
+    WHERE status = 'PROCESSING' AND openai_batch_id IS NOT NULL;
 
 -- "Is this job finished?" after each completion batch, without walking the job's done items.
 CREATE INDEX idx_job_items_open_job ON job_items (job_id)
@@ -118,21 +185,56 @@ CREATE TRIGGER job_items_fill_instance_id
     FOR EACH ROW WHEN (NEW.instance_id IS NULL)
     EXECUTE FUNCTION job_items_fill_instance_id();
 
--- Producers need not know about priorities nor kinds: an item takes its job's unless it says
--- otherwise.
+-- An item's tier from its job's (NULL: the kind's default, as its workers registered it), the
+-- kind and the item's priority. 'auto' is 'batch' for a kind that can batch and a priority at
+-- or under the fleet's AUTO_BATCH_MAX_PRIORITY; the size half of the rule (AUTO_BATCH_MIN_ITEMS)
+-- needs the job's item count, which only the producer knows (it writes the tier itself). A kind
+-- no worker has registered yet takes 'realtime' for 'auto' (nothing says it can batch).
+CREATE FUNCTION listener_item_tier(job_tier text, item_kind text, item_priority integer)
+    RETURNS text
+    LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    kind_tier text;
+    can_batch boolean;
+    max_priority integer;
+    wanted text;
+BEGIN
+    SELECT k.tier, k.batchable, k.auto_batch_max_priority
+    INTO kind_tier, can_batch, max_priority
+    FROM job_kinds k WHERE k.name = item_kind;
+    wanted := coalesce(job_tier, kind_tier, 'realtime');
+    IF wanted = 'auto' THEN
+        RETURN CASE WHEN can_batch AND item_priority <= max_priority
+            THEN 'batch' ELSE 'realtime' END;
+    END IF;
+    IF wanted = 'batch' AND can_batch IS FALSE THEN
+        RAISE EXCEPTION 'kind % cannot run on the batch tier (its handler cannot batch)',
+            item_kind USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN wanted;
+END;
+$$;
+
+-- Producers need not know about priorities, kinds nor tiers: an item takes its job's unless it
+-- says otherwise.
 CREATE FUNCTION job_items_fill_priority() RETURNS trigger
     LANGUAGE plpgsql AS $$
+DECLARE
+    job_tier text;
 BEGIN
-    SELECT coalesce(NEW.priority, j.priority), coalesce(NEW.kind, j.kind)
-    INTO NEW.priority, NEW.kind
+    SELECT coalesce(NEW.priority, j.priority), coalesce(NEW.kind, j.kind), j.tier
+    INTO NEW.priority, NEW.kind, job_tier
     FROM jobs j WHERE j.id = NEW.job_id;
+    IF NEW.tier IS NULL THEN
+        NEW.tier := listener_item_tier(job_tier, NEW.kind, NEW.priority);
+    END IF;
     RETURN NEW;
 END;
 $$;
 
 CREATE TRIGGER job_items_fill_priority
     BEFORE INSERT ON job_items
-    FOR EACH ROW WHEN (NEW.priority IS NULL OR NEW.kind IS NULL)
+    FOR EACH ROW WHEN (NEW.priority IS NULL OR NEW.kind IS NULL OR NEW.tier IS NULL)
     EXECUTE FUNCTION job_items_fill_priority();
 
 -- An item inserted to be done later waits like a retry: in backoff from the start. The WHEN
@@ -166,7 +268,7 @@ BEGIN
         THEN s.instance_id ELSE s.instance_id || E'\x1f' || s.kind END)
     FROM (
         SELECT DISTINCT instance_id, kind FROM ready_items
-        WHERE status = 'PENDING' AND run_after <= now()
+        WHERE status = 'PENDING' AND run_after <= now() AND tier <> 'batch'
     ) s;
     RETURN NULL;
 END;
@@ -269,6 +371,7 @@ $$;
 
 -- Cancel a job: its PENDING items become CANCELLED at once; items in flight finish and keep
 -- their result, and none goes back to PENDING (a retry or a release of one becomes CANCELLED);
+-- items waiting in an OpenAI batch are CANCELLED at once too (their late lines are ignored);
 -- the job ends CANCELLED when the last of them is written. Idempotent: a finished job is left
 -- as it is, and the answer says so ("changed": false).
 CREATE FUNCTION listener_cancel_job(job_id bigint) RETURNS jsonb
@@ -297,7 +400,8 @@ BEGIN
     WHERE id = job.id;
     UPDATE job_items i
     SET status = 'CANCELLED', completed_at = now(), updated_at = now()
-    WHERE i.job_id = job.id AND i.status = 'PENDING';
+    WHERE i.job_id = job.id
+      AND (i.status = 'PENDING' OR (i.status = 'PROCESSING' AND i.openai_batch_id IS NOT NULL));
     GET DIAGNOSTICS cancelled = ROW_COUNT;
     -- Wait for outcomes being written now, and make later ones wait for this commit: then
     -- either this count sees an outcome, or its writer's finish_jobs (after it) sees the cancel.
@@ -530,8 +634,9 @@ BEGIN
         RETURN;
     END IF;
     IF in_flight_cap IS NOT NULL THEN
+        -- Items in an OpenAI batch hold no real-time slot: they are not in flight here.
         SELECT count(*) INTO in_flight FROM job_items j
-        WHERE j.instance_id = store AND j.status = 'PROCESSING';
+        WHERE j.instance_id = store AND j.status = 'PROCESSING' AND j.openai_batch_id IS NULL;
         granted := least(granted, greatest(in_flight_cap - in_flight, 0));
     END IF;
     IF rpm IS NOT NULL AND granted > 0 THEN
@@ -567,7 +672,15 @@ CREATE TABLE job_kinds (
     budget text,
     registered_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT job_kinds_name_valid CHECK (name ~ '^[a-z][a-z0-9_.-]{0,62}$')
+    CONSTRAINT job_kinds_name_valid CHECK (name ~ '^[a-z][a-z0-9_.-]{0,62}$'),
+    -- Its default tier, whether its handler can batch, and the fleet's `auto` rule
+    -- (AUTO_BATCH_MIN_ITEMS, AUTO_BATCH_MAX_PRIORITY), as its latest worker registered them:
+    -- the producer and the fill trigger resolve tiers from here.
+    tier text NOT NULL DEFAULT 'realtime',
+    batchable boolean NOT NULL DEFAULT false,
+    auto_batch_min_items integer,
+    auto_batch_max_priority integer,
+    CONSTRAINT job_kinds_tier_valid CHECK (tier IN ('realtime', 'batch', 'flex', 'auto'))
 );
 
 -- The dashboard's sessions across processes: the key that signs them when there is no API_TOKEN
@@ -584,3 +697,96 @@ CREATE TABLE dashboard_revoked_sessions (
     nonce text PRIMARY KEY,
     expires_at timestamptz NOT NULL
 );
+
+-- What each store costs: a trigger copies each completion's tokens into a per-store ledger, and
+-- a compactor folds it into one row per store, day (UTC), model and tier; reports read these
+-- two small tables, never job_items, and survive retention deleting the jobs.
+-- A token count of a usage object: a JSON number from 0 to 10^15 (rounded), anything else 0.
+-- Never raises: a malformed usage must not fail the statement that completes its item.
+CREATE FUNCTION listener_usage_tokens(usage jsonb, field text) RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(usage -> field) = 'number'
+            AND (usage ->> field)::numeric BETWEEN 0 AND 1e15
+        THEN round((usage ->> field)::numeric)::bigint
+        ELSE 0
+    END
+$$;
+
+-- Completions not yet folded into store_usage_daily: appended to (never updated), so writers
+-- of outcomes never wait on each other for it.
+CREATE TABLE store_usage_recent (
+    instance_id text NOT NULL,
+    day date NOT NULL,
+    model text NOT NULL,
+    served_tier text NOT NULL,
+    items bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX idx_store_usage_recent_store_day ON store_usage_recent (instance_id, day);
+
+-- One row per store, day (UTC), model and tier: written by the compactor alone (one process
+-- of the fleet at a time).
+CREATE TABLE store_usage_daily (
+    instance_id text NOT NULL,
+    day date NOT NULL,
+    model text NOT NULL,
+    served_tier text NOT NULL,
+    items bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    PRIMARY KEY (instance_id, day, model, served_tier)
+);
+
+CREATE INDEX idx_store_usage_daily_day ON store_usage_daily (day);
+
+-- The same by month (its first day), written with the daily rows in the compactor's statement:
+-- the fleet's month reads stores x models x tiers rows, not stores x days x models x tiers.
+CREATE TABLE store_usage_monthly (
+    instance_id text NOT NULL,
+    month date NOT NULL,
+    model text NOT NULL,
+    served_tier text NOT NULL,
+    items bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    PRIMARY KEY (instance_id, month, model, served_tier)
+);
+
+CREATE INDEX idx_store_usage_monthly_month ON store_usage_monthly (month);
+
+-- Row-level, filtered by its WHEN clause before any function runs: a claim, a lease's renewal
+-- or a cancel costs nothing here, and an item counts once, when it becomes COMPLETED with a
+-- served tier (a later update of a completed item adds nothing). One ledger row per item; the
+-- compactor folds them every minute.
+CREATE FUNCTION job_items_record_usage() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO store_usage_recent (
+        instance_id, day, model, served_tier, items, prompt_tokens, cached_tokens,
+        completion_tokens
+    ) VALUES (
+        NEW.instance_id, (coalesce(NEW.completed_at, now()) AT TIME ZONE 'UTC')::date,
+        coalesce(NEW.model, ''), NEW.served_tier, 1,
+        listener_usage_tokens(NEW.usage, 'prompt_tokens'),
+        listener_usage_tokens(NEW.usage, 'cached_tokens'),
+        listener_usage_tokens(NEW.usage, 'completion_tokens')
+    );
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER job_items_record_usage
+    AFTER UPDATE ON job_items
+    FOR EACH ROW
+    WHEN (
+        NEW.status = 'COMPLETED' AND NEW.served_tier IS NOT NULL
+        AND (OLD.status <> 'COMPLETED' OR OLD.served_tier IS NULL)
+    )
+    EXECUTE FUNCTION job_items_record_usage();

@@ -66,6 +66,32 @@ def test_with_database_url_every_store_starts_and_the_demo_cleans_up(
     assert query_blocking(database_url, "SELECT count(*) FROM worker_heartbeats") == [(0,)]
 
 
+def test_the_bulk_store_runs_on_the_batch_tier_and_the_summary_shows_what_it_saved(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Long enough for every store to finish (the demo then ends early): the bulk store's batch
+    # is answered, and its cost is half the realtime price.
+    result = run_demo(tmp_path, "--seconds", "90", DATABASE_URL=database_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every store has finished" in result.stdout, result.stdout
+    assert "demo-mall on the batch tier" in result.stdout
+    assert "demo-mall: first item started" in result.stdout and "Batch API batch" in result.stdout
+    mall = next(line for line in result.stdout.splitlines() if line.strip().startswith("demo-mall"))
+    assert " batch " in mall and "2,000" in mall and "yes, in" in mall, mall
+    cost_line = next(line for line in result.stdout.splitlines() if line.startswith("cost $"))
+    assert "saved $" in cost_line and ": batch $" in cost_line, cost_line
+    saved = float(cost_line.split(": batch $")[1].split()[0])
+    assert saved > 0
+    # Nothing of the demo is left: its jobs, batches and usage rows are gone.
+    left = query_blocking(
+        database_url,
+        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM openai_batches),"
+        " (SELECT count(*) FROM store_usage_recent), (SELECT count(*) FROM store_usage_daily),"
+        " (SELECT count(*) FROM store_usage_monthly)",
+    )
+    assert left == [(0, 0, 0, 0, 0)]
+
+
 def test_without_database_url_the_embedded_server_runs_and_stops(tmp_path: Path) -> None:
     data_dir = tmp_path / "pgdata"
     result = run_demo(tmp_path, "--seconds", "4", "--data-dir", str(data_dir))

@@ -203,12 +203,14 @@ def test_importing_the_package_loads_no_worker_code() -> None:
             "listener.producer",
             "listener.registry",
             "listener.sqlfiles",
+            "listener.tiers",
         ]
     )
     assert listener.__all__ == [
         "App",
         "Budget",
         "BudgetExhausted",
+        "DeferItem",
         "FailItem",
         "InvalidJob",
         "Item",

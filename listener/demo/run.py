@@ -21,8 +21,9 @@ import anyio
 import psycopg
 from rich.console import Console
 
-from listener import jobs
+from listener import jobs, usage
 from listener.assembly import served_app
+from listener.costs import StoreCost, store_costs
 from listener.db import wrap
 from listener.demo.setup import (
     DEMO_LIMITER,
@@ -33,7 +34,7 @@ from listener.demo.setup import (
     openai_settings,
     prepare_database,
 )
-from listener.demo.store import STORES, Store, plan
+from listener.demo.store import BULK_STORE, STORES, Store, plan
 from listener.demo.view import (
     duration_text,
     live_view,
@@ -44,9 +45,12 @@ from listener.demo.view import (
 )
 from listener.errors import ListenerError
 from listener.handler import App, Item
+from listener.openai import prices
+from listener.openai.prices import PriceTable
 from listener.producer import enqueue
 from listener.settings import Settings
 from listener.sqlfiles import queries
+from listener.tiers import BATCH, FLEX, REALTIME
 
 if TYPE_CHECKING:
     from listener.worker import Worker
@@ -55,6 +59,8 @@ PREFIX = "demo-"
 REFRESH_SECONDS = 0.25
 RATE_WINDOW_SECONDS = 10.0  # "items/min now" is measured over this sliding window
 EXIT_AUTH = 3
+# The dashboard's cost figures are read this often in the demo (a run lasts a minute).
+COST_SECONDS_DEMO = 2.0
 
 
 def timed_app(settings: Settings, stores: list[Store]) -> App:
@@ -72,7 +78,9 @@ def timed_app(settings: Settings, stores: list[Store]) -> App:
 
 def _enqueue(conninfo: str, store: Store) -> tuple[int, float]:
     products = jobs.sample_products(store.products, store.name)
-    job_id = enqueue(conninfo, store.name, products, kind=store.kind, options=store.options)
+    job_id = enqueue(
+        conninfo, store.name, products, kind=store.kind, options=store.options, tier=store.tier
+    )
     return job_id, time.monotonic()
 
 
@@ -92,6 +100,9 @@ class Demo:
         self.stop = anyio.Event()
         self._samples: deque[tuple[float, int]] = deque()
         self._announced: set[str] = set()
+        # What each store cost, priced at the end (before the demo's rows are removed).
+        self.costs: dict[str, StoreCost] | None = None
+        self.prices: PriceTable | None = None
 
     def elapsed(self) -> float:
         return (self.ended or time.monotonic()) - self.started
@@ -129,9 +140,11 @@ class Demo:
             rows = await cursor.fetchall()
         except psycopg.Error as error:
             raise wrap(error, "demo: reading the progress failed") from error
-        for job_id, completed, failed, took in rows:
+        for job_id, completed, failed, took, batched in rows:
             store = by_id[job_id]
             store.completed, store.failed, store.took = completed, failed, took
+            if store.tier == BATCH and batched and store.first_start is None:
+                store.first_start = time.monotonic()  # its items are in a batch: started
 
     async def watch(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Refresh the figures until the time is up, Ctrl-C, or the worker stops by itself."""
@@ -160,7 +173,13 @@ class Demo:
             if store.latency is not None and store.name not in self._announced:
                 self._announced.add(store.name)
                 after = duration_text(store.latency)
-                self.say(f"{store.name}: first item started {after} after its commit")
+                if store.tier == BATCH:
+                    self.say(
+                        f"{store.name}: first item started {after} after its commit, in a "
+                        "Batch API batch (the batch tier: half the price, outside the budget)"
+                    )
+                else:
+                    self.say(f"{store.name}: first item started {after} after its commit")
 
     async def on_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -179,8 +198,14 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
 
     console.print(f"  database: {setup.database}")
     if setup.embedded:  # the demo's own scratch database: a crashed run's jobs go
-        clear = queries("demo")["clear_old_jobs"]
-        await anyio.to_thread.run_sync(execute, setup.conninfo, clear, {"pattern": f"{PREFIX}%"})
+        for block in (
+            "clear_old_jobs",
+            "delete_usage",
+            "delete_daily_usage",
+            "delete_monthly_usage",
+        ):
+            sql = queries("demo")[block]
+            await anyio.to_thread.run_sync(execute, setup.conninfo, sql, {"pattern": f"{PREFIX}%"})
     else:
         live, params = queries("fleet")["count_live_workers"], {"stale_seconds": 15}
         [(others,)] = await anyio.to_thread.run_sync(execute, setup.conninfo, live, params)
@@ -189,7 +214,9 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
                 f"  [yellow]note[/yellow]: {others} other worker(s) are live on this database: "
                 "they will take some of the demo's items too"
             )
-    stores = plan(args.seconds)
+    bulk_tier = args.bulk_tier or (REALTIME if settings.openai_api_key is not None else BATCH)
+    stores = plan(args.seconds, bulk_tier)
+    table = prices.load(settings.openai_prices_file)
     async with openai_settings(args, settings, console) as worker_settings:
         app = timed_app(worker_settings, stores)
         try:
@@ -201,9 +228,14 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
                     f"  worker:   {worker_settings.worker_concurrency} tasks in this process, "
                     f"the limiter spacing requests for {demo.budget:,}/min, at most "
                     f"{worker_settings.max_per_instance} items of one store per claim; the "
-                    f"stores are named {PREFIX}* and removed at the end"
+                    f"stores are named {PREFIX}* and removed at the end; {BULK_STORE} on the "
+                    f"{bulk_tier} tier"
                 )
                 await _simulate(demo, setup.conninfo)
+                demo.prices = table
+                demo.costs = await anyio.to_thread.run_sync(
+                    _costs, setup.conninfo, [s.name for s in stores], table
+                )
             console.print(render_summary(demo), soft_wrap=False)  # the title centred over the table
         finally:
             # Leave no demo job behind for another worker (maybe with a real key) to take.
@@ -211,6 +243,11 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
     if setup.embedded:
         console.print(f"stopping the embedded PostgreSQL in {args.data_dir}")
     return EXIT_AUTH if worker.fatal else 0
+
+
+def _costs(conninfo: str, names: list[str], table: PriceTable) -> dict[str, StoreCost]:
+    rows = [row for name in names for row in usage.read_usage(conninfo, name)]
+    return store_costs(rows, table)
 
 
 async def _simulate(demo: Demo, conninfo: str) -> None:
@@ -229,6 +266,8 @@ async def _simulate(demo: Demo, conninfo: str) -> None:
     ):
         tg.start_soon(demo.on_signals)
         await tg.start(run_worker)
+        if demo.args.port is not None:
+            await tg.start(_dashboard, demo)
         demo.started = time.monotonic()
         try:
             async with anyio.create_task_group() as simulation:
@@ -247,14 +286,34 @@ async def _simulate(demo: Demo, conninfo: str) -> None:
         await demo.refresh(conn)  # the items finished while the worker stopped count too
 
 
+async def _dashboard(demo: Demo, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    """The operators' dashboard of this run on 127.0.0.1:--port (read-only: no API_TOKEN), its
+    cost figures read every COST_SECONDS_DEMO."""
+    from listener.http.app import build_app
+    from listener.http.serve import serving
+
+    worker = demo.worker
+    app = build_app(worker.pool, worker.settings, worker, cost_seconds=COST_SECONDS_DEMO)
+    async with serving(app, "127.0.0.1", demo.args.port) as server:
+        demo.say(f"the dashboard (its Cost section too) is at http://127.0.0.1:{server.port}/")
+        task_status.started()
+        await anyio.sleep_forever()
+
+
 async def _remove(conninfo: str, stores: list[Store], console: Console) -> None:
-    """Delete this run's jobs (their items cascade) and the stub's limiter row."""
+    """Delete this run's batches, jobs (their items cascade), usage and the stub's limiter
+    row."""
     sql = queries("demo")
     job_ids = [s.job_id for s in stores if s.job_id is not None]
+    pattern = {"pattern": f"{PREFIX}%"}
     try:
         with anyio.CancelScope(shield=True):  # even on the way out of a failure
             for block, params in (
+                ("delete_batches", {"job_ids": job_ids}),
                 ("delete_jobs", {"job_ids": job_ids}),
+                ("delete_usage", pattern),
+                ("delete_daily_usage", pattern),
+                ("delete_monthly_usage", pattern),
                 ("delete_limiter", {"name": DEMO_LIMITER}),
             ):
                 await anyio.to_thread.run_sync(execute, conninfo, sql[block], params)
@@ -339,4 +398,17 @@ def register(commands: Any) -> None:
         help="the embedded PostgreSQL's folder when DATABASE_URL is unset (default .pgdata)",
     )
     add("--verbose", action="store_true", help="show the worker's INFO log lines too")
+    add(
+        "--bulk-tier",
+        choices=(BATCH, FLEX, REALTIME),
+        default=None,
+        help=f"the tier of {BULK_STORE}'s import (default: batch with the stub, realtime with a "
+        "real key: a real batch may take hours, and flex serves some models only)",
+    )
+    add(
+        "--port",
+        type=_positive_int,
+        default=None,
+        help="serve the dashboard on 127.0.0.1:PORT while the demo runs (read-only)",
+    )
     demo.set_defaults(handler=_demo)

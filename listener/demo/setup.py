@@ -86,7 +86,15 @@ async def openai_settings(
 
     rpm = args.rpm or REAL_RPM * SCALE
     scaled = f"{REAL_RPM} RPM scaled up ×{SCALE}" if rpm == REAL_RPM * SCALE else "--rpm"
-    async with run_stub(StubConfig(rpm=rpm, latency=args.latency)) as stub:
+    # The Batch API on a demo's clock: a batch is validated, run and finalised in seconds.
+    config = StubConfig(
+        rpm=rpm,
+        latency=args.latency,
+        batch_validating_seconds=0.2,
+        batch_processing_seconds=1.0,
+        batch_finalizing_seconds=0.2,
+    )
+    async with run_stub(config) as stub:
         console.print(
             f"  OpenAI:   a local stub at {stub.base_url} (OPENAI_API_KEY is unset), {rpm:,} RPM "
             f"({scaled}), {args.latency:g} s per answer"
@@ -102,5 +110,6 @@ async def openai_settings(
                 "rate_limiter_name": DEMO_LIMITER,
                 "worker_concurrency": concurrency,
                 "shutdown_grace_seconds": 2.0,
+                "batch_poll_seconds": 0.5,
             }
         )

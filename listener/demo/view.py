@@ -21,7 +21,9 @@ from rich.table import Table
 from rich.text import Text
 
 from listener import redact
+from listener.costs import StoreCost, fleet_total, money
 from listener.demo.store import Store
+from listener.openai.prices import PriceTable
 
 if TYPE_CHECKING:
     import argparse
@@ -37,6 +39,8 @@ class Demo(Protocol):
     stores: list[Store]
     worker: Worker
     budget: int
+    costs: dict[str, StoreCost] | None
+    prices: PriceTable | None
 
     def elapsed(self) -> float: ...
 
@@ -44,7 +48,7 @@ class Demo(Protocol):
 
 
 LIVE_COLUMNS = "store,kind,arrives,products,progress,done,in flight,first item after,finished in"
-SUMMARY_COLUMNS = "store,kind,products,completed,failed,first item after,finished"
+SUMMARY_COLUMNS = "store,kind,tier,products,completed,failed,first item after,finished,cost,saved"
 
 
 @contextmanager
@@ -119,20 +123,25 @@ def render_live(demo: Demo, rate: float | None) -> RenderableType:
 
 
 def render_summary(demo: Demo) -> RenderableType:
-    table = _table(SUMMARY_COLUMNS, left=("store", "kind", "finished"), title="Summary")
+    table = _table(SUMMARY_COLUMNS, left=("store", "kind", "tier", "finished"), title="Summary")
+    costs = demo.costs or {}
     for s in demo.stores:
         if s.job_id is None:
-            table.add_row(s.name, s.kind, f"{s.products:,}", "", "", "", "did not arrive")
+            table.add_row(s.name, s.kind, s.tier, f"{s.products:,}", "", "", "", "did not arrive")
             continue
         left = s.products - s.completed - s.failed
+        cost = costs.get(s.name)
         table.add_row(
             s.name,
             s.kind,
+            s.tier,
             f"{s.products:,}",
             f"{s.completed:,}",
             str(s.failed),
             "never started" if s.latency is None else duration_text(s.latency),
             f"no ({left:,} left)" if s.took is None else f"yes, in {s.took:.1f} s",
+            "" if cost is None else money(cost.today),
+            "" if cost is None else f"${cost.today.saved_usd:,.4f}",
         )
     arrived = [s for s in demo.stores if s.job_id is not None]
     latencies = [s.latency for s in arrived if s.latency is not None]
@@ -143,12 +152,30 @@ def render_summary(demo: Demo) -> RenderableType:
         notes.append(f"max first-item latency {max(latencies):.3f} s")
     every = "yes" if len(latencies) == len(arrived) else "no"
     seconds, done = max(demo.elapsed(), 0.001), demo.done()
-    lines = (
+    lines = [
         f"every store started: {every}" + (f" ({'; '.join(notes)})" if notes else ""),
         f"{done:,} items in {seconds:.1f} s = {done * 60 / seconds:,.0f} items/min "
         f"(budget {demo.budget:,}/min), {demo.worker.counters.rate_limited} 429s",
-    )
+    ]
+    if demo.costs is not None and demo.prices is not None:
+        lines.append(cost_line(fleet_total(demo.costs.values()), demo.prices))
     return Group(table, Text("\n".join(lines), style="bold"))
+
+
+def cost_line(total: StoreCost, prices: PriceTable) -> str:
+    """What the run cost and what the batch and flex tiers saved against realtime."""
+    period = total.today
+    realtime = period.cost_usd + period.saved_usd
+    share = f" ({100 * period.saved_usd / realtime:.0f}% of the realtime price)" if realtime else ""
+    saved = ", ".join(
+        f"{tier} ${period.tiers[tier].saved_usd:,.4f}"
+        for tier in ("batch", "flex")
+        if tier in period.tiers
+    )
+    return (
+        f"cost {money(period)} at the prices of {prices.read_on.isoformat()}; saved "
+        f"${period.saved_usd:,.4f} against realtime{share}" + (f": {saved}" if saved else "")
+    )
 
 
 def _table(columns: str, left: tuple[str, ...], **options: Any) -> Table:

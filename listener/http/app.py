@@ -29,11 +29,13 @@ from starlette.routing import Route
 from listener.db import pool_stats
 from listener.errors import one_line
 from listener.http.auth import BearerTokenMiddleware
+from listener.http.costs import COST_SECONDS, CostReport, FleetCosts, cost_metrics
 from listener.http.dashboard import Dashboard
 from listener.http.fleet import DB_ERRORS, Fleet, FleetSnapshot, usage
 from listener.http.health import Beating, Health
 from listener.http.hosts import AllowedHosts, AllowedHostsMiddleware
 from listener.http.serve import EmbeddedServer, serving
+from listener.openai import prices
 from listener.redact import redact
 from listener.settings import Settings, check_host, split_list
 
@@ -103,6 +105,7 @@ class FleetCollector(Collector):
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
         self.fleet: Fleet | None = None
+        self.costs: FleetCosts | None = None
 
     def collect(self) -> Iterable[Metric]:
         pool = pool_stats(self.pool)
@@ -175,13 +178,21 @@ class FleetCollector(Collector):
             "store",
             fleet.in_flight_by_store().most_common(TOP_STORES),
         )
+        if self.costs is not None:
+            yield from cost_metrics(self.costs)
 
 
 def build_app(
-    pool: AsyncConnectionPool, settings: Settings, worker: Worker | Beating | None = None
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    worker: Worker | Beating | None = None,
+    *,
+    cost_seconds: float = COST_SECONDS,
 ) -> Starlette:
     collector = FleetCollector(pool)
     snapshot = FleetSnapshot(pool, settings)
+    # Read at start: a broken OPENAI_PRICES_FILE stops the process with one line.
+    costs = CostReport(pool, prices.load(settings.openai_prices_file), period=cost_seconds)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     checker = Health(pool, worker)
@@ -206,15 +217,18 @@ def build_app(
             # Still answer: the pool's figures and listener_database_up 0 are what to alert on.
             logger.warning("[HTTP] /metrics without the fleet's figures: %s", one_line(error))
             fleet = None
+        fleet_costs = await costs.get() if fleet is not None else None
         # No await between setting and rendering: concurrent scrapes cannot mix their readings.
         collector.fleet = fleet
+        collector.costs = fleet_costs
         try:
             body = generate_latest(registry)
         finally:
             collector.fleet = None
+            collector.costs = None
         return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-    dashboard = Dashboard(pool, settings)
+    dashboard = Dashboard(pool, settings, costs=costs)
     # Outermost: a request naming a foreign Host (DNS rebinding) goes no further.
     hosts = AllowedHosts.from_settings(settings.allowed_hosts)
     middleware = [Middleware(AllowedHostsMiddleware, hosts=hosts)]

@@ -25,8 +25,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from listener.costs import money
 from listener.errors import one_line
 from listener.http.auth import session_cookie, token_matches
+from listener.http.costs import DASHBOARD_STORES, CostReport, FleetCosts
 from listener.http.figures import Snapshot
 from listener.http.fleet import DB_ERRORS, DB_TIMEOUT_SECONDS
 from listener.http.session import COOKIE, MAX_AGE_SECONDS, Sessions, same_origin
@@ -50,6 +52,7 @@ _ENV = jinja2.Environment(
 )
 _ENV.filters["age"] = age
 _ENV.filters["percent"] = percent
+_ENV.globals["money"] = money
 
 # No script, style or image from anywhere but here; no framing (clickjacking on the buttons).
 SECURITY_HEADERS = {
@@ -138,10 +141,16 @@ class Dashboard:
     """The dashboard's routes around one shared snapshot."""
 
     def __init__(
-        self, pool: AsyncConnectionPool, settings: Settings, snapshot: SharedSnapshot | None = None
+        self,
+        pool: AsyncConnectionPool,
+        settings: Settings,
+        snapshot: SharedSnapshot | None = None,
+        costs: CostReport | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
+        # What the stores cost (shared with /metrics); None: the page shows no costs.
+        self.costs = costs
         self.sessions = Sessions(settings.api_token)
         self.store = SessionStore(pool)
         self._key_lock = anyio.Lock()
@@ -156,7 +165,7 @@ class Dashboard:
         # Rendered fragments of the current snapshot by view (search, page, sort), gzipped too:
         # fifty pages on the same view cost one rendering, not fifty.
         self.fragments: dict[tuple[str, int, str], tuple[bytes, bytes]] = {}
-        self.fragments_of = -1
+        self.fragments_of: tuple[int, int] = (-1, -1)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -197,7 +206,11 @@ class Dashboard:
             return False
 
     def _context(
-        self, request: Request, snapshot: Snapshot | None, csrf: str = ""
+        self,
+        request: Request,
+        snapshot: Snapshot | None,
+        costs: FleetCosts | None,
+        csrf: str = "",
     ) -> dict[str, Any]:
         params = request.query_params
         page = None
@@ -210,6 +223,9 @@ class Dashboard:
             )
         return {
             "snapshot": snapshot,
+            "costs": costs,
+            "cost_error": self.costs.error if self.costs else None,
+            "top_costs": costs.top(DASHBOARD_STORES) if costs else [],
             "stores": page,
             "chart": chart_bars(snapshot.fleet.per_minute, snapshot.now) if snapshot else None,
             "segments": progress_segments,
@@ -221,6 +237,7 @@ class Dashboard:
 
     async def page(self, request: Request) -> Response:
         snapshot = await self.snapshot.get()
+        costs = await self.costs.get() if self.costs else None
         try:
             nonce = await self._session(request.scope)
         except DB_ERRORS as error:
@@ -233,7 +250,7 @@ class Dashboard:
         csrf = self.sessions.csrf_token(nonce) if nonce else ""
         response = _html(
             "dashboard.html",
-            **self._context(request, snapshot, csrf),
+            **self._context(request, snapshot, costs, csrf),
             flash=request.query_params.get("flash", ""),
         )
         if new_session is not None:
@@ -242,16 +259,18 @@ class Dashboard:
 
     async def live(self, request: Request) -> Response:
         snapshot = await self.snapshot.get()
+        costs = await self.costs.get() if self.costs else None
         self.live_served += 1
-        if self.fragments_of != self.snapshot.generation:
+        generation = (self.snapshot.generation, self.costs.readings if self.costs else 0)
+        if self.fragments_of != generation:
             self.fragments = {}
-            self.fragments_of = self.snapshot.generation
+            self.fragments_of = generation
         params = request.query_params
         key = (params.get("q", ""), _int_param(params.get("page"), 1), params.get("sort", ""))
         rendered = self.fragments.get(key)
         if rendered is None:
             # No CSRF token in the shared fragment: the page's script adds its own on submit.
-            context = self._context(request, snapshot)
+            context = self._context(request, snapshot, costs)
             body = _ENV.get_template("live.html").render(**context).encode()
             rendered = (body, gzip.compress(body, compresslevel=5))
             if len(self.fragments) < MAX_FRAGMENTS:
@@ -392,6 +411,4 @@ def _read_only() -> Response:
 
 def _unavailable(error: BaseException) -> Response:
     logger.warning("[Dashboard] session store unreachable: %s", one_line(error))
-    return _html(
-        "refused.html", status_code=503, reason="The database did not answer; try again."
-    )
+    return _html("refused.html", status_code=503, reason="The database did not answer; try again.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -16,9 +16,12 @@ from typing import Any
 from listener.handler import DEFAULT_KIND
 from listener.http.waiting import (
     DEFAULT_POLICY,
+    BatchState,
     Hold,
     Policy,
     Situation,
+    batch_in_words,
+    batch_pending_in_words,
     holds_in_words,
     waiting_reasons,
 )
@@ -232,7 +235,6 @@ def _minutes(workers: list[WorkerStats], now: datetime) -> list[int]:
     return [totals.get(m, 0) for m in range(current - CHART_MINUTES + 1, current + 1)]
 
 
-
 def assemble(
     limiter: tuple[Any, ...] | None,
     worker_rows: list[tuple[Any, ...]],
@@ -244,6 +246,7 @@ def assemble(
     budget: tuple[int, int],
     live_seconds: float,
     census_age: float,
+    batch_rows: Sequence[tuple[Any, ...]] = (),
 ) -> Snapshot:
     """Everything the page shows, from one reading's rows (pure: no I/O, no clock).
 
@@ -269,9 +272,7 @@ def assemble(
         )
         for row, s in zip(worker_rows, stats, strict=True)
     ]
-    holds = [
-        Hold(int(r[0]), int(r[1]), str(r[2]), str(r[3] or "?"), r[5]) for r in in_flight_rows
-    ]
+    holds = [Hold(int(r[0]), int(r[1]), str(r[2]), str(r[3] or "?"), r[5]) for r in in_flight_rows]
     in_flight_by_store = Counter(h.instance_id for h in holds)
     last_minute: Counter[str] = Counter()
     for s in stats:
@@ -284,6 +285,7 @@ def assemble(
         budget_paused_until=paused_until,
         ready_stores=census.ready_stores,
         worker_names={w.worker_id: w.name for w in workers},
+        batches={int(r[0]): BatchState(*r) for r in batch_rows},
     )
     # Stores with items in flight but none pending, and stores with only a policy, after those
     # with a backlog; a handful, unlike the census's thousands.
@@ -346,6 +348,12 @@ def assemble(
     )
     return Snapshot(now, fleet, stores, jobs, workers, timings, features, situation)
 
+
+def _at(row: tuple[Any, ...], index: int) -> Any:
+    """A column of a row that older readings (tests' rows) may not have."""
+    return row[index] if len(row) > index else None
+
+
 def job_row(
     row: tuple[Any, ...],
     situation: Situation,
@@ -364,15 +372,26 @@ def job_row(
     }
     held = [h for h in holds if h.job_id == job_id]
     in_flight = sum(1 for h in holds if h.instance_id == store)
+    pending_batch, in_batches = _int(_at(row, 13)), _int(_at(row, 14))
     reasons = waiting_reasons(
         situation,
-        pending=counts["PENDING"],
+        # Batch-tier items wait for the collector, not for the real-time budget.
+        pending=counts["PENDING"] - pending_batch,
         ready=_int(row[11]),
         backoff_until=row[10],
         in_flight=in_flight,
         policy=policies.get(store, DEFAULT_POLICY),
         instance_id=store,
     ) + holds_in_words(held, situation)
+    if pending_batch:
+        reasons.append(batch_pending_in_words(pending_batch))
+    if in_batches:
+        batch_id = _at(row, 15)
+        others = _int(_at(row, 16)) - 1
+        reasons.append(
+            batch_in_words(in_batches, None if batch_id is None else int(batch_id), others,
+                           situation)
+        )  # fmt: skip
     if served is not None and kind not in served and counts["PENDING"]:
         reasons.insert(0, f"no live worker serves kind {kind}: its items wait for one that does")
     return JobRow(

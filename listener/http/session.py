@@ -41,9 +41,7 @@ class SessionKeyMissing(RuntimeError):
 class Sessions:
     """Issues and checks session cookies and the CSRF token tied to each."""
 
-    def __init__(
-        self, token: SecretStr | None, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, token: SecretStr | None, *, clock: Callable[[], float] = time.time) -> None:
         self._key: bytes | None = None
         if token is not None:
             self.use_secret(token.get_secret_value().encode())

@@ -119,6 +119,8 @@ class SharedSnapshot:
                 in_flight_rows = await cursor.fetchall()
                 cursor = await conn.execute(sql["recent_jobs"], {"limit": RECENT_JOBS})
                 job_rows = await cursor.fetchall()
+                cursor = await conn.execute(sql["open_batches"])
+                batch_rows = await cursor.fetchall()
                 live_done = self.clock()
                 # The first reading counts the backlog at once (and learns the database's
                 # features, which the policies need); later ones leave it to `get`.
@@ -138,6 +140,7 @@ class SharedSnapshot:
             (self.settings.rate_limit_rpm, self.settings.rate_limit_tpm),
             live_seconds,
             max(0.0, self.clock() - self.census.taken),
+            batch_rows,
         )
 
     async def _read_census(self, conn: psycopg.AsyncConnection[Any]) -> None:

@@ -8,7 +8,7 @@ budget's pause, and so on down to simply waiting one's turn in the ring.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 
@@ -39,6 +39,18 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class BatchState:
+    """One of our OpenAI batches not finished yet (`openai_batches`)."""
+
+    id: int
+    openai_batch_id: str | None
+    state: str  # ours: collected, uploaded, submitting, submitted
+    status: str | None  # OpenAI's: validating, in_progress, finalizing, ...
+    created_at: datetime
+    submitted_at: datetime | None
+
+
+@dataclass(frozen=True)
 class Situation:
     """The fleet-wide facts every answer depends on."""
 
@@ -48,6 +60,8 @@ class Situation:
     ready_stores: int
     # worker_id -> "host pid 123": the name an operator recognises.
     worker_names: Mapping[str, str]
+    # Our OpenAI batches not finished yet, by our id.
+    batches: Mapping[int, BatchState] = field(default_factory=dict)
 
 
 def when(moment: datetime, now: datetime) -> str:
@@ -134,3 +148,31 @@ def waiting_reasons(
         else:
             reasons.append("next in line: the next free budget slot is its")
     return reasons
+
+
+def batch_in_words(items: int, batch_id: int | None, others: int, situation: Situation) -> str:
+    """`40 item(s) in OpenAI batch batch_abc, submitted 12 min ago, validating`."""
+    batch = situation.batches.get(batch_id) if batch_id is not None else None
+    more = f" (and {others} other batch(es))" if others > 0 else ""
+    if batch is None:
+        return f"{items} item(s) in an OpenAI batch being written{more}"
+    if batch.state == "submitted" and batch.submitted_at is not None:
+        ago = _duration(max(0.0, (situation.now - batch.submitted_at).total_seconds()))
+        status = batch.status or "status not read yet"
+        return (
+            f"{items} item(s) in OpenAI batch {batch.openai_batch_id}, submitted {ago} ago, "
+            f"{status}{more}"
+        )
+    doing = {
+        "collected": "collected, its file to be uploaded",
+        "uploaded": "uploaded, to be submitted (it waits while the enqueued-token limit is full)",
+        "submitting": "being submitted to OpenAI",
+    }.get(batch.state, batch.state)
+    return f"{items} item(s) in batch {batch.id} of ours, {doing}{more}"
+
+
+def batch_pending_in_words(pending: int) -> str:
+    return (
+        f"{pending} item(s) of the batch tier wait to be collected into an OpenAI batch "
+        "(each BATCH_POLL_SECONDS)"
+    )

@@ -11,10 +11,14 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any, NoReturn
 
 import jsonschema
 import openai
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion
 
 from listener.errors import (
     BudgetExhausted,
@@ -24,9 +28,11 @@ from listener.errors import (
     one_line,
 )
 from listener.handler import Item, Result
+from listener.openai.flex import FlexPolicy, is_unavailable
 from listener.openai.prompt import context, render, system_context
 from listener.openai.spec import KindSpec
 from listener.settings import Settings
+from listener.tiers import FLEX, REALTIME
 
 DEFAULT_RETRY_AFTER = 1.0
 # A server asking for a longer pause than this (or an infinite one) is wrong: the budget waits
@@ -123,6 +129,7 @@ class ChatHandler:
 
     def __init__(self, spec: KindSpec, settings: Settings, client: openai.AsyncOpenAI) -> None:
         self.spec = spec
+        self.flex = FlexPolicy(settings.flex_fallback_seconds, settings.openai_flex_timeout_seconds)
         self.model = spec.model or settings.openai_model
         self.max_tokens = spec.max_tokens or settings.openai_max_tokens
         self.client = client
@@ -162,10 +169,17 @@ class ChatHandler:
 
     async def __call__(self, item: Item) -> Result:
         body = self.request(item)
+        started = datetime.now(UTC)
+        flex = self.flex.use_flex(item, started)
+        if flex:
+            # Flex answers are slower: OpenAI advises a long client timeout.
+            body |= {"service_tier": FLEX, "timeout": self.flex.timeout_seconds}
         try:
             raw = await self.client.chat.completions.with_raw_response.create(**body)
             completion = raw.parse()
         except openai.RateLimitError as error:
+            if flex and is_unavailable(error):
+                raise self.flex.deferral(item, datetime.now(UTC)) from None
             error_body = error.body if isinstance(error.body, dict) else {}
             if error_body.get("code") == "insufficient_quota":
                 raise StopWorker(
@@ -192,6 +206,18 @@ class ChatHandler:
         except (ValueError, openai.APIResponseValidationError) as error:
             raise RetryItem(f"malformed response from OpenAI: {error}") from None
         pause = budget_pause(raw.headers, self.estimate_tokens())
+        return self.answer(item, completion, pause, FLEX if flex else REALTIME)
+
+    def answer(
+        self,
+        item: Item,
+        completion: ChatCompletion,
+        pause: float | None = None,
+        requested: str = REALTIME,
+    ) -> Result:
+        """The completion checked and turned into the item's Result; a bad answer raises
+        RetryItem or FailItem. A batch's output line goes through here too (listener.batches),
+        so batch answers are checked exactly as real-time ones."""
         if not completion.choices:
             raise RetryItem("OpenAI answered without a completion")
         message = completion.choices[0].message
@@ -206,12 +232,20 @@ class ChatHandler:
                 "total_tokens": total,
             },
         }
+        metered = partial(
+            Result,
+            cost=total,
+            pause=pause,
+            usage=_usage(usage),
+            model=completion.model or self.model,
+            served_tier=served_tier(completion.service_tier, requested),
+        )
         if self._validator is None:
             if message.content is None:
                 raise RetryItem("OpenAI answered without a completion")
-            return Result({"text": message.content, **result}, cost=total, pause=pause)
+            return metered({"text": message.content, **result})
         output = self._structured(item, message.content, message.refusal)
-        return Result({"output": output, **result}, cost=total, pause=pause)
+        return metered({"output": output, **result})
 
     def _structured(self, item: Item, content: str | None, refusal: str | None) -> Any:
         """The answer as data that fits the kind's schema. A refusal or an answer that does not
@@ -237,6 +271,29 @@ class ChatHandler:
         if item.attempt < 2 and item.attempt < item.max_attempts:
             raise RetryItem(reason, after=0.0)
         raise FailItem(reason)
+
+
+def served_tier(reported: str | None, requested: str) -> str:
+    """Our tier for the `service_tier` a response reports: "flex" is flex, any other answer
+    ("default", "auto", "priority", ...) the standard price list, realtime; a response that
+    says nothing was served as requested."""
+    if reported is None:
+        return requested
+    return "flex" if reported == "flex" else "realtime"
+
+
+def _usage(usage: CompletionUsage | None) -> dict[str, int] | None:
+    """The response's usage as stored: prompt (cached included, as OpenAI counts them),
+    cached and completion tokens."""
+    if usage is None:
+        return None
+    details = usage.prompt_tokens_details
+    cached = details.cached_tokens if details is not None else None
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": cached or 0,
+    }
 
 
 def _describe(error: openai.APIStatusError) -> str:

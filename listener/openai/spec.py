@@ -26,11 +26,12 @@ import jsonschema.exceptions
 from listener.errors import ConfigurationError
 from listener.handler import DEFAULT_BUDGET, KIND_NAME
 from listener.openai.prompt import compile_template
+from listener.tiers import REALTIME, TIERS
 
 BUILT_IN = "kinds.toml"
 _FIELDS = {
     "model", "system", "user", "max_tokens", "temperature", "schema", "schema_name", "budget",
-    "max_attempts", "options", "required_options", "description",
+    "max_attempts", "options", "required_options", "description", "tier",
 }  # fmt: skip
 
 
@@ -49,6 +50,7 @@ class KindSpec:
     options: frozenset[str] | None = None
     required_options: frozenset[str] = frozenset()
     description: str = ""
+    tier: str = REALTIME  # the tier of its jobs that name none (listener.tiers)
 
 
 class KindsFileError(ConfigurationError):
@@ -117,7 +119,15 @@ def _spec(name: str, table: dict[str, Any], where: str) -> KindSpec:
         options=options,
         required_options=required,
         description=_text(table, "description", where, required=False) or "",
+        tier=_tier(table, where),
     )
+
+
+def _tier(table: dict[str, Any], where: str) -> str:
+    value = table.get("tier", REALTIME)
+    if value not in TIERS:
+        raise KindsFileError(f"{where}: field tier: expected one of {', '.join(TIERS)}")
+    return str(value)
 
 
 def _text(table: dict[str, Any], field: str, where: str, *, required: bool) -> str | None:
