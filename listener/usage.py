@@ -69,6 +69,7 @@ async def compact(conn: psycopg.AsyncConnection[Any], rows: int = COMPACT_ROWS) 
         done = Compacted(bool(row[0]), int(row[1]), int(row[2]))
         if done.locked:
             await conn.execute(sql["prune_usage"], {"keep_days": KEEP_DAYS})
+            await conn.execute(sql["prune_monthly_usage"], {"keep_days": KEEP_DAYS})
     return done
 
 

@@ -43,5 +43,8 @@ DELETE FROM store_usage_recent WHERE instance_id LIKE %(pattern)s;
 -- delete_daily_usage --
 DELETE FROM store_usage_daily WHERE instance_id LIKE %(pattern)s;
 
+-- delete_monthly_usage --
+DELETE FROM store_usage_monthly WHERE instance_id LIKE %(pattern)s;
+
 -- delete_limiter --
 DELETE FROM rate_limiters WHERE name = %(name)s;

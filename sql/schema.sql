@@ -712,32 +712,48 @@ CREATE TABLE store_usage_daily (
 
 CREATE INDEX idx_store_usage_daily_day ON store_usage_daily (day);
 
--- Statement-level, with the rows before and after: an item counts once, when it becomes
--- COMPLETED with a served tier (a later update of a completed item adds nothing).
+-- The same by month (its first day), written with the daily rows in the compactor's statement:
+-- the fleet's month reads stores x models x tiers rows, not stores x days x models x tiers.
+CREATE TABLE store_usage_monthly (
+    instance_id text NOT NULL,
+    month date NOT NULL,
+    model text NOT NULL,
+    served_tier text NOT NULL,
+    items bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    PRIMARY KEY (instance_id, month, model, served_tier)
+);
+
+CREATE INDEX idx_store_usage_monthly_month ON store_usage_monthly (month);
+
+-- Row-level, filtered by its WHEN clause before any function runs: a claim, a lease's renewal
+-- or a cancel costs nothing here, and an item counts once, when it becomes COMPLETED with a
+-- served tier (a later update of a completed item adds nothing). One ledger row per item; the
+-- compactor folds them every minute.
 CREATE FUNCTION job_items_record_usage() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO store_usage_recent (
         instance_id, day, model, served_tier, items, prompt_tokens, cached_tokens,
         completion_tokens
-    )
-    SELECT n.instance_id, (coalesce(n.completed_at, now()) AT TIME ZONE 'UTC')::date,
-        coalesce(n.model, ''), n.served_tier, count(*),
-        sum(listener_usage_tokens(n.usage, 'prompt_tokens')),
-        sum(listener_usage_tokens(n.usage, 'cached_tokens')),
-        sum(listener_usage_tokens(n.usage, 'completion_tokens'))
-    FROM completed_items n
-    WHERE n.status = 'COMPLETED' AND n.served_tier IS NOT NULL
-      AND n.id IN (
-          SELECT o.id FROM previous_items o
-          WHERE o.status <> 'COMPLETED' OR o.served_tier IS NULL
-      )
-    GROUP BY 1, 2, 3, 4;
+    ) VALUES (
+        NEW.instance_id, (coalesce(NEW.completed_at, now()) AT TIME ZONE 'UTC')::date,
+        coalesce(NEW.model, ''), NEW.served_tier, 1,
+        listener_usage_tokens(NEW.usage, 'prompt_tokens'),
+        listener_usage_tokens(NEW.usage, 'cached_tokens'),
+        listener_usage_tokens(NEW.usage, 'completion_tokens')
+    );
     RETURN NULL;
 END;
 $$;
 
 CREATE TRIGGER job_items_record_usage
     AFTER UPDATE ON job_items
-    REFERENCING OLD TABLE AS previous_items NEW TABLE AS completed_items
-    FOR EACH STATEMENT EXECUTE FUNCTION job_items_record_usage();
+    FOR EACH ROW
+    WHEN (
+        NEW.status = 'COMPLETED' AND NEW.served_tier IS NOT NULL
+        AND (OLD.status <> 'COMPLETED' OR OLD.served_tier IS NULL)
+    )
+    EXECUTE FUNCTION job_items_record_usage();

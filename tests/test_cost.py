@@ -113,7 +113,7 @@ async def test_the_rollup_folds_the_ledger_and_outlives_the_jobs(database_url: s
         conn.execute("UPDATE job_items SET result = '{}' WHERE job_id = %s", (job[0],))
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         done = await usage.compact(conn)
-    assert done.locked and done.moved == 3
+    assert done.locked and done.moved == 5  # a ledger row per completed item
     assert await query(database_url, "SELECT count(*) FROM store_usage_recent") == [(0,)]
     daily = await query(
         database_url,
@@ -121,6 +121,12 @@ async def test_the_rollup_folds_the_ledger_and_outlives_the_jobs(database_url: s
         " FROM store_usage_daily",
     )
     assert daily == [("s1", "gpt-4o-mini", "batch", 5, 400, 40)]
+    monthly = await query(
+        database_url,
+        "SELECT instance_id, month = date_trunc('month', now() AT TIME ZONE 'UTC')::date,"
+        " items, prompt_tokens FROM store_usage_monthly",
+    )
+    assert monthly == [("s1", True, 5, 400)]
     # Retention deletes the job and its items: the store's month stays.
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("DELETE FROM jobs WHERE id = %s", (job[0],))
@@ -128,6 +134,24 @@ async def test_the_rollup_folds_the_ledger_and_outlives_the_jobs(database_url: s
     assert [(r.model, r.served_tier, r.today, r.items) for r in rows] == [
         ("gpt-4o-mini", "batch", True, 5)
     ]
+    # The fleet's reading (the monthly rollup less today's, today's, the ledger) agrees, with a
+    # day earlier this month and a completion not folded yet.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO store_usage_monthly SELECT 's1',"
+            " date_trunc('month', now() AT TIME ZONE 'UTC')::date, 'gpt-4o-mini', 'realtime',"
+            " 7, 70, 0, 7 ON CONFLICT (instance_id, month, model, served_tier) DO UPDATE"
+            " SET items = store_usage_monthly.items + 7"
+        )
+        conn.execute(
+            "INSERT INTO store_usage_recent VALUES ('s1', (now() AT TIME ZONE 'UTC')::date,"
+            " 'gpt-4o-mini', 'batch', 2, 20, 0, 2)"
+        )
+    fleet = [
+        (r.store, r.served_tier, r.today, r.items, r.prompt_tokens)
+        for r in usage.read_usage(database_url, None)
+    ]
+    assert fleet == [("s1", "batch", True, 7, 420), ("s1", "realtime", False, 7, 70)]
 
 
 # -- the price table -------------------------------------------------------------------------

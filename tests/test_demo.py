@@ -86,9 +86,10 @@ def test_the_bulk_store_runs_on_the_batch_tier_and_the_summary_shows_what_it_sav
     left = query_blocking(
         database_url,
         "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM openai_batches),"
-        " (SELECT count(*) FROM store_usage_recent), (SELECT count(*) FROM store_usage_daily)",
+        " (SELECT count(*) FROM store_usage_recent), (SELECT count(*) FROM store_usage_daily),"
+        " (SELECT count(*) FROM store_usage_monthly)",
     )
-    assert left == [(0, 0, 0, 0)]
+    assert left == [(0, 0, 0, 0, 0)]
 
 
 def test_without_database_url_the_embedded_server_runs_and_stops(tmp_path: Path) -> None:

@@ -198,7 +198,12 @@ async def _run(args: argparse.Namespace, settings: Settings, setup: Setup, conso
 
     console.print(f"  database: {setup.database}")
     if setup.embedded:  # the demo's own scratch database: a crashed run's jobs go
-        for block in ("clear_old_jobs", "delete_usage", "delete_daily_usage"):
+        for block in (
+            "clear_old_jobs",
+            "delete_usage",
+            "delete_daily_usage",
+            "delete_monthly_usage",
+        ):
             sql = queries("demo")[block]
             await anyio.to_thread.run_sync(execute, setup.conninfo, sql, {"pattern": f"{PREFIX}%"})
     else:
@@ -308,6 +313,7 @@ async def _remove(conninfo: str, stores: list[Store], console: Console) -> None:
                 ("delete_jobs", {"job_ids": job_ids}),
                 ("delete_usage", pattern),
                 ("delete_daily_usage", pattern),
+                ("delete_monthly_usage", pattern),
                 ("delete_limiter", {"name": DEMO_LIMITER}),
             ):
                 await anyio.to_thread.run_sync(execute, conninfo, sql[block], params)

@@ -27,7 +27,7 @@ from listener.redact import redact
 
 logger = logging.getLogger(__name__)
 
-COST_SECONDS = 30.0
+COST_SECONDS = 60.0
 # A metric's `store` label: the stores that cost most this month, then "other".
 TOP_STORES = 50
 # The dashboard's table of the stores that cost most.
