@@ -49,8 +49,10 @@ SELECT n.instance_id,
     coalesce(s.paused, false) AS paused,
     (SELECT count(*) FROM job_items p
      WHERE p.instance_id = n.instance_id AND p.status = 'PENDING') AS backlog,
+    -- As max_in_flight counts them: items held in an OpenAI batch are not in flight here.
     (SELECT count(*) FROM job_items p
-     WHERE p.instance_id = n.instance_id AND p.status = 'PROCESSING') AS in_flight,
+     WHERE p.instance_id = n.instance_id AND p.status = 'PROCESSING'
+       AND p.openai_batch_id IS NULL) AS in_flight,
     (SELECT count(*) FROM job_items p
      WHERE p.instance_id = n.instance_id AND p.status <> 'PENDING'
        AND p.claimed_at > now() - interval '1 minute') AS last_minute
