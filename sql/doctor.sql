@@ -24,13 +24,13 @@ WHERE a.attrelid = to_regclass('job_items') AND a.attname = 'instance_id' AND NO
 SELECT count(*) FROM job_items WHERE instance_id IS NULL;
 
 -- indexes --
--- Every index of the worker's tables, valid or not: an interrupted CREATE INDEX CONCURRENTLY
--- leaves one that `\di` lists but no query uses.
+-- Every index of the worker's tables (those sql/schema.sql indexes), valid or not: an
+-- interrupted CREATE INDEX CONCURRENTLY leaves one that `\di` lists but no query uses.
 SELECT i.relname, t.relname, x.indisvalid, x.indisready, pg_get_indexdef(x.indexrelid)
 FROM pg_index x
 JOIN pg_class i ON i.oid = x.indexrelid
 JOIN pg_class t ON t.oid = x.indrelid
-WHERE t.oid IN (to_regclass('job_items'), to_regclass('jobs'))
+WHERE t.oid IN (SELECT to_regclass(name) FROM unnest(%(tables)s::text[]) AS name)
 ORDER BY i.relname;
 
 -- backlog --

@@ -23,9 +23,9 @@ CHECKLIST_INDEXES = (
 )
 
 
-def expected_indexes() -> dict[str, str]:
-    """Each index `sql/schema.sql` creates, by name, with the statement that builds it without
-    blocking writes (pglast parses the file and writes the CONCURRENTLY form back)."""
+def expected_indexes() -> dict[str, tuple[str, str]]:
+    """Each index `sql/schema.sql` creates, by name: its table, and the statement that builds
+    it without blocking writes (pglast parses the file and writes the CONCURRENTLY form back)."""
     from pglast import parse_sql
     from pglast.ast import IndexStmt
     from pglast.stream import RawStream
@@ -33,9 +33,12 @@ def expected_indexes() -> dict[str, str]:
     found = {}
     for raw in parse_sql(migrate.SCHEMA_FILE.read_text(encoding="utf-8")):
         statement = raw.stmt
-        if isinstance(statement, IndexStmt) and statement.idxname:
+        if isinstance(statement, IndexStmt) and statement.idxname and statement.relation:
             statement.concurrent = True
-            found[str(statement.idxname)] = f"{RawStream()(statement)};"
+            found[str(statement.idxname)] = (
+                str(statement.relation.relname),
+                f"{RawStream()(statement)};",
+            )
     return found
 
 
@@ -137,8 +140,14 @@ def check_instance_id(ctx: Context) -> list[Check]:
 
 
 def check_indexes(ctx: Context) -> Check:
-    expected = expected_indexes()
-    present = {str(r[0]): (bool(r[2]), bool(r[3]), str(r[4])) for r in ctx.rows("indexes")}
+    indexes = expected_indexes()
+    expected = {name: build for name, (_table, build) in indexes.items()}
+    # Every table schema.sql indexes (the usage ledger's and the batches' too), not only jobs'.
+    tables = sorted({table for table, _build in indexes.values()})
+    present = {
+        str(r[0]): (bool(r[2]), bool(r[3]), str(r[4]))
+        for r in ctx.rows("indexes", tables=tables)
+    }
     missing = [name for name in expected if name not in present]
     invalid = sorted(name for name, (valid, _ready, _def) in present.items() if not valid)
     lines = [f"missing: {name}: {expected[name]}" for name in missing]
