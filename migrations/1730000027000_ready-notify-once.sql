@@ -30,28 +30,27 @@ CREATE FUNCTION listener_announce_slot(instance_id text) RETURNS integer
 -- claimer finds it drained. Only items due now count: a retry waiting out its backoff is
 -- announced by the worker that set it (wake_later), when it is due, not to every process at
 -- once. The payload is the store id for today's kind, and '<store>\x1f<kind>' for the others: a
--- process that serves some kinds only wakes for those. The slot's shared lock comes first and
--- is held to commit: a retirement either waits for nothing this transaction could miss, or its
--- delete is seen by the insert below (ON CONFLICT reads the latest rows, not a snapshot).
+-- process that serves some kinds only wakes for those. Each store's slot lock (shared) is taken
+-- before its row is looked at and held to commit: a retirement cannot judge the store until
+-- this commit is visible, and one that committed first has its delete seen by the insert
+-- (ON CONFLICT reads the latest rows, not a snapshot).
 CREATE OR REPLACE FUNCTION job_items_notify_ready() RETURNS trigger
     LANGUAGE plpgsql AS $$
 DECLARE
     ready record;
     sent bigint;
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(1730027, s.slot)
-    FROM (
-        SELECT DISTINCT listener_announce_slot(instance_id) AS slot FROM ready_items
-        WHERE status = 'PENDING' AND run_after <= now()
-    ) s;
-    IF NOT FOUND THEN
-        RETURN NULL;  -- nothing due (a claim, an outcome, a retry in backoff)
-    END IF;
     IF current_setting('transaction_isolation') = 'read committed' THEN
         WITH announced AS (
             INSERT INTO announced_stores (instance_id, kind)
-            SELECT DISTINCT instance_id, kind FROM ready_items
-            WHERE status = 'PENDING' AND run_after <= now()
+            SELECT d.instance_id, d.kind
+            FROM (
+                SELECT DISTINCT instance_id, kind FROM ready_items
+                WHERE status = 'PENDING' AND run_after <= now()
+            ) d
+            CROSS JOIN LATERAL pg_advisory_xact_lock_shared(
+                1730027, listener_announce_slot(d.instance_id)
+            ) AS slot_held
             ON CONFLICT DO NOTHING
             RETURNING instance_id, kind
         )
@@ -67,6 +66,7 @@ BEGIN
         SELECT DISTINCT instance_id, kind FROM ready_items
         WHERE status = 'PENDING' AND run_after <= now()
     LOOP
+        PERFORM pg_advisory_xact_lock_shared(1730027, listener_announce_slot(ready.instance_id));
         BEGIN
             INSERT INTO announced_stores (instance_id, kind)
             VALUES (ready.instance_id, ready.kind)

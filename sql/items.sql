@@ -370,3 +370,25 @@ WHERE (SELECT count(*) FROM room) >= 0;
 
 -- count_pending --
 SELECT count(*) FROM job_items WHERE status = 'PENDING';
+
+-- retire_drained --
+-- Stores a claim found drained of due items of the lane's kinds: out of `announced_stores`, so
+-- the next insert for each notifies again (listener_retire_announced says why none is lost).
+SELECT instance_id, outcome
+FROM listener_retire_announced(%(stores)s::text[], %(kinds)s::text[]);
+
+-- retire_stale --
+-- The listener's, at each (re)connect and sweep, before its scan: rows nobody retired (a worker
+-- stopped between a claim and its retirement, a worker older than announced_stores). Only rows
+-- that look drained to this statement's snapshot are judged, under the slots' locks: a busy
+-- store's row is not locked for nothing.
+SELECT instance_id, outcome
+FROM listener_retire_announced(ARRAY(
+    SELECT DISTINCT a.instance_id FROM announced_stores a
+    WHERE a.kind = ANY (%(kinds)s::text[])
+      AND NOT EXISTS (
+          SELECT 1 FROM job_items j
+          WHERE j.instance_id = a.instance_id AND j.status = 'PENDING'
+            AND j.run_after <= now() AND j.kind = ANY (%(kinds)s::text[])
+      )
+), %(kinds)s::text[]);
