@@ -5,10 +5,11 @@ Every transaction that sends a NOTIFY takes one database-wide lock at commit and
 its WAL flush, so notifying commits cannot share a flush. Two schemas side by side on a server of
 the run's own (128 clients need more than the machine server's 100 connections): `before`, the
 migrations up to the one that announces a store once (`1730000027000_ready-notify-once`), and
-`after`, all of them. Each in three modes: every trigger on; the notifying trigger
-(`job_items_notify_insert`) disabled; every trigger off (`session_replication_role = replica`:
-the fill triggers and the foreign key's too). Runs interleaved: each round runs every (clients,
-schema, mode) once, in an order rotated per round, so the machine's load falls on all of them.
+`after`, all of them. Each in four modes: every trigger on; the notifying trigger
+(`job_items_notify_insert`) disabled; the fill triggers disabled too (what is left: the foreign
+key's); every trigger off (`session_replication_role = replica`). Runs interleaved: each round
+runs every (clients, schema, mode) once, in an order rotated per round, so the machine's load
+falls on all of them.
 
 The pgbench transaction is what `listener.enqueue` sends for a one-item job: the job row, then
 its item with the job's priority and kind (so the fill triggers' WHEN clauses skip them, as they
@@ -45,10 +46,18 @@ NAME = "notify_commits"
 STORES = 1_000
 CLIENTS = (4, 32, 128)
 SCHEMAS = ("before", "after")
-MODES = ("on", "notify_off", "all_off")
+MODES = ("on", "notify_off", "fill_off", "all_off")
 # The first migration of the `after` schema: `before` stops short of it.
 AFTER_FROM = "1730000027000"
 NOTIFY_TRIGGER = "job_items_notify_insert"
+FILL_TRIGGERS = ("job_items_fill_instance_id", "job_items_fill_priority")
+# The triggers each mode disables by name (`all_off` turns every trigger off for its sessions).
+DISABLED = {
+    "on": (),
+    "notify_off": (NOTIFY_TRIGGER,),
+    "fill_off": (NOTIFY_TRIGGER, *FILL_TRIGGERS),
+    "all_off": (),
+}
 
 SCRIPT = Path(__file__).with_suffix(".pgbench")
 
@@ -65,10 +74,11 @@ def schema(admin: str, which: str) -> str:
     return url
 
 
-def set_notify_trigger(url: str, enabled: bool) -> None:
+def set_triggers(url: str, names: tuple[str, ...], enabled: bool) -> None:
     verb = "ENABLE" if enabled else "DISABLE"
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"ALTER TABLE job_items {verb} TRIGGER {NOTIFY_TRIGGER}")
+        for name in names:
+            conn.execute(f"ALTER TABLE job_items {verb} TRIGGER {name}")
 
 
 def pgbench(url: str, clients: int, seconds: int, mode: str) -> dict[str, float]:
@@ -96,7 +106,7 @@ def notifications(url: str) -> int:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    rounds, seconds = (2, 5) if quick else (3, 15)
+    rounds, seconds = (2, 4) if quick else (3, 10)
     runs: list[dict[str, Any]] = []
     cases = [(c, s, m) for c in CLIENTS for s in SCHEMAS for m in MODES]
     with private_server(max_connections=CLIENTS[-1] + 20) as admin:
@@ -111,13 +121,11 @@ def run(quick: bool) -> dict[str, Any]:
                 shift = round_ * 7 % len(cases)
                 for clients, which, mode in cases[shift:] + cases[:shift]:
                     url = urls[which]
-                    if mode == "notify_off":
-                        set_notify_trigger(url, False)
+                    set_triggers(url, DISABLED[mode], False)
                     try:
                         figures = pgbench(url, clients, seconds, mode)
                     finally:
-                        if mode == "notify_off":
-                            set_notify_trigger(url, True)
+                        set_triggers(url, DISABLED[mode], True)
                     runs.append(
                         {"round": round_, "clients": clients, "schema": which, "mode": mode}
                         | figures
@@ -150,7 +158,7 @@ def cases_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 case[mode] = summary([r["tps"] for r in mine])["p50"]
                 case[f"{mode}_latency_ms"] = summary([r["latency_ms"] for r in mine])["p50"]
             # Ratios within each round (side by side), then their median.
-            for mode in ("notify_off", "all_off"):
+            for mode in MODES[1:]:
                 ratios = []
                 for round_ in sorted({r["round"] for r in runs}):
                     by = {
@@ -170,8 +178,10 @@ HEADERS = [
     "schema",
     "triggers on",
     "notify trigger off",
+    "+ fill triggers off",
     "all triggers off",
     "on / notify off",
+    "on / fill off",
     "on / all off",
     "latency on",
 ]
@@ -184,8 +194,10 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
             c["schema"],
             f"{c['on']:,.0f}",
             f"{c['notify_off']:,.0f}",
+            f"{c['fill_off']:,.0f}",
             f"{c['all_off']:,.0f}",
             f"{c['on_vs_notify_off']:.2f}",
+            f"{c['on_vs_fill_off']:.2f}",
             f"{c['on_vs_all_off']:.2f}",
             f"{c['on_latency_ms']:.1f} ms",
         ]
@@ -199,13 +211,13 @@ def report(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], name: str = NAME) -> None:
     fig, ax = new_figure()
-    width = 0.13
+    width = 0.1
     for offset, (which, mode) in enumerate((s, m) for s in SCHEMAS for m in MODES):
         values = [
             next(c[mode] for c in result["cases"] if (c["clients"], c["schema"]) == (n, which))
             for n in CLIENTS
         ]
-        xs = [i + (offset - 2.5) * width for i in range(len(CLIENTS))]
+        xs = [i + (offset - 3.5) * width for i in range(len(CLIENTS))]
         ax.bar(xs, values, width, label=f"{which}: {mode.replace('_', ' ')}")
     ax.set_xticks(range(len(CLIENTS)), [f"{n} clients" for n in CLIENTS])
     ax.set_ylabel("one-item jobs committed a second")

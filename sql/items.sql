@@ -93,6 +93,16 @@ SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL
 FROM allowance
 WHERE granted < quota;
 
+-- announce_served --
+-- `stores_served` for a claim that wrote outcomes, sent after its commit in a transaction that
+-- writes nothing (no commit record, no WAL flush): NOTIFY's database-wide lock, taken at commit,
+-- would otherwise be held through the outcomes' flush, and every other notifying commit of the
+-- database (new stores announced, other processes' claims) would queue behind it.
+SELECT count(pg_notify('stores_served', concat_ws(
+    E'\x1f', %(worker_id)s::text, s.instance_id, s.items::text, %(lane)s::text
+))::text)
+FROM unnest(%(stores)s::text[], %(counts)s::int[]) AS s(instance_id, items);
+
 -- flush_at_commit --
 -- The last statement of a claim that also writes outcomes: the claim turned the WAL flush off
 -- for its transaction, and outcomes must not be lost in a crash once the worker moved on.

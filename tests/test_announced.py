@@ -1,15 +1,19 @@
 """A store is announced once (`announced_stores`): its producers' later commits send no NOTIFY
 until a claimer finds it drained and retires it. Nothing may be missed on the way: a store
 retired is announced again, a producer committing during a retirement is found by it, a row
-nobody retired (a worker stopped, an older worker) is cleared by the listener."""
+nobody retired (a worker stopped, an older worker) is cleared by the listener. And a claim that
+writes outcomes tells the fleet what it served after its commit, not in it."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
+from listener.items import Outcome, claim
 from listener.sqlfiles import queries
 from listener.stub.server import StubConfig, run_stub
 from tests.support import (
@@ -186,6 +190,39 @@ async def test_a_worker_clears_announced_stores_nobody_retired(database_url: str
     async with run_stub(StubConfig(latency=0.01)) as stub:
         settings = make_settings(stub.base_url, worker_concurrency=2)
         async with running_worker(database_url, settings) as worker:
-            assert worker.listener.stale_retired == 1
             await insert_job(database_url, STORE, 1)
             await wait_for_counts(database_url, lambda c: c.get("COMPLETED", 0) == 3)
+            assert worker.listener.stale_retired == 1
+
+
+@pytest.mark.anyio
+async def test_a_claim_that_writes_outcomes_announces_what_it_served_after_its_commit(
+    database_url: str,
+) -> None:
+    # In the claim's transaction, `stores_served` would hold the notify lock through the
+    # outcomes' WAL flush; sent after the commit, the fleet hears the same.
+    await insert_job(database_url, STORE, 3)
+    async with AsyncConnectionPool(
+        database_url, min_size=1, max_size=2, kwargs={"autocommit": True}
+    ) as pool:
+        first = await claim(pool, "w1", [STORE], [1], 60, 65_536, announce=True, lane="openai")
+        [item] = first.items
+        with psycopg.connect(database_url, autocommit=True) as listener:
+            listener.execute("LISTEN stores_served")
+            second = await claim(
+                pool,
+                "w1",
+                [STORE],
+                [2],
+                60,
+                65_536,
+                announce=True,
+                outcomes=[Outcome.completed(item, {"text": "done"})],
+                lane="openai",
+            )
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                heard = await anyio.to_thread.run_sync(
+                    heard_so_far, listener, conn, "stores_served"
+                )
+    assert second.written == {item.id} and len(second.items) == 2
+    assert heard == [f"w1\x1f{STORE}\x1f2\x1fopenai"]
