@@ -106,7 +106,7 @@ def notifications(url: str) -> int:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    rounds, seconds = (2, 4) if quick else (3, 10)
+    rounds, seconds = (2, 4) if quick else (5, 8)
     runs: list[dict[str, Any]] = []
     cases = [(c, s, m) for c in CLIENTS for s in SCHEMAS for m in MODES]
     with private_server(max_connections=CLIENTS[-1] + 20) as admin:
