@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,42 @@ def set_triggers(url: str, names: tuple[str, ...], enabled: bool) -> None:
             conn.execute(f"ALTER TABLE job_items {verb} TRIGGER {name}")
 
 
+def postmaster_pid(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(Path(f"/proc/{row[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def server_cpu(postmaster: int) -> float:
+    """CPU seconds the server has used: the postmaster's own and its reaped children's (the
+    backends of finished runs), and its live children's (background processes). Unlike the
+    throughput, this does not move with the machine's other work."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+        try:
+            mine = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # ended meanwhile: counted in cutime once reaped
+        total += int(mine[11]) + int(mine[12])
+    return total / ticks
+
+
+def wait_for_clients_gone(url: str) -> None:
+    """The run's backends ended and reaped, so their CPU is in the postmaster's cutime."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(200):
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ).fetchone()
+            if row == (0,):
+                return
+            time.sleep(0.05)
+
+
 def pgbench(url: str, clients: int, seconds: int, mode: str) -> dict[str, float]:
     env = dict(os.environ)
     if mode == "all_off":
@@ -90,9 +127,14 @@ def pgbench(url: str, clients: int, seconds: int, mode: str) -> dict[str, float]
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     tps = re.search(r"tps = ([\d.]+)", out)
     latency = re.search(r"latency average = ([\d.]+) ms", out)
-    if tps is None or latency is None:
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    if tps is None or latency is None or done is None:
         raise RuntimeError(f"pgbench said: {out}")
-    return {"tps": float(tps.group(1)), "latency_ms": float(latency.group(1))}
+    return {
+        "tps": float(tps.group(1)),
+        "latency_ms": float(latency.group(1)),
+        "transactions": int(done.group(1)),
+    }
 
 
 def notifications(url: str) -> int:
@@ -111,6 +153,7 @@ def run(quick: bool) -> dict[str, Any]:
     cases = [(c, s, m) for c in CLIENTS for s in SCHEMAS for m in MODES]
     with private_server(max_connections=CLIENTS[-1] + 20) as admin:
         urls = {which: schema(admin, which) for which in SCHEMAS}
+        postmaster = postmaster_pid(admin)
         for url in urls.values():
             # Warm-up: the caches, and every store announced once in `after`.
             pgbench(url, 8, 3, "on")
@@ -122,10 +165,15 @@ def run(quick: bool) -> dict[str, Any]:
                 for clients, which, mode in cases[shift:] + cases[:shift]:
                     url = urls[which]
                     set_triggers(url, DISABLED[mode], False)
+                    wait_for_clients_gone(url)
+                    cpu = server_cpu(postmaster)
                     try:
                         figures = pgbench(url, clients, seconds, mode)
                     finally:
                         set_triggers(url, DISABLED[mode], True)
+                    wait_for_clients_gone(url)
+                    used = server_cpu(postmaster) - cpu
+                    figures["server_cpu_us"] = 1e6 * used / max(1, figures["transactions"])
                     runs.append(
                         {"round": round_, "clients": clients, "schema": which, "mode": mode}
                         | figures
@@ -157,6 +205,7 @@ def cases_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     clients, which, mode)]  # fmt: skip
                 case[mode] = summary([r["tps"] for r in mine])["p50"]
                 case[f"{mode}_latency_ms"] = summary([r["latency_ms"] for r in mine])["p50"]
+                case[f"{mode}_cpu_us"] = summary([r["server_cpu_us"] for r in mine])["p50"]
             # Ratios within each round (side by side), then their median.
             for mode in MODES[1:]:
                 ratios = []
@@ -184,6 +233,7 @@ HEADERS = [
     "on / fill off",
     "on / all off",
     "latency on",
+    "server CPU a transaction: on / notify off / fill off / all off",
 ]
 
 
@@ -200,6 +250,7 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
             f"{c['on_vs_fill_off']:.2f}",
             f"{c['on_vs_all_off']:.2f}",
             f"{c['on_latency_ms']:.1f} ms",
+            " / ".join(f"{c[f'{mode}_cpu_us']:,.0f}" for mode in MODES) + " µs",
         ]
         for c in result["cases"]
     ]
