@@ -147,9 +147,9 @@ CREATE FUNCTION listener_announce_slot(instance_id text) RETURNS integer
 -- announced by the worker that set it (wake_later), when it is due, not to every process at
 -- once. The payload is the store id for today's kind, and '<store>\x1f<kind>' for the others: a
 -- process that serves some kinds only wakes for those. Each store's slot lock (shared) is taken
--- before its row is looked at and held to commit: a retirement cannot judge the store until
--- this commit is visible, and one that committed first has its delete seen by the insert
--- (ON CONFLICT reads the latest rows, not a snapshot).
+-- before its row is looked at, in an earlier statement, and held to commit: a retirement cannot
+-- judge the store until this commit is visible, and one that committed first has its delete
+-- seen by the look.
 CREATE FUNCTION job_items_notify_ready() RETURNS trigger
     LANGUAGE plpgsql AS $$
 DECLARE
@@ -157,16 +157,28 @@ DECLARE
     sent bigint;
 BEGIN
     IF current_setting('transaction_isolation') = 'read committed' THEN
+        PERFORM pg_advisory_xact_lock_shared(1730027, listener_announce_slot(s.instance_id))
+        FROM (
+            SELECT DISTINCT instance_id FROM ready_items
+            WHERE status = 'PENDING' AND run_after <= now()
+        ) s;
+        -- A later statement, a later snapshot: it sees every retirement that committed before
+        -- the locks were granted. The common case ends here (every store announced already):
+        -- a probe costs a fraction of the INSERT … ON CONFLICT below (bench.notify_trigger_floor).
+        IF NOT EXISTS (
+            SELECT 1 FROM ready_items r
+            WHERE r.status = 'PENDING' AND r.run_after <= now()
+              AND NOT EXISTS (
+                  SELECT 1 FROM announced_stores a
+                  WHERE a.instance_id = r.instance_id AND a.kind = r.kind
+              )
+        ) THEN
+            RETURN NULL;
+        END IF;
         WITH announced AS (
             INSERT INTO announced_stores (instance_id, kind)
-            SELECT d.instance_id, d.kind
-            FROM (
-                SELECT DISTINCT instance_id, kind FROM ready_items
-                WHERE status = 'PENDING' AND run_after <= now()
-            ) d
-            CROSS JOIN LATERAL pg_advisory_xact_lock_shared(
-                1730027, listener_announce_slot(d.instance_id)
-            ) AS slot_held
+            SELECT DISTINCT instance_id, kind FROM ready_items
+            WHERE status = 'PENDING' AND run_after <= now()
             ON CONFLICT DO NOTHING
             RETURNING instance_id, kind
         )
