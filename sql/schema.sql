@@ -160,14 +160,14 @@ BEGIN
         PERFORM pg_advisory_xact_lock_shared(1730027, listener_announce_slot(s.instance_id))
         FROM (
             SELECT DISTINCT instance_id FROM ready_items
-            WHERE status = 'PENDING' AND run_after <= now()
+            WHERE status = 'PENDING' AND run_after <= now() AND instance_id IS NOT NULL
         ) s;
         -- A later statement, a later snapshot: it sees every retirement that committed before
         -- the locks were granted. The common case ends here (every store announced already):
         -- a probe costs a fraction of the INSERT … ON CONFLICT below (bench.notify_trigger_floor).
         IF NOT EXISTS (
             SELECT 1 FROM ready_items r
-            WHERE r.status = 'PENDING' AND r.run_after <= now()
+            WHERE r.status = 'PENDING' AND r.run_after <= now() AND r.instance_id IS NOT NULL
               AND NOT EXISTS (
                   SELECT 1 FROM announced_stores a
                   WHERE a.instance_id = r.instance_id AND a.kind = r.kind
@@ -178,7 +178,7 @@ BEGIN
         WITH announced AS (
             INSERT INTO announced_stores (instance_id, kind)
             SELECT DISTINCT instance_id, kind FROM ready_items
-            WHERE status = 'PENDING' AND run_after <= now()
+            WHERE status = 'PENDING' AND run_after <= now() AND instance_id IS NOT NULL
             ON CONFLICT DO NOTHING
             RETURNING instance_id, kind
         )
@@ -187,12 +187,14 @@ BEGIN
         INTO sent FROM announced a;
         RETURN NULL;
     END IF;
+    -- (A NULL store, possible only where an operator dropped the NOT NULL, is announced by
+    -- nobody: `listener doctor` reports such items.)
     -- REPEATABLE READ or SERIALIZABLE: ON CONFLICT DO NOTHING refuses a conflicting row its
     -- snapshot cannot see (announced since it began) with a serialization failure, which here
     -- only means "announced already". One store at a time, so one refusal undoes no other.
     FOR ready IN
         SELECT DISTINCT instance_id, kind FROM ready_items
-        WHERE status = 'PENDING' AND run_after <= now()
+        WHERE status = 'PENDING' AND run_after <= now() AND instance_id IS NOT NULL
     LOOP
         PERFORM pg_advisory_xact_lock_shared(1730027, listener_announce_slot(ready.instance_id));
         BEGIN
