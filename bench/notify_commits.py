@@ -85,8 +85,9 @@ def set_triggers(url: str, names: tuple[str, ...], enabled: bool) -> None:
 def postmaster_pid(url: str) -> int:
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    return int(Path(f"/proc/{row[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert row is not None
+        # While the session lives: its backend's parent is the postmaster.
+        return int(Path(f"/proc/{row[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def server_cpu(postmaster: int) -> float:
