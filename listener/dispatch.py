@@ -20,6 +20,7 @@ import anyio.lowlevel
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from listener.announced import retire_drained
 from listener.claimed import claim_report, interleave
 from listener.complete import Completer
 from listener.errors import DatabaseError
@@ -40,6 +41,11 @@ CLAIMS_IN_FLIGHT = 2
 OTHERS_HEARD_SECONDS = 15.0
 # A turn count in a `stores_served` payload: ASCII digits only (int("²") raises).
 _TURNS = re.compile(r"[0-9]{1,9}")
+# A store whose retirement found a producer of its lock slot committing is looked at again after
+# this long (a commit's time, a few milliseconds, with room to spare).
+RETIRE_BUSY_SECONDS = 0.05
+# After a retirement the database refused: the stores come back to the ring after this long.
+RETIRE_FAILED_SECONDS = 1.0
 # A worker on its way passes several turns (its wake-up, the slot gate): one turn without a new
 # waiter does not mean nobody is coming.
 QUIET_TURNS = 3
@@ -138,6 +144,10 @@ class Dispatcher:
         # notified after it started (see `_claim_once`).
         self._notifications = 0
         self._notified_at: dict[str, int] = {}
+        # Stores claims found drained, to be retired from `announced_stores` (announced.py).
+        self._to_retire: set[str] = set()
+        self._retire_wanted = anyio.Event()
+        self.retirements = 0
 
     # -- fed by the listener --------------------------------------------------------------
 
@@ -356,6 +366,27 @@ class Dispatcher:
                 else:
                     self.notify(store)
 
+    async def run_retirer(self) -> None:
+        """Retire the stores claims found drained, a batch a round trip, off the claim's path:
+        until it is done a store stays announced and silent, and the retirement itself tells
+        which stores have items after all (their producers saw the row and sent nothing)."""
+        while True:
+            await self._retire_wanted.wait()
+            self._retire_wanted = anyio.Event()
+            stores, self._to_retire = sorted(self._to_retire), set()
+            try:
+                done = await retire_drained(self.pool, stores, self.kinds)
+            except DatabaseError as error:
+                logger.warning("[Worker] retiring drained stores failed: %s", error)
+                for store in stores:
+                    self.wake_later(store, RETIRE_FAILED_SECONDS)
+                continue
+            self.retirements += len(done.retired)
+            for store in done.pending:
+                self.notify(store)
+            for store in done.busy:
+                self.wake_later(store, RETIRE_BUSY_SECONDS)
+
     async def run_claim_log(self, interval: float = 10.0) -> None:
         """Single-item claims (the paced, rate-limited regime) are reported as a summary."""
         while True:
@@ -445,6 +476,7 @@ class Dispatcher:
                 self.wake_later(held.instance_id, held.retry_in)
         self._backlogged = bool(items) and len(items) == sum(quotas)
         got = Counter(item.instance_id for item in items)
+        held_back = {held.instance_id for held in result.held_back}
         for store, quota in zip(stores, quotas, strict=True):
             # Weights share items, not turns: the turn pays for each item it brought (none: the
             # turn is given back, a refusal is not service).
@@ -453,6 +485,12 @@ class Dispatcher:
                 self._notified_at.get(store, 0) <= since or self._held(store)
             ):
                 self.ring.drop(store)
+                if store not in held_back:
+                    # Drained: retired, so its next insert notifies again. (A store its policy
+                    # held back has items: a resume or room under its cap notifies it.)
+                    self._to_retire.add(store)
+        if self._to_retire:
+            self._retire_wanted.set()
         self.claims += 1
         self.claimed_items += len(items)
         if items:

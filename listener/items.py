@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +21,8 @@ from listener.handler import DEFAULT_KIND
 from listener.sqlfiles import queries
 from listener.storable import storable
 from listener.tiers import REALTIME
+
+logger = logging.getLogger(__name__)
 
 Status = Literal["COMPLETED", "FAILED", "PENDING"]
 _NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
@@ -173,7 +177,8 @@ async def claim(
         "worker_id": worker_id,
         "lease_seconds": lease_seconds,
         "max_payload_bytes": max_payload_bytes,
-        "announce": announce,
+        # A claim that writes outcomes waits for the WAL flush: it announces after its commit.
+        "announce": announce and not outcomes,
         "kinds": list(kinds),
         "lane": lane,
     }
@@ -188,11 +193,32 @@ async def claim(
             # them alone and finds the one at fault (complete.py). None says so.
             rows, _, _ = await _claim_writing(conn, worker_id, params, ())
             written, deferred = None, set()
+        served = Counter(str(row[2]) for row in rows if row[0] is not None)
+        if announce and outcomes and served:
+            await _announce_served(conn, worker_id, lane, served)
     options: dict[str, Mapping[str, Any]] = {}
     items = [_claimed(row, options) for row in rows if row[0] is not None]
     items.sort(key=lambda item: item.id)
     held_back = [HeldBack(str(row[2]), row[7]) for row in rows if row[0] is None]
     return ClaimResult(items, held_back, written, deferred)
+
+
+async def _announce_served(
+    conn: psycopg.AsyncConnection[Any], worker_id: str, lane: str, served: Counter[str]
+) -> None:
+    """`stores_served` after the commit of a claim that wrote outcomes. The claim is done: a
+    refused announcement must not make its items look unclaimed (they would wait for their
+    lease), it only leaves the fleet's rings a turn out of step until the next one."""
+    params = {
+        "worker_id": worker_id,
+        "lane": lane,
+        "stores": list(served),
+        "counts": list(served.values()),
+    }
+    try:
+        await conn.execute(queries("items")["announce_served"], params)
+    except psycopg.Error as error:
+        logger.warning("[Worker] announcing the stores a claim served failed: %s", one_line(error))
 
 
 def _claimed(row: tuple[Any, ...], parsed: dict[str, Mapping[str, Any]]) -> ClaimedItem:

@@ -14,6 +14,7 @@ import anyio
 import psycopg
 from anyio.abc import TaskStatus
 
+from listener.announced import retire_stale
 from listener.backoff import Backoff
 from listener.db import with_options
 from listener.errors import DatabaseError, one_line
@@ -29,6 +30,10 @@ CHANNEL = "job_items_ready"
 # Another process claimed from a store: '<worker id>\x1f<store>\x1f<items>\x1f<lane>' (see the
 # claim; the lane is the budget its kinds draw from).
 SERVED_CHANNEL = "stores_served"
+
+# A store whose stale row could not be judged (a producer of its lock slot was committing) is
+# handed over as due in this long: its dispatcher looks at it then (a claim, or a retirement).
+BUSY_RETRY_SECONDS = 0.05
 
 # What a rebuild hands over: the store policy rows, then for each set of kinds asked for (one
 # per budget's lane) each store with pending items of those kinds.
@@ -59,6 +64,7 @@ class Listener:
         self.reconnects = 0
         self.notifications = 0
         self.backend_pid: int | None = None
+        self.stale_retired = 0  # announced stores this listener found drained and retired
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen for ever; report readiness once the first LISTEN and rebuild are done."""
@@ -113,8 +119,25 @@ class Listener:
     async def _rebuild(self, conn: psycopg.AsyncConnection[object], why: str) -> None:
         # Policies first: a store paused meanwhile must not enter the ring with the scan.
         policies = await read_all(conn)
-        stores = [await ready_stores(conn, kinds) for kinds in self.kind_sets]
+        stores = [await self._scan(conn, kinds) for kinds in self.kind_sets]
         self.on_rebuild(policies, stores)
         count = len({ready.instance_id for lane in stores for ready in lane})
         if why != "sweep" or count:
             logger.debug("[Listener] %s: %d store(s) with pending items", why, count)
+
+    async def _scan(
+        self, conn: psycopg.AsyncConnection[object], kinds: list[str]
+    ) -> list[ReadyStore]:
+        """Stores with pending items of `kinds`. First the stale announced stores go (nobody
+        retired them: a worker stopped between a claim and its retirement, or one older than
+        `announced_stores`), or their next items would never be notified: before the scan, so
+        that an item committed meanwhile is in the scan or its producer found no row and
+        notified."""
+        stale = await retire_stale(conn, kinds)
+        self.stale_retired += len(stale.retired)
+        found = await ready_stores(conn, kinds)
+        seen = {ready.instance_id for ready in found}
+        found += [
+            ReadyStore(store, BUSY_RETRY_SECONDS) for store in stale.busy if store not in seen
+        ]
+        return found

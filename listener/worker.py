@@ -273,6 +273,7 @@ class Worker:
                         services.start_soon(lane.dispatcher.run_wakeups)
                         services.start_soon(lane.dispatcher.run_policy_reload)
                         services.start_soon(lane.dispatcher.run_claim_log)
+                        services.start_soon(lane.dispatcher.run_retirer)
                     services.start_soon(self._heartbeat_loop)
                     services.start_soon(self.promoter.run)
                     services.start_soon(

@@ -98,6 +98,16 @@ SELECT NULL, NULL, instance_id, NULL, NULL, NULL, NULL, retry_in, NULL, NULL, NU
 FROM allowance
 WHERE granted < quota;
 
+-- announce_served --
+-- `stores_served` for a claim that wrote outcomes, sent after its commit in a transaction that
+-- writes nothing (no commit record, no WAL flush): NOTIFY's database-wide lock, taken at commit,
+-- would otherwise be held through the outcomes' flush, and every other notifying commit of the
+-- database (new stores announced, other processes' claims) would queue behind it.
+SELECT count(pg_notify('stores_served', concat_ws(
+    E'\x1f', %(worker_id)s::text, s.instance_id, s.items::text, %(lane)s::text
+))::text)
+FROM unnest(%(stores)s::text[], %(counts)s::int[]) AS s(instance_id, items);
+
 -- flush_at_commit --
 -- The last statement of a claim that also writes outcomes: the claim turned the WAL flush off
 -- for its transaction, and outcomes must not be lost in a crash once the worker moved on.
@@ -407,3 +417,26 @@ WHERE (SELECT count(*) FROM room) >= 0;
 
 -- count_pending --
 SELECT count(*) FROM job_items WHERE status = 'PENDING';
+
+-- retire_drained --
+-- Stores a claim found drained of due items of the lane's kinds: out of `announced_stores`, so
+-- the next insert for each notifies again (listener_retire_announced says why none is lost).
+SELECT instance_id, outcome
+FROM listener_retire_announced(%(stores)s::text[], %(kinds)s::text[]);
+
+-- retire_stale --
+-- The listener's, at each (re)connect and sweep, before its scan: rows nobody retired (a worker
+-- stopped between a claim and its retirement, a worker older than announced_stores). Only rows
+-- that look drained to this statement's snapshot are judged, under the slots' locks: a busy
+-- store's row is not locked for nothing.
+SELECT instance_id, outcome
+FROM listener_retire_announced(ARRAY(
+    SELECT DISTINCT a.instance_id FROM announced_stores a
+    WHERE a.kind = ANY (%(kinds)s::text[])
+      AND NOT EXISTS (
+          SELECT 1 FROM job_items j
+          WHERE j.instance_id = a.instance_id AND j.status = 'PENDING'
+            AND j.run_after <= now() AND NOT j.in_backoff AND j.tier <> 'batch'
+            AND j.kind = ANY (%(kinds)s::text[])
+      )
+), %(kinds)s::text[]);

@@ -223,6 +223,12 @@ def test_only_due_items_announce_their_store(database_url: str) -> None:
     ):
         _load(conn, stores=2, per_store=3)
         conn.execute("UPDATE job_items SET status = 'PROCESSING'")
+        # Claimed, the stores are drained: a claimer retires them, so they are announced again.
+        retired = conn.execute(
+            queries("items")["retire_drained"],
+            {"stores": ["store-1", "store-2"], "kinds": KINDS["kinds"]},
+        ).fetchall()
+        assert sorted(retired) == [("store-1", "retired"), ("store-2", "retired")]
         listener.execute("LISTEN job_items_ready")
         # A retry waiting out its backoff: nobody is told (the promote step does, when due).
         conn.execute(

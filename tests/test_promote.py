@@ -12,6 +12,8 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from listener import items as items_db
+from listener.announced import retire_drained
+from listener.handler import DEFAULT_KIND
 from listener.items import ClaimedItem, Outcome
 from listener.promoter import (
     PROMOTE_LOCK_KEY,
@@ -47,6 +49,10 @@ async def test_a_retried_item_is_claimed_once_due_and_its_store_woken(database_u
             )
             assert rows == [("PENDING", True, True)]
             assert await _claim(pool, "store-R") == []  # nothing before its run_after
+            # The claimer retires a store its claim found drained: its next ready item (this
+            # one, when the promote step puts it back) announces it again.
+            retired = await retire_drained(pool, ["store-R"], [DEFAULT_KIND])
+            assert retired.retired == ["store-R"]
             await listener.execute("LISTEN job_items_ready")
             promoter.due_in(0.3)  # what the worker does once the retry is written
             heard = None
@@ -159,6 +165,8 @@ async def test_the_promote_step_takes_a_bounded_batch_and_announces_each_store(
         )
         listener.execute("LISTEN job_items_ready")
         async with AsyncConnectionPool(database_url, min_size=1, max_size=2) as pool:
+            # Found drained by the claimers (every item in backoff): no longer announced.
+            await retire_drained(pool, ["store-1", "store-2"], [DEFAULT_KIND])
             passes = [await promote_due(pool, batch=3) for _ in range(3)]
         heard = heard_so_far(listener, conn, "job_items_ready")
         left = conn.execute(
@@ -209,6 +217,7 @@ async def test_a_promoted_item_of_another_kind_wakes_the_processes_serving_it(
         conn.execute("UPDATE job_items SET in_backoff = true, run_after = now()")
         listener.execute("LISTEN job_items_ready")
         async with AsyncConnectionPool(database_url, min_size=1, max_size=1) as pool:
+            await retire_drained(pool, ["store-K"], ["summary"])
             promotion = await promote_due(pool)
         heard = heard_so_far(listener, conn, "job_items_ready")
     assert promotion.promoted == 1 and heard == ["store-K\x1fsummary"]
