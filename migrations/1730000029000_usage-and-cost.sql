@@ -108,7 +108,104 @@ CREATE TRIGGER job_items_record_usage
     )
     EXECUTE FUNCTION job_items_record_usage();
 
+-- An operator's retry starts an item afresh: its deferral clock too.
+CREATE OR REPLACE FUNCTION listener_retry_job(job_id bigint) RETURNS jsonb
+    LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    job jobs;
+    retried integer := 0;
+BEGIN
+    SELECT * INTO job FROM jobs j WHERE j.id = listener_retry_job.job_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no job %', listener_retry_job.job_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF job.status = 'CANCELLED' THEN
+        RETURN jsonb_build_object(
+            'job_id', job.id, 'instance_id', job.instance_id, 'status', job.status,
+            'changed', false, 'retried', 0
+        );
+    END IF;
+    UPDATE job_items i
+    SET status = 'PENDING',
+        attempts = 0,
+        error_history = coalesce(i.error_history, '[]'::jsonb) || jsonb_build_array(
+            jsonb_build_object(
+                'error', i.error, 'attempts', i.attempts, 'failed_at', i.completed_at,
+                'retried_at', now()
+            )
+        ),
+        completed_at = NULL,
+        run_after = now(),
+        claimed_by = NULL,
+        lease_expires_at = NULL,
+        -- A fresh start: a flex item tries flex again (FLEX_FALLBACK_SECONDS counts anew), and
+        -- an item an older worker failed while flagged is not left out of the claims.
+        deferred_since = NULL,
+        in_backoff = false,
+        updated_at = now()
+    WHERE i.job_id = job.id AND i.status = 'FAILED';
+    GET DIAGNOSTICS retried = ROW_COUNT;
+    IF retried > 0 THEN
+        UPDATE jobs SET status = 'PROCESSING', completed_at = NULL, updated_at = now()
+        WHERE id = job.id;
+    END IF;
+    RETURN jsonb_build_object(
+        'job_id', job.id, 'instance_id', job.instance_id,
+        'status', CASE WHEN retried > 0 THEN 'PROCESSING' ELSE job.status END,
+        'changed', retried > 0, 'retried', retried
+    );
+END;
+$$;
+
 -- down --
+CREATE OR REPLACE FUNCTION listener_retry_job(job_id bigint) RETURNS jsonb
+    LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    job jobs;
+    retried integer := 0;
+BEGIN
+    SELECT * INTO job FROM jobs j WHERE j.id = listener_retry_job.job_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no job %', listener_retry_job.job_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF job.status = 'CANCELLED' THEN
+        RETURN jsonb_build_object(
+            'job_id', job.id, 'instance_id', job.instance_id, 'status', job.status,
+            'changed', false, 'retried', 0
+        );
+    END IF;
+    UPDATE job_items i
+    SET status = 'PENDING',
+        attempts = 0,
+        error_history = coalesce(i.error_history, '[]'::jsonb) || jsonb_build_array(
+            jsonb_build_object(
+                'error', i.error, 'attempts', i.attempts, 'failed_at', i.completed_at,
+                'retried_at', now()
+            )
+        ),
+        completed_at = NULL,
+        run_after = now(),
+        claimed_by = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    WHERE i.job_id = job.id AND i.status = 'FAILED';
+    GET DIAGNOSTICS retried = ROW_COUNT;
+    IF retried > 0 THEN
+        UPDATE jobs SET status = 'PROCESSING', completed_at = NULL, updated_at = now()
+        WHERE id = job.id;
+    END IF;
+    RETURN jsonb_build_object(
+        'job_id', job.id, 'instance_id', job.instance_id,
+        'status', CASE WHEN retried > 0 THEN 'PROCESSING' ELSE job.status END,
+        'changed', retried > 0, 'retried', retried
+    );
+END;
+$$;
+
 DROP TRIGGER job_items_record_usage ON job_items;
 DROP FUNCTION job_items_record_usage();
 DROP TABLE store_usage_monthly;

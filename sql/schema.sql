@@ -607,6 +607,10 @@ BEGIN
         run_after = now(),
         claimed_by = NULL,
         lease_expires_at = NULL,
+        -- A fresh start: a flex item tries flex again (FLEX_FALLBACK_SECONDS counts anew), and
+        -- an item an older worker failed while flagged is not left out of the claims.
+        deferred_since = NULL,
+        in_backoff = false,
         updated_at = now()
     WHERE i.job_id = job.id AND i.status = 'FAILED';
     GET DIAGNOSTICS retried = ROW_COUNT;

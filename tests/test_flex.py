@@ -17,7 +17,7 @@ from listener.handler import Item
 from listener.openai.flex import FlexPolicy
 from listener.stub.server import StubConfig, run_stub
 from listener.stub.text import FLEX_UNAVAILABLE_MARKER
-from tests.support import make_settings, query, running_worker, wait_until
+from tests.support import insert_job, make_settings, query, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -136,3 +136,17 @@ def test_the_deferral_grows_with_the_wait_and_never_passes_the_fallback() -> Non
     assert not policy.use_flex(item(100), now)  # waited long enough: the standard tier
     realtime = Item(1, 1, "s", "k", None, {}, {}, 1, 3)
     assert not policy.use_flex(realtime, now)
+
+
+async def test_an_operators_retry_starts_the_flex_wait_afresh(database_url: str) -> None:
+    """A FAILED flex item retried by `listener job retry` tries flex again: its deferral clock
+    (deferred_since) does not carry over, or the retry would go straight to the standard tier."""
+    job_id = await insert_job(database_url, "store-F", 1)
+    await query(
+        database_url,
+        "UPDATE job_items SET status = 'FAILED', error = 'gave up', attempts = 3,"
+        " completed_at = now(), deferred_since = now() - interval '1 hour' RETURNING id",
+    )
+    await query(database_url, "SELECT listener_retry_job(%s)", (job_id,))
+    rows = await query(database_url, "SELECT status, attempts, deferred_since FROM job_items")
+    assert rows == [("PENDING", 0, None)]
