@@ -28,8 +28,8 @@ CREATE FUNCTION listener_announce_slot(instance_id text) RETURNS integer
 -- One notification per distinct store per statement, and only for a store not yet announced:
 -- a 10,000-item insert is one NOTIFY, and so are a busy store's thousand one-item jobs until a
 -- claimer finds it drained. Only items due now count: a retry waiting out its backoff is
--- announced by the worker that set it (wake_later), when it is due, not to every process at
--- once. The payload is the store id for today's kind, and '<store>\x1f<kind>' for the others: a
+-- announced when the promote step takes it out of backoff, and batch-tier items never are (the
+-- batch path collects them). The payload is the store id for today's kind, and '<store>\x1f<kind>' for the others: a
 -- process that serves some kinds only wakes for those. Each store's slot lock (shared) is taken
 -- before its row is looked at, in an earlier statement, and held to commit: a retirement cannot
 -- judge the store until this commit is visible, and one that committed first has its delete
