@@ -15,7 +15,8 @@ from listener import enqueue
 from listener import items as items_db
 from listener.attempt import handler_item
 from listener.batches.context import Context
-from listener.batches.outcome import line_outcome, outcomes_of, read_lines, write_outcomes
+from listener.batches.outcome import line_outcome, read_lines, write_outcomes
+from listener.batches.poll import decide_all
 from listener.batches.store import batch_items, open_batches
 from listener.stub.server import StubConfig
 from listener.stub.text import BATCH_400_MARKER, BATCH_ERROR_MARKER
@@ -314,7 +315,7 @@ async def test_unknown_custom_ids_and_a_truncated_output_file(
                                     settings=env.settings, rng=random.Random(1))  # fmt: skip
 
             with caplog.at_level(logging.WARNING, "listener.batches"):
-                decided = outcomes_of(items, read_lines(truncated), decide, str(row.id))  # type: ignore[arg-type]
+                decided = await decide_all(items, read_lines(truncated), decide, str(row.id))  # type: ignore[arg-type]
                 await write_outcomes(ctx.conn, row.id, decided)  # type: ignore[arg-type]
     counts = await items_by_status(database_url, job)
     assert counts == {"COMPLETED": 1, "PENDING": 2}

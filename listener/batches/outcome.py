@@ -188,17 +188,6 @@ def log_unmatched(items: Sequence[ClaimedItem], read: ReadLines, batch: str) -> 
         )
 
 
-def outcomes_of(
-    items: Sequence[ClaimedItem],
-    read: ReadLines,
-    decide: Callable[[ClaimedItem, Mapping[str, Any] | None], LineOutcome],
-    batch: str,
-) -> list[LineOutcome]:
-    """Each held item's outcome; lines for ids the batch does not hold are logged and left."""
-    log_unmatched(items, read, batch)
-    return [decide(item, read.lines.get(str(item.id))) for item in items]
-
-
 def _chunks(values: Sequence[LineOutcome], size: int) -> Iterable[Sequence[LineOutcome]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
