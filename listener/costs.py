@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from listener.handler import SERVED_TIERS
 from listener.openai.prices import PriceTable
+from listener.tiers import SERVED_TIERS
 from listener.usage import UsageRow
 
 PERIODS = ("today", "month")

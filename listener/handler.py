@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from listener.errors import ConfigurationError
 from listener.tiers import BATCH, REALTIME, TIERS
-from listener.tiers import SERVED_TIERS as TIERS_SERVED
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -50,9 +49,6 @@ DEFAULT_KIND = "product_description"
 DEFAULT_BUDGET = "openai"
 # jobs_kind_valid in sql/schema.sql.
 KIND_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
-# job_items_served_tier_valid in sql/schema.sql: the tiers a priced call can be served on
-# (listener.tiers.SERVED_TIERS, the tiers an item runs on).
-SERVED_TIERS = TIERS_SERVED
 # The token counts a result's usage may carry (listener_usage_tokens reads them).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 
@@ -87,8 +83,8 @@ class Result:
     Metering, for what each store costs (stored with the item, priced when read): `usage`, the
     call's token counts ({"prompt_tokens", "completion_tokens", "cached_tokens"}: whole numbers,
     0 or more; other keys are dropped), `model`, the model that answered, and `served_tier`,
-    the tier that served it (one of SERVED_TIERS; None: no priced call served it). A value
-    that does not fit is dropped with a warning; the item's answer is kept.
+    the tier that served it (one of listener.tiers.SERVED_TIERS; None: no priced call served
+    it). A value that does not fit is dropped with a warning; the item's answer is kept.
     """
 
     value: Any

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from listener.handler import SERVED_TIERS, USAGE_KEYS
+from listener.handler import USAGE_KEYS
+from listener.tiers import SERVED_TIERS
 
 if TYPE_CHECKING:
     from listener.items import Outcome

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from listener.errors import ConfigurationError
-from listener.handler import SERVED_TIERS
+from listener.tiers import SERVED_TIERS
 
 logger = logging.getLogger(__name__)
 
