@@ -47,6 +47,11 @@ BEGIN
             WHERE status = 'PENDING' AND run_after <= now() AND tier <> 'batch'
               AND instance_id IS NOT NULL
         ) s;
+        -- No item of the statement is ready (a claim's, a completion's, a lease renewal's
+        -- UPDATE): nothing to announce, and no second pass over its rows.
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
         -- A later statement, a later snapshot: it sees every retirement that committed before
         -- the locks were granted. The common case ends here (every store announced already):
         -- a probe costs a fraction of the INSERT … ON CONFLICT below (bench.notify_trigger_floor).
