@@ -5,9 +5,9 @@
 
 -- compact_usage --
 -- One process of the fleet at a time (the lock is tried, never waited for); up to %(rows)s
--- ledger rows a pass, in no particular order (the fold only adds). The delete and the upsert are one statement: a crash loses
--- nothing and counts nothing twice. Writers only append to the ledger, so this never waits on
--- them nor they on it.
+-- ledger rows a pass, in no particular order (the fold only adds). The delete and the upsert
+-- are one statement: a crash loses nothing and counts nothing twice. Writers only append to the
+-- ledger, so this never waits on them nor they on it.
 WITH locked AS MATERIALIZED (
     SELECT pg_try_advisory_xact_lock(%(key)s) AS mine
 ),
